@@ -1,0 +1,309 @@
+"""The `p2ptrain` command line: flags → settings → the peer; errors → exit codes, in one place.
+
+    p2ptrain demo                                   # a local swarm of 3 peers training gpt2-tiny
+    p2ptrain seed --model gpt2-small --dataset ./texts/   # start a swarm; prints an invite
+    p2ptrain join --model gpt2-small --invite p2pt1-…     # volunteer in it
+
+Only ``main`` installs signal handlers: SIGINT/SIGTERM set a stop event and the peer shuts down in
+order (a second Ctrl+C kills at once). Errors print ``p2ptrain: error: <what> (<flag>). <fix>``;
+tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import platform
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from p2ptrain import __version__
+from p2ptrain.errors import ExitCode, P2PTrainError
+from p2ptrain.manifest import COMPRESSIONS, AveragingSpec, OptimizerSpec
+from p2ptrain.settings import PeerSettings, resolve_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train one model together with volunteers' GPUs.")
+logger = logging.getLogger("p2ptrain")
+_ENV: Mapping[str, str] = os.environ  # replaced by main(env=...) in tests
+
+
+Codec = Enum("Codec", {name: name for name in COMPRESSIONS}, type=str)  # the manifest's list, one source
+DEFAULT_CODEC = Codec(AveragingSpec.compression)
+
+# -- options every peer command takes (→ PeerSettings) ---------------------------------------------
+DataDir = Annotated[
+    Path | None, typer.Option(help="identity, checkpoints, status, log [default: ~/.local/share/p2ptrain]")
+]
+Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: auto]")]
+BatchSize = Annotated[
+    int | None, typer.Option(help="samples per step on this peer; lower it on out-of-memory [default: 8]")
+]
+Host = Annotated[
+    str | None, typer.Option(help="listen address; 127.0.0.1 keeps the swarm on this machine [default: 0.0.0.0]")
+]
+Port = Annotated[int | None, typer.Option(help="listen port; 0 = any free port [default: 0]")]
+Announce = Annotated[list[str] | None, typer.Option(help="public multiaddr to advertise (repeatable)")]
+InitialPeers = Annotated[list[str] | None, typer.Option(help="multiaddr of a swarm member, …/p2p/<id> (repeatable)")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads for torch; 0 = torch's default")]
+MaxEpochs = Annotated[int | None, typer.Option(help="leave after this global step; 0 = run until stopped")]
+CheckpointEvery = Annotated[int | None, typer.Option(help="checkpoint every N global steps [default: 10]")]
+ValidateEvery = Annotated[int | None, typer.Option(help="held-out loss every N global steps; 0 = never [default: 5]")]
+WaitForPeers = Annotated[int | None, typer.Option(help="wait until this many peers are in the swarm before training")]
+LogLevel = Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [default: INFO]")]
+Debug = Annotated[bool, typer.Option("--debug", help="tracebacks, versions and DEBUG logs, for bug reports")]
+
+PEER_FLAGS = (
+    "data_dir",
+    "device",
+    "batch_size",
+    "host",
+    "port",
+    "announce",
+    "initial_peers",
+    "threads",
+    "max_epochs",
+    "checkpoint_every",
+    "validate_every",
+    "wait_for_peers",
+    "log_level",
+)
+
+
+def _settings(values: dict[str, Any]) -> PeerSettings:
+    flags = {name: values[name] for name in PEER_FLAGS}
+    flags["torch_threads"] = flags.pop("threads")
+    if values.get("debug"):
+        flags["log_level"] = "DEBUG"
+    return resolve_settings(flags, _ENV)
+
+
+@app.command()
+def seed(
+    model: Annotated[str, typer.Option(help="model name: gpt2-tiny, gpt2-small, gpt2-medium")],
+    dataset: Annotated[
+        str, typer.Option(help='"default" (embedded), a .txt/.jsonl file or folder, or a HF dataset name')
+    ] = "default",
+    dataset_config: Annotated[str, typer.Option(help="Hugging Face dataset configuration")] = "",
+    text_field: Annotated[str, typer.Option(help="column / JSON key holding the text")] = "text",
+    tokenizer: Annotated[
+        str | None, typer.Option(help='"bytes" or a HF tokenizer in the local cache [default: per model]')
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per sample [default: per model]")] = None,
+    target_batch_size: Annotated[
+        int | None, typer.Option(help="samples per global step, whole swarm [default: per model]")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = OptimizerSpec.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = OptimizerSpec.weight_decay,
+    warmup_epochs: Annotated[int, typer.Option(help="linear warm-up, in global steps")] = OptimizerSpec.warmup_epochs,
+    compression: Annotated[Codec, typer.Option(help="gradient codec on the wire")] = DEFAULT_CODEC,
+    matchmaking_time: Annotated[
+        float, typer.Option(help="seconds to gather an averaging group")
+    ] = AveragingSpec.matchmaking_time_s,
+    averaging_timeout: Annotated[
+        float, typer.Option(help="seconds before a round falls back to local gradients")
+    ] = AveragingSpec.averaging_timeout_s,
+    average_state_every: Annotated[
+        int, typer.Option(help="also average parameters every N global steps")
+    ] = AveragingSpec.average_state_every,
+    run_id: Annotated[str | None, typer.Option(help="swarm name [default: <model>-<random>]")] = None,
+    init_weights: Annotated[
+        str, typer.Option(help="local dir / HF cache name of safetensors weights; empty = random init")
+    ] = "",
+    random_seed: Annotated[int, typer.Option("--seed", help="random init and data order")] = 0,
+    data_dir: DataDir = None,
+    device: Device = None,
+    batch_size: BatchSize = None,
+    host: Host = None,
+    port: Port = None,
+    announce: Announce = None,
+    initial_peers: InitialPeers = None,
+    threads: Threads = None,
+    max_epochs: MaxEpochs = None,
+    checkpoint_every: CheckpointEvery = None,
+    validate_every: ValidateEvery = None,
+    wait_for_peers: WaitForPeers = None,
+    log_level: LogLevel = None,
+    debug: Debug = False,
+) -> None:
+    """Start a new swarm as its first peer: sign its manifest, publish it, print an invite, train."""
+    from p2ptrain.models import model_spec
+    from p2ptrain.peer import SeedRequest, fresh_swarm_values
+
+    settings = _settings(locals())
+    values = fresh_swarm_values(model)
+    spec = model_spec(model)
+    values.update(
+        dataset=dataset,
+        dataset_config=dataset_config,
+        text_field=text_field,
+        init_weights=init_weights,
+        seed=random_seed,
+        tokenizer=tokenizer or spec.tokenizer,
+        seq_len=seq_len or values["seq_len"],
+        target_batch_size=target_batch_size or spec.target_batch_size,
+        run_id=run_id or values["run_id"],
+        optimizer=OptimizerSpec(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs),
+        averaging=AveragingSpec(
+            compression=compression.value,
+            matchmaking_time_s=matchmaking_time,
+            averaging_timeout_s=averaging_timeout,
+            average_state_every=average_state_every,
+        ),
+    )
+    _run_peer(settings, SeedRequest(values))
+
+
+@app.command()
+def join(
+    model: Annotated[str, typer.Option(help="model name the swarm trains, e.g. gpt2-small")],
+    invite: Annotated[str | None, typer.Option(help="invite string from the researcher (p2pt1-…)")] = None,
+    data_dir: DataDir = None,
+    device: Device = None,
+    batch_size: BatchSize = None,
+    host: Host = None,
+    port: Port = None,
+    announce: Announce = None,
+    initial_peers: InitialPeers = None,
+    threads: Threads = None,
+    max_epochs: MaxEpochs = None,
+    checkpoint_every: CheckpointEvery = None,
+    validate_every: ValidateEvery = None,
+    wait_for_peers: WaitForPeers = None,
+    log_level: LogLevel = None,
+    debug: Debug = False,
+) -> None:
+    """Join a swarm training MODEL (by invite, known peers, or the last swarm); with none, start one."""
+    from p2ptrain.invite import decode_invite
+    from p2ptrain.models import model_spec
+    from p2ptrain.peer import JoinRequest
+
+    model_spec(model)  # unknown names fail before anything starts
+    settings = _settings(locals())
+    _run_peer(settings, JoinRequest(model, decode_invite(invite) if invite else None))
+
+
+@app.command()
+def demo(
+    peers: Annotated[int, typer.Option(help="peers to run on this machine")] = 3,
+    epochs: Annotated[int, typer.Option(help="global steps to train")] = 30,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where the peers keep their files [default: a temp dir]")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Run a local swarm of PEERS training gpt2-tiny on the embedded corpus, with progress and a summary."""
+    from p2ptrain.local_swarm import run_demo
+
+    _setup_logging(PeerSettings(data_dir=Path("."), log_level="DEBUG" if debug else "INFO"), log_file=False)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the peers like Ctrl+C does
+    raise typer.Exit(run_demo(peers=peers, epochs=epochs, base_dir=data_dir))
+
+
+@app.command()
+def version() -> None:
+    """Print versions (include them in bug reports)."""
+    print(_versions())
+
+
+def _versions() -> str:
+    import hivemind
+    import torch
+
+    return (
+        f"p2ptrain {__version__}, hivemind {hivemind.__version__}, torch {torch.__version__}, "
+        f"python {platform.python_version()}, {platform.platform()}"
+    )
+
+
+def _setup_logging(settings: PeerSettings, log_file: bool = True) -> None:
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("in_root_logger")  # hivemind's records go through our handlers
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(settings.log_level)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    if log_file:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        rotating = logging.handlers.RotatingFileHandler(
+            settings.data_dir / "p2ptrain.log", maxBytes=10_000_000, backupCount=3
+        )
+        rotating.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(rotating)
+    hivemind_level = logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING
+    logging.getLogger("hivemind").setLevel(hivemind_level)
+
+
+def _run_peer(settings: PeerSettings, request: Any) -> None:
+    from p2ptrain.peer import run_peer
+
+    _setup_logging(settings)
+    logger.debug(_versions())
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            from p2ptrain.processes import reap_children
+
+            logger.warning("Second %s: stopping now", signal.Signals(signum).name)
+            reap_children(timeout_s=0)
+            os._exit(ExitCode.INTERRUPTED)
+        logger.info("%s: leaving the swarm (Ctrl+C again to force)", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    run_peer(settings, request, stop, announce=lambda text: print(text, flush=True))
+    if received and received[0] == signal.SIGINT:
+        raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run the CLI; return the exit code. Tests call this in-process with their own ``env``."""
+    global _ENV
+    _ENV = os.environ if env is None else env
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="p2ptrain", standalone_mode=False)
+        return int(result or 0)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return ExitCode.USAGE
+    except click.exceptions.Abort:
+        return ExitCode.INTERRUPTED
+    except P2PTrainError as e:
+        if debug:
+            logger.exception("Details")
+        print(f"p2ptrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except Exception:  # noqa: BLE001 - the one place a bug becomes an exit code
+        if debug:
+            print(_versions(), file=sys.stderr)
+            raise
+        logger.exception("Internal error")
+        print("p2ptrain: error: internal error (above). Rerun with --debug and report it.", file=sys.stderr)
+        return ExitCode.INTERNAL
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

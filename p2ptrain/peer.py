@@ -1,0 +1,435 @@
+"""One peer's whole life, in the order it happens (DESIGN.md, "How a peer works"):
+
+1. prepare this machine: data dir (0700), identity (fixes the peer id), device, free port;
+2. `seed`: sign a new manifest and open the dataset *before* touching the network, so bad input
+   fails with nothing published;
+3. start the DHT (bootstrapping from the invite, --initial-peers, or peers remembered from last time);
+4. `join`: resolve the swarm (invite hash → manifest; or the remembered swarm; or one advertised for
+   --model; or, with none, start a fresh swarm) and verify its signature and hash;
+5. publish the swarm records (every member does, so the swarm outlives its seeder);
+6. build tokenizer, data shard, model (seeded: identical on every peer) and hivemind's Optimizer;
+7. resume from the local checkpoint if there is one, then catch up from peers if they are ahead;
+8. train in a worker thread until stopped or `--max-epochs`;
+9. shut down in a fixed order: abandon the averaging round after a grace period, say goodbye
+   (Optimizer), write the checkpoint, remember peers, stop the DHT, reap every child process.
+
+Only ``cli.main`` installs signal handlers; they set the ``stop`` event passed in here.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import logging
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
+
+from p2ptrain import discovery
+from p2ptrain import manifest as mf
+from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
+from p2ptrain.data import Corpus, open_corpus
+from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortInUse
+from p2ptrain.fileio import atomic_write_json, read_json
+from p2ptrain.identity import author_key, ensure_private_dir, p2p_identity_path
+from p2ptrain.invite import Invite
+from p2ptrain.models import build_model, count_parameters, model_spec
+from p2ptrain.processes import die_with_parent, reap_children
+from p2ptrain.settings import PeerSettings
+from p2ptrain.status import StatusWriter
+from p2ptrain.tokenizer import Tokenizer, load_tokenizer
+from p2ptrain.training import Trainer, make_optimizer
+
+logger = logging.getLogger(__name__)
+MAX_REMEMBERED_PEERS = 16
+
+
+@dataclass(frozen=True)
+class SeedRequest:
+    """Start a new swarm: the manifest fields chosen by the researcher (author and time are added)."""
+
+    manifest_values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """Join a swarm training ``model``: by invite, or whatever the DHT (or memory) offers."""
+
+    model: str
+    invite: Invite | None = None
+
+
+def run_peer(
+    settings: PeerSettings,
+    request: SeedRequest | JoinRequest,
+    stop: threading.Event,
+    announce: Callable[[str], None] = print,
+) -> None:
+    """Run one peer until ``stop`` is set or ``settings.max_epochs`` is reached.
+
+    Raises:
+        P2PTrainError: a subclass naming what is wrong with the input, the data or the network.
+    """
+    # 1. this machine
+    data_dir = ensure_private_dir(settings.data_dir)
+    status = StatusWriter(data_dir / "status.json")
+    status.update(state="starting")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = pick_device(settings.device)
+    check_port_free(settings.host, settings.port)
+    peer_id = ensure_identity(data_dir)
+    status.update(peer_id=peer_id.to_base58())
+    logger.info("Peer %s, data in %s, training on %s", peer_id.to_base58(), data_dir, device)
+    logger.debug("Settings: %s", settings.to_record())
+
+    # 2. seed: everything that can fail on bad input fails here, before the network
+    seeded = tokenizer = corpus = None
+    if isinstance(request, SeedRequest):
+        key = author_key(data_dir)
+        manifest = mf.new_manifest(key, **request.manifest_values)
+        model_spec(manifest.model)
+        seeded = manifest, mf.sign(manifest, key)
+        tokenizer, corpus = open_data(manifest, peer_id)
+
+    # 3. the DHT
+    die_with_parent()
+    dht = start_dht(settings, data_dir, bootstrap_peers(settings, request))
+    optimizer: hivemind.Optimizer | None = None
+    trainer: Trainer | None = None
+    republisher: discovery.Republisher | None = None
+    worker: threading.Thread | None = None
+    failure: list[BaseException] = []
+    try:
+        # 4. the swarm
+        status.update(state="joining")
+        manifest, envelope = seeded or resolve_swarm(dht, request, data_dir)
+        if corpus is None:
+            tokenizer, corpus = open_data(manifest, peer_id)
+        # 5. build
+        model = build_model(
+            manifest.model,
+            tokenizer.vocab_size,
+            manifest.seq_len,
+            manifest.seed,
+            manifest.init_weights,
+            tokenizer.eos_id,
+        )
+        model.to(device)
+        sigint = signal.getsignal(signal.SIGINT)
+        optimizer = make_optimizer(dht, model, manifest, settings)
+        signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN here (averager.py:334)
+        # 6. resume
+        path = checkpoint_path(data_dir, manifest.run_id)
+        local_steps = 0
+        if path.exists():
+            info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
+            optimizer.load_state_dict(opt_state)
+            optimizer.state_averager.local_epoch = info.epoch
+            local_steps = info.local_steps
+            status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
+            logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
+        # 7. publish: the swarm records, and this peer as a member now that it is ready to average
+        discovery.publish(dht, manifest, envelope)
+        republisher = discovery.Republisher(dht, manifest, envelope)
+        republisher.start()
+        remember_swarm(data_dir, manifest, envelope, dht)
+        invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
+        status.update(run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite)
+        announce(describe_swarm(manifest, peer_id, invite, count_parameters(model)))
+
+        def checkpoint() -> None:
+            save_checkpoint(
+                path,
+                model,
+                optimizer.state_dict(),
+                CheckpointInfo(optimizer.local_epoch, trainer.local_steps, manifest.hash.hex(), settings.to_record()),
+            )
+            status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
+
+        trainer = Trainer(model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps)
+
+        # 8. train
+        def work() -> None:
+            try:
+                wait_for_members(dht, manifest, settings, stop)
+                trainer.run(stop)
+            except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
+                failure.append(e)
+
+        status.update(state="training")
+        worker = threading.Thread(target=work, name="trainer", daemon=True)
+        worker.start()
+        while worker.is_alive() and not stop.wait(0.5):
+            pass
+    finally:
+        # 9. shutdown, in order
+        stop.set()
+        status.update(state="stopping")
+        clock = ShutdownClock()
+        if worker is not None:
+            abandon_round(worker, optimizer, settings.stop_grace_s)
+            clock.lap("finish the step")
+        if optimizer is not None:
+            optimizer.shutdown()
+            clock.lap("say goodbye, stop averagers")
+        if trainer is not None and trainer.local_steps and not failure:
+            if trainer.lock.acquire(timeout=1.0):
+                try:
+                    checkpoint()
+                finally:
+                    trainer.lock.release()
+            else:
+                logger.warning("A step was still running at shutdown: kept the previous checkpoint")
+            clock.lap("checkpoint")
+        if republisher is not None:
+            republisher.stop()
+            remember_swarm(data_dir, manifest, envelope, dht)
+        dht.shutdown()
+        clock.lap("stop the DHT")
+        reap_children()
+        clock.lap("reap children")
+        status.update(state="failed" if failure else "stopped", error=str(failure[0]) if failure else "")
+        logger.info("Stopped in %.1f s (%s)", clock.total(), clock.summary())
+    if failure:
+        raise failure[0]
+
+
+class ShutdownClock:
+    """Times each shutdown phase, so a slow stop says which phase was slow."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.monotonic()
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self._laps.append((name, now - self._last))
+        self._last = now
+
+    def total(self) -> float:
+        return time.monotonic() - self._start
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self._laps)
+
+
+def wait_for_members(
+    dht: hivemind.DHT, manifest: mf.SwarmManifest, settings: PeerSettings, stop: threading.Event
+) -> None:
+    """Hold the first step until ``settings.wait_for_peers`` peers have joined (bounded by ``wait_for_peers_s``)."""
+    if settings.wait_for_peers <= 1:
+        return
+    logger.info(
+        "Waiting for %d peers before training (at most %.0f s)", settings.wait_for_peers, settings.wait_for_peers_s
+    )
+    deadline = time.monotonic() + settings.wait_for_peers_s
+    while time.monotonic() < deadline and not stop.is_set():
+        members = discovery.count_members(dht, manifest)
+        if members >= settings.wait_for_peers:
+            logger.info("%d peers are here: starting", members)
+            return
+        stop.wait(1.0)
+    if not stop.is_set():
+        logger.warning(
+            "Only %d of %d peers arrived in %.0f s: training anyway",
+            discovery.count_members(dht, manifest),
+            settings.wait_for_peers,
+            settings.wait_for_peers_s,
+        )
+
+
+def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None, grace_s: float) -> None:
+    """Give the current step ``grace_s`` to finish; then cancel its averaging round so it returns now."""
+    worker.join(grace_s)
+    if worker.is_alive() and optimizer is not None:
+        logger.info("Leaving the averaging round in progress")
+        for control in (optimizer.scheduled_grads, optimizer.scheduled_state):
+            if control is not None and not control.done():
+                control.cancel()
+        worker.join(3.0)
+    if worker.is_alive():
+        logger.warning("The training step did not stop in time; shutting down around it")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this torch build sees no CUDA GPU. Use --device cpu or auto.")
+    return torch.device(name)
+
+
+def check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"port {port} is in use by another program (--port={port}). "
+                    "Choose another port, or --port 0 for any free one."
+                ) from None
+            raise ConfigError(f"cannot listen on {host}:{port} (--host/--port): {e.strerror}") from None
+
+
+def ensure_identity(data_dir: Path) -> PeerID:
+    """The persistent libp2p identity (generated on first start); the same file gives the same peer id."""
+    path = p2p_identity_path(data_dir)
+    if not path.exists():
+        P2P.generate_identity(str(path))
+    return PeerID.from_identity(path.read_bytes())
+
+
+def open_data(manifest: mf.SwarmManifest, peer_id: PeerID) -> tuple[Tokenizer, Corpus]:
+    tokenizer = load_tokenizer(manifest.tokenizer)
+    corpus = open_corpus(
+        manifest.dataset,
+        manifest.dataset_config,
+        manifest.text_field,
+        tokenizer,
+        manifest.seq_len,
+        manifest.seed,
+        peer_id.to_bytes(),
+    )
+    return tokenizer, corpus
+
+
+def bootstrap_peers(settings: PeerSettings, request: SeedRequest | JoinRequest) -> list[str]:
+    peers = list(settings.initial_peers)
+    if isinstance(request, JoinRequest) and request.invite is not None:
+        peers += [p for p in request.invite.peers if p not in peers]
+    return peers
+
+
+def start_dht(settings: PeerSettings, data_dir: Path, initial_peers: list[str]) -> hivemind.DHT:
+    """Start this peer's DHT node; fall back to remembered peers, then to none, only when none were given."""
+    remembered = [] if initial_peers else recall_swarm(data_dir).get("peers", [])
+    attempts = [initial_peers] if initial_peers else ([remembered, []] if remembered else [[]])
+    for peers in attempts:
+        try:
+            return hivemind.DHT(
+                start=True,
+                initial_peers=peers,
+                host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"],
+                announce_maddrs=list(settings.announce) or None,
+                identity_path=str(p2p_identity_path(data_dir)),
+            )
+        except P2PDaemonError as e:
+            if peers is remembered:
+                logger.info("None of the %d peers remembered from last time answered", len(remembered))
+                continue
+            if "bootstrap" in str(e):
+                raise PeerUnreachable(
+                    f"none of the {len(peers)} initial peers answered (--initial-peers / --invite). Check the "
+                    "addresses and that those peers are running, or ask for a fresh invite."
+                ) from None
+            raise PeerUnreachable(f"the p2p daemon failed to start: {e}") from None
+    raise AssertionError("unreachable: the last attempt has no peers and raises on failure")
+
+
+def resolve_swarm(dht: hivemind.DHT, request: JoinRequest, data_dir: Path) -> tuple[mf.SwarmManifest, bytes]:
+    """Find and verify the swarm to join; with none to be found, start a fresh one."""
+    if request.invite is not None:
+        if request.invite.model != request.model:
+            raise ConfigError(
+                f"the invite is for model {request.invite.model!r}, not --model {request.model}. "
+                f"Run: p2ptrain join --model {request.invite.model} --invite …"
+            )
+        return fetch_with_retry(dht, request.invite.manifest_hash)
+    remembered = recall_swarm(data_dir)
+    if remembered.get("model") == request.model:
+        envelope = base64.b64decode(remembered["envelope"])
+        manifest = mf.verify(envelope)
+        logger.info("Rejoining swarm %s (remembered from the last run)", manifest.run_id)
+        return manifest, envelope
+    for listing in discovery.find_swarms(dht, request.model):
+        try:
+            manifest, envelope = discovery.fetch_manifest(dht, listing.manifest_hash)
+        except (ManifestInvalid, PeerUnreachable) as e:
+            logger.warning("Skipping advertised swarm %s: %s", listing.run_id, e)
+            continue
+        if manifest.run_id == listing.run_id and manifest.model == request.model:
+            logger.info(
+                "Found swarm %s for %s (signed by %s…)", manifest.run_id, request.model, manifest.author_key.hex()[:16]
+            )
+            return manifest, envelope
+    logger.info("No swarm found for %s: starting a new one", request.model)
+    key = author_key(data_dir)
+    manifest = mf.new_manifest(key, **fresh_swarm_values(request.model))
+    return manifest, mf.sign(manifest, key)
+
+
+def fetch_with_retry(dht: hivemind.DHT, manifest_hash: bytes, attempts: int = 5) -> tuple[mf.SwarmManifest, bytes]:
+    """The DHT may need a moment after bootstrap to route to the record: retry a bounded number of times."""
+    for attempt in range(attempts):
+        try:
+            return discovery.fetch_manifest(dht, manifest_hash)
+        except PeerUnreachable:
+            if attempt == attempts - 1:
+                raise
+            threading.Event().wait(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def fresh_swarm_values(model: str) -> dict[str, Any]:
+    spec = model_spec(model)
+    return dict(
+        run_id=f"{model}-{secrets.token_hex(3)}",
+        model=model,
+        dataset="default",
+        tokenizer=spec.tokenizer,
+        seq_len=min(spec.seq_len, spec.n_positions),
+        target_batch_size=spec.target_batch_size,
+    )
+
+
+def describe_swarm(manifest: mf.SwarmManifest, peer_id: PeerID, invite: str, n_params: int) -> str:
+    return (
+        f"Swarm {manifest.run_id}: {manifest.model} ({n_params / 1e6:.1f}M parameters) on {manifest.dataset!r}, "
+        f"manifest {manifest.hash.hex()[:16]}…, this peer {peer_id.to_base58()}\n"
+        f"Invite: {invite}\n"
+        f"Others join with:\n  p2ptrain join --model {manifest.model} --invite {invite}"
+    )
+
+
+# -- memory of the last swarm, so a restarted peer rejoins with no flags --------------------------
+
+
+async def _connected_peer_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
+    infos = await node.p2p.list_peers()
+    return [f"{addr}/p2p/{info.peer_id}" for info in infos for addr in info.addrs][:MAX_REMEMBERED_PEERS]
+
+
+def remember_swarm(data_dir: Path, manifest: mf.SwarmManifest, envelope: bytes, dht: hivemind.DHT) -> None:
+    try:
+        peers = dht.run_coroutine(_connected_peer_maddrs)
+    except (RuntimeError, OSError, TimeoutError) as e:
+        logger.debug("Could not list connected peers: %s", e)
+        peers = recall_swarm(data_dir).get("peers", [])
+    atomic_write_json(
+        data_dir / "swarm.json",
+        {
+            "run_id": manifest.run_id,
+            "model": manifest.model,
+            "envelope": base64.b64encode(envelope).decode(),
+            "peers": [p for p in peers if isinstance(p, str)][:MAX_REMEMBERED_PEERS],
+        },
+    )
+
+
+def recall_swarm(data_dir: Path) -> dict[str, Any]:
+    remembered = read_json(data_dir / "swarm.json")
+    return remembered if isinstance(remembered, dict) and isinstance(remembered.get("peers"), list) else {}

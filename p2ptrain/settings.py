@@ -1,0 +1,110 @@
+"""Peer settings: what is particular to this machine (paths, device, ports, batch per step).
+
+Configuration flows one way: CLI flags → ``resolve_settings`` → ``PeerSettings`` (frozen, validated)
+→ components. Sources are merged here and nowhere else, lowest first:
+
+    defaults  <  P2PTRAIN_<FIELD> environment variables  <  command-line flags
+
+(e.g. ``P2PTRAIN_DATA_DIR=/srv/p2ptrain``; list fields take comma-separated values). Components
+take a ``PeerSettings`` and never read the environment or files. What the whole swarm shares
+(model, dataset, optimizer) is the signed ``manifest.SwarmManifest``, not this.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from p2ptrain.errors import ConfigError
+
+ENV_PREFIX = "P2PTRAIN_"
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_DATA_HOME") or os.path.join(env.get("HOME", "~"), ".local", "share")
+    return Path(base).expanduser() / "p2ptrain"
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    data_dir: Path  # identity, keys, checkpoints, status and log live here (created 0700)
+    device: str = "auto"  # "auto" (first CUDA GPU if any, else CPU), "cpu", "cuda", "cuda:N"
+    batch_size: int = 8  # samples per forward/backward on this peer; lower it if the GPU runs out of memory
+    host: str = "0.0.0.0"  # address to listen on ("127.0.0.1" for a swarm on this machine only)
+    port: int = 0  # TCP port to listen on; 0 = any free port (fix one to forward it in a router)
+    announce: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listen addresses (public IP)
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of known swarm members, ".../p2p/<peer id>"
+    torch_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    max_epochs: int = 0  # leave after this global step; 0 = train until stopped
+    checkpoint_every: int = 10  # write the local checkpoint every N global steps (and on exit)
+    validate_every: int = 5  # held-out loss every N global steps; 0 = never
+    wait_for_peers: int = 0  # before the first step, wait (≤ wait_for_peers_s) until this many peers are in the swarm
+    wait_for_peers_s: float = 600.0
+    stop_grace_s: float = 3.0  # on Ctrl+C, wait this long for the current step before abandoning it
+    log_level: str = "INFO"  # INFO: what a volunteer cares about; DEBUG: everything
+
+    def __post_init__(self) -> None:
+        problems = [
+            (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
+            (0 <= self.port <= 65535, f"--port must be in 0-65535, got {self.port}"),
+            (self.torch_threads >= 0, "--threads must be ≥ 0"),
+            (self.max_epochs >= 0, "--max-epochs must be ≥ 0"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be ≥ 1"),
+            (self.validate_every >= 0, "--validate-every must be ≥ 0"),
+            (0 <= self.stop_grace_s <= 60, "stop_grace_s must be in [0, 60]"),
+            (self.wait_for_peers >= 0 and self.wait_for_peers_s >= 0, "--wait-for-peers must be ≥ 0"),
+            (
+                self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                "--device must be auto, cpu, cuda or cuda:N",
+            ),
+            (
+                self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                "--log-level must be DEBUG, INFO, WARNING or ERROR",
+            ),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ConfigError(message)
+        for addr in self.initial_peers + self.announce:
+            if not addr.startswith("/"):
+                raise ConfigError(
+                    f"{addr!r} is not a multiaddr (expected e.g. /ip4/203.0.113.5/tcp/31337/p2p/12D3Koo…)"
+                )
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able form, stored in checkpoints and logged at start-up."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def _parse(name: str, kind: str, text: str) -> Any:
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "Path":
+            return Path(text).expanduser()
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return text
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind}") from None
+
+
+def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> PeerSettings:
+    """Merge defaults < environment < flags (flags set to None count as not given)."""
+    values: dict[str, Any] = {"data_dir": default_data_dir(env)}
+    for f in fields(PeerSettings):
+        text = env.get(ENV_PREFIX + f.name.upper())
+        if text is not None:
+            values[f.name] = _parse(f.name, str(f.type), text)
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    values["data_dir"] = Path(values["data_dir"]).expanduser()
+    if "log_level" in values:
+        values["log_level"] = str(values["log_level"]).upper()
+    return PeerSettings(**values)

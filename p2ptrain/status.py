@@ -1,0 +1,51 @@
+"""The peer's status file (``<data_dir>/status.json``): what it is doing, for `demo`, tests and `status`.
+
+Written atomically (readers never see half a file) at most once a second, and at every state change.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2ptrain.fileio import atomic_write_json
+
+
+@dataclass
+class PeerStatus:
+    state: str = "starting"  # starting → joining → training → stopping → stopped (or failed)
+    pid: int = field(default_factory=os.getpid)
+    peer_id: str = ""
+    run_id: str = ""
+    model: str = ""
+    manifest_hash: str = ""
+    invite: str = ""  # share it: `p2ptrain join --model <model> --invite <invite>`
+    epoch: int = 0  # global step this peer's parameters are at
+    local_steps: int = 0  # forward/backward passes this peer made in this run
+    samples: int = 0  # samples this peer contributed since it started
+    loss: float | None = None  # training loss, moving average over recent steps
+    val_loss: float | None = None  # latest held-out loss
+    val_history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, held-out loss)
+    peers: int = 0  # swarm members this peer currently sees (itself included)
+    samples_per_s: float = 0.0
+    resumed_from_epoch: int | None = None  # set when the local checkpoint was loaded
+    loaded_state_from_peers_at: int | None = None  # epoch reached by downloading the swarm's state
+    checkpoint_epoch: int | None = None  # epoch of the last checkpoint written
+    error: str = ""
+    updated_at: float = 0.0
+
+
+class StatusWriter:
+    def __init__(self, path: Path, min_interval_s: float = 1.0):
+        self.path, self.status, self._min_interval_s, self._last = path, PeerStatus(), min_interval_s, 0.0
+
+    def update(self, force: bool = False, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.status, key, value)
+        now = time.time()
+        if force or "state" in changes or now - self._last >= self._min_interval_s:
+            self.status.updated_at, self._last = now, now
+            atomic_write_json(self.path, asdict(self.status))

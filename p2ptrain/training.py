@@ -1,0 +1,197 @@
+"""The training loop: batches → forward/backward → ``hivemind.Optimizer.step()``, plus validation.
+
+hivemind's Optimizer accumulates gradients until the swarm has processed ``target_batch_size``
+samples; then peers form groups, average their (compressed) gradients and every peer applies the
+same AdamW update: one *global step*, called an epoch in hivemind's logs and in ``opt.local_epoch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
+
+import hivemind
+import torch
+import torch.nn.functional as F
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+from hivemind.optim.grad_averager import GradientAverager
+
+from p2ptrain.data import Corpus
+from p2ptrain.manifest import SwarmManifest
+from p2ptrain.settings import PeerSettings
+from p2ptrain.status import StatusWriter
+
+logger = logging.getLogger(__name__)
+
+CODECS: dict[str, Callable[[], CompressionBase]] = {"none": NoCompression, "fp16": Float16Compression}
+
+
+class WarmupSchedule:
+    """Linear learning-rate warm-up over ``warmup`` global steps, then constant (a picklable callable)."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+
+    def __call__(self, epoch: int) -> float:
+        return 1.0 if self.warmup == 0 else min(1.0, (epoch + 1) / self.warmup)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases and LayerNorm gains are not decayed (as in GPT-2/nanoGPT)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    dht: hivemind.DHT, model: torch.nn.Module, manifest: SwarmManifest, settings: PeerSettings
+) -> hivemind.Optimizer:
+    spec, avg = manifest.optimizer, manifest.averaging
+    request_timeout = min(3.0, avg.matchmaking_time_s / 2)
+    codec = CODECS[avg.compression]
+    return hivemind.Optimizer(
+        dht=dht,
+        run_id=manifest.run_id,
+        target_batch_size=manifest.target_batch_size,
+        batch_size_per_step=settings.batch_size,
+        params=param_groups(model, spec.weight_decay),
+        optimizer=partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps),
+        scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupSchedule(spec.warmup_epochs)),
+        matchmaking_time=avg.matchmaking_time_s,
+        averaging_timeout=avg.averaging_timeout_s,
+        average_state_every=avg.average_state_every,
+        grad_compression=codec(),
+        state_averaging_compression=codec(),
+        # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
+        # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
+        averager_opts={"request_timeout": request_timeout},
+        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
+        shutdown_timeout=2.0,
+        verbose=False,
+    )
+
+
+def lm_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy; ``blocks`` is (B, T+1): inputs are [:, :-1], targets [:, 1:]."""
+    logits = model(input_ids=blocks[:, :-1]).logits  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), blocks[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean held-out loss over ``blocks``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        chunk = blocks[start : start + batch_size].to(device)
+        total += lm_loss(model, chunk).item() * len(chunk)
+        count += len(chunk)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPUs that support it; fp32 elsewhere (CPU, older GPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    return None
+
+
+class Trainer:
+    """Runs steps until ``stop`` is set or ``settings.max_epochs`` is reached. One thread, owned by the peer."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: hivemind.Optimizer,
+        corpus: Corpus,
+        manifest: SwarmManifest,
+        settings: PeerSettings,
+        device: torch.device,
+        status: StatusWriter,
+        save_checkpoint: Callable[[], None],
+        local_steps: int = 0,
+    ):
+        self.model, self.opt, self.corpus, self.manifest = model, optimizer, corpus, manifest
+        self.settings, self.device, self.status, self._save = settings, device, status, save_checkpoint
+        self.local_steps = local_steps
+        self.compute_s = 0.0  # seconds in forward/backward (compute utilization = compute_s / wall)
+        self._val_blocks = corpus.val_blocks()
+        self._autocast = autocast_for(device) or nullcontext
+        self.lock = threading.Lock()  # held while parameters change; the checkpoint writer takes it
+
+    def catch_up(self) -> None:
+        """Download the swarm's current state if it is ahead of ours (a late joiner, or a restart)."""
+        self.opt.tracker.fetched_global_progress_this_epoch.wait(timeout=10)
+        if self.opt.tracker.global_epoch > self.opt.local_epoch:
+            before = self.opt.local_epoch
+            logger.info(
+                "Swarm is at step %d, we are at %d: downloading state from peers", self.opt.tracker.global_epoch, before
+            )
+            with self.lock:
+                self.opt.load_state_from_peers()
+            if self.opt.local_epoch > before:
+                logger.info("Caught up: now at global step %d", self.opt.local_epoch)
+                self.status.update(
+                    force=True, epoch=self.opt.local_epoch, loaded_state_from_peers_at=self.opt.local_epoch
+                )
+
+    def validate(self) -> float:
+        val = evaluate(self.model, self._val_blocks, self.settings.batch_size, self.device)
+        history = [*self.status.status.val_history, (self.opt.local_epoch, val)][-200:]
+        self.status.update(force=True, val_loss=val, val_history=history)
+        return val
+
+    def run(self, stop: threading.Event) -> None:
+        self.model.train()
+        self.catch_up()
+        if self.settings.validate_every:
+            logger.info("Held-out loss at global step %d: %.4f", self.opt.local_epoch, self.validate())
+        epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
+        while not stop.is_set() and not (self.settings.max_epochs and epoch >= self.settings.max_epochs):
+            started = time.perf_counter()
+            blocks = self.corpus.train_batch(self.local_steps, self.settings.batch_size).to(self.device)
+            with self._autocast():
+                loss = lm_loss(self.model, blocks)
+            loss.backward()
+            if self.manifest.optimizer.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.manifest.optimizer.clip_grad_norm)
+            self.compute_s += time.perf_counter() - started
+            with self.lock:
+                self.opt.step()
+                self.opt.zero_grad()
+            self.local_steps += 1
+            samples += len(blocks)
+            value = loss.item()
+            if not math.isfinite(value):
+                logger.warning(
+                    "Non-finite training loss at local step %d; the update was still averaged", self.local_steps
+                )
+            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+            rate_ema = 0.9 * rate_ema + 0.1 * len(blocks) / max(time.perf_counter() - started, 1e-9)
+            self.status.update(
+                epoch=self.opt.local_epoch,
+                local_steps=self.local_steps,
+                samples=samples,
+                loss=loss_ema,
+                samples_per_s=rate_ema,
+                peers=max(1, self.opt.tracker.global_progress.num_peers),  # 0 until the first fetch
+            )
+            if self.opt.local_epoch != epoch:
+                epoch = self.opt.local_epoch
+                self._on_global_step(epoch, loss_ema)
+
+    def _on_global_step(self, epoch: int, loss: float | None) -> None:
+        peers = max(1, self.opt.tracker.global_progress.num_peers)
+        message = f"Global step {epoch}: loss {loss:.4f}, {peers} peer(s) in the swarm"
+        if self.settings.validate_every and epoch % self.settings.validate_every == 0:
+            message += f", held-out loss {self.validate():.4f}"
+        logger.info(message)
+        if epoch % self.settings.checkpoint_every == 0:
+            self._save()
