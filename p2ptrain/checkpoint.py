@@ -82,13 +82,21 @@ def load_checkpoint(path: Path, model: torch.nn.Module, manifest_hash: str) -> t
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
         message = f"checkpoint {path} is unreadable ({e}). Move it away to start from the swarm's state."
         raise CheckpointError(message) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has no p2ptrain metadata of format {FORMAT_VERSION}")
+    required = {"format", "epoch", "local_steps", "manifest_hash", "settings", "param_groups", "plain_state"}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or not required <= set(meta):
+        raise CheckpointError(f"checkpoint {path} has no complete p2ptrain metadata of format {FORMAT_VERSION}")
     if meta["manifest_hash"] != manifest_hash:
         raise CheckpointError(
             f"checkpoint {path} belongs to swarm manifest {meta['manifest_hash'][:16]}…, not {manifest_hash[:16]}…. "
             "Use another --data-dir or move the old run away."
         )
+    try:
+        return _restore(path, model, tensors, meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # metadata of the right keys, wrong shapes
+        raise CheckpointError(f"checkpoint {path} has malformed metadata ({e}). Move it away.") from None
+
+
+def _restore(path: Path, model: torch.nn.Module, tensors: dict, meta: dict) -> tuple[CheckpointInfo, dict]:
     with torch.no_grad():
         for name, param in model.named_parameters():
             saved = tensors.get(f"model.{name}")
@@ -99,11 +107,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, manifest_hash: str) -> t
     for key, tensor in tensors.items():
         if key.startswith("opt."):
             _, index, name = key.split(".", 2)
+            if not (index.isascii() and index.isdigit()):
+                raise CheckpointError(f"checkpoint {path} has a malformed optimizer tensor {key!r}")
             state.setdefault(int(index), {})[name] = tensor
     for index, values in meta["plain_state"].items():
         if isinstance(values, dict):
             state.setdefault(int(index), {}).update(values)
         else:  # e.g. hivemind's "local_epoch"
             state[index] = values
-    info = CheckpointInfo(meta["epoch"], meta["local_steps"], meta["manifest_hash"], meta["settings"])
-    return info, {"state": state, "param_groups": meta["param_groups"]}
+    info = CheckpointInfo(int(meta["epoch"]), int(meta["local_steps"]), str(meta["manifest_hash"]), meta["settings"])
+    return info, {"state": state, "param_groups": list(meta["param_groups"])}

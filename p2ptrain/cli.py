@@ -11,6 +11,7 @@ tracebacks only with ``--debug``.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -266,6 +267,7 @@ def _run_peer(settings: PeerSettings, request: Any) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     run_peer(settings, request, stop, announce=lambda text: print(text, flush=True))
     if received and received[0] == signal.SIGINT:
         raise typer.Exit(ExitCode.INTERRUPTED)

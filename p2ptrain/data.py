@@ -2,7 +2,8 @@
 
 Sources (the manifest's ``dataset``):
 - ``default``: the embedded corpus (Python standard-library docstrings, ``corpus/``), offline;
-- a local ``.txt`` / ``.jsonl`` file or a directory of them (JSON lines read ``text_field``);
+- a local ``.txt`` / ``.jsonl`` file or a directory of them (a .txt paragraph or a JSON line's
+  ``text_field`` is one document);
 - anything else is a Hugging Face dataset name, streamed with ``datasets`` (split "train").
 
 Held-out data: a document is for validation when SHA-256(text) falls in 1 of ``VAL_EVERY`` buckets,
@@ -65,8 +66,8 @@ def _read_local(path: Path, text_field: str) -> Iterator[str]:
                         ) from None
                     if isinstance(text, str):
                         yield text
-        else:
-            yield file.read_text(encoding="utf-8", errors="replace")
+        else:  # paragraphs are documents: a single book must still give a held-out split
+            yield from file.read_text(encoding="utf-8", errors="replace").split("\n\n")
 
 
 def _read_default() -> Iterator[str]:

@@ -12,6 +12,7 @@ Records expire after ``RECORD_TTL_S``; every member refreshes them every ``REPUB
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import logging
 import threading
@@ -27,8 +28,18 @@ logger = logging.getLogger(__name__)
 
 RECORD_TTL_S = 300.0
 REPUBLISH_EVERY_S = 60.0
-DHT_GET_TIMEOUT_S = 15.0
+DHT_TIMEOUT_S = 15.0  # every DHT call from p2ptrain is bounded by this
 MAX_SWARMS_LISTED = 32
+
+
+def bounded(future, timeout_s: float = DHT_TIMEOUT_S):
+    """The result of a DHT call made with ``return_future=True``, or None if it took longer than ``timeout_s``."""
+    try:
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+        future.cancel()
+        logger.debug("A DHT call took longer than %.0f s; giving up on it", timeout_s)
+        return None
 
 
 def manifest_key(manifest_hash: bytes) -> str:
@@ -46,17 +57,19 @@ def members_key(run_id: str) -> str:
 def publish(dht: hivemind.DHT, manifest: mf.SwarmManifest, envelope: bytes, ttl_s: float = RECORD_TTL_S) -> bool:
     """Store (or refresh) the manifest, the swarm index entry and this peer's membership. True if all succeeded."""
     expiration = get_dht_time() + ttl_s
-    stored = [
-        dht.store(manifest_key(manifest.hash), envelope, expiration),
-        dht.store(swarms_key(manifest.model), manifest.hash, expiration, subkey=manifest.run_id),
-        dht.store(members_key(manifest.run_id), manifest.hash, expiration, subkey=dht.peer_id.to_base58()),
+    futures = [
+        dht.store(manifest_key(manifest.hash), envelope, expiration, return_future=True),
+        dht.store(swarms_key(manifest.model), manifest.hash, expiration, subkey=manifest.run_id, return_future=True),
+        dht.store(
+            members_key(manifest.run_id), manifest.hash, expiration, subkey=dht.peer_id.to_base58(), return_future=True
+        ),
     ]
-    return all(bool(s) for s in stored)
+    return all(bool(bounded(f)) for f in futures)
 
 
 def count_members(dht: hivemind.DHT, manifest: mf.SwarmManifest) -> int:
     """Peers that announced membership of this swarm within the record TTL (this one included)."""
-    found = dht.get(members_key(manifest.run_id), latest=True)
+    found = bounded(dht.get(members_key(manifest.run_id), latest=True, return_future=True))
     if found is None or not isinstance(found.value, dict):
         return 0
     return sum(1 for entry in found.value.values() if getattr(entry, "value", None) == manifest.hash)
@@ -69,7 +82,7 @@ def fetch_manifest(dht: hivemind.DHT, manifest_hash: bytes) -> tuple[mf.SwarmMan
         PeerUnreachable: no peer serves it (the swarm is gone, or the peers are unreachable).
         ManifestInvalid: what was served does not hash to ``manifest_hash`` or is badly signed.
     """
-    found = dht.get(manifest_key(manifest_hash), latest=True)
+    found = bounded(dht.get(manifest_key(manifest_hash), latest=True, return_future=True))
     if found is None:
         raise PeerUnreachable(
             f"no peer serves the swarm manifest {manifest_hash.hex()[:16]}…: the swarm may have ended, or its "
@@ -90,7 +103,7 @@ class SwarmListing:
 
 def find_swarms(dht: hivemind.DHT, model: str) -> list[SwarmListing]:
     """Swarms training ``model`` that members advertise, freshest first (unverified: fetch to verify)."""
-    found = dht.get(swarms_key(model), latest=True)
+    found = bounded(dht.get(swarms_key(model), latest=True, return_future=True))
     if found is None or not isinstance(found.value, dict):
         return []
     listings = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 
 import msgpack
@@ -21,6 +22,7 @@ PREFIX = "p2pt1-"
 MAX_INVITE_CHARS = 4096
 MAX_PEERS = 16
 MAX_MADDR_CHARS = 256
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ def decode_invite(text: str) -> Invite:
         InviteInvalid: wrong prefix, truncated or damaged text, or fields of the wrong shape.
     """
     text = text.strip()
+    if re.match(r"^p2pt[0-9]+-", text) and not text.startswith(PREFIX):
+        raise InviteInvalid(
+            f"this invite ({text.split('-')[0]}) needs a newer p2ptrain; this one reads {PREFIX}… invites."
+        )
     if not text.startswith(PREFIX):
         raise InviteInvalid(
             f"an invite starts with {PREFIX!r}; got {text[:12]!r}… Copy the whole string the seed printed."
@@ -49,10 +55,12 @@ def decode_invite(text: str) -> Invite:
     if len(text) > MAX_INVITE_CHARS:
         raise InviteInvalid(f"invite is longer than {MAX_INVITE_CHARS} characters")
     body = text[len(PREFIX) :]
+    if not _BASE64URL.fullmatch(body):
+        raise InviteInvalid("invite is damaged (characters outside base64url). Copy the whole string again.")
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):
-        raise InviteInvalid("invite is damaged (not base64url). Copy the whole string again.") from None
+        raise InviteInvalid("invite is truncated or damaged (not base64url). Copy the whole string again.") from None
     payload, checksum = raw[:-4], raw[-4:]
     if len(raw) < 5 or hashlib.sha256(payload).digest()[:4] != checksum:
         raise InviteInvalid("invite is truncated or altered (checksum mismatch). Copy the whole string again.")

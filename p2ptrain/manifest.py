@@ -125,15 +125,15 @@ def _build(cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise TypeError(f"{cls.__name__} must be a map, got {type(raw).__name__}")
     names = {f.name: f for f in fields(cls)}
-    extra = set(raw) - set(names)
-    if extra:
-        raise TypeError(f"unknown fields {sorted(extra)} in {cls.__name__}")
+    extra, missing = set(raw) - set(names), set(names) - set(raw)
+    if extra or missing:
+        raise TypeError(f"{cls.__name__} has unknown fields {sorted(extra)} / lacks fields {sorted(missing)}")
     for name, value in raw.items():
         expected = names[name].type
         ok = {
             "str": isinstance(value, str),
             "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "float": isinstance(value, float),  # not int: 0 and 0.0 would encode (and hash) differently
             "bytes": isinstance(value, bytes),
         }.get(str(expected), True)
         if not ok:
@@ -142,9 +142,13 @@ def _build(cls: type, raw: Any) -> Any:
 
 
 def _validate(m: SwarmManifest) -> None:
-    """Range checks shared by construction from flags and decoding from the network."""
+    """Type and range checks shared by construction from flags and decoding from the network."""
+    for spec in (m.optimizer, m.averaging):
+        for f in fields(spec):
+            if f.type == "float" and not isinstance(getattr(spec, f.name), float):
+                raise ValueError(f"{type(spec).__name__}.{f.name} must be a float, got {getattr(spec, f.name)!r}")
     checks = [
-        (bool(_RUN_ID.match(m.run_id)), f"run_id {m.run_id!r} must match {_RUN_ID.pattern}"),
+        (bool(_RUN_ID.fullmatch(m.run_id)), f"run_id {m.run_id!r} must match {_RUN_ID.pattern}"),
         (0 < len(m.model) <= 64, "model name must be 1-64 characters"),
         (0 < len(m.dataset) <= 512, "dataset must be 1-512 characters"),
         (0 < len(m.tokenizer) <= 512, "tokenizer must be 1-512 characters"),

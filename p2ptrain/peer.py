@@ -44,7 +44,7 @@ from p2ptrain.fileio import atomic_write_json, read_json
 from p2ptrain.identity import author_key, ensure_private_dir, p2p_identity_path
 from p2ptrain.invite import Invite
 from p2ptrain.models import build_model, count_parameters, model_spec
-from p2ptrain.processes import die_with_parent, reap_children
+from p2ptrain.processes import descendants, die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.tokenizer import Tokenizer, load_tokenizer
@@ -177,6 +177,7 @@ def run_peer(
         stop.set()
         status.update(state="stopping")
         clock = ShutdownClock()
+        children = descendants()
         if worker is not None:
             abandon_round(worker, optimizer, settings.stop_grace_s)
             clock.lap("finish the step")
@@ -197,7 +198,7 @@ def run_peer(
             remember_swarm(data_dir, manifest, envelope, dht)
         dht.shutdown()
         clock.lap("stop the DHT")
-        reap_children()
+        reap_children(known=children)
         clock.lap("reap children")
         status.update(state="failed" if failure else "stopped", error=str(failure[0]) if failure else "")
         logger.info("Stopped in %.1f s (%s)", clock.total(), clock.summary())
@@ -415,9 +416,11 @@ async def _connected_peer_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
 
 def remember_swarm(data_dir: Path, manifest: mf.SwarmManifest, envelope: bytes, dht: hivemind.DHT) -> None:
     try:
-        peers = dht.run_coroutine(_connected_peer_maddrs)
-    except (RuntimeError, OSError, TimeoutError) as e:
+        peers = discovery.bounded(dht.run_coroutine(_connected_peer_maddrs, return_future=True), timeout_s=3.0)
+    except (RuntimeError, OSError) as e:
         logger.debug("Could not list connected peers: %s", e)
+        peers = None
+    if peers is None:
         peers = recall_swarm(data_dir).get("peers", [])
     atomic_write_json(
         data_dir / "swarm.json",

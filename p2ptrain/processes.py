@@ -23,24 +23,37 @@ HELPERS = {"torch_shm_manager"}  # torch's shared-memory helper: serves us until
 _installed = False
 
 
-def _set_pdeathsig() -> None:
+def _in_forked_child() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # A fork inherits the peer's "set the stop event" handlers, which would make the child ignore
+    # terminate(): children get the default behaviour back (hivemind then ignores SIGINT itself).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def die_with_parent() -> None:
     """Make processes forked from now on die when this process dies (Linux only; a no-op elsewhere)."""
     global _installed
     if sys.platform.startswith("linux") and not _installed:
-        os.register_at_fork(after_in_child=_set_pdeathsig)
+        os.register_at_fork(after_in_child=_in_forked_child)
         _installed = True
 
 
-def reap_children(timeout_s: float = 3.0) -> list[int]:
-    """Wait for every descendant to exit; SIGKILL those still alive after ``timeout_s``. Returns killed pids."""
+def descendants() -> list[psutil.Process]:
+    """This process's children, grandchildren (p2pd is the DHT process's child), and so on."""
     try:
-        children = psutil.Process().children(recursive=True)
+        return psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
+
+
+def reap_children(timeout_s: float = 3.0, known: list[psutil.Process] = ()) -> list[int]:
+    """Wait for every descendant to exit; SIGKILL those still alive after ``timeout_s``. Returns killed pids.
+
+    ``known``: descendants listed earlier. A grandchild whose parent already exited is no longer
+    our descendant (it is re-parented), so take the list before stopping its parent.
+    """
+    children = list({p.pid: p for p in [*known, *descendants()]}.values())
     for proc in children:
         try:
             if proc.name() in HELPERS:

@@ -1,0 +1,94 @@
+"""Signed manifests: round trip, and every way a peer could hand us a bad one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from p2ptrain.errors import ConfigError, ManifestInvalid
+from p2ptrain.manifest import MAX_ENVELOPE_BYTES, OptimizerSpec, SwarmManifest, new_manifest, sign, verify
+
+
+def test_sign_verify_round_trip(manifest, key):
+    envelope = sign(manifest, key)
+    assert verify(envelope, expected_hash=manifest.hash) == manifest
+    assert verify(envelope) == manifest  # without an invite: self-consistent signature only
+
+
+def test_equal_manifests_hash_equally_and_differ_otherwise(manifest):
+    assert manifest.hash == SwarmManifest.decode(manifest.encode()).hash
+    assert dataclasses.replace(manifest, seq_len=33).hash != manifest.hash
+
+
+def test_tampered_body_fails_signature(manifest, key):
+    raw = msgpack.unpackb(sign(manifest, key))
+    raw["manifest"] = raw["manifest"].replace(b"test-run", b"evil-run")
+    with pytest.raises(ManifestInvalid, match="signature does not match"):
+        verify(msgpack.packb(raw))
+
+
+def test_tampered_body_fails_hash_before_signature(manifest, key):
+    raw = msgpack.unpackb(sign(manifest, key))
+    raw["manifest"] = raw["manifest"].replace(b"test-run", b"evil-run")
+    with pytest.raises(ManifestInvalid, match="does not match the invite"):
+        verify(msgpack.packb(raw), expected_hash=manifest.hash)
+
+
+def test_resigned_by_another_key_fails_hash(manifest):
+    mallory = Ed25519PrivateKey.generate()
+    forged = new_manifest(
+        mallory,
+        **{f.name: getattr(manifest, f.name) for f in dataclasses.fields(manifest) if f.name not in ("author_key",)},
+    )
+    with pytest.raises(ManifestInvalid, match="does not match the invite"):
+        verify(sign(forged, mallory), expected_hash=manifest.hash)
+
+
+def test_signing_with_a_key_that_is_not_the_author_is_refused(manifest):
+    with pytest.raises(ValueError, match="not the manifest's author"):
+        sign(manifest, Ed25519PrivateKey.generate())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(version=2), "version 2 is not supported"),
+        (lambda d: d.update(extra="x"), "unknown fields"),
+        (lambda d: d.pop("seed"), "lacks fields"),
+        (lambda d: d.update(seq_len="64"), "must be int"),
+        (lambda d: d["optimizer"].update(lr=1), "must be float"),
+        (lambda d: d.update(seq_len=10**6), "seq_len"),
+        (lambda d: d.update(run_id="abc\n"), "run_id"),
+        (lambda d: d["averaging"].update(compression="zip"), "compression must be one of"),
+    ],
+)
+def test_invalid_fields_are_refused(manifest, mutate, message):
+    raw = msgpack.unpackb(manifest.encode())
+    mutate(raw)
+    with pytest.raises(ManifestInvalid, match=message):
+        SwarmManifest.decode(msgpack.packb(raw))
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"manifest": b"x"}), b"\x00" * (MAX_ENVELOPE_BYTES + 1)]
+)
+def test_garbage_envelopes_are_refused(data):
+    with pytest.raises(ManifestInvalid):
+        verify(data)
+
+
+def test_bad_values_from_flags_are_config_errors(key):
+    with pytest.raises(ConfigError, match="lr"):
+        new_manifest(
+            key,
+            run_id="r",
+            model="gpt2-tiny",
+            dataset="default",
+            tokenizer="bytes",
+            seq_len=32,
+            target_batch_size=16,
+            optimizer=OptimizerSpec(lr=5.0),
+        )

@@ -1,0 +1,91 @@
+"""The golden vectors in protocols/vectors/ decode, verify and re-encode byte for byte.
+
+The vectors are written by scripts/make_vectors.py; the specs they illustrate are protocols/*.md.
+A failure here means the wire format changed: old peers and invites would no longer interoperate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from p2ptrain.errors import InviteInvalid, ManifestInvalid
+from p2ptrain.invite import PREFIX, Invite, decode_invite
+from p2ptrain.manifest import AveragingSpec, OptimizerSpec, SwarmManifest, sign, verify
+
+VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
+
+
+def load(name: str) -> dict:
+    return json.loads((VECTORS / name).read_text())
+
+
+def manifest_from_fields(fields: dict) -> SwarmManifest:
+    return SwarmManifest(
+        **{
+            **fields,
+            "author_key": bytes.fromhex(fields["author_key"]),
+            "optimizer": OptimizerSpec(**fields["optimizer"]),
+            "averaging": AveragingSpec(**fields["averaging"]),
+        }
+    )
+
+
+MANIFEST = load("manifest_v1.json")
+TAMPERED = load("manifest_v1_tampered.json")
+INVITE = load("invite_v1.json")
+
+
+def test_manifest_fields_encode_to_the_canonical_bytes_and_hash():
+    manifest = manifest_from_fields(MANIFEST["fields"])
+    assert manifest.encode().hex() == MANIFEST["manifest_hex"]
+    assert hashlib.sha256(bytes.fromhex(MANIFEST["manifest_hex"])).hexdigest() == MANIFEST["hash_hex"]
+    assert manifest.hash.hex() == MANIFEST["hash_hex"]
+
+
+def test_manifest_envelope_verifies_to_the_fields():
+    envelope, expected_hash = bytes.fromhex(MANIFEST["envelope_hex"]), bytes.fromhex(MANIFEST["hash_hex"])
+    assert verify(envelope, expected_hash) == manifest_from_fields(MANIFEST["fields"])
+    assert verify(envelope) == manifest_from_fields(MANIFEST["fields"])  # no invite: signature only
+
+
+def test_signing_reproduces_the_envelope():
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(MANIFEST["private_key_hex"]))
+    manifest = manifest_from_fields(MANIFEST["fields"])
+    assert manifest.author_key.hex() == MANIFEST["public_key_hex"]
+    assert sign(manifest, key).hex() == MANIFEST["envelope_hex"]  # Ed25519 signatures are deterministic
+
+
+def test_tampered_manifest_is_refused():
+    envelope = bytes.fromhex(TAMPERED["envelope_hex"])
+    with pytest.raises(ManifestInvalid) as error:
+        verify(envelope)
+    assert TAMPERED["expected_error"] in str(error.value)
+    with pytest.raises(ManifestInvalid) as error:
+        verify(envelope, bytes.fromhex(TAMPERED["expected_hash_hex"]))
+    assert TAMPERED["expected_error_with_hash"] in str(error.value)
+
+
+def test_invite_decodes_and_reencodes():
+    invite = decode_invite(INVITE["invite"])
+    assert invite == Invite(bytes.fromhex(INVITE["manifest_hash_hex"]), INVITE["model"], tuple(INVITE["peers"]))
+    assert invite.encode() == INVITE["invite"]
+    assert invite.manifest_hash.hex() == MANIFEST["hash_hex"]  # the invite pins the manifest vector
+
+
+def test_invite_checksum_is_the_sha256_prefix_of_the_payload():
+    body = INVITE["invite"][len(PREFIX) :]
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    assert hashlib.sha256(raw[:-4]).digest()[:4] == raw[-4:]
+
+
+@pytest.mark.parametrize("case", INVITE["invalid"], ids=lambda case: case["why"])
+def test_invalid_invite_is_refused(case):
+    with pytest.raises(InviteInvalid) as error:
+        decode_invite(case["invite"])
+    assert case["expected_error"] in str(error.value)

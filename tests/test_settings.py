@@ -1,0 +1,51 @@
+"""Peer settings: defaults < P2PTRAIN_* environment < flags, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2ptrain.errors import ConfigError
+from p2ptrain.settings import resolve_settings
+
+
+def test_precedence_defaults_env_flags(tmp_path):
+    env = {
+        "HOME": str(tmp_path),
+        "P2PTRAIN_BATCH_SIZE": "4",
+        "P2PTRAIN_PORT": "4000",
+        "P2PTRAIN_INITIAL_PEERS": "/ip4/1.2.3.4/tcp/1/p2p/QmA, /ip4/1.2.3.5/tcp/1/p2p/QmB",
+    }
+    settings = resolve_settings({"port": 5000, "device": None}, env)
+    assert settings.data_dir == tmp_path / ".local/share/p2ptrain"  # default
+    assert settings.batch_size == 4  # environment
+    assert settings.port == 5000  # flag beats environment
+    assert settings.device == "auto"  # a flag left unset does not override
+    assert settings.initial_peers == ("/ip4/1.2.3.4/tcp/1/p2p/QmA", "/ip4/1.2.3.5/tcp/1/p2p/QmB")
+
+
+def test_xdg_data_home_is_respected():
+    assert resolve_settings({}, {"XDG_DATA_HOME": "/srv/data"}).data_dir == Path("/srv/data/p2ptrain")
+
+
+@pytest.mark.parametrize(
+    "flags, env, message",
+    [
+        ({"batch_size": 0}, {}, "--batch-size"),
+        ({"port": 70000}, {}, "--port"),
+        ({"device": "tpu"}, {}, "--device"),
+        ({"initial_peers": ["1.2.3.4:5"]}, {}, "not a multiaddr"),
+        ({}, {"P2PTRAIN_PORT": "eighty"}, "P2PTRAIN_PORT='eighty'"),
+    ],
+)
+def test_bad_values_name_the_setting(flags, env, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_settings(flags, {"HOME": "/tmp", **env})
+
+
+def test_settings_record_is_json_friendly(tmp_path):
+    import json
+
+    record = resolve_settings({"data_dir": tmp_path}, {}).to_record()
+    assert json.loads(json.dumps(record))["data_dir"] == str(tmp_path)

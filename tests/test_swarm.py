@@ -1,0 +1,110 @@
+"""A real swarm on 127.0.0.1: `p2ptrain seed` + `join` processes training gpt2-tiny together.
+
+One scenario, in order, because each stage builds on the swarm the previous one left:
+three peers train → a late fourth catches up → one is SIGKILLed and the rest keep stepping →
+SIGTERM stops one within 10 s leaving no process → it restarts from its checkpoint and identity →
+all leave at the same global step with matching parameters, and held-out loss went down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
+
+pytestmark = pytest.mark.slow
+
+FINAL_EPOCH = 40
+SWARM_FLAGS = (*DEMO_SWARM_FLAGS, "--average-state-every", "4")
+PEER_FLAGS = (*DEMO_PEER_FLAGS, "--checkpoint-every", "2", "--max-epochs", str(FINAL_EPOCH))
+
+
+def epoch_at_least(n: int):
+    return lambda status: status.get("epoch", 0) >= n and status.get("state") == "training"
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def model_params(path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+
+
+def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path):
+    with LocalSwarm(tmp_path, swarm_flags=SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
+        a = swarm.seed("a", "--wait-for-peers", "3")
+        invite = swarm.invite(a)
+        b = swarm.join("b", "--invite", invite, "--wait-for-peers", "3")
+        c = swarm.join("c", "--invite", invite, "--wait-for-peers", "3")
+
+        # three peers train together
+        for peer in (a, b, c):
+            swarm.wait_for(peer, epoch_at_least(4), 240, "global step 4")
+        assert swarm.wait_for(a, lambda s: s.get("peers", 0) >= 3, 30, "3 peers seen")
+
+        # a late joiner downloads the swarm's state instead of starting from scratch
+        swarm_epoch = a.status()["epoch"]
+        d = swarm.join("d", "--invite", invite)
+        status_d = swarm.wait_for(d, lambda s: s.get("state") == "training", 120, "training")
+        status_d = swarm.wait_for(d, lambda s: s.get("loaded_state_from_peers_at") is not None, 60, "state from peers")
+        assert status_d["loaded_state_from_peers_at"] >= swarm_epoch
+
+        # SIGKILL one peer: its hivemind children and p2pd die with it; the others keep stepping
+        c_children = descendants(c.proc.pid)
+        assert c_children, "a peer runs hivemind child processes"
+        os.kill(c.proc.pid, signal.SIGKILL)
+        c.proc.wait(5)
+        psutil.wait_procs(c_children, timeout=10)
+        assert not alive(c_children), f"orphans after SIGKILL: {alive(c_children)}"
+        after_kill = max(a.status()["epoch"], d.status()["epoch"])
+        for peer in (a, d):
+            swarm.wait_for(peer, epoch_at_least(min(after_kill + 2, FINAL_EPOCH - 4)), 180, "steps after the kill")
+
+        # SIGTERM: leaves within 10 s, exit code 0, no child process left, checkpoint written
+        b_children = descendants(b.proc.pid)
+        seconds = swarm.stop(b, signal.SIGTERM, timeout_s=30)
+        assert seconds <= 10, f"SIGTERM took {seconds:.1f} s"
+        assert b.proc.returncode == 0, b.log()[-2000:]
+        assert not alive(b_children), f"orphans after SIGTERM: {alive(b_children)}"
+        stopped = b.status()
+        assert stopped["state"] == "stopped" and stopped["checkpoint_epoch"] is not None
+
+        # restart with no invite: same identity, resumes from its checkpoint, rejoins the remembered swarm
+        b2 = swarm.join("b")
+        restarted = swarm.wait_for(b2, lambda s: s.get("state") == "training", 120, "training after restart")
+        assert restarted["peer_id"] == stopped["peer_id"]
+        assert restarted["resumed_from_epoch"] == stopped["checkpoint_epoch"]
+        assert restarted["run_id"] == stopped["run_id"]
+
+        # everyone leaves by itself at FINAL_EPOCH
+        deadline = time.monotonic() + 300
+        for peer in (a, d, b2):
+            peer.proc.wait(max(1, deadline - time.monotonic()))
+            assert peer.proc.returncode == 0, f"{peer.name}: {peer.log()[-2000:]}"
+
+    finals = {p.name: p.status() for p in (a, d, b2)}
+    assert all(s["epoch"] == FINAL_EPOCH and s["checkpoint_epoch"] == FINAL_EPOCH for s in finals.values()), finals
+
+    # held-out loss went down
+    history = finals["a"]["val_history"]
+    assert history[0][0] == 0 and history[-1][0] == FINAL_EPOCH
+    assert history[-1][1] < history[0][1] - 0.5, history
+
+    # after the same global step, all peers hold the same parameters (fp16 gradient compression → tolerance)
+    run = finals["a"]["run_id"]
+    params = {name: model_params(tmp_path / name / "runs" / run / "checkpoint.safetensors") for name in ("a", "d", "b")}
+    for other in ("d", "b"):
+        for key, reference in params["a"].items():
+            torch.testing.assert_close(params[other][key], reference, atol=2e-3, rtol=1e-2, msg=f"{other}: {key}")
