@@ -24,10 +24,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from p2ptrain import __version__
+
+try:  # typer ≥ 0.2x vendors click: its usage errors come from the vendored copy
+    from typer._click.exceptions import ClickException
+except ImportError:
+    from click import ClickException
 from p2ptrain.errors import ExitCode, P2PTrainError
 from p2ptrain.manifest import COMPRESSIONS, AveragingSpec, OptimizerSpec
 from p2ptrain.settings import PeerSettings, resolve_settings
@@ -267,7 +271,8 @@ def _run_peer(settings: PeerSettings, request: Any) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
+    # `kill -USR1 <pid>` prints every thread's stack (to the real stderr, even when sys.stderr is redirected)
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     run_peer(settings, request, stop, announce=lambda text: print(text, flush=True))
     if received and received[0] == signal.SIGINT:
         raise typer.Exit(ExitCode.INTERRUPTED)
@@ -283,12 +288,12 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     try:
         result = command.main(args=argv, prog_name="p2ptrain", standalone_mode=False)
         return int(result or 0)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except ClickException as e:
         e.show()
         return ExitCode.USAGE
-    except click.exceptions.Abort:
+    except typer.Abort:
         return ExitCode.INTERRUPTED
     except P2PTrainError as e:
         if debug:

@@ -44,6 +44,14 @@ def model_spec(name: str) -> ModelSpec:
         raise ConfigError(f"unknown model {name!r} (--model). Known models: {', '.join(REGISTRY)}.") from None
 
 
+def check_context(name: str, seq_len: int) -> ModelSpec:
+    """The model's spec, if ``seq_len`` fits its context; ConfigError otherwise."""
+    spec = model_spec(name)
+    if seq_len > spec.n_positions:
+        raise ConfigError(f"seq_len {seq_len} exceeds {name}'s context of {spec.n_positions} tokens (--seq-len).")
+    return spec
+
+
 def padded_vocab(vocab_size: int) -> int:
     """Round the embedding table up to a multiple of 64: faster matmuls (50257 → 50304, as in nanoGPT)."""
     return (vocab_size + 63) // 64 * 64
@@ -55,9 +63,7 @@ def build_model(
     """Build a GPT-2 language model. Same (name, vocab, seed) → bit-identical initial weights on every peer."""
     from transformers import GPT2Config, GPT2LMHeadModel  # heavy import, deferred to when a model is built
 
-    spec = model_spec(name)
-    if seq_len > spec.n_positions:
-        raise ConfigError(f"seq_len {seq_len} exceeds {name}'s context of {spec.n_positions} tokens (--seq-len).")
+    spec = check_context(name, seq_len)
     config = GPT2Config(
         vocab_size=padded_vocab(vocab_size),
         n_positions=spec.n_positions,

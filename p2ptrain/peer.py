@@ -43,7 +43,7 @@ from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortI
 from p2ptrain.fileio import atomic_write_json, read_json
 from p2ptrain.identity import author_key, ensure_private_dir, p2p_identity_path
 from p2ptrain.invite import Invite
-from p2ptrain.models import build_model, count_parameters, model_spec
+from p2ptrain.models import build_model, check_context, count_parameters, model_spec
 from p2ptrain.processes import descendants, die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
@@ -98,7 +98,7 @@ def run_peer(
     if isinstance(request, SeedRequest):
         key = author_key(data_dir)
         manifest = mf.new_manifest(key, **request.manifest_values)
-        model_spec(manifest.model)
+        check_context(manifest.model, manifest.seq_len)
         seeded = manifest, mf.sign(manifest, key)
         tokenizer, corpus = open_data(manifest, peer_id)
 
