@@ -6,7 +6,8 @@ Layout of ``<data_dir>/runs/<run_id>/checkpoint.safetensors``:
 - metadata ``p2ptrain``: JSON with the epoch, local step count, manifest hash, the peer settings that
   produced it, the optimizer's param groups and any non-tensor state.
 
-A kill at any moment leaves the previous checkpoint intact (``fileio.atomic_write``).
+A kill at any moment leaves the previous checkpoint intact (``fileio.atomic_write``), plus temporary
+files as large as a checkpoint: the next save removes them, so repeated crashes cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -64,8 +65,21 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer_state: dict, i
         "plain_state": plain_state,
     }
     metadata = {"p2ptrain": json.dumps(meta, default=str)}
+    remove_abandoned_writes(path)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     logger.debug("Checkpoint written: %s (epoch %d)", path, info.epoch)
+
+
+def remove_abandoned_writes(path: Path) -> None:
+    """Delete the temporary files a killed save left next to ``path`` (only this peer writes there).
+
+    Two kinds: ours (``.checkpoint.safetensors.*.tmp``, see ``fileio.atomic_write``) and the one
+    safetensors itself writes before renaming it to ours (``.tmp`` + 6 characters).
+    """
+    stale = [*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(".tmp??????")]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+        logger.info("Removed %s, left by an interrupted checkpoint write", tmp.name)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, manifest_hash: str) -> tuple[CheckpointInfo, dict]:

@@ -3,12 +3,15 @@
 - ``identity.key``: the libp2p identity hivemind's daemon loads (``-id``); it fixes the peer id, so a
   restarted peer is recognised by the swarm.
 - ``author.key``: an Ed25519 key (PKCS#8 PEM) that signs the swarm manifests this machine seeds.
+- ``peer.lock``: held by the running peer; two peers on one data directory would share a peer id.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
+from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
@@ -49,3 +52,21 @@ def ensure_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Take the data directory for this process; keep the returned file open while the peer runs."""
+    lock = open(data_dir / "peer.lock", "a+")  # noqa: SIM115 - held open for the peer's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "unknown"
+        lock.close()
+        raise ConfigError(
+            f"another p2ptrain peer (pid {owner}) is using {data_dir}; stop it, or give this one its own --data-dir"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock

@@ -1,17 +1,19 @@
 """One peer's whole life, in the order it happens (DESIGN.md, "How a peer works"):
 
-1. prepare this machine: data dir (0700), identity (fixes the peer id), device, free port;
+1. prepare this machine: data dir (0700, locked for this peer), identity (fixes the peer id), device, free port;
 2. `seed`: sign a new manifest and open the dataset *before* touching the network, so bad input
    fails with nothing published;
 3. start the DHT (bootstrapping from the invite, --initial-peers, or peers remembered from last time);
 4. `join`: resolve the swarm (invite hash → manifest; or the remembered swarm; or one advertised for
    --model; or, with none, start a fresh swarm) and verify its signature and hash;
-5. publish the swarm records (every member does, so the swarm outlives its seeder);
-6. build tokenizer, data shard, model (seeded: identical on every peer) and hivemind's Optimizer;
-7. resume from the local checkpoint if there is one, then catch up from peers if they are ahead;
-8. train in a worker thread until stopped or `--max-epochs`;
-9. shut down in a fixed order: abandon the averaging round after a grace period, say goodbye
-   (Optimizer), write the checkpoint, remember peers, stop the DHT, reap every child process.
+5. build tokenizer, data shard, model (seeded: identical on every peer) and hivemind's Optimizer;
+6. resume from the local checkpoint if there is one;
+7. publish the swarm records and this peer's membership (every member does, so the swarm outlives
+   its seeder), print the invite;
+8. train in a worker thread (first catching up from peers if they are ahead) until stopped or
+   `--max-epochs`;
+9. shut down in a fixed order: abandon the averaging round after a grace period, remember peers,
+   say goodbye (Optimizer), write the checkpoint, stop the DHT, reap every child process.
 
 Only ``cli.main`` installs signal handlers; they set the ``stop`` event passed in here.
 """
@@ -41,7 +43,7 @@ from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint
 from p2ptrain.data import Corpus, open_corpus
 from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortInUse
 from p2ptrain.fileio import atomic_write_json, read_json
-from p2ptrain.identity import author_key, ensure_private_dir, p2p_identity_path
+from p2ptrain.identity import author_key, ensure_private_dir, lock_data_dir, p2p_identity_path
 from p2ptrain.invite import Invite
 from p2ptrain.models import build_model, check_context, count_parameters, model_spec
 from p2ptrain.processes import descendants, die_with_parent, reap_children
@@ -82,128 +84,134 @@ def run_peer(
     """
     # 1. this machine
     data_dir = ensure_private_dir(settings.data_dir)
-    status = StatusWriter(data_dir / "status.json")
-    status.update(state="starting")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    device = pick_device(settings.device)
-    check_port_free(settings.host, settings.port)
-    peer_id = ensure_identity(data_dir)
-    status.update(peer_id=peer_id.to_base58())
-    logger.info("Peer %s, data in %s, training on %s", peer_id.to_base58(), data_dir, device)
-    logger.debug("Settings: %s", settings.to_record())
+    with lock_data_dir(data_dir):
+        status = StatusWriter(data_dir / "status.json")
+        status.update(state="starting")
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        device = pick_device(settings.device)
+        check_port_free(settings.host, settings.port)
+        peer_id = ensure_identity(data_dir)
+        status.update(peer_id=peer_id.to_base58())
+        logger.info("Peer %s, data in %s, training on %s", peer_id.to_base58(), data_dir, device)
+        logger.debug("Settings: %s", settings.to_record())
 
-    # 2. seed: everything that can fail on bad input fails here, before the network
-    seeded = tokenizer = corpus = None
-    if isinstance(request, SeedRequest):
-        key = author_key(data_dir)
-        manifest = mf.new_manifest(key, **request.manifest_values)
-        check_context(manifest.model, manifest.seq_len)
-        seeded = manifest, mf.sign(manifest, key)
-        tokenizer, corpus = open_data(manifest, peer_id)
-
-    # 3. the DHT
-    die_with_parent()
-    dht = start_dht(settings, data_dir, bootstrap_peers(settings, request))
-    optimizer: hivemind.Optimizer | None = None
-    trainer: Trainer | None = None
-    republisher: discovery.Republisher | None = None
-    worker: threading.Thread | None = None
-    failure: list[BaseException] = []
-    try:
-        # 4. the swarm
-        status.update(state="joining")
-        manifest, envelope = seeded or resolve_swarm(dht, request, data_dir)
-        if corpus is None:
+        # 2. seed: everything that can fail on bad input fails here, before the network
+        seeded = tokenizer = corpus = None
+        if isinstance(request, SeedRequest):
+            key = author_key(data_dir)
+            manifest = mf.new_manifest(key, **request.manifest_values)
+            check_context(manifest.model, manifest.seq_len)
+            seeded = manifest, mf.sign(manifest, key)
             tokenizer, corpus = open_data(manifest, peer_id)
-        # 5. build
-        model = build_model(
-            manifest.model,
-            tokenizer.vocab_size,
-            manifest.seq_len,
-            manifest.seed,
-            manifest.init_weights,
-            tokenizer.eos_id,
-        )
-        model.to(device)
-        sigint = signal.getsignal(signal.SIGINT)
-        optimizer = make_optimizer(dht, model, manifest, settings)
-        signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN here (averager.py:334)
-        # 6. resume
-        path = checkpoint_path(data_dir, manifest.run_id)
-        local_steps = 0
-        if path.exists():
-            info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
-            optimizer.load_state_dict(opt_state)
-            optimizer.state_averager.local_epoch = info.epoch
-            local_steps = info.local_steps
-            status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
-            logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
-        # 7. publish: the swarm records, and this peer as a member now that it is ready to average
-        discovery.publish(dht, manifest, envelope)
-        republisher = discovery.Republisher(dht, manifest, envelope)
-        republisher.start()
-        remember_swarm(data_dir, manifest, envelope, dht)
-        invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
-        status.update(run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite)
-        announce(describe_swarm(manifest, peer_id, invite, count_parameters(model)))
 
-        def checkpoint() -> None:
-            save_checkpoint(
-                path,
-                model,
-                optimizer.state_dict(),
-                CheckpointInfo(optimizer.local_epoch, trainer.local_steps, manifest.hash.hex(), settings.to_record()),
+        # 3. the DHT
+        die_with_parent()
+        dht = start_dht(settings, data_dir, bootstrap_peers(settings, request))
+        optimizer: hivemind.Optimizer | None = None
+        trainer: Trainer | None = None
+        republisher: discovery.Republisher | None = None
+        worker: threading.Thread | None = None
+        failure: list[BaseException] = []
+        try:
+            # 4. the swarm
+            status.update(state="joining")
+            manifest, envelope = seeded or resolve_swarm(dht, request, data_dir)
+            if corpus is None:
+                tokenizer, corpus = open_data(manifest, peer_id)
+            # 5. build
+            model = build_model(
+                manifest.model,
+                tokenizer.vocab_size,
+                manifest.seq_len,
+                manifest.seed,
+                manifest.init_weights,
+                tokenizer.eos_id,
             )
-            status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
-
-        trainer = Trainer(model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps)
-
-        # 8. train
-        def work() -> None:
-            try:
-                wait_for_members(dht, manifest, settings, stop)
-                trainer.run(stop)
-            except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
-                failure.append(e)
-
-        status.update(state="training")
-        worker = threading.Thread(target=work, name="trainer", daemon=True)
-        worker.start()
-        while worker.is_alive() and not stop.wait(0.5):
-            pass
-    finally:
-        # 9. shutdown, in order
-        stop.set()
-        status.update(state="stopping")
-        clock = ShutdownClock()
-        children = descendants()
-        if worker is not None:
-            abandon_round(worker, optimizer, settings.stop_grace_s)
-            clock.lap("finish the step")
-        if optimizer is not None:
-            optimizer.shutdown()
-            clock.lap("say goodbye, stop averagers")
-        if trainer is not None and trainer.local_steps and not failure:
-            if trainer.lock.acquire(timeout=1.0):
-                try:
-                    checkpoint()
-                finally:
-                    trainer.lock.release()
-            else:
-                logger.warning("A step was still running at shutdown: kept the previous checkpoint")
-            clock.lap("checkpoint")
-        if republisher is not None:
-            republisher.stop()
+            model.to(device)
+            sigint = signal.getsignal(signal.SIGINT)
+            optimizer = make_optimizer(dht, model, manifest, settings)
+            signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN here (averager.py:334)
+            # 6. resume
+            path = checkpoint_path(data_dir, manifest.run_id)
+            local_steps = 0
+            if path.exists():
+                info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
+                optimizer.load_state_dict(opt_state)
+                optimizer.state_averager.local_epoch = info.epoch
+                local_steps = info.local_steps
+                status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
+                logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
+            # 7. publish: the swarm records, and this peer as a member now that it is ready to average
+            discovery.publish(dht, manifest, envelope)
+            republisher = discovery.Republisher(dht, manifest, envelope)
+            republisher.start()
             remember_swarm(data_dir, manifest, envelope, dht)
-        dht.shutdown()
-        clock.lap("stop the DHT")
-        reap_children(known=children)
-        clock.lap("reap children")
-        status.update(state="failed" if failure else "stopped", error=str(failure[0]) if failure else "")
-        logger.info("Stopped in %.1f s (%s)", clock.total(), clock.summary())
-    if failure:
-        raise failure[0]
+            invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
+            status.update(
+                run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
+            )
+            announce(describe_swarm(manifest, peer_id, invite, count_parameters(model)))
+
+            def checkpoint() -> None:
+                save_checkpoint(
+                    path,
+                    model,
+                    optimizer.state_dict(),
+                    CheckpointInfo(
+                        optimizer.local_epoch, trainer.local_steps, manifest.hash.hex(), settings.to_record()
+                    ),
+                )
+                status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
+
+            trainer = Trainer(model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps)
+
+            # 8. train
+            def work() -> None:
+                try:
+                    wait_for_members(dht, manifest, settings, stop)
+                    trainer.run(stop)
+                except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
+                    failure.append(e)
+
+            status.update(state="training")
+            worker = threading.Thread(target=work, name="trainer", daemon=True)
+            worker.start()
+            while worker.is_alive() and not stop.wait(0.5):
+                pass
+        finally:
+            # 9. shutdown, in order
+            stop.set()
+            status.update(state="stopping")
+            clock = ShutdownClock()
+            children = descendants()
+            if worker is not None:
+                abandon_round(worker, optimizer, settings.stop_grace_s)
+                clock.lap("finish the step")
+            if republisher is not None:  # while the DHT answers promptly (see start_dht)
+                republisher.stop()
+                remember_swarm(data_dir, manifest, envelope, dht)
+                clock.lap("remember peers")
+            if optimizer is not None:
+                optimizer.shutdown()
+                clock.lap("say goodbye, stop averagers")
+            if trainer is not None and trainer.local_steps and not failure:
+                if trainer.lock.acquire(timeout=1.0):
+                    try:
+                        checkpoint()
+                    finally:
+                        trainer.lock.release()
+                else:
+                    logger.warning("A step was still running at shutdown: kept the previous checkpoint")
+                clock.lap("checkpoint")
+            dht.shutdown()
+            clock.lap("stop the DHT")
+            reap_children(known=children)
+            clock.lap("reap children")
+            status.update(state="failed" if failure else "stopped", error=str(failure[0]) if failure else "")
+            logger.info("Stopped in %.1f s (%s)", clock.total(), clock.summary())
+        if failure:
+            raise failure[0]
 
 
 class ShutdownClock:
@@ -327,6 +335,9 @@ def start_dht(settings: PeerSettings, data_dir: Path, initial_peers: list[str]) 
                 host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"],
                 announce_maddrs=list(settings.announce) or None,
                 identity_path=str(p2p_identity_path(data_dir)),
+                # its own stop takes ~0.1 s, but a request left in its pipe by an averager process that
+                # has just exited stalls it 3 s each (hivemind dht.py _run): do not wait that out
+                shutdown_timeout=1.0,
             )
         except P2PDaemonError as e:
             if peers is remembered:

@@ -19,7 +19,9 @@ import psutil
 
 logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
-HELPERS = {"torch_shm_manager"}  # torch's shared-memory helper: serves us until we exit, then ends; stop it quietly
+# torch's shared-memory helper serves this process until it exits, then ends by itself; stopping it
+# early breaks every later tensor.share_memory_() in this process ("RuntimeError: Broken pipe").
+HELPERS = {"torch_shm_manager"}
 _installed = False
 
 
@@ -47,19 +49,22 @@ def descendants() -> list[psutil.Process]:
         return []
 
 
+def _is_helper(proc: psutil.Process) -> bool:
+    try:
+        return proc.name() in HELPERS
+    except psutil.Error:
+        return False
+
+
 def reap_children(timeout_s: float = 3.0, known: list[psutil.Process] = ()) -> list[int]:
-    """Wait for every descendant to exit; SIGKILL those still alive after ``timeout_s``. Returns killed pids.
+    """Wait for every descendant but torch's helper to exit; SIGKILL those alive after ``timeout_s``.
+
+    Returns the killed pids.
 
     ``known``: descendants listed earlier. A grandchild whose parent already exited is no longer
     our descendant (it is re-parented), so take the list before stopping its parent.
     """
-    children = list({p.pid: p for p in [*known, *descendants()]}.values())
-    for proc in children:
-        try:
-            if proc.name() in HELPERS:
-                proc.terminate()
-        except psutil.Error:
-            pass
+    children = [p for p in {p.pid: p for p in [*known, *descendants()]}.values() if not _is_helper(p)]
     _, alive = psutil.wait_procs(children, timeout=timeout_s)
     killed = []
     for proc in alive:

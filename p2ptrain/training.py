@@ -149,6 +149,8 @@ class Trainer:
         return val
 
     def run(self, stop: threading.Event) -> None:
+        if stop.is_set():  # stopped while starting up: do not download state just to leave
+            return
         self.model.train()
         self.catch_up()
         if self.settings.validate_every:

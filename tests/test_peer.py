@@ -25,5 +25,6 @@ def test_lonely_join_starts_a_swarm_and_ctrl_c_exits_within_10_s(tmp_path):
         seconds = swarm.stop(peer, signal.SIGINT, timeout_s=30)
         assert seconds <= 10, f"Ctrl+C took {seconds:.1f} s"
         assert peer.proc.returncode == 130  # like a shell's Ctrl+C
-        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        _, alive = psutil.wait_procs(children, timeout=10)  # torch's shm helper ends ~4 s after its client
+        assert not alive, f"orphans after Ctrl+C: {alive}"
         assert peer.status()["state"] == "stopped" and peer.status()["checkpoint_epoch"] is not None

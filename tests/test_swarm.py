@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from p2ptrain.invite import decode_invite
 from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -54,12 +55,14 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path):
             swarm.wait_for(peer, epoch_at_least(4), 240, "global step 4")
         assert swarm.wait_for(a, lambda s: s.get("peers", 0) >= 3, 30, "3 peers seen")
 
-        # a late joiner downloads the swarm's state instead of starting from scratch
+        # a late joiner, given only a peer's address, finds the swarm by model in the DHT and
+        # downloads its state instead of starting from scratch
         swarm_epoch = a.status()["epoch"]
-        d = swarm.join("d", "--invite", invite)
+        d = swarm.join("d", "--initial-peers", decode_invite(invite).peers[0])
         status_d = swarm.wait_for(d, lambda s: s.get("state") == "training", 120, "training")
         status_d = swarm.wait_for(d, lambda s: s.get("loaded_state_from_peers_at") is not None, 60, "state from peers")
         assert status_d["loaded_state_from_peers_at"] >= swarm_epoch
+        assert status_d["run_id"] == a.status()["run_id"]
 
         # SIGKILL one peer: its hivemind children and p2pd die with it; the others keep stepping
         c_children = descendants(c.proc.pid)
@@ -77,6 +80,7 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path):
         seconds = swarm.stop(b, signal.SIGTERM, timeout_s=30)
         assert seconds <= 10, f"SIGTERM took {seconds:.1f} s"
         assert b.proc.returncode == 0, b.log()[-2000:]
+        psutil.wait_procs(b_children, timeout=10)  # torch's shm helper ends ~4 s after its client
         assert not alive(b_children), f"orphans after SIGTERM: {alive(b_children)}"
         stopped = b.status()
         assert stopped["state"] == "stopped" and stopped["checkpoint_epoch"] is not None
