@@ -33,7 +33,7 @@ try:  # typer ≥ 0.2x vendors click: its usage errors come from the vendored co
 except ImportError:
     from click import ClickException
 from p2ptrain.errors import ExitCode, P2PTrainError
-from p2ptrain.manifest import COMPRESSIONS, AveragingSpec, OptimizerSpec
+from p2ptrain.manifest import COMPRESSIONS, MODES, AveragingSpec, OptimizerSpec
 from p2ptrain.settings import PeerSettings, resolve_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train one model together with volunteers' GPUs.")
@@ -43,6 +43,8 @@ _ENV: Mapping[str, str] = os.environ  # replaced by main(env=...) in tests
 
 Codec = Enum("Codec", {name: name for name in COMPRESSIONS}, type=str)  # the manifest's list, one source
 DEFAULT_CODEC = Codec(AveragingSpec.compression)
+Mode = Enum("Mode", {name: name for name in MODES}, type=str)
+DEFAULT_MODE = Mode(AveragingSpec.mode)
 
 # -- options every peer command takes (→ PeerSettings) ---------------------------------------------
 DataDir = Annotated[
@@ -109,7 +111,19 @@ def seed(
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = OptimizerSpec.lr,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = OptimizerSpec.weight_decay,
     warmup_epochs: Annotated[int, typer.Option(help="linear warm-up, in global steps")] = OptimizerSpec.warmup_epochs,
-    compression: Annotated[Codec, typer.Option(help="gradient codec on the wire")] = DEFAULT_CODEC,
+    averaging: Annotated[
+        Mode, typer.Option(help="gradients: every global step; local: DiLoCo local steps + outer step")
+    ] = DEFAULT_MODE,
+    compression: Annotated[
+        Codec, typer.Option(help="codec on the wire (adaptive: chosen per round from measured links)")
+    ] = DEFAULT_CODEC,
+    sparsity: Annotated[float, typer.Option(help="randk: fraction of coordinates sent")] = AveragingSpec.sparsity,
+    outer_lr: Annotated[
+        float, typer.Option(help="local mode: outer Nesterov SGD learning rate")
+    ] = AveragingSpec.outer_lr,
+    comm_budget: Annotated[
+        float, typer.Option(help="adaptive: round time within this fraction of compute time")
+    ] = AveragingSpec.comm_budget,
     matchmaking_time: Annotated[
         float, typer.Option(help="seconds to gather an averaging group")
     ] = AveragingSpec.matchmaking_time_s,
@@ -159,6 +173,10 @@ def seed(
         optimizer=OptimizerSpec(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs),
         averaging=AveragingSpec(
             compression=compression.value,
+            mode=averaging.value,
+            sparsity=sparsity,
+            outer_lr=outer_lr,
+            comm_budget=comm_budget,
             matchmaking_time_s=matchmaking_time,
             averaging_timeout_s=averaging_timeout,
             average_state_every=average_state_every,

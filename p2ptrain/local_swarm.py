@@ -68,12 +68,14 @@ class LocalSwarm:
         self.swarm_flags, self.peer_flags = tuple(swarm_flags), tuple(peer_flags)
         self.peers: dict[str, LocalPeer] = {}
 
-    def _start(self, name: str, args: list[str]) -> LocalPeer:
+    def _start(self, name: str, args: list[str], prefix: tuple[str, ...] = ()) -> LocalPeer:
+        """``prefix``: a command to run the peer under, e.g. ``("ip", "netns", "exec", "ns1")``."""
         data_dir = self.base_dir / name
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / "status.json").unlink(missing_ok=True)
         log_path = self.base_dir / f"{name}.log"
         command = [
+            *prefix,
             sys.executable,
             "-m",
             "p2ptrain",
@@ -97,11 +99,11 @@ class LocalSwarm:
         self.peers[name] = peer
         return peer
 
-    def seed(self, name: str, *extra: str) -> LocalPeer:
-        return self._start(name, ["seed", *self.swarm_flags, *extra])
+    def seed(self, name: str, *extra: str, prefix: tuple[str, ...] = ()) -> LocalPeer:
+        return self._start(name, ["seed", *self.swarm_flags, *extra], prefix)
 
-    def join(self, name: str, *extra: str) -> LocalPeer:
-        return self._start(name, ["join", *extra])
+    def join(self, name: str, *extra: str, prefix: tuple[str, ...] = ()) -> LocalPeer:
+        return self._start(name, ["join", *extra], prefix)
 
     def wait_for(self, peer: LocalPeer, condition, timeout_s: float, what: str) -> dict[str, Any]:
         """Poll the peer's status until ``condition(status)``; raise with its log if it dies or times out."""

@@ -31,7 +31,8 @@ from p2ptrain.errors import ConfigError, ManifestInvalid
 MANIFEST_VERSION = 1
 MAX_ENVELOPE_BYTES = 16 * 1024  # a manifest is a few hundred bytes; anything larger is refused unread
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-COMPRESSIONS = ("none", "fp16")
+COMPRESSIONS = ("none", "fp16", "int8", "powersgd", "randk", "adaptive")  # protocols/averaging.md
+MODES = ("gradients", "local")
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,17 @@ class OptimizerSpec:
 
 @dataclass(frozen=True)
 class AveragingSpec:
-    """How peers meet to average (hivemind.Optimizer's matchmaking and timeouts)."""
+    """What peers average, how it is compressed, and how they meet (protocols/averaging.md)."""
 
-    compression: str = "fp16"  # gradient codec on the wire: one of COMPRESSIONS
+    compression: str = "fp16"  # codec on the wire: one of COMPRESSIONS ("adaptive": mode "local" only;
+    #   "powersgd": mode "gradients" only)
+    mode: str = "gradients"  # "gradients": average gradients every global step (hivemind.Optimizer);
+    #   "local": DiLoCo — local AdamW steps, then average pseudo-gradients once per global step
+    sparsity: float = 0.1  # random-k: the fraction of coordinates sent each round
+    powersgd_rank: int = 4  # PowerSGD: rank of the low-rank factors
+    outer_lr: float = 0.7  # local mode: outer SGD learning rate on the averaged pseudo-gradient
+    outer_momentum: float = 0.9  # local mode: outer Nesterov momentum
+    comm_budget: float = 0.5  # adaptive: keep the expected round time within this fraction of compute time
     matchmaking_time_s: float = 5.0  # how long peers gather a group before averaging; raise it if
     #   the log says "Proceeding with local gradients" while others are alive
     averaging_timeout_s: float = 30.0  # give up on a round (and use local gradients) after this
@@ -165,6 +174,20 @@ def _validate(m: SwarmManifest) -> None:
         (0 <= m.optimizer.warmup_epochs <= 10**6, "warmup_epochs out of range"),
         (0 <= m.optimizer.clip_grad_norm <= 1e6, "clip_grad_norm out of range"),
         (m.averaging.compression in COMPRESSIONS, f"compression must be one of {COMPRESSIONS}"),
+        (m.averaging.mode in MODES, f"averaging mode must be one of {MODES}"),
+        (
+            not (m.averaging.compression == "adaptive" and m.averaging.mode != "local"),
+            "compression adaptive needs averaging mode local",
+        ),
+        (
+            not (m.averaging.compression == "powersgd" and m.averaging.mode != "gradients"),
+            "compression powersgd needs averaging mode gradients",
+        ),
+        (0.001 <= m.averaging.sparsity <= 1, "sparsity must be in [0.001, 1]"),
+        (1 <= m.averaging.powersgd_rank <= 1024, "powersgd_rank must be in [1, 1024]"),
+        (0 < m.averaging.outer_lr <= 10, "outer_lr must be in (0, 10]"),
+        (0 <= m.averaging.outer_momentum < 1, "outer_momentum must be in [0, 1)"),
+        (0.01 <= m.averaging.comm_budget <= 10, "comm_budget must be in [0.01, 10]"),
         (0.1 <= m.averaging.matchmaking_time_s <= 600, "matchmaking_time_s must be in [0.1, 600]"),
         (0.5 <= m.averaging.averaging_timeout_s <= 3600, "averaging_timeout_s must be in [0.5, 3600]"),
         (1 <= m.averaging.average_state_every <= 10**6, "average_state_every must be ≥ 1"),

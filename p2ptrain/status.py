@@ -31,6 +31,9 @@ class PeerStatus:
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, held-out loss)
     peers: int = 0  # swarm members this peer currently sees (itself included)
     samples_per_s: float = 0.0
+    compute_s: float = 0.0  # seconds in forward/backward since training started (utilization = compute_s / wall)
+    val_s: float = 0.0  # seconds spent measuring the held-out loss
+    training_since: float | None = None  # unix time the training loop started
     resumed_from_epoch: int | None = None  # set when the local checkpoint was loaded
     loaded_state_from_peers_at: int | None = None  # epoch reached by downloading the swarm's state
     checkpoint_epoch: int | None = None  # epoch of the last checkpoint written

@@ -18,17 +18,19 @@ from functools import partial
 import hivemind
 import torch
 import torch.nn.functional as F
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
+from p2ptrain.averaging import CompressedGradientAverager
+from p2ptrain.codecs import DENSE, Level
 from p2ptrain.data import Corpus
-from p2ptrain.manifest import SwarmManifest
+from p2ptrain.local_updates import LocalUpdateOptimizer
+from p2ptrain.manifest import AveragingSpec, SwarmManifest
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 
 logger = logging.getLogger(__name__)
-
-CODECS: dict[str, Callable[[], CompressionBase]] = {"none": NoCompression, "fp16": Float16Compression}
 
 
 class WarmupSchedule:
@@ -50,30 +52,64 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(
     dht: hivemind.DHT, model: torch.nn.Module, manifest: SwarmManifest, settings: PeerSettings
-) -> hivemind.Optimizer:
+) -> hivemind.Optimizer | LocalUpdateOptimizer:
+    """hivemind's Optimizer (mode "gradients") or our DiLoCo optimizer (mode "local"), per the manifest."""
     spec, avg = manifest.optimizer, manifest.averaging
     request_timeout = min(3.0, avg.matchmaking_time_s / 2)
-    codec = CODECS[avg.compression]
+    inner = partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+    scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupSchedule(spec.warmup_epochs))
+    groups = param_groups(model, spec.weight_decay)
+    if avg.mode == "local":
+        return LocalUpdateOptimizer(
+            dht=dht,
+            run_id=manifest.run_id,
+            param_groups=groups,
+            inner=inner,
+            scheduler=scheduler,
+            outer_lr=avg.outer_lr,
+            outer_momentum=avg.outer_momentum,
+            target_batch_size=manifest.target_batch_size,
+            batch_size_per_step=settings.batch_size,
+            level=None if avg.compression == "adaptive" else fixed_level(avg),
+            budget=avg.comm_budget,
+            matchmaking_time=avg.matchmaking_time_s,
+            averaging_timeout=avg.averaging_timeout_s,
+            request_timeout=request_timeout,
+        )
+    # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
+    # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
+    if avg.compression == "powersgd":
+        grad_averager = partial(PowerSGDGradientAverager, averager_rank=avg.powersgd_rank)
+    elif avg.compression in ("randk", "int8"):
+        grad_averager = partial(CompressedGradientAverager, level=fixed_level(avg))
+    else:
+        grad_averager = GradientAverager
+    dense = DENSE.get(avg.compression, Float16Compression)
     return hivemind.Optimizer(
         dht=dht,
         run_id=manifest.run_id,
         target_batch_size=manifest.target_batch_size,
         batch_size_per_step=settings.batch_size,
-        params=param_groups(model, spec.weight_decay),
-        optimizer=partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps),
-        scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupSchedule(spec.warmup_epochs)),
+        params=groups,
+        optimizer=inner,
+        scheduler=scheduler,
         matchmaking_time=avg.matchmaking_time_s,
         averaging_timeout=avg.averaging_timeout_s,
         average_state_every=avg.average_state_every,
-        grad_compression=codec(),
-        state_averaging_compression=codec(),
-        # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
-        # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
+        grad_compression=dense(),
+        state_averaging_compression=dense(),
         averager_opts={"request_timeout": request_timeout},
-        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
+        grad_averager_factory=partial(grad_averager, request_timeout=request_timeout),
         shutdown_timeout=2.0,
         verbose=False,
     )
+
+
+def fixed_level(avg: AveragingSpec) -> Level:
+    """The manifest's fixed codec as a ladder level (random-k values travel as int8)."""
+    if avg.compression == "randk":
+        return Level("int8", avg.sparsity)
+    return Level(avg.compression)
 
 
 def lm_loss(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
@@ -122,6 +158,7 @@ class Trainer:
         self.settings, self.device, self.status, self._save = settings, device, status, save_checkpoint
         self.local_steps = local_steps
         self.compute_s = 0.0  # seconds in forward/backward (compute utilization = compute_s / wall)
+        self.val_s = 0.0  # seconds measuring the held-out loss
         self._val_blocks = corpus.val_blocks()
         self._autocast = autocast_for(device) or nullcontext
         self.lock = threading.Lock()  # held while parameters change; the checkpoint writer takes it
@@ -143,9 +180,11 @@ class Trainer:
                 )
 
     def validate(self) -> float:
+        started = time.perf_counter()
         val = evaluate(self.model, self._val_blocks, self.settings.batch_size, self.device)
+        self.val_s += time.perf_counter() - started
         history = [*self.status.status.val_history, (self.opt.local_epoch, val)][-200:]
-        self.status.update(force=True, val_loss=val, val_history=history)
+        self.status.update(force=True, val_loss=val, val_history=history, val_s=self.val_s)
         return val
 
     def run(self, stop: threading.Event) -> None:
@@ -156,6 +195,7 @@ class Trainer:
         if self.settings.validate_every:
             logger.info("Held-out loss at global step %d: %.4f", self.opt.local_epoch, self.validate())
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
+        self.status.update(training_since=time.time())
         while not stop.is_set() and not (self.settings.max_epochs and epoch >= self.settings.max_epochs):
             started = time.perf_counter()
             blocks = self.corpus.train_batch(self.local_steps, self.settings.batch_size).to(self.device)
@@ -183,6 +223,7 @@ class Trainer:
                 samples=samples,
                 loss=loss_ema,
                 samples_per_s=rate_ema,
+                compute_s=self.compute_s,
                 peers=max(1, self.opt.tracker.global_progress.num_peers),  # 0 until the first fetch
             )
             if self.opt.local_epoch != epoch:

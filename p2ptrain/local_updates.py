@@ -1,0 +1,255 @@
+"""Local-update mode (DiLoCo): many cheap local steps, one compressed exchange per global step.
+
+Every peer runs its inner optimizer (AdamW) on every batch. When the swarm has processed
+``target_batch_size`` samples since the last global step (hivemind's ``ProgressTracker`` — the same
+signal hivemind's Optimizer uses), each peer computes its *pseudo-gradient* Δ = θ_anchor − θ (how far
+its local steps moved it from the last agreed parameters), the group averages Δ — compressed, and
+weighted by samples — and every peer applies the average to θ_anchor with the outer optimizer
+(SGD, Nesterov momentum). Then θ = the new θ_anchor.
+
+Communication overlaps computation: the round runs in the averager process while the peer keeps
+taking local steps; when it lands, the local progress made meanwhile (θ − θ_sent) is kept on top of
+the new anchor. So a round costs no compute time unless it outlasts a whole global step.
+
+Late joiners download θ_anchor, the outer momentum and the global step from a peer (the averager's
+state sharing); everything downloaded is checked against our own tensors before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from hivemind.averaging.control import StepControl
+from hivemind.compression import CompressionInfo
+from hivemind.dht import DHT
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from p2ptrain.averaging import PseudoGradientAverager, RoundOutcome
+from p2ptrain.codecs import Level
+from p2ptrain.policy import RoundReport
+
+logger = logging.getLogger(__name__)
+
+
+class LocalUpdateOptimizer:
+    """Inner/outer optimizer pair with the small interface ``training.Trainer`` uses of ``hivemind.Optimizer``."""
+
+    scheduled_state: StepControl | None = None  # (state is shared on request, not averaged)
+
+    def __init__(
+        self,
+        *,
+        dht: DHT,
+        run_id: str,
+        param_groups: list[dict],
+        inner: Callable[[list[dict]], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], Any],
+        outer_lr: float,
+        outer_momentum: float,
+        target_batch_size: int,
+        batch_size_per_step: int,
+        level: Level | None,
+        budget: float,
+        matchmaking_time: float,
+        averaging_timeout: float,
+        request_timeout: float,
+    ):
+        self.params = [p for group in param_groups for p in group["params"]]
+        self.inner = inner(param_groups)
+        self.scheduler = scheduler(self.inner)
+        self.anchor = [p.detach().to("cpu", copy=True) for p in self.params]
+        self.outer = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)
+        self.batch_size, self.averaging_timeout = batch_size_per_step, averaging_timeout
+        self.local_epoch = 0
+        self.samples = 0  # since the last global step
+        self.compute_s = 0.0  # between step() calls since the last round: the peer's forward/backward time
+        self.last_report = RoundReport(None, 0.0, 0.0)
+        self.scheduled_grads: StepControl | None = None  # the round in flight
+        self._sent: list[torch.Tensor] = []
+        self._left_step_at: float | None = None
+        self.tracker = ProgressTracker(dht, run_id, target_batch_size, min_refresh_period=0.5, start=True)
+        self.averager = _StateSharingAverager(
+            [torch.zeros_like(a) for a in self.anchor],
+            owner=self,
+            level=level,
+            budget=budget,
+            dht=dht,
+            prefix=f"{run_id}_outer",
+            min_matchmaking_time=matchmaking_time,
+            request_timeout=request_timeout,
+            allreduce_timeout=averaging_timeout,
+            allow_state_sharing=True,
+            start=True,
+        )
+
+    # the interface the Trainer uses -------------------------------------------------------------
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        if self._left_step_at is not None:
+            self.compute_s += now - self._left_step_at
+        self.inner.step()
+        self.samples += self.batch_size
+        self.tracker.report_local_progress(self.local_epoch, self.samples)
+        if self.scheduled_grads is not None and self.scheduled_grads.done():
+            self._finish_round()
+        if self.scheduled_grads is None and self.tracker.ready_to_update_epoch:
+            self._begin_round()
+        self._left_step_at = time.perf_counter()
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def load_state_from_peers(self) -> None:
+        loaded = self.averager.load_state_from_peers(timeout=max(30.0, self.averaging_timeout))
+        if loaded is None:
+            logger.warning("No peer sent its state; continuing from ours")
+            return
+        metadata, tensors = loaded
+        try:
+            epoch = self._check_state(metadata, tensors)
+        except ValueError as e:
+            logger.warning("Ignoring the state a peer sent: %s", e)
+            return
+        n = len(self.anchor)
+        with torch.no_grad():
+            for anchor, param, momentum, value, buffer in zip(
+                self.anchor, self.params, self._momenta(), tensors[:n], tensors[n:], strict=True
+            ):
+                anchor.copy_(value)
+                param.copy_(value)
+                momentum.copy_(buffer)
+        self.local_epoch, self.samples = epoch, 0
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.local_epoch)
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state, then one entry per parameter with its anchor and outer momentum."""
+        inner = self.inner.state_dict()
+        state = dict(inner["state"])
+        for i, (anchor, momentum) in enumerate(zip(self.anchor, self._momenta(), strict=True)):
+            state[len(self.params) + i] = {"anchor": anchor, "outer_momentum": momentum}
+        return {"state": state, "param_groups": inner["param_groups"]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        n = len(self.params)
+        state = saved["state"]
+        outer = {i - n: state[i] for i in list(state) if isinstance(i, int) and i >= n}
+        inner = {i: v for i, v in state.items() if not (isinstance(i, int) and i >= n)}
+        self.inner.load_state_dict({"state": inner, "param_groups": saved["param_groups"]})
+        if len(outer) != n:
+            raise ValueError(f"checkpoint holds {len(outer)} anchors for {n} parameters")
+        with torch.no_grad():
+            for i, (anchor, momentum) in enumerate(zip(self.anchor, self._momenta(), strict=True)):
+                anchor.copy_(outer[i]["anchor"])
+                momentum.copy_(outer[i]["outer_momentum"])
+
+    @property
+    def state_averager(self) -> LocalUpdateOptimizer:  # peer.py sets ``state_averager.local_epoch`` on resume
+        return self
+
+    def shutdown(self) -> None:
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self.scheduled_grads.cancel()
+        self.averager.shutdown()
+        self.tracker.shutdown()
+
+    # the rounds ---------------------------------------------------------------------------------
+
+    def _begin_round(self) -> None:
+        with torch.no_grad(), self.averager.get_tensors() as buffers:
+            for buffer, anchor, param in zip(buffers, self.anchor, self.params, strict=True):
+                buffer.copy_(anchor).sub_(param.detach().cpu())
+        self._sent = [p.detach().to("cpu", copy=True) for p in self.params]
+        report = RoundReport(self.last_report.level, self.last_report.round_s, self.compute_s)
+        self.scheduled_grads = self.averager.step(
+            gather={"report": report.to_wire()}, weight=float(self.samples), timeout=self.averaging_timeout, wait=False
+        )
+        self.compute_s, self.samples = 0.0, 0
+        self.local_epoch += 1
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.local_epoch)
+
+    def _finish_round(self) -> None:
+        control, self.scheduled_grads = self.scheduled_grads, None
+        outcome: RoundOutcome | None = None
+        try:
+            outcome = control.result(timeout=0)
+        except BaseException as e:  # noqa: BLE001 - any failure means: apply our own pseudo-gradient
+            logger.info("Global step %d: averaging failed (%s); applying our own update", self.local_epoch, e)
+        with torch.no_grad(), self.averager.get_tensors() as buffers:
+            for anchor, delta in zip(self.anchor, buffers, strict=True):
+                anchor.grad = delta.clone()
+        self.outer.step()
+        self.outer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for param, anchor, sent in zip(self.params, self.anchor, self._sent, strict=True):
+                param.add_(anchor.to(param.device) - sent.to(param.device))  # θ = anchor + (θ − θ_sent)
+        self.scheduler.step()
+        if outcome is not None:
+            self.last_report = RoundReport(outcome.level if outcome.level >= 0 else None, outcome.round_s, 0.0)
+            rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
+            logger.info(
+                "Round %d: %d peers, codec %s, %.0f kB sent, %.2f s, %.2f MB/s",
+                self.local_epoch,
+                outcome.group_size,
+                outcome.codec,
+                outcome.bytes_sent / 1e3,
+                outcome.round_s,
+                rate / 1e6,
+            )
+        self.last_outcome = outcome
+
+    def wait_for_round(self, timeout: float) -> None:
+        """Land the round in flight (before a checkpoint or at the end of a run)."""
+        if self.scheduled_grads is not None:
+            try:
+                self.scheduled_grads.result(timeout=timeout)
+            except BaseException:  # noqa: BLE001 - _finish_round reports it
+                pass
+            self._finish_round()
+
+    # helpers ------------------------------------------------------------------------------------
+
+    def _momenta(self) -> list[torch.Tensor]:
+        """The outer momentum buffers (zeros before the first outer step, then SGD's own)."""
+        buffers = []
+        for anchor in self.anchor:
+            state = self.outer.state[anchor]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(anchor)
+            buffers.append(state["momentum_buffer"])
+        return buffers
+
+    def current_state(self) -> tuple[dict, list[torch.Tensor]]:
+        return {"epoch": self.local_epoch}, [*self.anchor, *self._momenta()]
+
+    def _check_state(self, metadata: Any, tensors: Any) -> int:
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+            raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
+        ours = [*self.anchor, *self._momenta()]
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(ours):
+            raise ValueError(f"expected {len(ours)} tensors")
+        for i, (theirs, mine) in enumerate(zip(tensors, ours, strict=True)):
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise ValueError(f"tensor {i} does not match ours in shape/dtype")
+            if not torch.isfinite(theirs).all():
+                raise ValueError(f"tensor {i} is not finite")
+        return metadata["epoch"]
+
+
+class _StateSharingAverager(PseudoGradientAverager):
+    """Serves the owner's anchor, outer momentum and global step to peers that download state."""
+
+    def __init__(self, tensors: list[torch.Tensor], *, owner: LocalUpdateOptimizer, **kwargs: Any):
+        self._owner = owner  # used in this (host) process only: get_current_state runs here
+        super().__init__(tensors, **kwargs)
+
+    def get_current_state(self):
+        metadata, tensors = self._owner.current_state()
+        return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
