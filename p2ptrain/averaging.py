@@ -4,7 +4,8 @@
 in the averager process once a group has formed — the way hivemind's own PowerSGD averager does:
 1. read the members' reports from the group's all-gather and choose the level (``policy``), or use
    the fixed one from the manifest;
-2. flatten the local tensors, add the error-feedback residual, keep the shared random-k coordinates;
+2. flatten the local tensors, add the error-feedback residual (gradient mode; in local mode the
+   parameters themselves carry what was not sent), keep the shared random-k coordinates;
 3. run hivemind's all-reduce on that vector with the level's codec;
 4. refuse a non-finite or absurdly large average (a bad peer), else write it back in place and
    commit the new residual. A failed round changes nothing: hivemind then falls back to local values.
@@ -38,6 +39,8 @@ class RoundOutcome(dict):
 
     level: int = -1  # LADDER index when adaptive, else -1
     codec: str = ""
+    ratio: float = 1.0  # < 1: only shared_indices(group_id, numel, ratio) were averaged; the rest are 0
+    group_id: bytes = b""
     round_s: float = 0.0
     bytes_sent: float = 0.0
     group_size: int = 0
@@ -46,8 +49,8 @@ class RoundOutcome(dict):
 class CompressedAllReduce:
     """Mixin for ``DecentralizedAverager`` subclasses; call ``_init_compression`` before their ``__init__``."""
 
-    def _init_compression(self, fixed: Level | None, budget: float) -> None:
-        self._fixed, self._budget = fixed, budget
+    def _init_compression(self, fixed: Level | None, budget: float, error_feedback: bool) -> None:
+        self._fixed, self._budget, self._error_feedback = fixed, budget, error_feedback
         self._residual: torch.Tensor | None = None
 
     def _choose(self, group_info: GroupInfo, user_gathered: dict, numel: int) -> tuple[int, Level]:
@@ -93,10 +96,12 @@ class CompressedAllReduce:
                 for tensor in local_tensors:
                     tensor.copy_(dense[offset : offset + tensor.numel()].view_as(tensor))
                     offset += tensor.numel()
-                self._residual = residual
+                if self._error_feedback:
+                    self._residual = residual
             outcome = RoundOutcome(user_gathered)
             outcome.level, outcome.codec, outcome.round_s = index, level.describe(), round_s
             outcome.group_size = len(group_info.peer_ids)
+            outcome.ratio, outcome.group_id = level.ratio, group_info.group_id
             outcome.bytes_sent = payload_bytes(level, numel, len(group_info.peer_ids))
             return outcome
         except BaseException as e:
@@ -123,7 +128,7 @@ class CompressedGradientAverager(CompressedAllReduce, GradientAverager):
     """hivemind.Optimizer's gradient averager with a fixed level (int8, random-k with error feedback)."""
 
     def __init__(self, *args: Any, level: Level, **kwargs: Any):
-        self._init_compression(level, budget=1.0)
+        self._init_compression(level, budget=1.0, error_feedback=True)
         super().__init__(*args, **kwargs)
 
 
@@ -131,5 +136,5 @@ class PseudoGradientAverager(CompressedAllReduce, DecentralizedAverager):
     """Averages the local-update mode's pseudo-gradients; adaptive when ``level`` is None."""
 
     def __init__(self, tensors: list[torch.Tensor], *, level: Level | None, budget: float, **kwargs: Any):
-        self._init_compression(level, budget)
+        self._init_compression(level, budget, error_feedback=False)
         super().__init__(averaged_tensors=tensors, **kwargs)

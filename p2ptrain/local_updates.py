@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ from hivemind.dht import DHT
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from p2ptrain.averaging import PseudoGradientAverager, RoundOutcome
-from p2ptrain.codecs import Level
+from p2ptrain.codecs import Level, shared_indices
 from p2ptrain.policy import RoundReport
 
 logger = logging.getLogger(__name__)
@@ -58,21 +59,23 @@ class LocalUpdateOptimizer:
         matchmaking_time: float,
         averaging_timeout: float,
         request_timeout: float,
+        tracker_opts: dict[str, float],
     ):
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
         self.scheduler = scheduler(self.inner)
-        self.anchor = [p.detach().to("cpu", copy=True) for p in self.params]
-        self.outer = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)
+        self.anchor = [p.detach().to("cpu", copy=True) for p in self.params]  # θ_anchor, the agreed parameters
+        self.momentum = [torch.zeros_like(a) for a in self.anchor]  # the outer optimizer's
+        self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self.batch_size, self.averaging_timeout = batch_size_per_step, averaging_timeout
         self.local_epoch = 0
         self.samples = 0  # since the last global step
         self.compute_s = 0.0  # between step() calls since the last round: the peer's forward/backward time
-        self.last_report = RoundReport(None, 0.0, 0.0)
+        self.recent: list[tuple[int, float]] = []  # (level, round seconds) of the last rounds, newest last
         self.scheduled_grads: StepControl | None = None  # the round in flight
         self._sent: list[torch.Tensor] = []
         self._left_step_at: float | None = None
-        self.tracker = ProgressTracker(dht, run_id, target_batch_size, min_refresh_period=0.5, start=True)
+        self.tracker = ProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
         self.averager = _StateSharingAverager(
             [torch.zeros_like(a) for a in self.anchor],
             owner=self,
@@ -166,7 +169,7 @@ class LocalUpdateOptimizer:
             for buffer, anchor, param in zip(buffers, self.anchor, self.params, strict=True):
                 buffer.copy_(anchor).sub_(param.detach().cpu())
         self._sent = [p.detach().to("cpu", copy=True) for p in self.params]
-        report = RoundReport(self.last_report.level, self.last_report.round_s, self.compute_s)
+        report = self._report()
         self.scheduled_grads = self.averager.step(
             gather={"report": report.to_wire()}, weight=float(self.samples), timeout=self.averaging_timeout, wait=False
         )
@@ -182,17 +185,20 @@ class LocalUpdateOptimizer:
             outcome = control.result(timeout=0)
         except BaseException as e:  # noqa: BLE001 - any failure means: apply our own pseudo-gradient
             logger.info("Global step %d: averaging failed (%s); applying our own update", self.local_epoch, e)
+        masks = self._masks(outcome)
         with torch.no_grad(), self.averager.get_tensors() as buffers:
-            for anchor, delta in zip(self.anchor, buffers, strict=True):
-                anchor.grad = delta.clone()
-        self.outer.step()
-        self.outer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for param, anchor, sent in zip(self.params, self.anchor, self._sent, strict=True):
-                param.add_(anchor.to(param.device) - sent.to(param.device))  # θ = anchor + (θ − θ_sent)
+            for i, (anchor, momentum, delta, param, sent) in enumerate(
+                zip(self.anchor, self.momentum, buffers, self.params, self._sent, strict=True)
+            ):
+                outer_step_(anchor, momentum, delta, self.outer_lr, self.outer_momentum, masks and masks[i])
+                new = anchor + (param.detach().cpu() - sent)  # θ = anchor + the progress made during the round
+                if masks is None:
+                    param.copy_(new)
+                else:  # elsewhere θ keeps its local progress: the next pseudo-gradient carries it
+                    param.copy_(torch.where(masks[i], new, param.detach().cpu()))
         self.scheduler.step()
         if outcome is not None:
-            self.last_report = RoundReport(outcome.level if outcome.level >= 0 else None, outcome.round_s, 0.0)
+            self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
             rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
             logger.info(
                 "Round %d: %d peers, codec %s, %.0f kB sent, %.2f s, %.2f MB/s",
@@ -216,15 +222,25 @@ class LocalUpdateOptimizer:
 
     # helpers ------------------------------------------------------------------------------------
 
+    def _report(self) -> RoundReport:
+        """What the next group learns about us: our level, typical and shortest round time, compute time."""
+        if not self.recent or self.recent[-1][0] < 0:
+            return RoundReport(None, 0.0, self.compute_s)
+        level = self.recent[-1][0]
+        same_level = [t for lvl, t in self.recent[-3:] if lvl == level]
+        return RoundReport(level, statistics.median(same_level), self.compute_s, min(t for _, t in self.recent))
+
     def _momenta(self) -> list[torch.Tensor]:
-        """The outer momentum buffers (zeros before the first outer step, then SGD's own)."""
-        buffers = []
-        for anchor in self.anchor:
-            state = self.outer.state[anchor]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(anchor)
-            buffers.append(state["momentum_buffer"])
-        return buffers
+        return self.momentum
+
+    def _masks(self, outcome: RoundOutcome | None) -> list[torch.Tensor] | None:
+        """Per-parameter boolean masks of the coordinates the round averaged; None when all were."""
+        if outcome is None or outcome.ratio >= 1.0:
+            return None
+        sizes = [a.numel() for a in self.anchor]
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        flat[shared_indices(outcome.group_id, sum(sizes), outcome.ratio)] = True
+        return [m.view_as(a) for m, a in zip(flat.split(sizes), self.anchor, strict=True)]
 
     def current_state(self) -> tuple[dict, list[torch.Tensor]]:
         return {"epoch": self.local_epoch}, [*self.anchor, *self._momenta()]
@@ -241,6 +257,26 @@ class LocalUpdateOptimizer:
             if not torch.isfinite(theirs).all():
                 raise ValueError(f"tensor {i} is not finite")
         return metadata["epoch"]
+
+
+def outer_step_(
+    anchor: torch.Tensor,
+    momentum: torch.Tensor,
+    delta: torch.Tensor,
+    lr: float,
+    mu: float,
+    mask: torch.Tensor | None,
+) -> None:
+    """Nesterov SGD on the anchor with the averaged pseudo-gradient ``delta``, only where ``mask`` is set.
+
+    Coordinates outside the mask were not averaged this round: neither they nor their momentum move.
+    """
+    if mask is None:
+        momentum.mul_(mu).add_(delta)
+        anchor.sub_(delta + mu * momentum, alpha=lr)
+        return
+    momentum[mask] = mu * momentum[mask] + delta[mask]
+    anchor[mask] -= lr * (delta[mask] + mu * momentum[mask])
 
 
 class _StateSharingAverager(PseudoGradientAverager):

@@ -75,6 +75,7 @@ def make_optimizer(
             matchmaking_time=avg.matchmaking_time_s,
             averaging_timeout=avg.averaging_timeout_s,
             request_timeout=request_timeout,
+            tracker_opts=TRACKER_OPTS,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
@@ -99,10 +100,17 @@ def make_optimizer(
         grad_compression=dense(),
         state_averaging_compression=dense(),
         averager_opts={"request_timeout": request_timeout},
+        tracker_opts=TRACKER_OPTS,
         grad_averager_factory=partial(grad_averager, request_timeout=request_timeout),
         shutdown_timeout=2.0,
         verbose=False,
     )
+
+
+# hivemind's tracker publishes a peer's progress only after its first sample and re-reads the swarm's
+# every ≤10 s; until it does, each peer counts itself alone and takes solo global steps. Re-reading
+# every ≤2 s (one DHT get per peer) keeps a swarm's first steps and joiners in step.
+TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_refresh_period": 1.0}
 
 
 def fixed_level(avg: AveragingSpec) -> Level:

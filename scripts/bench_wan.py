@@ -16,7 +16,7 @@ Each config runs until the swarm has processed the same number of samples (equal
 held-out loss of the first peer's final checkpoint is measured. Without root (no namespaces) it
 falls back to 127.0.0.1 and marks the figures unshaped. It removes every namespace and process it made.
 
-    sudo .venv/bin/python scripts/bench_wan.py --out bench/wan.json      # ~10 min on 2 cores
+    sudo .venv/bin/python scripts/bench_wan.py --out bench/wan.json      # ~20 min on 2 cores
     .venv/bin/python scripts/bench_wan.py --smoke --out /tmp/smoke.json  # ~2 min, CI
 """
 
@@ -202,15 +202,17 @@ def run_config(config: Config, net: Namespaces | None, budget: int, time_cap_s: 
             prefix, host = where(i)
             peers.append(swarm.join(f"p{i}", "--invite", invite, *host, *wait, "--validate-every", "0", prefix=prefix))
         tx0 = [net.tx_bytes(i) if net else 0 for i in range(config.peers)]
-        for peer in peers:
-            swarm.wait_for(peer, lambda s: s.get("training_since") is not None, 240, "training")
-        started, seen, halved = time.monotonic(), 0, False
-        while time.monotonic() - started < time_cap_s:
+        swarm.wait_for(first, lambda s: s.get("training_since") is not None, 300, "training")
+        started = min(  # the clock starts when the first peer starts training
+            s["training_since"] for s in (p.status() for p in peers) if s.get("training_since")
+        )
+        seen, halved = 0, False
+        while time.time() - started < time_cap_s:
             statuses = [p.status() for p in peers]
             result.samples = sum(s.get("samples", 0) for s in statuses)
             history = statuses[0].get("val_history", [])
             for _step, loss in history[seen:]:
-                result.val_points.append((time.monotonic() - started, result.samples, loss))
+                result.val_points.append((time.time() - started, result.samples, loss))
             seen = len(history)
             if config.halve_at_fraction and not halved and result.samples >= config.halve_at_fraction * budget:
                 net and net.shape(net.rate_mbit / 2)
@@ -219,7 +221,7 @@ def run_config(config: Config, net: Namespaces | None, budget: int, time_cap_s: 
             if result.samples >= budget or not all(p.alive() for p in peers):
                 break
             time.sleep(0.25)
-        result.wall_s = time.monotonic() - started
+        result.wall_s = time.time() - started
         if net:
             sent = [net.tx_bytes(i) - tx0[i] for i in range(config.peers)]
         for peer in peers:
@@ -280,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=8, help="H: local steps per global step (local mode)")
     parser.add_argument("--rounds", type=int, default=24, help="global steps of the local-mode configs")
-    parser.add_argument("--time-cap", type=float, default=420.0, help="seconds per config at most")
+    parser.add_argument("--time-cap", type=float, default=900.0, help="seconds per config at most")
     parser.add_argument("--link-mbit", type=float, help="override the automatic link rate")
     parser.add_argument("--loopback", action="store_true", help="do not use namespaces even as root")
     parser.add_argument("--smoke", action="store_true", help="a short run (CI): fewer rounds, 3 configs")
+    parser.add_argument("--only", nargs="*", help="run only these configs")
+    parser.add_argument("--keep", action="store_true", help="keep the peers' data dirs and logs")
     parser.add_argument("--out", type=Path, default=Path("bench_wan.json"))
     args = parser.parse_args(argv)
     if args.smoke:
@@ -312,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.smoke:
         configs = [configs[1], configs[3]]
+    if args.only:
+        configs = [c for c in configs if c.name in args.only]
     work = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-"))
     net = Namespaces(n) if shaped else None
     results: dict[str, Result] = {}
@@ -330,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if net:
             net.remove()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"peer logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     target = targeted(results)
     report = {

@@ -102,9 +102,11 @@ def test_no_history_starts_at_the_most_compressed_level():
     assert choose_level([None, RoundReport(None, 0.0, 2.0)], N, 0.5) == len(LADDER) - 1
 
 
-def test_a_fast_link_is_probed_one_level_at_a_time():
+def test_a_fast_link_is_probed_two_levels_at_a_time():
     report = RoundReport(level=5, round_s=0.01, compute_s=2.0)
-    assert choose_level([report, report], N, 0.5) == 4
+    assert choose_level([report, report], N, 0.5) == 3
+    slow_enough = RoundReport(level=5, round_s=0.3, compute_s=2.0)
+    assert choose_level([slow_enough], N, 0.5) == 4  # 0.3 s x 2 = 0.6 s fits in 1 s; x 5 = 1.5 s does not
 
 
 def test_a_slower_link_is_followed_at_once():
@@ -146,3 +148,11 @@ def test_every_member_derives_the_same_level_from_the_same_reports():
 )
 def test_malformed_reports_count_as_no_history(raw):
     assert RoundReport.from_wire(raw) is None
+
+
+def test_time_that_bytes_do_not_buy_is_not_scaled_with_the_payload():
+    # 0.9 s rounds of which 0.85 s is the floor (latency, scheduling): bigger payloads cost little more
+    with_floor = RoundReport(level=5, round_s=0.9, compute_s=4.0, floor_s=0.85)
+    without = RoundReport(level=5, round_s=0.9, compute_s=4.0)
+    assert choose_level([with_floor], N, 0.5) == 3 < choose_level([without], N, 0.5)
+    assert RoundReport.from_wire(with_floor.to_wire()) == with_floor

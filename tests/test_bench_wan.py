@@ -1,0 +1,49 @@
+"""The WAN benchmark's smoke mode: shaped namespaces, two configs, the three outputs, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+from bench_wan import namespaces_available  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not namespaces_available(), reason="needs root and `ip netns` to shape links"),
+]
+SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_wan.py"
+
+
+def netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_smoke_run_writes_its_figures_and_cleans_up(tmp_path):
+    before = netns()
+    out = tmp_path / "wan.json"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["shaped"] is True and report["link_mbit"] > 0
+    for name in ("hivemind_default", "p2ptrain_adaptive"):
+        config = report["configs"][name]
+        keys = ("time_to_target_s", "compute_utilization", "final_val_loss_equal_tokens", "bytes_per_peer_per_step")
+        assert all(key in config for key in keys)
+        assert 0 < config["compute_utilization"] <= 1
+        assert config["bytes_per_peer_per_step"] > 0  # measured on the shaped interfaces
+        assert config["final_val_loss_equal_tokens"] < 5.0  # it trained (random init: 5.75)
+    assert report["configs"]["p2ptrain_adaptive"]["rounds"]  # every round logged with its codec
+    assert "| hivemind_default |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert netns() == before  # every namespace it made is gone
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "p2ptrain-bench-" in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers

@@ -1,0 +1,107 @@
+"""The local-update optimizer alone: outer step arithmetic, checkpoint round trip, refusing bad peer state."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import hivemind
+import pytest
+import torch
+
+from p2ptrain.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from p2ptrain.local_updates import LocalUpdateOptimizer
+from p2ptrain.training import TRACKER_OPTS
+
+
+@pytest.fixture
+def dht():
+    node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    yield node
+    node.shutdown()
+
+
+def make(dht, model, outer_lr=1.0, momentum=0.0) -> LocalUpdateOptimizer:
+    return LocalUpdateOptimizer(
+        dht=dht,
+        run_id="local-test",
+        param_groups=[{"params": list(model.parameters())}],
+        inner=partial(torch.optim.SGD, lr=0.1),
+        scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda _: 1.0),
+        outer_lr=outer_lr,
+        outer_momentum=momentum,
+        target_batch_size=4,
+        batch_size_per_step=2,
+        level=None,
+        budget=0.5,
+        matchmaking_time=0.5,
+        averaging_timeout=2.0,
+        request_timeout=0.25,
+        tracker_opts=TRACKER_OPTS,
+    )
+
+
+def train_step(model, opt):
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_alone_an_outer_step_with_lr_1_lands_where_the_local_steps_went(dht):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = make(dht, model)
+    start = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):  # 2 x 2 samples = the target batch: the round begins
+        train_step(model, opt)
+    assert opt.local_epoch == 1 and opt.scheduled_grads is not None
+    opt.wait_for_round(timeout=10)  # alone: no group, so the peer applies its own pseudo-gradient
+    moved = [p.detach().clone() for p in model.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(start, moved, strict=True))
+    # outer SGD with lr 1 and no momentum: anchor - 1 * (anchor - θ) = θ, and nothing happened meanwhile
+    for anchor, param in zip(opt.anchor, model.parameters(), strict=True):
+        torch.testing.assert_close(anchor, param.detach())
+    opt.shutdown()
+
+
+def test_checkpoint_round_trip_keeps_anchor_and_outer_momentum(dht, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = make(dht, model, outer_lr=0.7, momentum=0.9)
+    for _ in range(2):
+        train_step(model, opt)
+    opt.wait_for_round(timeout=10)
+    train_step(model, opt)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, model, opt.state_dict(), CheckpointInfo(opt.local_epoch, 3, "ab" * 32, {}))
+    anchors, momenta = [a.clone() for a in opt.anchor], [m.clone() for m in opt._momenta()]
+    opt.shutdown()
+
+    restored_model = torch.nn.Linear(3, 2)
+    restored = make(dht, restored_model, outer_lr=0.7, momentum=0.9)
+    info, state = load_checkpoint(path, restored_model, "ab" * 32)
+    restored.load_state_dict(state)
+    for a, b in zip(anchors, restored.anchor, strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(momenta, restored._momenta(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert info.epoch >= 1 and any(torch.count_nonzero(m) for m in momenta)
+    restored.shutdown()
+
+
+def test_state_from_a_peer_is_checked_before_use(dht):
+    model = torch.nn.Linear(3, 2)
+    opt = make(dht, model)
+    good = [*(a.clone() for a in opt.anchor), *(m.clone() for m in opt._momenta())]
+    assert opt._check_state({"epoch": 3}, good) == 3
+    bad_cases = [
+        ({"epoch": -1}, good, "metadata"),
+        ({"epoch": "3"}, good, "metadata"),
+        ({"epoch": 3}, good[:-1], "expected"),
+        ({"epoch": 3}, [torch.zeros(5), *good[1:]], "shape"),
+        ({"epoch": 3}, [good[0].double(), *good[1:]], "dtype"),
+        ({"epoch": 3}, [torch.full_like(good[0], float("nan")), *good[1:]], "finite"),
+    ]
+    for metadata, tensors, message in bad_cases:
+        with pytest.raises(ValueError, match=message):
+            opt._check_state(metadata, tensors)
+    opt.shutdown()
