@@ -9,7 +9,8 @@ weighted by samples — and every peer applies the average to θ_anchor with the
 
 Communication overlaps computation: the round runs in the averager process while the peer keeps
 taking local steps; when it lands, the local progress made meanwhile (θ − θ_sent) is kept on top of
-the new anchor. So a round costs no compute time unless it outlasts a whole global step.
+the new anchor. So a round costs no compute time unless it outlasts a whole global step; then the
+peer waits for it before the next one (so that all peers meet in the next matchmaking).
 
 Late joiners download θ_anchor, the outer momentum and the global step from a peer (the averager's
 state sharing); everything downloaded is checked against our own tensors before use.
@@ -35,6 +36,7 @@ from p2ptrain.codecs import Level, shared_indices
 from p2ptrain.policy import RoundReport
 
 logger = logging.getLogger(__name__)
+REPORT_EVERY_S = 0.5  # progress reports to the swarm, at most this often
 
 
 class LocalUpdateOptimizer:
@@ -75,6 +77,7 @@ class LocalUpdateOptimizer:
         self.scheduled_grads: StepControl | None = None  # the round in flight
         self._sent: list[torch.Tensor] = []
         self._left_step_at: float | None = None
+        self._reported_at = -math.inf
         self.tracker = ProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
         self.averager = _StateSharingAverager(
             [torch.zeros_like(a) for a in self.anchor],
@@ -98,10 +101,17 @@ class LocalUpdateOptimizer:
             self.compute_s += now - self._left_step_at
         self.inner.step()
         self.samples += self.batch_size
-        self.tracker.report_local_progress(self.local_epoch, self.samples)
+        unreported = self.samples - self.tracker.local_progress.samples_accumulated
+        completes = self.tracker.global_progress.samples_accumulated + unreported >= self.tracker.target_batch_size
+        if completes or now - self._reported_at >= REPORT_EVERY_S:  # a report is a DHT store: not one per batch
+            self.tracker.report_local_progress(self.local_epoch, self.samples)
+            self._reported_at = now
         if self.scheduled_grads is not None and self.scheduled_grads.done():
             self._finish_round()
-        if self.scheduled_grads is None and self.tracker.ready_to_update_epoch:
+        if self.tracker.ready_to_update_epoch:
+            # A round still in flight when the next is due is waited for: starting late would make us
+            # miss the others' matchmaking. The wait is not compute time, so the policy sees it.
+            self.wait_for_round(timeout=self.averaging_timeout)
             self._begin_round()
         self._left_step_at = time.perf_counter()
 
@@ -212,12 +222,13 @@ class LocalUpdateOptimizer:
         self.last_outcome = outcome
 
     def wait_for_round(self, timeout: float) -> None:
-        """Land the round in flight (before a checkpoint or at the end of a run)."""
+        """Land the round in flight, giving up on it (our own update is applied) after ``timeout`` s."""
         if self.scheduled_grads is not None:
             try:
                 self.scheduled_grads.result(timeout=timeout)
             except BaseException:  # noqa: BLE001 - _finish_round reports it
-                pass
+                if not self.scheduled_grads.done():
+                    self.scheduled_grads.cancel()
             self._finish_round()
 
     # helpers ------------------------------------------------------------------------------------

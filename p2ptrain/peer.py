@@ -263,12 +263,18 @@ def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None
     worker.join(grace_s)
     if worker.is_alive() and optimizer is not None:
         logger.info("Leaving the averaging round in progress")
-        for control in (optimizer.scheduled_grads, optimizer.scheduled_state):
-            if control is not None and not control.done():
-                control.cancel()
+        cancel_rounds(optimizer)
         worker.join(3.0)
     if worker.is_alive():
         logger.warning("The training step did not stop in time; shutting down around it")
+    if optimizer is not None:  # a round the last step arranged ahead: hivemind's shutdown would wait for it
+        cancel_rounds(optimizer)  # (up to averaging_timeout_s; seen taking > 20 s on slow links)
+
+
+def cancel_rounds(optimizer: Any) -> None:
+    for control in (optimizer.scheduled_grads, optimizer.scheduled_state):
+        if control is not None and not control.done():
+            control.cancel()
 
 
 def pick_device(name: str) -> torch.device:

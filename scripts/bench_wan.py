@@ -120,9 +120,17 @@ def namespaces_available() -> bool:
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
         return False
     probe = f"p2pt-probe-{os.getpid()}"
-    ok = sh("ip", "netns", "add", probe, check=False).returncode == 0
-    sh("ip", "netns", "del", probe, check=False)
-    return ok
+    steps = [
+        ("ip", "netns", "add", probe),
+        ("ip", "-n", probe, "link", "add", "pbr", "type", "bridge"),
+        ("ip", "-n", probe, "link", "add", "pva", "type", "veth", "peer", "name", "pvb"),
+        ("ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "pva", "root", "tbf", "rate", "1mbit", "burst",
+         "32k", "latency", "400ms"),
+    ]  # fmt: skip
+    try:
+        return all(sh(*step, check=False).returncode == 0 for step in steps)
+    finally:
+        sh("ip", "netns", "del", probe, check=False)
 
 
 # -- calibration --------------------------------------------------------------------------------
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_wan.json"))
     args = parser.parse_args(argv)
     if args.smoke:
-        args.peers, args.rounds, args.time_cap = 2, 4, 90.0
+        args.peers, args.rounds, args.time_cap = 2, 3, 60.0
 
     n, h = args.peers, args.local_steps
     budget = n * BATCH * h * args.rounds  # samples: equal tokens for every config

@@ -12,6 +12,8 @@ from p2ptrain.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from p2ptrain.local_updates import LocalUpdateOptimizer
 from p2ptrain.training import TRACKER_OPTS
 
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def dht():
@@ -20,10 +22,10 @@ def dht():
     node.shutdown()
 
 
-def make(dht, model, outer_lr=1.0, momentum=0.0) -> LocalUpdateOptimizer:
+def make(dht, model, outer_lr=1.0, momentum=0.0, run_id="local-test") -> LocalUpdateOptimizer:
     return LocalUpdateOptimizer(
         dht=dht,
-        run_id="local-test",
+        run_id=run_id,
         param_groups=[{"params": list(model.parameters())}],
         inner=partial(torch.optim.SGD, lr=0.1),
         scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda _: 1.0),
@@ -77,7 +79,7 @@ def test_checkpoint_round_trip_keeps_anchor_and_outer_momentum(dht, tmp_path):
     opt.shutdown()
 
     restored_model = torch.nn.Linear(3, 2)
-    restored = make(dht, restored_model, outer_lr=0.7, momentum=0.9)
+    restored = make(dht, restored_model, outer_lr=0.7, momentum=0.9, run_id="local-restored")
     info, state = load_checkpoint(path, restored_model, "ab" * 32)
     restored.load_state_dict(state)
     for a, b in zip(anchors, restored.anchor, strict=True):
