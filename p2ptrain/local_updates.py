@@ -18,11 +18,13 @@ state sharing); everything downloaded is checked against our own tensors before 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import InvalidStateError
 from typing import Any
 
 import torch
@@ -167,8 +169,10 @@ class LocalUpdateOptimizer:
         return self
 
     def shutdown(self) -> None:
-        if self.scheduled_grads is not None and not self.scheduled_grads.done():
-            self.scheduled_grads.cancel()
+        control, self.scheduled_grads = self.scheduled_grads, None
+        if control is not None and not control.done():
+            with contextlib.suppress(InvalidStateError):  # already cancelled by the peer's shutdown
+                control.cancel()
         self.averager.shutdown()
         self.tracker.shutdown()
 

@@ -193,7 +193,10 @@ def run_peer(
                 remember_swarm(data_dir, manifest, envelope, dht)
                 clock.lap("remember peers")
             if optimizer is not None:
-                optimizer.shutdown()
+                try:
+                    optimizer.shutdown()
+                except Exception as e:  # noqa: BLE001 - the rest of the shutdown must still happen
+                    logger.warning("Averagers did not stop cleanly: %r", e)
                 clock.lap("say goodbye, stop averagers")
             if trainer is not None and trainer.local_steps and not failure:
                 if trainer.lock.acquire(timeout=1.0):
@@ -267,14 +270,20 @@ def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None
         worker.join(3.0)
     if worker.is_alive():
         logger.warning("The training step did not stop in time; shutting down around it")
-    if optimizer is not None:  # a round the last step arranged ahead: hivemind's shutdown would wait for it
-        cancel_rounds(optimizer)  # (up to averaging_timeout_s; seen taking > 20 s on slow links)
+    if optimizer is not None and not worker.is_alive():
+        # a round the last step arranged ahead: hivemind's shutdown would wait for it (up to
+        # averaging_timeout_s; seen taking > 20 s on slow links). Cancelled here, and forgotten so
+        # that shutdown does not cancel it twice (an error in hivemind).
+        cancel_rounds(optimizer, forget=True)
 
 
-def cancel_rounds(optimizer: Any) -> None:
-    for control in (optimizer.scheduled_grads, optimizer.scheduled_state):
+def cancel_rounds(optimizer: Any, forget: bool = False) -> None:
+    for name in ("scheduled_grads", "scheduled_state"):
+        control = getattr(optimizer, name)
         if control is not None and not control.done():
             control.cancel()
+        if forget:
+            setattr(optimizer, name, None)
 
 
 def pick_device(name: str) -> torch.device:

@@ -49,8 +49,11 @@ def test_version_and_help(capsys, tmp_path):
         (["seed", "--model", "gpt2-tiny", "--seq-len", "9000"], ExitCode.USAGE, "seq_len 9000 must be in [8, 8192]"),
         (["seed", "--model", "gpt2-tiny", "--lr", "3"], ExitCode.USAGE, "invalid swarm setting: lr 3.0"),
         (["seed", "--model", "gpt2-small", "--tokenizer", "no-such-tok"], ExitCode.DATA, "--tokenizer bytes"),
-        (["join", "--model", "gpt2-tiny", "--initial-peers", UNREACHABLE, "--host", "127.0.0.1"],
-         ExitCode.NETWORK, "none of the 1 initial peers answered"),
+        (
+            ["join", "--model", "gpt2-tiny", "--initial-peers", UNREACHABLE, "--host", "127.0.0.1"],
+            ExitCode.NETWORK,
+            "none of the 1 initial peers answered",
+        ),
         (["join", "--model", "gpt2-tiny", "--bogus"], ExitCode.USAGE, "No such option"),
     ],
 )
@@ -70,8 +73,19 @@ def test_port_in_use(capsys, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, err = run(capsys, tmp_path, "seed", "--model", "gpt2-tiny", "--host", "127.0.0.1", "--port", str(port),
-                        "--data-dir", str(tmp_path / "d"))
+        code, err = run(
+            capsys,
+            tmp_path,
+            "seed",
+            "--model",
+            "gpt2-tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "d"),
+        )
     assert code == ExitCode.NETWORK
     assert f"port {port} is in use by another program (--port={port})" in err
 
@@ -85,8 +99,19 @@ def test_a_peer_serving_a_tampered_manifest_is_refused(capsys, tmp_path, manifes
         dht.store(discovery.manifest_key(manifest.hash), msgpack.packb(raw), get_dht_time() + 60)
         invite = Invite(manifest.hash, "gpt2-tiny", tuple(str(a) for a in dht.get_visible_maddrs())).encode()
         data_dir = tmp_path / "d"
-        code, err = run(capsys, tmp_path, "join", "--model", "gpt2-tiny", "--invite", invite, "--host", "127.0.0.1",
-                        "--data-dir", str(data_dir))
+        code, err = run(
+            capsys,
+            tmp_path,
+            "join",
+            "--model",
+            "gpt2-tiny",
+            "--invite",
+            invite,
+            "--host",
+            "127.0.0.1",
+            "--data-dir",
+            str(data_dir),
+        )
     finally:
         dht.shutdown()
     assert code == ExitCode.MANIFEST
@@ -98,8 +123,19 @@ def test_invite_for_another_model_is_refused(capsys, tmp_path, manifest):
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         invite = Invite(manifest.hash, "gpt2-small", tuple(str(a) for a in dht.get_visible_maddrs())).encode()
-        code, err = run(capsys, tmp_path, "join", "--model", "gpt2-tiny", "--invite", invite, "--host", "127.0.0.1",
-                        "--data-dir", str(tmp_path / "d"))
+        code, err = run(
+            capsys,
+            tmp_path,
+            "join",
+            "--model",
+            "gpt2-tiny",
+            "--invite",
+            invite,
+            "--host",
+            "127.0.0.1",
+            "--data-dir",
+            str(tmp_path / "d"),
+        )
     finally:
         dht.shutdown()
     assert code == ExitCode.USAGE

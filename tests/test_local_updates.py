@@ -22,6 +22,13 @@ def dht():
     node.shutdown()
 
 
+@pytest.fixture
+def dht2():  # one optimizer per DHT, as in a peer (a second one on a DHT whose first has stopped can stall)
+    node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    yield node
+    node.shutdown()
+
+
 def make(dht, model, outer_lr=1.0, momentum=0.0, run_id="local-test") -> LocalUpdateOptimizer:
     return LocalUpdateOptimizer(
         dht=dht,
@@ -65,7 +72,7 @@ def test_alone_an_outer_step_with_lr_1_lands_where_the_local_steps_went(dht):
     opt.shutdown()
 
 
-def test_checkpoint_round_trip_keeps_anchor_and_outer_momentum(dht, tmp_path):
+def test_checkpoint_round_trip_keeps_anchor_and_outer_momentum(dht, dht2, tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = make(dht, model, outer_lr=0.7, momentum=0.9)
@@ -79,7 +86,7 @@ def test_checkpoint_round_trip_keeps_anchor_and_outer_momentum(dht, tmp_path):
     opt.shutdown()
 
     restored_model = torch.nn.Linear(3, 2)
-    restored = make(dht, restored_model, outer_lr=0.7, momentum=0.9, run_id="local-restored")
+    restored = make(dht2, restored_model, outer_lr=0.7, momentum=0.9, run_id="local-restored")
     info, state = load_checkpoint(path, restored_model, "ab" * 32)
     restored.load_state_dict(state)
     for a, b in zip(anchors, restored.anchor, strict=True):
