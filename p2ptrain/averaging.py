@@ -27,7 +27,7 @@ from hivemind.compression import CompressionInfo
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.asyncio import enter_asynchronously
 
-from p2ptrain.codecs import DENSE, LADDER, Level, shared_indices, sparsify_
+from p2ptrain.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
 from p2ptrain.policy import RoundReport, choose_level
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class CompressedAllReduce:
                 await self._run_allreduce_inplace_([values], group_info, peer_fractions=fractions, **kwargs)
                 round_s = time.perf_counter() - started
                 check_average(values, sent)
-                dense = values if indices is None else torch.zeros(numel).index_copy_(0, indices, values)
+                dense = values if indices is None else densify(values, indices, numel)
                 offset = 0
                 for tensor in local_tensors:
                     tensor.copy_(dense[offset : offset + tensor.numel()].view_as(tensor))

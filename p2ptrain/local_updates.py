@@ -223,7 +223,6 @@ class LocalUpdateOptimizer:
                 outcome.round_s,
                 rate / 1e6,
             )
-        self.last_outcome = outcome
 
     def wait_for_round(self, timeout: float) -> None:
         """Land the round in flight, giving up on it (our own update is applied) after ``timeout`` s."""

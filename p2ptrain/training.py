@@ -50,6 +50,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# hivemind's tracker publishes a peer's progress only after its first sample and re-reads the swarm's
+# every ≤10 s; until it does, each peer counts itself alone and takes solo global steps. Re-reading
+# every ≤2 s (one DHT get per peer) keeps a swarm's first steps and joiners in step.
+TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_refresh_period": 1.0}
+
+
 def make_optimizer(
     dht: hivemind.DHT, model: torch.nn.Module, manifest: SwarmManifest, settings: PeerSettings
 ) -> hivemind.Optimizer | LocalUpdateOptimizer:
@@ -105,12 +111,6 @@ def make_optimizer(
         shutdown_timeout=2.0,
         verbose=False,
     )
-
-
-# hivemind's tracker publishes a peer's progress only after its first sample and re-reads the swarm's
-# every ≤10 s; until it does, each peer counts itself alone and takes solo global steps. Re-reading
-# every ≤2 s (one DHT get per peer) keeps a swarm's first steps and joiners in step.
-TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_refresh_period": 1.0}
 
 
 def fixed_level(avg: AveragingSpec) -> Level:

@@ -109,7 +109,6 @@ class Namespaces:
 
     def remove(self) -> None:
         for ns in self.names:
-            sh("ip", "netns", "pids", ns, check=False)  # (peers are stopped by LocalSwarm before this)
             sh("ip", "netns", "del", ns, check=False)
         for host_end in self.host_ends:
             sh("ip", "link", "del", host_end, check=False)

@@ -90,6 +90,12 @@ def test_port_in_use(capsys, tmp_path):
     assert f"port {port} is in use by another program (--port={port})" in err
 
 
+def join_tiny(capsys, tmp_path, invite: str, data_dir):
+    """`p2ptrain join --model gpt2-tiny --invite …` on 127.0.0.1, in process."""
+    args = ("--model", "gpt2-tiny", "--invite", invite, "--host", "127.0.0.1", "--data-dir", str(data_dir))
+    return run(capsys, tmp_path, "join", *args)
+
+
 def test_a_peer_serving_a_tampered_manifest_is_refused(capsys, tmp_path, manifest, key):
     """A real DHT node serves a manifest altered after signing under the invite's hash: join refuses it."""
     raw = msgpack.unpackb(sign(manifest, key))
@@ -99,19 +105,7 @@ def test_a_peer_serving_a_tampered_manifest_is_refused(capsys, tmp_path, manifes
         dht.store(discovery.manifest_key(manifest.hash), msgpack.packb(raw), get_dht_time() + 60)
         invite = Invite(manifest.hash, "gpt2-tiny", tuple(str(a) for a in dht.get_visible_maddrs())).encode()
         data_dir = tmp_path / "d"
-        code, err = run(
-            capsys,
-            tmp_path,
-            "join",
-            "--model",
-            "gpt2-tiny",
-            "--invite",
-            invite,
-            "--host",
-            "127.0.0.1",
-            "--data-dir",
-            str(data_dir),
-        )
+        code, err = join_tiny(capsys, tmp_path, invite, data_dir)
     finally:
         dht.shutdown()
     assert code == ExitCode.MANIFEST
@@ -123,19 +117,7 @@ def test_invite_for_another_model_is_refused(capsys, tmp_path, manifest):
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         invite = Invite(manifest.hash, "gpt2-small", tuple(str(a) for a in dht.get_visible_maddrs())).encode()
-        code, err = run(
-            capsys,
-            tmp_path,
-            "join",
-            "--model",
-            "gpt2-tiny",
-            "--invite",
-            invite,
-            "--host",
-            "127.0.0.1",
-            "--data-dir",
-            str(tmp_path / "d"),
-        )
+        code, err = join_tiny(capsys, tmp_path, invite, tmp_path / "d")
     finally:
         dht.shutdown()
     assert code == ExitCode.USAGE
