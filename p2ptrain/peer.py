@@ -267,7 +267,7 @@ def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None
     if worker.is_alive() and optimizer is not None:
         logger.info("Leaving the averaging round in progress")
         cancel_rounds(optimizer)
-        worker.join(3.0)
+        worker.join(1.5)  # a step still blocked in hivemind after the cancel rarely returns later
     if worker.is_alive():
         logger.warning("The training step did not stop in time; shutting down around it")
     if optimizer is not None and not worker.is_alive():
