@@ -6,6 +6,16 @@ Where things are (one idea per module):
 - ``settings``    PeerSettings (this machine) and the one place config sources are merged
 - ``peer``        a peer's lifecycle in order: identity → DHT → swarm → model → train → shutdown
 - ``training``    the step loop around hivemind.Optimizer, validation, the warm-up schedule
+- ``local_updates`` local-update (DiLoCo) mode: inner AdamW, averaged pseudo-gradients, outer Nesterov
+- ``averaging``   compressed all-reduce on hivemind's averagers (codec per round, sparse via shared masks)
+- ``codecs``      fp16 / int8 / random-k, the ladder of compression levels
+- ``policy``      the adaptive level every group member derives from the same reports
+- ``volunteer``   the volunteer daemon's lifecycle: config → sensor → control socket → watcher → peer
+- ``idle_policy`` when a volunteer's machine may train (games, schedule, heat, battery, caps)
+- ``gate``        the pause/throttle point between training steps
+- ``machine_sensors`` GPU facts (NVML, or a fake for tests), battery, this peer's TCP traffic
+- ``control``     the daemon's local control socket (status, pause, resume, leave, stop)
+- ``daemon_config`` the daemon's TOML config file
 - ``manifest``    the signed swarm manifest (what all peers share) and its verification
 - ``invite``      the copy-pasteable invite string
 - ``discovery``   DHT records: publishing manifests, finding swarms by model

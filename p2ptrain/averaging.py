@@ -28,7 +28,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.asyncio import enter_asynchronously
 
 from p2ptrain.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
-from p2ptrain.policy import RoundReport, choose_level
+from p2ptrain.policy import Plan, RoundReport, plan_round
 
 logger = logging.getLogger(__name__)
 MAX_GROWTH = 1e4  # an average with a value this many times beyond ours (and beyond ±1e4) is not believed
@@ -44,6 +44,7 @@ class RoundOutcome(dict):
     round_s: float = 0.0
     bytes_sent: float = 0.0
     group_size: int = 0
+    plan: Plan | None = None  # adaptive: the prediction the level was chosen by
 
 
 class CompressedAllReduce:
@@ -53,15 +54,15 @@ class CompressedAllReduce:
         self._fixed, self._budget, self._error_feedback = fixed, budget, error_feedback
         self._residual: torch.Tensor | None = None
 
-    def _choose(self, group_info: GroupInfo, user_gathered: dict, numel: int) -> tuple[int, Level]:
+    def _choose(self, group_info: GroupInfo, user_gathered: dict, numel: int) -> tuple[Plan | None, Level]:
         if self._fixed is not None:
-            return -1, self._fixed
+            return None, self._fixed
         reports = [
             RoundReport.from_wire(g.get("report") if isinstance(g, dict) else None)
             for g in (user_gathered[p] for p in group_info.peer_ids)
         ]
-        index = choose_level(reports, numel, self._budget)
-        return index, LADDER[index]
+        plan = plan_round(reports, numel, self._budget)
+        return plan, LADDER[plan.level]
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> RoundOutcome:
         try:
@@ -72,7 +73,7 @@ class CompressedAllReduce:
             async with enter_asynchronously(self.get_tensors()) as local_tensors:
                 flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in local_tensors])
                 numel = flat.numel()
-                index, level = self._choose(group_info, user_gathered, numel)
+                plan, level = self._choose(group_info, user_gathered, numel)
                 residual = self._residual.clone() if self._residual is not None else torch.zeros(numel)
                 if level.ratio >= 1.0:
                     indices, values = None, flat.add_(residual)
@@ -99,7 +100,8 @@ class CompressedAllReduce:
                 if self._error_feedback:
                     self._residual = residual
             outcome = RoundOutcome(user_gathered)
-            outcome.level, outcome.codec, outcome.round_s = index, level.describe(), round_s
+            outcome.level, outcome.codec, outcome.round_s = plan.level if plan else -1, level.describe(), round_s
+            outcome.plan = plan
             outcome.group_size = len(group_info.peer_ids)
             outcome.ratio, outcome.group_id = level.ratio, group_info.group_id
             outcome.bytes_sent = payload_bytes(level, numel, len(group_info.peer_ids))

@@ -19,7 +19,7 @@ import platform
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -273,6 +273,11 @@ def _run_peer(settings: PeerSettings, request: Any) -> None:
 
     _setup_logging(settings)
     logger.debug(_versions())
+    _until_signalled(lambda stop: run_peer(settings, request, stop, announce=lambda text: print(text, flush=True)))
+
+
+def _until_signalled(work: Callable[[threading.Event], None]) -> None:
+    """Run ``work(stop)``; SIGINT/SIGTERM set ``stop`` (a second one kills at once); Ctrl+C exits 130."""
     stop = threading.Event()
     received: list[int] = []
 
@@ -291,9 +296,214 @@ def _run_peer(settings: PeerSettings, request: Any) -> None:
         signal.signal(signum, on_signal)
     # `kill -USR1 <pid>` prints every thread's stack (to the real stderr, even when sys.stderr is redirected)
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-    run_peer(settings, request, stop, announce=lambda text: print(text, flush=True))
+    work(stop)
     if received and received[0] == signal.SIGINT:
         raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+# -- the volunteer daemon and its control commands (volunteer.py, control.py, daemon_config.py) -----
+
+daemon_app = typer.Typer(no_args_is_help=True, help="The volunteer daemon: train in the background, only when idle.")
+config_app = typer.Typer(help="Show or change the daemon's config file.")
+app.add_typer(daemon_app, name="daemon")
+app.add_typer(config_app, name="config")
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+
+
+def _daemon_config():
+    from p2ptrain.daemon_config import load_config
+
+    return load_config(_ENV)
+
+
+def _daemon_dir(data_dir: Path | None) -> Path:
+    return _daemon_config().peer_settings({"data_dir": data_dir}, _ENV).data_dir
+
+
+@daemon_app.command("run")
+def daemon_run(data_dir: DataDir = None, log_level: LogLevel = None, debug: Debug = False) -> None:
+    """Run the daemon in the foreground (what the service files in daemon/ run)."""
+    from p2ptrain.volunteer import run_daemon
+
+    config = _daemon_config()
+    flags = {"data_dir": data_dir, "log_level": "DEBUG" if debug else log_level}
+    _setup_logging(config.peer_settings(flags, _ENV))
+    logger.debug(_versions())
+    _until_signalled(lambda stop: run_daemon(config, flags, _ENV, stop))
+
+
+@daemon_app.command("start")
+def daemon_start(data_dir: DataDir = None) -> None:
+    """Start the daemon in the background and return once it answers."""
+    import subprocess
+    import time
+
+    from p2ptrain.control import DaemonNotRunning, request
+    from p2ptrain.identity import ensure_private_dir
+
+    directory = ensure_private_dir(_daemon_dir(data_dir))
+    try:
+        reply = request(directory, "status")
+        print(f"The daemon is already running (pid {reply['daemon_pid']}): p2ptrain status")
+        return
+    except DaemonNotRunning:
+        pass
+    command = [sys.executable, "-m", "p2ptrain", "daemon", "run", "--data-dir", str(directory)]
+    out = directory / "daemon.out"
+    with open(out, "ab") as log:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(_ENV),
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = out.read_text(errors="replace").splitlines()[-5:]
+            raise P2PTrainError("the daemon exited at once:\n  " + "\n  ".join(tail) + f"\n(full output: {out})")
+        try:
+            request(directory, "status", timeout_s=2.0)
+            print(
+                f"Daemon started (pid {proc.pid}); its log: {directory / 'p2ptrain.log'}. See it with: p2ptrain status"
+            )
+            return
+        except DaemonNotRunning:
+            time.sleep(0.2)
+    raise P2PTrainError(f"the daemon (pid {proc.pid}) did not answer within {START_TIMEOUT_S:.0f} s; see {out}")
+
+
+@daemon_app.command("stop")
+def daemon_stop(data_dir: DataDir = None) -> None:
+    """Stop the daemon: it leaves the averaging round, writes its checkpoint and exits."""
+    _stop_daemon(data_dir, "stop")
+
+
+def _stop_daemon(data_dir: Path | None, command: str) -> None:
+    import time
+
+    import psutil
+
+    from p2ptrain.control import request
+
+    started = time.monotonic()
+    pid = request(_daemon_dir(data_dir), command)["daemon_pid"]
+    try:
+        psutil.Process(pid).wait(STOP_TIMEOUT_S)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        raise P2PTrainError(f"the daemon (pid {pid}) has not stopped after {STOP_TIMEOUT_S:.0f} s") from None
+    done = "Left the swarm and stopped" if command == "leave" else "Stopped"
+    print(f"{done} in {time.monotonic() - started:.1f} s")
+
+
+@daemon_app.command("status")
+def daemon_status(data_dir: DataDir = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Same as `p2ptrain status`."""
+    status(data_dir, as_json)
+
+
+@app.command()
+def status(
+    data_dir: DataDir = None, as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False
+) -> None:
+    """What the daemon is doing: training or paused (and why), the swarm, this peer's contribution."""
+    import json
+
+    from p2ptrain.control import request
+
+    reply = request(_daemon_dir(data_dir), "status")
+    print(json.dumps(reply, indent=2) if as_json else describe_status(reply))
+
+
+@app.command()
+def pause(
+    reason: Annotated[str, typer.Option(help="shown in status, e.g. 'seat 12 taken'")] = "p2ptrain pause",
+    data_dir: DataDir = None,
+) -> None:
+    """Pause training (the peer stays in the swarm and gives the GPU back) until `p2ptrain resume`."""
+    from p2ptrain.control import request
+
+    print(describe_status(request(_daemon_dir(data_dir), "pause", reason=reason)))
+
+
+@app.command()
+def resume(data_dir: DataDir = None) -> None:
+    """Undo `p2ptrain pause` (the idle policy may still hold training, e.g. while a game runs)."""
+    from p2ptrain.control import request
+
+    print(describe_status(request(_daemon_dir(data_dir), "resume")))
+
+
+@app.command()
+def leave(data_dir: DataDir = None) -> None:
+    """Leave the swarm for good: the daemon stops and will not rejoin that swarm when started again."""
+    _stop_daemon(data_dir, "leave")
+
+
+def describe_status(reply: dict[str, Any]) -> str:
+    import time
+
+    peer = reply.get("peer", {})
+    state = reply["state"]
+    lines = [f"Daemon {reply['daemon_pid']}: {state}"]
+    if reply.get("paused_reasons"):
+        lines[0] += " — " + "; ".join(reply["paused_reasons"])
+    if reply.get("duty", 1.0) < 1.0 and state == "training":
+        lines[0] += f" (throttled to {reply['duty']:.0%}: {'; '.join(reply.get('throttled_by', []))})"
+    if peer.get("run_id"):
+        lines.append(
+            f"Swarm {peer['run_id']} ({peer.get('model', '?')}): global step {peer.get('epoch', 0)}, "
+            f"{peer.get('peers', 0)} peer(s)"
+        )
+        lines.append(
+            f"Contributed since start: {peer.get('samples', 0):,} samples, {peer.get('compute_s', 0):.0f} s of compute "
+            f"({peer.get('local_steps', 0):,} steps in this swarm)"
+        )
+    elif peer.get("state"):
+        lines.append(f"Peer: {peer['state']}")
+    if peer.get("error"):
+        lines.append(f"Last error: {peer['error']}")
+    for event in reply.get("events", [])[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+        why = f": {'; '.join(event['reasons'])}" if event["reasons"] else ""
+        lines.append(f"  {when} {event['event']}{why}")
+    return "\n".join(lines)
+
+
+@config_app.callback(invoke_without_command=True)
+def config_show(ctx: typer.Context) -> None:
+    """Every setting, its value, and whether the file sets it (`p2ptrain config set KEY VALUE` to change one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from p2ptrain.daemon_config import config_path, describe
+
+    config = _daemon_config()
+    print(f"# {config_path(_ENV)}{'' if config_path(_ENV).exists() else ' (not written yet: all defaults)'}")
+    for key, value, in_file in describe(config):
+        shown = ", ".join(value) if isinstance(value, tuple) else value
+        print(f"{key} = {shown}{'' if in_file else '   (default)'}")
+
+
+@config_app.command("set")
+def config_set(key: str, value: str) -> None:
+    """Set KEY (table.key, e.g. idle.quiet_period_s) to VALUE; lists are comma-separated."""
+    from p2ptrain.daemon_config import set_value
+
+    path = set_value(_ENV, key, value)
+    print(f"{key} = {value} (in {path}; a running daemon uses it after `p2ptrain daemon stop` and start)")
+
+
+@config_app.command("unset")
+def config_unset(key: str) -> None:
+    """Remove KEY from the file: back to its default."""
+    from p2ptrain.daemon_config import set_value
+
+    print(f"{key} back to its default (in {set_value(_ENV, key, None)})")
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:

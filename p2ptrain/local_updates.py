@@ -80,6 +80,7 @@ class LocalUpdateOptimizer:
         self._sent: list[torch.Tensor] = []
         self._left_step_at: float | None = None
         self._reported_at = -math.inf
+        self._idle_s = 0.0
         self.tracker = ProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
         self.averager = _StateSharingAverager(
             [torch.zeros_like(a) for a in self.anchor],
@@ -100,7 +101,8 @@ class LocalUpdateOptimizer:
     def step(self) -> None:
         now = time.perf_counter()
         if self._left_step_at is not None:
-            self.compute_s += now - self._left_step_at
+            self.compute_s += max(0.0, now - self._left_step_at - self._idle_s)
+        self._idle_s = 0.0
         self.inner.step()
         self.samples += self.batch_size
         unreported = self.samples - self.tracker.local_progress.samples_accumulated
@@ -116,6 +118,10 @@ class LocalUpdateOptimizer:
             self.wait_for_round(timeout=self.averaging_timeout)
             self._begin_round()
         self._left_step_at = time.perf_counter()
+
+    def mark_idle(self, seconds: float) -> None:
+        """The trainer paused or rested this long since the last step: not compute time for the policy."""
+        self._idle_s += seconds
 
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)
@@ -214,14 +220,19 @@ class LocalUpdateOptimizer:
         if outcome is not None:
             self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
             rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
+            plan = outcome.plan
+            why = ""
+            if plan is not None and plan.allowed_s is not None:
+                why = f" (predicted {plan.predicted_s:.2f} s, allowed {plan.allowed_s:.2f} s)"
             logger.info(
-                "Round %d: %d peers, codec %s, %.0f kB sent, %.2f s, %.2f MB/s",
+                "Round %d: %d peers, codec %s, %.0f kB sent, %.2f s, %.2f MB/s%s",
                 self.local_epoch,
                 outcome.group_size,
                 outcome.codec,
                 outcome.bytes_sent / 1e3,
                 outcome.round_s,
                 rate / 1e6,
+                why,
             )
 
     def wait_for_round(self, timeout: float) -> None:

@@ -43,6 +43,7 @@ from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint
 from p2ptrain.data import Corpus, open_corpus
 from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortInUse
 from p2ptrain.fileio import atomic_write_json, read_json
+from p2ptrain.gate import Gate
 from p2ptrain.identity import author_key, ensure_private_dir, lock_data_dir, p2p_identity_path
 from p2ptrain.invite import Invite
 from p2ptrain.models import build_model, check_context, count_parameters, model_spec
@@ -50,7 +51,7 @@ from p2ptrain.processes import descendants, die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.tokenizer import Tokenizer, load_tokenizer
-from p2ptrain.training import Trainer, make_optimizer
+from p2ptrain.training import Trainer, cancel_rounds, make_optimizer
 
 logger = logging.getLogger(__name__)
 MAX_REMEMBERED_PEERS = 16
@@ -76,6 +77,7 @@ def run_peer(
     request: SeedRequest | JoinRequest,
     stop: threading.Event,
     announce: Callable[[str], None] = print,
+    gate: Gate | None = None,
 ) -> None:
     """Run one peer until ``stop`` is set or ``settings.max_epochs`` is reached.
 
@@ -90,6 +92,8 @@ def run_peer(
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = pick_device(settings.device)
+        if device.type == "cuda" and settings.gpu_memory_fraction < 1.0:
+            torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
         check_port_free(settings.host, settings.port)
         peer_id = ensure_identity(data_dir)
         status.update(peer_id=peer_id.to_base58())
@@ -164,7 +168,9 @@ def run_peer(
                 )
                 status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
 
-            trainer = Trainer(model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps)
+            trainer = Trainer(
+                model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps, gate
+            )
 
             # 8. train
             def work() -> None:
@@ -275,15 +281,6 @@ def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None
         # averaging_timeout_s; seen taking > 20 s on slow links). Cancelled here, and forgotten so
         # that shutdown does not cancel it twice (an error in hivemind).
         cancel_rounds(optimizer, forget=True)
-
-
-def cancel_rounds(optimizer: Any, forget: bool = False) -> None:
-    for name in ("scheduled_grads", "scheduled_state"):
-        control = getattr(optimizer, name)
-        if control is not None and not control.done():
-            control.cancel()
-        if forget:
-            setattr(optimizer, name, None)
 
 
 def pick_device(name: str) -> torch.device:

@@ -10,9 +10,13 @@ The rule keeps the expected all-reduce time within ``budget`` × compute time:
 - no member has history → the most compressed level (start conservative);
 - predicted time of a level = the slowest member's: its floor (the shortest recent round: latency,
   scheduling) plus the rest of its recent round time scaled by the payload ratio;
-- take the least compressed level that fits, but loosen by at most two levels (≈4x the bytes) per
-  round: a faster link is probed in steps, a slower one is followed at once. Round times below
-  ``MIN_ROUND_S`` count as that much, so one lucky tiny round cannot jump to the densest level.
+- the group's current level is the most compressed one its members used last. If that one no longer
+  fits, tighten at once to the least compressed level that does (a slower link is followed at once);
+- otherwise loosen by at most two levels (≈4x the bytes) per round, and only to a level predicted to
+  take at most ``LOOSEN_MARGIN`` of the allowed time: a faster link is probed in steps, and a level
+  near the limit is kept rather than toggled each round by noise in the measured round times.
+  Round times below ``MIN_ROUND_S`` count as that much, so one lucky tiny round cannot jump to the
+  densest level.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from p2ptrain.codecs import LADDER, Level
 MAX_SECONDS = 86_400.0  # a report claiming more is not believed
 MAX_LOOSEN = 2  # levels per round
 MIN_ROUND_S = 0.05
+LOOSEN_MARGIN = 0.7  # a looser level must be predicted to fit with this much to spare
 
 
 @dataclass(frozen=True)
@@ -54,17 +59,30 @@ class RoundReport:
         return cls(None if level < 0 else level, float(round_s), float(compute_s), min(float(floor_s), float(round_s)))
 
 
+@dataclass(frozen=True)
+class Plan:
+    level: int  # LADDER index
+    predicted_s: float | None = None  # expected round time at that level; None without history
+    allowed_s: float | None = None  # budget x the slowest member's compute time
+
+
 def choose_level(
     reports: Sequence[RoundReport | None], numel: int, budget: float, ladder: Sequence[Level] = LADDER
 ) -> int:
     """The LADDER index the group uses this round (see the module docstring)."""
+    return plan_round(reports, numel, budget, ladder).level
+
+
+def plan_round(
+    reports: Sequence[RoundReport | None], numel: int, budget: float, ladder: Sequence[Level] = LADDER
+) -> Plan:
+    """``choose_level`` with its prediction and allowance, for the round's log line."""
     most = len(ladder) - 1
     known = [r for r in reports if r is not None and r.level is not None and r.round_s > 0]
     computes = [r.compute_s for r in reports if r is not None and r.compute_s > 0]
     if not known or not computes:
-        return most
+        return Plan(most)
     allowed_s = budget * min(computes)
-    loosest = max(0, max(r.level for r in known) - MAX_LOOSEN)
 
     def predicted_s(level: int) -> float:
         """floor + (round − floor) scaled by the payload: only the part above the floor grows with bytes."""
@@ -76,7 +94,11 @@ def choose_level(
             for r in known
         )
 
-    for level in range(loosest, most + 1):
-        if predicted_s(level) <= allowed_s:
-            return level
-    return most
+    current = max(r.level for r in known)
+    loosest = max(0, current - MAX_LOOSEN)
+    if predicted_s(current) > allowed_s:
+        level = next((level for level in range(current + 1, most + 1) if predicted_s(level) <= allowed_s), most)
+    else:
+        looser = (level for level in range(loosest, current) if predicted_s(level) <= LOOSEN_MARGIN * allowed_s)
+        level = next(looser, current)
+    return Plan(level, predicted_s(level), allowed_s)

@@ -3,7 +3,7 @@
 Configuration flows one way: CLI flags → ``resolve_settings`` → ``PeerSettings`` (frozen, validated)
 → components. Sources are merged here and nowhere else, lowest first:
 
-    defaults  <  P2PTRAIN_<FIELD> environment variables  <  command-line flags
+    defaults  <  [peer] in the daemon's config file  <  P2PTRAIN_<FIELD> environment variables  <  flags
 
 (e.g. ``P2PTRAIN_DATA_DIR=/srv/p2ptrain``; list fields take comma-separated values). Components
 take a ``PeerSettings`` and never read the environment or files. What the whole swarm shares
@@ -38,6 +38,7 @@ class PeerSettings:
     announce: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listen addresses (public IP)
     initial_peers: tuple[str, ...] = ()  # multiaddrs of known swarm members, ".../p2p/<peer id>"
     torch_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    gpu_memory_fraction: float = 1.0  # of the GPU's memory this peer may allocate (torch's allocator cap)
     max_epochs: int = 0  # leave after this global step; 0 = train until stopped
     checkpoint_every: int = 10  # write the local checkpoint every N global steps (and on exit)
     validate_every: int = 5  # held-out loss every N global steps; 0 = never
@@ -51,6 +52,7 @@ class PeerSettings:
             (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
             (0 <= self.port <= 65535, f"--port must be in 0-65535, got {self.port}"),
             (self.torch_threads >= 0, "--threads must be ≥ 0"),
+            (0 < self.gpu_memory_fraction <= 1, "gpu_memory_fraction must be in (0, 1]"),
             (self.max_epochs >= 0, "--max-epochs must be ≥ 0"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be ≥ 1"),
             (self.validate_every >= 0, "--validate-every must be ≥ 0"),
@@ -94,9 +96,11 @@ def _parse(name: str, kind: str, text: str) -> Any:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind}") from None
 
 
-def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> PeerSettings:
-    """Merge defaults < environment < flags (flags set to None count as not given)."""
-    values: dict[str, Any] = {"data_dir": default_data_dir(env)}
+def resolve_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str], base: Mapping[str, Any] | None = None
+) -> PeerSettings:
+    """Merge defaults < ``base`` (the daemon's config file) < environment < flags (None counts as not given)."""
+    values: dict[str, Any] = {"data_dir": default_data_dir(env), **(base or {})}
     for f in fields(PeerSettings):
         text = env.get(ENV_PREFIX + f.name.upper())
         if text is not None:

@@ -16,7 +16,7 @@ from p2ptrain.fileio import atomic_write_json
 
 @dataclass
 class PeerStatus:
-    state: str = "starting"  # starting → joining → training → stopping → stopped (or failed)
+    state: str = "starting"  # starting → joining → training (⇄ paused) → stopping → stopped (or failed)
     pid: int = field(default_factory=os.getpid)
     peer_id: str = ""
     run_id: str = ""
@@ -37,6 +37,8 @@ class PeerStatus:
     resumed_from_epoch: int | None = None  # set when the local checkpoint was loaded
     loaded_state_from_peers_at: int | None = None  # epoch reached by downloading the swarm's state
     checkpoint_epoch: int | None = None  # epoch of the last checkpoint written
+    paused_reasons: list[str] = field(default_factory=list)  # why the volunteer daemon paused training
+    paused_since: float | None = None  # unix time
     error: str = ""
     updated_at: float = 0.0
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
+from typing import Any
 
 import hivemind
 import torch
@@ -25,6 +26,8 @@ from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from p2ptrain.averaging import CompressedGradientAverager
 from p2ptrain.codecs import DENSE, Level
 from p2ptrain.data import Corpus
+from p2ptrain.gate import Gate
+from p2ptrain.idle_policy import Verdict
 from p2ptrain.local_updates import LocalUpdateOptimizer
 from p2ptrain.manifest import AveragingSpec, SwarmManifest
 from p2ptrain.settings import PeerSettings
@@ -161,10 +164,12 @@ class Trainer:
         status: StatusWriter,
         save_checkpoint: Callable[[], None],
         local_steps: int = 0,
+        gate: Gate | None = None,
     ):
         self.model, self.opt, self.corpus, self.manifest = model, optimizer, corpus, manifest
         self.settings, self.device, self.status, self._save = settings, device, status, save_checkpoint
         self.local_steps = local_steps
+        self.gate = gate  # the volunteer daemon's idle policy; None: always train
         self.compute_s = 0.0  # seconds in forward/backward (compute utilization = compute_s / wall)
         self.val_s = 0.0  # seconds measuring the held-out loss
         self._val_blocks = corpus.val_blocks()
@@ -205,6 +210,10 @@ class Trainer:
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
         self.status.update(training_since=time.time())
         while not stop.is_set() and not (self.settings.max_epochs and epoch >= self.settings.max_epochs):
+            if self.gate is not None:
+                self.gate.pass_through(stop, self._pause, self._resume)
+                if stop.is_set():
+                    break
             started = time.perf_counter()
             blocks = self.corpus.train_batch(self.local_steps, self.settings.batch_size).to(self.device)
             with self._autocast():
@@ -212,7 +221,10 @@ class Trainer:
             loss.backward()
             if self.manifest.optimizer.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.manifest.optimizer.clip_grad_norm)
-            self.compute_s += time.perf_counter() - started
+            step_s = time.perf_counter() - started
+            self.compute_s += step_s
+            if self.gate is not None:
+                self._idle(self.gate.rest(step_s, stop))
             with self.lock:
                 self.opt.step()
                 self.opt.zero_grad()
@@ -238,6 +250,44 @@ class Trainer:
                 epoch = self.opt.local_epoch
                 self._on_global_step(epoch, loss_ema)
 
+    # pausing for the volunteer (gate.py) ------------------------------------------------------------
+
+    def _pause(self, verdict: Verdict) -> None:
+        """Step aside: land or cancel averaging rounds, give the GPU's memory back, say why."""
+        logger.info("Paused: %s", "; ".join(verdict.reasons))
+        if hasattr(self.opt, "wait_for_round"):
+            self.opt.wait_for_round(timeout=self.manifest.averaging.averaging_timeout_s)
+        else:
+            cancel_rounds(self.opt, forget=True)
+        with self.lock:
+            self.move_to(torch.device("cpu"))
+        self.status.update(state="paused", paused_reasons=list(verdict.reasons), paused_since=time.time())
+
+    def _resume(self, paused_s: float) -> None:
+        with self.lock:
+            self.move_to(self.device)
+        self._idle(paused_s)
+        logger.info("Resumed after %.0f s paused", paused_s)
+        self.status.update(state="training", paused_reasons=[], paused_since=None)
+        self.catch_up()
+
+    def _idle(self, seconds: float) -> None:
+        if seconds and hasattr(self.opt, "mark_idle"):
+            self.opt.mark_idle(seconds)
+
+    def move_to(self, device: torch.device) -> None:
+        """Move the model and the inner optimizer's state; on leaving a GPU, return its cached memory."""
+        if self.device.type != "cuda":
+            return  # nothing to give back on a CPU peer
+        self.model.to(device)
+        inner = getattr(self.opt, "inner", None) or self.opt.state_averager.optimizer
+        for state in inner.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(device)
+        if device.type == "cpu":
+            torch.cuda.empty_cache()
+
     def _on_global_step(self, epoch: int, loss: float | None) -> None:
         peers = max(1, self.opt.tracker.global_progress.num_peers)
         message = f"Global step {epoch}: loss {loss:.4f}, {peers} peer(s) in the swarm"
@@ -246,3 +296,13 @@ class Trainer:
         logger.info(message)
         if epoch % self.settings.checkpoint_every == 0:
             self._save()
+
+
+def cancel_rounds(optimizer: Any, forget: bool = False) -> None:
+    """Cancel the averaging rounds a hivemind Optimizer arranged ahead; ``forget`` them so shutdown does not again."""
+    for name in ("scheduled_grads", "scheduled_state"):
+        control = getattr(optimizer, name, None)
+        if control is not None and not control.done():
+            control.cancel()
+        if forget:
+            setattr(optimizer, name, None)

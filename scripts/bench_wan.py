@@ -231,15 +231,17 @@ def run_config(config: Config, net: Namespaces | None, budget: int, time_cap_s: 
         result.wall_s = time.time() - started
         if net:
             sent = [net.tx_bytes(i) - tx0[i] for i in range(config.peers)]
+        # utilization while training: compute_s and updated_at come from the same status write, before
+        # the peers are stopped one by one (the last ones would otherwise count their wait for the first)
+        utilizations = [
+            s.get("compute_s", 0) / max(1e-9, s["updated_at"] - s["training_since"] - s.get("val_s", 0))
+            for s in statuses
+            if s.get("training_since")
+        ]
         for peer in peers:
             swarm.stop(peer, signal.SIGTERM, timeout_s=20)
         statuses = [p.status() for p in peers]
     result.global_steps = max(s.get("epoch", 0) for s in statuses)
-    utilizations = [
-        s.get("compute_s", 0) / max(1e-9, s["updated_at"] - s["training_since"] - s.get("val_s", 0))
-        for s in statuses
-        if s.get("training_since")
-    ]
     result.compute_utilization = statistics.mean(utilizations) if utilizations else 0.0
     if net and result.global_steps:
         result.bytes_per_peer_per_step = statistics.mean(sent) / result.global_steps
@@ -250,13 +252,24 @@ def run_config(config: Config, net: Namespaces | None, budget: int, time_cap_s: 
     return result
 
 
-ROUND = re.compile(r"Round (\d+): (\d+) peers, codec ([\w\- .]+), (\d+) kB sent, ([\d.]+) s")
+ROUND = re.compile(
+    r"Round (\d+): (\d+) peers, codec ([\w\- .]+), (\d+) kB sent, ([\d.]+) s, [\d.]+ MB/s"
+    r"(?: \(predicted ([\d.]+) s, allowed ([\d.]+) s\))?"
+)
 
 
 def parse_rounds(peer: LocalPeer) -> list[dict]:
     return [
-        {"round": int(r), "peers": int(n), "codec": c, "kb": int(kb), "round_s": float(s)}
-        for r, n, c, kb, s in ROUND.findall(peer.log())
+        {
+            "round": int(r),
+            "peers": int(n),
+            "codec": c,
+            "kb": int(kb),
+            "round_s": float(s),
+            "predicted_s": float(p) if p else None,
+            "allowed_s": float(a) if a else None,
+        }
+        for r, n, c, kb, s, p, a in ROUND.findall(peer.log())
     ]
 
 
@@ -287,10 +300,11 @@ def final_loss(peer: LocalPeer, data_dir: Path) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=8, help="H: local steps per global step (local mode)")
-    parser.add_argument("--rounds", type=int, default=24, help="global steps of the local-mode configs")
+    parser.add_argument("--local-steps", type=int, default=16, help="H: local steps per global step (local mode)")
+    parser.add_argument("--rounds", type=int, default=12, help="global steps of the local-mode configs")
     parser.add_argument("--time-cap", type=float, default=900.0, help="seconds per config at most")
     parser.add_argument("--link-mbit", type=float, help="override the automatic link rate")
+    parser.add_argument("--comm-budget", type=float, help="the adaptive configs' --comm-budget [default: manifest's]")
     parser.add_argument("--loopback", action="store_true", help="do not use namespaces even as root")
     parser.add_argument("--smoke", action="store_true", help="a short run (CI): fewer rounds, 3 configs")
     parser.add_argument("--only", nargs="*", help="run only these configs")
@@ -314,12 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     common = ("--matchmaking-time", "1", "--averaging-timeout", "30", "--warmup-epochs", "2", "--lr", "3e-3")
     local = (*common, "--averaging", "local", "--target-batch-size", str(n * BATCH * h))
+    adaptive = (*local, "--compression", "adaptive")
+    if args.comm_budget:
+        adaptive += ("--comm-budget", str(args.comm_budget))
     configs = [
         Config("single", 1, (*common, "--target-batch-size", str(BATCH), "--compression", "none"), n * h),
         Config("hivemind_default", n, (*common, "--target-batch-size", str(n * BATCH), "--compression", "fp16"), h),
         Config("p2ptrain_fixed", n, (*local, "--compression", "int8")),
-        Config("p2ptrain_adaptive", n, (*local, "--compression", "adaptive")),
-        Config("p2ptrain_adaptive_halved", n, (*local, "--compression", "adaptive"), 1, halve_at_fraction=0.5),
+        Config("p2ptrain_adaptive", n, (*adaptive,)),
+        Config("p2ptrain_adaptive_halved", n, (*adaptive,), 1, halve_at_fraction=0.5),
     ]
     if args.smoke:
         configs = [configs[1], configs[3]]
@@ -411,15 +428,19 @@ def table(report: dict) -> str:
         if r["rounds"]:
             lines += ["", f"Rounds of {name} (achieved round time vs payload ÷ link rate):", ""]
             lines += [
-                "| round | peers | codec | kB sent | round (s) | payload ÷ link (s) |",
-                "|---|---|---|---|---|---|",
+                "| round | peers | codec | kB sent | round (s) | payload ÷ link (s) | predicted (s) | allowed (s) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for x in r["rounds"]:
-                ideal = x["kb"] * 1e3 / link_bytes_s
-                mark = " ← link halved" if r["halved_at_round"] and x["round"] == r["halved_at_round"] + 1 else ""
+                halved = r["halved_at_round"] is not None and x["round"] > r["halved_at_round"]
+                ideal = x["kb"] * 1e3 / (link_bytes_s / 2 if halved else link_bytes_s)
+                mark = " ← link halved" if halved and x["round"] == r["halved_at_round"] + 1 else ""
+                predicted, allowed = (
+                    f"{x[k]:.2f}" if x.get(k) is not None else "—" for k in ("predicted_s", "allowed_s")
+                )
                 lines.append(
                     f"| {x['round']}{mark} | {x['peers']} | {x['codec']} | {x['kb']} "
-                    f"| {x['round_s']:.2f} | {ideal:.2f} |"
+                    f"| {x['round_s']:.2f} | {ideal:.2f} | {predicted} | {allowed} |"
                 )
     return "\n".join(lines) + "\n"
 

@@ -109,6 +109,14 @@ def test_a_fast_link_is_probed_two_levels_at_a_time():
     assert choose_level([slow_enough], N, 0.5) == 4  # 0.3 s x 2 = 0.6 s fits in 1 s; x 5 = 1.5 s does not
 
 
+def test_a_level_near_the_limit_is_kept_rather_than_toggled():
+    near = RoundReport(level=4, round_s=0.39, compute_s=2.0)  # level 3 (2.5x the bytes): 0.98 s of 1 s allowed
+    assert choose_level([near], N, 0.5) == 4
+    assert choose_level([RoundReport(level=4, round_s=0.27, compute_s=2.0)], N, 0.5) == 3  # 0.68 s: loosen
+    over = RoundReport(level=4, round_s=1.2, compute_s=2.0)  # the current level no longer fits: tighten
+    assert choose_level([over], N, 0.5) == 5
+
+
 def test_a_slower_link_is_followed_at_once():
     # last round at level 1 (int8 dense) took 8 s; 1 s is allowed → must shrink ~8x: level 4 (10%)
     report = RoundReport(level=1, round_s=8.0, compute_s=2.0)
