@@ -54,9 +54,12 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def lock_data_dir(data_dir: Path) -> IO[str]:
-    """Take the data directory for this process; keep the returned file open while the peer runs."""
-    lock = open(data_dir / "peer.lock", "a+")  # noqa: SIM115 - held open for the peer's lifetime
+def lock_data_dir(data_dir: Path, name: str = "peer.lock", holder: str = "peer") -> IO[str]:
+    """Take the data directory for this process (one ``holder`` per dir); keep the returned file open meanwhile.
+
+    The lock file holds the owner's pid, which the error names.
+    """
+    lock = open(data_dir / name, "a+")  # noqa: SIM115 - held open for the holder's lifetime
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -64,7 +67,7 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
         owner = lock.read().strip() or "unknown"
         lock.close()
         raise ConfigError(
-            f"another p2ptrain peer (pid {owner}) is using {data_dir}; stop it, or give this one its own --data-dir"
+            f"another p2ptrain {holder} (pid {owner}) is using {data_dir}; stop it, or give this one its own --data-dir"
         ) from None
     lock.truncate(0)
     lock.write(str(os.getpid()))

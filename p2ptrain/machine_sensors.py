@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -211,15 +210,6 @@ def _max(a: float | None, b: float | None) -> float | None:
 
 def _sum(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else a + b
-
-
-def own_pids() -> set[int]:
-    """This process and its descendants (hivemind's processes): their GPU contexts are ours."""
-    me = psutil.Process()
-    try:
-        return {os.getpid(), *(p.pid for p in me.children(recursive=True))}
-    except psutil.Error:
-        return {os.getpid()}
 
 
 _SS_SOCKET = re.compile(r"^\S+\s+\S+\s+(\S+)\s+(\S+)\s+users:\((.*)\)")

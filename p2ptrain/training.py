@@ -68,23 +68,26 @@ def make_optimizer(
     inner = partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
     scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupSchedule(spec.warmup_epochs))
     groups = param_groups(model, spec.weight_decay)
+    common = dict(  # what both optimizers take
+        dht=dht,
+        run_id=manifest.run_id,
+        target_batch_size=manifest.target_batch_size,
+        batch_size_per_step=settings.batch_size,
+        scheduler=scheduler,
+        matchmaking_time=avg.matchmaking_time_s,
+        averaging_timeout=avg.averaging_timeout_s,
+        tracker_opts=TRACKER_OPTS,
+    )
     if avg.mode == "local":
         return LocalUpdateOptimizer(
-            dht=dht,
-            run_id=manifest.run_id,
+            **common,
             param_groups=groups,
             inner=inner,
-            scheduler=scheduler,
             outer_lr=avg.outer_lr,
             outer_momentum=avg.outer_momentum,
-            target_batch_size=manifest.target_batch_size,
-            batch_size_per_step=settings.batch_size,
             level=None if avg.compression == "adaptive" else fixed_level(avg),
             budget=avg.comm_budget,
-            matchmaking_time=avg.matchmaking_time_s,
-            averaging_timeout=avg.averaging_timeout_s,
             request_timeout=request_timeout,
-            tracker_opts=TRACKER_OPTS,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
@@ -96,20 +99,13 @@ def make_optimizer(
         grad_averager = GradientAverager
     dense = DENSE.get(avg.compression, Float16Compression)
     return hivemind.Optimizer(
-        dht=dht,
-        run_id=manifest.run_id,
-        target_batch_size=manifest.target_batch_size,
-        batch_size_per_step=settings.batch_size,
+        **common,
         params=groups,
         optimizer=inner,
-        scheduler=scheduler,
-        matchmaking_time=avg.matchmaking_time_s,
-        averaging_timeout=avg.averaging_timeout_s,
         average_state_every=avg.average_state_every,
         grad_compression=dense(),
         state_averaging_compression=dense(),
         averager_opts={"request_timeout": request_timeout},
-        tracker_opts=TRACKER_OPTS,
         grad_averager_factory=partial(grad_averager, request_timeout=request_timeout),
         shutdown_timeout=2.0,
         verbose=False,

@@ -5,7 +5,7 @@
     p2ptrain status | pause | resume | leave | daemon stop
 
 1. read the config file (``daemon_config``): what to join, peer settings, the idle policy;
-2. take the daemon's lock on the data dir (one daemon per data dir), write ``daemon.pid``;
+2. take the daemon's lock on the data dir (one daemon per data dir; the peer inside takes its own);
 3. open the GPU sensor; cap the GPU's power through NVML where permitted (else the policy throttles);
 4. start the control endpoint (``control``) and the watcher thread: every ``poll_s`` it reads the
    machine, asks ``IdlePolicy`` for a verdict, sets the trainer's ``Gate``, and logs every pause and
@@ -21,9 +21,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import logging
 import os
 import re
@@ -31,17 +29,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from p2ptrain.control import ControlServer
 from p2ptrain.daemon_config import DaemonConfig, set_value
 from p2ptrain.errors import ConfigError, P2PTrainError
 from p2ptrain.fileio import read_json
 from p2ptrain.gate import Gate
-from p2ptrain.identity import ensure_private_dir
+from p2ptrain.identity import ensure_private_dir, lock_data_dir
 from p2ptrain.idle_policy import IdlePolicy, Traffic, Verdict
-from p2ptrain.machine_sensors import GpuSensor, TrafficMeter, open_sensor, own_pids
+from p2ptrain.machine_sensors import GpuSensor, TrafficMeter, open_sensor
+from p2ptrain.processes import descendants
 from p2ptrain.settings import PeerSettings
 
 logger = logging.getLogger(__name__)
@@ -70,9 +68,7 @@ class Daemon:
         from p2ptrain.peer import JoinRequest, run_peer
 
         data_dir = ensure_private_dir(self.settings.data_dir)
-        lock = lock_daemon(data_dir)
-        pid_file = data_dir / "daemon.pid"
-        pid_file.write_text(str(os.getpid()))
+        lock = lock_data_dir(data_dir, "daemon.lock", "daemon")
         idle = self.config.idle
         self.sensor = open_sensor(idle.gpu_sensor)
         power_capped = bool(idle.gpu_power_limit_w) and self.sensor.set_power_limit(idle.gpu_power_limit_w)
@@ -112,7 +108,6 @@ class Daemon:
             if watcher.is_alive():
                 watcher.join(5.0)
             server.close()
-            pid_file.unlink(missing_ok=True)
             lock.close()
             logger.info("Daemon stopped")
 
@@ -131,7 +126,7 @@ class Daemon:
             self._decide_now(policy)
 
     def _decide_now(self, policy: IdlePolicy) -> None:
-        pids = own_pids()
+        pids = {os.getpid(), *(p.pid for p in descendants())}  # our GPU contexts: this peer and its children
         facts = self.sensor.read()
         rates = self.meter.rates(time.monotonic(), pids) if self._caps_bandwidth() else None
         traffic = Traffic(*rates) if rates else None
@@ -220,24 +215,6 @@ def describe_policy(idle: Any) -> str:
     if idle.pause_on_battery:
         parts.append("pause on battery")
     return ", ".join(parts) or "always train"
-
-
-def lock_daemon(data_dir: Path) -> IO[str]:
-    """One daemon per data dir (the peer inside takes its own ``peer.lock``)."""
-    lock = open(data_dir / "daemon.lock", "a+")  # noqa: SIM115 - held for the daemon's lifetime
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        pid = read_pid(data_dir)
-        raise ConfigError(f"a daemon (pid {pid or '?'}) already runs for {data_dir}: p2ptrain status") from None
-    return lock
-
-
-def read_pid(data_dir: Path) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        return int((data_dir / "daemon.pid").read_text().strip())
-    return None
 
 
 def run_daemon(config: DaemonConfig, flags: Mapping[str, Any], env: Mapping[str, str], stop: threading.Event) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from p2ptrain.errors import ConfigError
 from p2ptrain.gate import Gate
@@ -165,6 +166,7 @@ def test_fake_sensor_reads_its_file_on_every_poll(tmp_path):
     assert sensor.set_power_limit(100) and isinstance(sensor, FakeSensor) and sensor.power_limit_w == 100
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without an NVIDIA GPU")
 def test_no_gpu_means_no_gpu_facts_and_nvml_by_name_says_why():
     assert open_sensor("auto").read().gpu_processes == ()  # this machine has no NVIDIA GPU
     with pytest.raises(ConfigError, match="gpu_sensor nvml"):
