@@ -1,0 +1,157 @@
+"""The libp2p host behind the daemon: identity, TCP + Noise + yamux, Kademlia peer routing, mDNS.
+
+What the Go daemon hivemind bundles offers and what this one matches (protocols/p2pd.md has the list):
+the same peer id from the same key file, the same security (Noise) and muxer (yamux) so the two dial each
+other, and Kademlia on ``/ipfs/kad/1.0.0`` so that a bare peer id — all that hivemind's DHT stores —
+resolves to addresses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import multiaddr
+import psutil
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair as new_ed25519
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_private_key
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from p2ptrain.p2pd.flags import Options
+
+logger = logging.getLogger("p2pd.host")
+
+DIAL_TIMEOUT_S = 15.0
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def load_identity(path: str | None) -> KeyPair:
+    """The key in ``path`` (libp2p's protobuf ``PrivateKey``, as hivemind writes it), else a fresh ed25519 key."""
+    if path is None:
+        return new_ed25519()
+    data = Path(path).read_bytes()
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path} is not a libp2p private key ({len(data)} bytes)")
+    private = deserialize_private_key(data)
+    return KeyPair(private, private.get_public_key())
+
+
+def expand_unspecified(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """``/ip4/0.0.0.0/tcp/N`` → one address per local IPv4 interface, as go-libp2p's ``host.Addrs()`` does."""
+    local = sorted(
+        {a.address for nics in psutil.net_if_addrs().values() for a in nics if a.family.name == "AF_INET"},
+        key=lambda ip: (not ipaddress.ip_address(ip).is_loopback, ip),
+    )
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        text = str(addr)
+        if text.startswith("/ip4/0.0.0.0/"):
+            out.extend(multiaddr.Multiaddr(text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1)) for ip in local)
+        else:
+            out.append(addr)
+    seen: set[str] = set()
+    return [a for a in out if not (str(a) in seen or seen.add(str(a)))]
+
+
+def without_peer_id(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    text = str(addr)
+    return multiaddr.Multiaddr(text.split("/p2p/")[0]) if "/p2p/" in text else addr
+
+
+@dataclass
+class Node:
+    """A running host, its Kademlia routing, and how peers are found."""
+
+    options: Options
+    host: IHost
+    dht: KadDHT
+
+    def listen_addrs(self) -> list[multiaddr.Multiaddr]:
+        """Addresses as IDENTIFY reports them: no ``/p2p`` suffix (hivemind appends it)."""
+        if self.options.announce_addrs:
+            return [multiaddr.Multiaddr(a) for a in self.options.announce_addrs]
+        return expand_unspecified([without_peer_id(a) for a in self.host.get_transport_addrs()])
+
+    async def ensure_connected(self, peer_id: ID, timeout_s: float = DIAL_TIMEOUT_S) -> None:
+        """Connected to ``peer_id`` or an exception: known addresses first, then a Kademlia lookup."""
+        if self.host.get_network().get_connections(peer_id):
+            return
+        with trio.fail_after(timeout_s):
+            addrs = self.host.get_peerstore().addrs(peer_id) if peer_id in self.host.get_peerstore().peer_ids() else []
+            if not addrs:
+                found = await self.dht.find_peer(peer_id)
+                if found is None or not found.addrs:
+                    raise ConnectionError(f"peer {peer_id} not found (no known address, not in the DHT)")
+                addrs = found.addrs
+            await self.host.connect(PeerInfo(peer_id, addrs))
+        await self.remember(peer_id)
+
+    async def connect(self, peer_id: ID, addrs: list[multiaddr.Multiaddr], timeout_s: float = DIAL_TIMEOUT_S) -> None:
+        if not addrs:
+            await self.ensure_connected(peer_id, timeout_s)
+            return
+        with trio.fail_after(timeout_s):
+            await self.host.connect(PeerInfo(peer_id, addrs))
+        await self.remember(peer_id)
+
+    async def remember(self, peer_id: ID) -> None:
+        """Put a peer we talk to in the Kademlia routing table, so that others can find it through us."""
+        try:
+            await self.dht.add_peer(peer_id, skip_server_mode_check=True)
+        except Exception as e:  # noqa: BLE001 - a routing-table hiccup must not fail the call that led here
+            logger.debug("routing table: could not add %s: %s", peer_id, e)
+
+    async def bootstrap(self) -> int:
+        """Dial the bootstrap peers (concurrently); how many answered."""
+        answered = 0
+
+        async def dial(text: str) -> None:
+            nonlocal answered
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(text))
+                await self.connect(info.peer_id, list(info.addrs))
+                answered += 1
+            except Exception as e:  # noqa: BLE001 - one dead bootstrap peer is normal; report, go on
+                logger.warning("bootstrap peer %s did not answer: %s", text, e)
+
+        async with trio.open_nursery() as nursery:
+            for text in self.options.bootstrap_peers:
+                nursery.start_soon(dial, text)
+        return answered
+
+    async def connect_discovered(self, infos: trio.MemoryReceiveChannel) -> None:
+        """Dial the peers mDNS finds on the LAN (each once; a failure is logged, not fatal)."""
+        tried: set[ID] = set()
+        async with infos:
+            async for info in infos:
+                if info.peer_id == self.host.get_id() or info.peer_id in tried:
+                    continue
+                tried.add(info.peer_id)
+                try:
+                    await self.connect(info.peer_id, list(info.addrs))
+                    logger.info("mDNS: connected to %s on the LAN", info.peer_id)
+                except Exception as e:  # noqa: BLE001
+                    logger.info("mDNS: could not connect to %s: %s", info.peer_id, e)
+
+
+def build_host(options: Options, key_pair: KeyPair) -> IHost:
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},  # Noise only: py-libp2p would also offer plaintext by default
+        muxer_preference="YAMUX",
+        listen_addrs=[multiaddr.Multiaddr(a) for a in options.host_addrs],
+        announce_addrs=[multiaddr.Multiaddr(a) for a in options.announce_addrs] or None,
+        enable_mDNS=options.mdns,
+    )
