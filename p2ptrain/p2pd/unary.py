@@ -149,6 +149,9 @@ async def call_remote(
                     answer = await Reader(receiver(stream)).read_message(
                         pb.PersistentConnectionRequest(), daemon.options.max_msg_size
                     )
+                    if answer.WhichOneof("message") != "unaryResponse" or not answer.unaryResponse.WhichOneof("result"):
+                        raise FrameError("the remote daemon answered without a unaryResponse")
+                    # relayed as is: which of response/error is set matters even when it is empty
                     reply = pb.PersistentConnectionResponse(callId=call_id, callUnaryResponse=answer.unaryResponse)
                     await stream.close()
                     stream = None
