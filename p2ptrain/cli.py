@@ -60,6 +60,11 @@ Host = Annotated[
 Port = Annotated[int | None, typer.Option(help="listen port; 0 = any free port [default: 0]")]
 Announce = Annotated[list[str] | None, typer.Option(help="public multiaddr to advertise (repeatable)")]
 InitialPeers = Annotated[list[str] | None, typer.Option(help="multiaddr of a swarm member, …/p2p/<id> (repeatable)")]
+P2p = Annotated[
+    str | None,
+    typer.Option("--p2p", help="libp2p daemon: go (hivemind's bundled p2pd) or py (p2ptrain-p2pd) [default: go]"),
+]
+Mdns = Annotated[bool | None, typer.Option("--mdns/--no-mdns", help="--p2p py: find swarm peers on the LAN")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch; 0 = torch's default")]
 MaxEpochs = Annotated[int | None, typer.Option(help="leave after this global step; 0 = run until stopped")]
 CheckpointEvery = Annotated[int | None, typer.Option(help="checkpoint every N global steps [default: 10]")]
@@ -76,6 +81,8 @@ PEER_FLAGS = (
     "port",
     "announce",
     "initial_peers",
+    "p2p",
+    "mdns",
     "threads",
     "max_epochs",
     "checkpoint_every",
@@ -145,6 +152,8 @@ def seed(
     port: Port = None,
     announce: Announce = None,
     initial_peers: InitialPeers = None,
+    p2p: P2p = None,
+    mdns: Mdns = None,
     threads: Threads = None,
     max_epochs: MaxEpochs = None,
     checkpoint_every: CheckpointEvery = None,
@@ -196,6 +205,8 @@ def join(
     port: Port = None,
     announce: Announce = None,
     initial_peers: InitialPeers = None,
+    p2p: P2p = None,
+    mdns: Mdns = None,
     threads: Threads = None,
     max_epochs: MaxEpochs = None,
     checkpoint_every: CheckpointEvery = None,

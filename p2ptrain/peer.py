@@ -37,7 +37,7 @@ import hivemind
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
-from p2ptrain import discovery
+from p2ptrain import discovery, p2p_stack
 from p2ptrain import manifest as mf
 from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.data import Corpus, open_corpus
@@ -55,6 +55,7 @@ from p2ptrain.training import Trainer, cancel_rounds, make_optimizer
 
 logger = logging.getLogger(__name__)
 MAX_REMEMBERED_PEERS = 16
+LAN_WAIT_S = 5.0  # --p2p py with mDNS and no peer given: how long to look for LAN peers
 
 
 @dataclass(frozen=True)
@@ -337,11 +338,12 @@ def bootstrap_peers(settings: PeerSettings, request: SeedRequest | JoinRequest) 
 
 def start_dht(settings: PeerSettings, data_dir: Path, initial_peers: list[str]) -> hivemind.DHT:
     """Start this peer's DHT node; fall back to remembered peers, then to none, only when none were given."""
+    p2p_stack.select(settings.p2p, mdns=settings.mdns)
     remembered = [] if initial_peers else recall_swarm(data_dir).get("peers", [])
     attempts = [initial_peers] if initial_peers else ([remembered, []] if remembered else [[]])
     for peers in attempts:
         try:
-            return hivemind.DHT(
+            dht = hivemind.DHT(
                 start=True,
                 initial_peers=peers,
                 host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"],
@@ -361,7 +363,32 @@ def start_dht(settings: PeerSettings, data_dir: Path, initial_peers: list[str]) 
                     "addresses and that those peers are running, or ask for a fresh invite."
                 ) from None
             raise PeerUnreachable(f"the p2p daemon failed to start: {e}") from None
+        if not peers and settings.p2p == "py" and settings.mdns:
+            meet_lan_peers(dht)
+        return dht
     raise AssertionError("unreachable: the last attempt has no peers and raises on failure")
+
+
+async def _ping_lan_peers(_dht: hivemind.DHT, node: Any) -> int:
+    """Greet, in hivemind's DHT, the peers the daemon found by mDNS; how many answered."""
+    answered = 0
+    for info in await node.p2p.list_peers():
+        if await node.protocol.call_ping(info.peer_id) is not None:
+            answered += 1
+    return answered
+
+
+def meet_lan_peers(dht: hivemind.DHT, wait_s: float = LAN_WAIT_S) -> int:
+    """With no peer known, give mDNS a few seconds to find swarm members on this LAN (PC cafés, labs)."""
+    logger.info("No peer given: looking for swarm peers on the LAN (mDNS, up to %.0f s)", wait_s)
+    deadline = time.monotonic() + wait_s
+    while True:
+        answered = dht.run_coroutine(_ping_lan_peers)
+        if answered or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    logger.info("Found %d peer(s) on the LAN", answered)
+    return answered
 
 
 def resolve_swarm(dht: hivemind.DHT, request: JoinRequest, data_dir: Path) -> tuple[mf.SwarmManifest, bytes]:

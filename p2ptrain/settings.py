@@ -37,6 +37,8 @@ class PeerSettings:
     port: int = 0  # TCP port to listen on; 0 = any free port (fix one to forward it in a router)
     announce: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listen addresses (public IP)
     initial_peers: tuple[str, ...] = ()  # multiaddrs of known swarm members, ".../p2p/<peer id>"
+    p2p: str = "go"  # libp2p daemon: "go" (hivemind's bundled p2pd) or "py" (p2ptrain-p2pd, py-libp2p)
+    mdns: bool = True  # with p2p "py": find peers on the LAN by mDNS, so a LAN needs no invite
     torch_threads: int = 0  # CPU threads for torch; 0 = torch's default
     gpu_memory_fraction: float = 1.0  # of the GPU's memory this peer may allocate (torch's allocator cap)
     max_epochs: int = 0  # leave after this global step; 0 = train until stopped
@@ -50,6 +52,7 @@ class PeerSettings:
     def __post_init__(self) -> None:
         problems = [
             (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
+            (self.p2p in ("go", "py"), f"--p2p must be go or py, got {self.p2p!r}"),
             (0 <= self.port <= 65535, f"--port must be in 0-65535, got {self.port}"),
             (self.torch_threads >= 0, "--threads must be ≥ 0"),
             (0 < self.gpu_memory_fraction <= 1, "gpu_memory_fraction must be in (0, 1]"),
@@ -89,6 +92,10 @@ def _parse(name: str, kind: str, text: str) -> Any:
             return float(text)
         if kind == "Path":
             return Path(text).expanduser()
+        if kind == "bool":
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
         if kind.startswith("tuple"):
             return tuple(part.strip() for part in text.split(",") if part.strip())
         return text

@@ -43,12 +43,18 @@ def model_params(path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
 
 
-def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path):
+# which libp2p daemon each peer runs: all Python (issue 5's bar), or Go and Python mixed in one swarm
+DAEMONS = {"py": dict.fromkeys("abcd", "py"), "mixed": {"a": "go", "b": "py", "c": "py", "d": "go"}}
+
+
+@pytest.mark.parametrize("daemons", list(DAEMONS))
+def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, daemons):
+    p2p = {name: ("--p2p", kind) for name, kind in DAEMONS[daemons].items()}
     with LocalSwarm(tmp_path, swarm_flags=SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
-        a = swarm.seed("a", "--wait-for-peers", "3")
+        a = swarm.seed("a", "--wait-for-peers", "3", *p2p["a"])
         invite = swarm.invite(a)
-        b = swarm.join("b", "--invite", invite, "--wait-for-peers", "3")
-        c = swarm.join("c", "--invite", invite, "--wait-for-peers", "3")
+        b = swarm.join("b", "--invite", invite, "--wait-for-peers", "3", *p2p["b"])
+        c = swarm.join("c", "--invite", invite, "--wait-for-peers", "3", *p2p["c"])
 
         # three peers train together
         for peer in (a, b, c):
@@ -58,7 +64,7 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path):
         # a late joiner, given only a peer's address, finds the swarm by model in the DHT and
         # downloads its state instead of starting from scratch
         swarm_epoch = a.status()["epoch"]
-        d = swarm.join("d", "--initial-peers", decode_invite(invite).peers[0])
+        d = swarm.join("d", "--initial-peers", decode_invite(invite).peers[0], *p2p["d"])
         status_d = swarm.wait_for(d, lambda s: s.get("state") == "training", 120, "training")
         status_d = swarm.wait_for(d, lambda s: s.get("loaded_state_from_peers_at") is not None, 60, "state from peers")
         assert status_d["loaded_state_from_peers_at"] >= swarm_epoch
@@ -86,7 +92,7 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path):
         assert stopped["state"] == "stopped" and stopped["checkpoint_epoch"] is not None
 
         # restart with no invite: same identity, resumes from its checkpoint, rejoins the remembered swarm
-        b2 = swarm.join("b")
+        b2 = swarm.join("b", *p2p["b"])
         restarted = swarm.wait_for(b2, lambda s: s.get("state") == "training", 120, "training after restart")
         assert restarted["peer_id"] == stopped["peer_id"]
         assert restarted["resumed_from_epoch"] == stopped["checkpoint_epoch"]

@@ -9,6 +9,7 @@ hivemind stops its daemon itself. protocols/p2pd.md is the specification.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,11 +30,13 @@ from p2ptrain.p2pd import p2pd_pb2 as pb
 from p2ptrain.p2pd.control import serve_connection
 from p2ptrain.p2pd.flags import FlagError, Options, parse
 from p2ptrain.p2pd.framing import frame
-from p2ptrain.p2pd.host import Node, build_host, load_identity
+from p2ptrain.p2pd.host import Node, buffer_tcp_reads, build_host, load_identity
 from p2ptrain.p2pd.streams import splice
 from p2ptrain.p2pd.unary import PersistentConn, handle_incoming
 
 logger = logging.getLogger("p2pd")
+
+MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # set by p2ptrain.p2p_stack for --p2p py --mdns
 
 
 class RoundRobin:
@@ -220,6 +223,7 @@ def configure_logging() -> None:
 
 
 async def run(options: Options) -> None:
+    buffer_tcp_reads()
     key_pair = load_identity(options.identity)
     host = build_host(options, key_pair)
     control_path = options.control.removeprefix("/unix")
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     except FlagError as e:
         print(f"p2ptrain-p2pd: {e}", file=sys.stderr)
         return 2
+    if os.environ.get(MDNS_ENV) == "1":  # hivemind passes its environment through, not our flags
+        options = dataclasses.replace(options, mdns=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging()
     try:

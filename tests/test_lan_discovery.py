@@ -1,0 +1,49 @@
+"""LAN discovery (mDNS, --p2p py): a peer on the same LAN finds the swarm with no invite and no address.
+
+Two network namespaces on one bridge stand in for two PCs of a café: a researcher's `p2ptrain seed` in one,
+a volunteer's bare `p2ptrain join --model gpt2-tiny --p2p py` in the other.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2ptrain.local_swarm import DEMO_SWARM_FLAGS, LocalSwarm
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+from bench_wan import Namespaces, namespaces_available  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not namespaces_available(), reason="needs root and `ip netns` for two LAN hosts"),
+]
+PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--p2p", "py")
+
+
+def netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_a_volunteer_on_the_lan_finds_the_swarm_without_an_invite(tmp_path):
+    before = netns()
+    lan = Namespaces(2)
+    try:
+        with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
+            seed = swarm.seed("seed", "--host", lan.host(0), prefix=lan.prefix(0))
+            run_id = swarm.wait_for(seed, lambda s: s.get("state") == "training", 120, "training")["run_id"]
+            volunteer = swarm.join("volunteer", "--host", lan.host(1), prefix=lan.prefix(1))
+            status = swarm.wait_for(volunteer, lambda s: s.get("state") == "training", 120, "training")
+            assert status["run_id"] == run_id, volunteer.log()[-3000:]
+            assert "Found 1 peer(s) on the LAN" in volunteer.log()
+            # and without mDNS the same bare join starts a swarm of its own: discovery is what made the difference
+            alone = swarm.join("alone", "--host", lan.host(1), "--no-mdns", prefix=lan.prefix(1))
+            status = swarm.wait_for(alone, lambda s: s.get("state") == "training", 120, "training")
+            assert status["run_id"] != run_id
+    finally:
+        lan.remove()
+    assert netns() == before
