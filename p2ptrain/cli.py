@@ -471,6 +471,8 @@ def describe_status(reply: dict[str, Any]) -> str:
             f"Swarm {peer['run_id']} ({peer.get('model', '?')}): global step {peer.get('epoch', 0)}, "
             f"{peer.get('peers', 0)} peer(s)"
         )
+        if peer.get("reachability"):
+            lines.append(f"Reachability: {peer['reachability']}")
         lines.append(
             f"Contributed since start: {peer.get('samples', 0):,} samples, {peer.get('compute_s', 0):.0f} s of compute "
             f"({peer.get('local_steps', 0):,} steps in this swarm)"

@@ -37,7 +37,7 @@ import hivemind
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
-from p2ptrain import discovery, p2p_stack
+from p2ptrain import discovery, p2p_stack, reachability
 from p2ptrain import manifest as mf
 from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.data import Corpus, open_corpus
@@ -116,6 +116,7 @@ def run_peer(
         optimizer: hivemind.Optimizer | None = None
         trainer: Trainer | None = None
         republisher: discovery.Republisher | None = None
+        reach: reachability.Checker | None = None
         worker: threading.Thread | None = None
         failure: list[BaseException] = []
         try:
@@ -151,6 +152,8 @@ def run_peer(
             discovery.publish(dht, manifest, envelope)
             republisher = discovery.Republisher(dht, manifest, envelope)
             republisher.start()
+            reach = reachability.Checker(dht, lambda verdict: status.update(reachability=verdict))
+            reach.start()
             remember_swarm(data_dir, manifest, envelope, dht)
             invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
             status.update(
@@ -195,6 +198,8 @@ def run_peer(
             if worker is not None:
                 abandon_round(worker, optimizer, settings.stop_grace_s)
                 clock.lap("finish the step")
+            if reach is not None:
+                reach.stop()
             if republisher is not None:  # while the DHT answers promptly (see start_dht)
                 republisher.stop()
                 remember_swarm(data_dir, manifest, envelope, dht)

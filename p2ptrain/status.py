@@ -30,6 +30,7 @@ class PeerStatus:
     val_loss: float | None = None  # latest held-out loss
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, held-out loss)
     peers: int = 0  # swarm members this peer currently sees (itself included)
+    reachability: str = ""  # whether other peers can connect to this one (reachability.verdict)
     samples_per_s: float = 0.0
     compute_s: float = 0.0  # seconds in forward/backward since training started (utilization = compute_s / wall)
     val_s: float = 0.0  # seconds spent measuring the held-out loss

@@ -182,6 +182,7 @@ PEER_FIELDS = (
     "model",
     "epoch",
     "peers",
+    "reachability",
     "samples",
     "local_steps",
     "compute_s",

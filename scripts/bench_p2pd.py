@@ -89,15 +89,20 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64, help="size of the raw stream")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--only", choices=["go", "py"], help="measure one daemon (no comparison)")
     args = parser.parse_args()
 
     runs: dict[str, list[dict[str, float]]] = {"go": [], "py": []}
     for repeat in range(args.repeats):
         for kind in ("go", "py") if repeat % 2 == 0 else ("py", "go"):
+            if args.only and kind != args.only:
+                continue
             result = asyncio.run(measure(kind, args.mib))
             runs[kind].append(result)
             print(f"run {repeat + 1} {kind}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
 
+    if args.only:
+        return
     metrics = list(runs["go"][0])
     median = {kind: {m: statistics.median(r[m] for r in results) for m in metrics} for kind, results in runs.items()}
     lines = [
