@@ -377,8 +377,8 @@ def start_dht(settings: PeerSettings, data_dir: Path, initial_peers: list[str]) 
 async def _ping_lan_peers(_dht: hivemind.DHT, node: Any) -> int:
     """Greet, in hivemind's DHT, the peers the daemon found by mDNS; how many answered."""
     answered = 0
-    for info in await node.p2p.list_peers():
-        if await node.protocol.call_ping(info.peer_id) is not None:
+    for peer_id in dict.fromkeys(info.peer_id for info in await node.p2p.list_peers()):  # one per connection
+        if await node.protocol.call_ping(peer_id) is not None:
             answered += 1
     return answered
 
