@@ -18,6 +18,9 @@ Where things are (one idea per module):
 - ``daemon_config`` the daemon's TOML config file
 - ``manifest``    the signed swarm manifest (what all peers share) and its verification
 - ``invite``      the copy-pasteable invite string
+- ``p2p_stack``   which libp2p daemon hivemind runs: its bundled Go p2pd or ``p2pd`` (ours, py-libp2p)
+- ``p2pd/``       p2ptrain-p2pd: hivemind's daemon protocol on py-libp2p, mDNS; its own process
+- ``reachability`` can other peers connect to this one? (peers dial back; the verdict in the status)
 - ``discovery``   DHT records: publishing manifests, finding swarms by model
 - ``identity``    persistent keys: libp2p identity, manifest-signing key
 - ``models``      the model registry (gpt2-tiny/-small/-medium), built from configs

@@ -25,6 +25,14 @@ def test_precedence_defaults_env_flags(tmp_path):
     assert settings.initial_peers == ("/ip4/1.2.3.4/tcp/1/p2p/QmA", "/ip4/1.2.3.5/tcp/1/p2p/QmB")
 
 
+def test_p2p_daemon_and_mdns_from_env_and_flags():
+    env = {"HOME": "/tmp", "P2PTRAIN_P2P": "py", "P2PTRAIN_MDNS": "off"}
+    settings = resolve_settings({}, env)
+    assert (settings.p2p, settings.mdns) == ("py", False)
+    assert resolve_settings({"p2p": "go", "mdns": True}, env).p2p == "go"
+    assert resolve_settings({}, {"HOME": "/tmp"}).p2p == "go"  # the default (README: why)
+
+
 def test_xdg_data_home_is_respected():
     assert resolve_settings({}, {"XDG_DATA_HOME": "/srv/data"}).data_dir == Path("/srv/data/p2ptrain")
 
@@ -37,6 +45,8 @@ def test_xdg_data_home_is_respected():
         ({"device": "tpu"}, {}, "--device"),
         ({"initial_peers": ["1.2.3.4:5"]}, {}, "not a multiaddr"),
         ({}, {"P2PTRAIN_PORT": "eighty"}, "P2PTRAIN_PORT='eighty'"),
+        ({"p2p": "rust"}, {}, "--p2p must be go or py"),
+        ({}, {"P2PTRAIN_MDNS": "maybe"}, "P2PTRAIN_MDNS='maybe'"),
     ],
 )
 def test_bad_values_name_the_setting(flags, env, message):
