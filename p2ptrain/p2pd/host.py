@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import multiaddr
@@ -111,6 +111,7 @@ class Node:
     options: Options
     host: IHost
     dht: KadDHT
+    remembered: set[ID] = field(default_factory=set)  # peers already offered to the routing table
 
     def listen_addrs(self) -> list[multiaddr.Multiaddr]:
         """Addresses as IDENTIFY reports them: no ``/p2p`` suffix (hivemind appends it)."""
@@ -142,6 +143,9 @@ class Node:
 
     async def remember(self, peer_id: ID) -> None:
         """Put a peer we talk to in the Kademlia routing table, so that others can find it through us."""
+        if peer_id in self.remembered:
+            return
+        self.remembered.add(peer_id)
         try:
             await self.dht.add_peer(peer_id, skip_server_mode_check=True)
         except Exception as e:  # noqa: BLE001 - a routing-table hiccup must not fail the call that led here
