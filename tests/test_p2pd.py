@@ -86,6 +86,16 @@ def test_unknown_flag_exits_with_go_message(tmp_path):
     assert out.returncode == 2 and "flag provided but not defined: -bogus" in out.stderr
 
 
+def test_unreachable_bootstrap_peers_fail_the_start_as_go_does():
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWJbhkGmLBoyQgG9un43J89dT3n9U2WBhHLLr86HB7t1Nv"
+
+    async def main():
+        with pytest.raises(P2PDaemonError, match="failed to connect to bootstrap peers"):
+            await start("py", AsyncExitStack(), initial_peers=[dead])
+
+    run(main())
+
+
 def test_identity_file_gives_hivemind_peer_id(tmp_path):
     key = tmp_path / "p2p.key"
     P2P.generate_identity(str(key))  # RSA, as hivemind writes it

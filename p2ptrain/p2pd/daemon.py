@@ -242,6 +242,8 @@ async def run(options: Options) -> None:
             if options.bootstrap and options.bootstrap_peers:
                 answered = await node.bootstrap()
                 logger.info("bootstrap: %d of %d peers answered", answered, len(options.bootstrap_peers))
+                if not answered:  # as the Go daemon: no "Peer ID" line, exit 1 (hivemind reports the reason)
+                    raise ConnectionError("failed to connect to bootstrap peers")
 
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             await sock.bind(control_path)
@@ -310,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(run, options)
     except Exception as e:  # noqa: BLE001 - one line for hivemind's "Daemon failed to start: …"
-        logger.exception("daemon failed")
-        print(f"p2ptrain-p2pd: {type(e).__name__}: {e}", flush=True)
+        while len(getattr(e, "exceptions", ())) == 1:  # trio's nurseries wrap errors in exception groups
+            e = e.exceptions[0]
+        logger.debug("daemon failed", exc_info=e)
+        print(f"p2ptrain-p2pd: {e}", flush=True)
         return 1
     return 0
 
