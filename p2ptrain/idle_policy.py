@@ -13,7 +13,7 @@ where the machine can tell:
 - on battery (``pause_on_battery``);
 - carbon-aware mode: the grid's carbon intensity (``carbon.GridIntensity``, from the daemon's
   ``IntensityWatcher``) is above ``max_grid_g_co2_per_kwh``, or, where the source gives a forecast,
-  the current period is not among the ``cleanest_hours`` cleanest hours of the next 24 h;
+  the current period is not among the ``cleanest_hours`` cleanest hours of the next 24 h (rolling);
 - paused by hand (``p2ptrain pause``, or a PC café's seat software calling it).
 
 Caps that throttle rather than pause: a GPU power cap the driver would not set, and upload/download
@@ -60,7 +60,8 @@ class IdleSettings:
     poll_s: float = 2.0  # how often the daemon reads the machine
     # carbon-aware mode (the intensity comes from [energy]: a live source, else the country's average)
     max_grid_g_co2_per_kwh: float = 0.0  # pause while the grid emits more than this per kWh; 0 = off
-    cleanest_hours: float = 0.0  # train only in the N cleanest hours of the next 24 h (needs a forecast); 0 = off
+    cleanest_hours: float = 0.0  # train only while now is among the N cleanest hours of the next 24 h of forecast
+    #   (a rolling window: once those hours pass, the cleanest of what remains qualify); needs a forecast; 0 = off
     gpu_sensor: str = "auto"  # where GPU facts come from: auto (NVML if present), nvml, none, fake:<json file>
 
     def __post_init__(self) -> None:
