@@ -307,7 +307,7 @@ class Accountant:
                 logger.debug("Could not publish the energy ledger (no reachable DHT peer?)")
         return led
 
-    def stop(self, timeout_s: float = 5.0) -> Ledger:
+    def stop(self, timeout_s: float = 2.0) -> Ledger:
         """The last tick (meter stopped, ledger written and published); call after training has stopped."""
         self.set_active(False)
         self._stop.set()

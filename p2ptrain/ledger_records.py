@@ -25,6 +25,7 @@ from typing import Any
 
 import hivemind
 import msgpack
+import psutil
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -205,9 +206,10 @@ def gather_swarm(initial_peers: list[str], run_id: str | None, manifest_hash: by
     from hivemind.p2p import P2PDaemonError
 
     from p2ptrain.discovery import fetch_manifest
-    from p2ptrain.processes import descendants, reap_children
+    from p2ptrain.processes import descendants
 
     validators = [LedgerValidator([run_id])] if run_id else []
+    before = {p.pid for p in descendants()}  # a caller's own children (a test's DHT nodes) are not ours to reap
     try:
         dht = hivemind.DHT(start=True, initial_peers=initial_peers, client_mode=True, record_validators=validators)
     except P2PDaemonError as e:
@@ -215,7 +217,7 @@ def gather_swarm(initial_peers: list[str], run_id: str | None, manifest_hash: by
             f"none of the {len(initial_peers)} peers answered ({e}). Check --initial-peers / --invite, "
             "or that the swarm is still running."
         ) from None
-    children = descendants()
+    children = [p for p in descendants() if p.pid not in before]
     try:
         if run_id is None:
             run_id = fetch_manifest(dht, manifest_hash)[0].run_id
@@ -223,4 +225,9 @@ def gather_swarm(initial_peers: list[str], run_id: str | None, manifest_hash: by
         return fetch_ledgers(dht, run_id)
     finally:
         dht.shutdown()
-        reap_children(known=children)
+        _, alive = psutil.wait_procs(children, timeout=3.0)  # only the DHT's own processes (p2pd is one)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass

@@ -274,7 +274,7 @@ def start_ledger(
     return accountant
 
 
-FINAL_PUBLISH_S = 3.0  # a ledger store waits at most this (the last one is part of a ≤ 10 s shutdown)
+FINAL_PUBLISH_S = 2.0  # a ledger store waits at most this (the last one is part of a ≤ 10 s shutdown)
 
 
 class ShutdownClock:
