@@ -175,15 +175,15 @@ def open_ledger(path: Path, run_id: str, peer_id: str) -> Ledger:
     """This peer's ledger for ``run_id``: the one on disk, or a new one. A damaged file is kept aside, not lost."""
     try:
         ledger = load_ledger(path)
+        why = None if ledger is None or (ledger.run_id, ledger.peer_id) == (run_id, peer_id) else "another peer's"
     except LedgerInvalid as e:
-        aside = path.with_name(f"ledger.damaged-{int(time.time())}.json")
-        path.replace(aside)
-        logger.warning("The energy ledger %s is damaged (%s): kept as %s, starting a new one", path, e, aside)
-        ledger = None
-    if ledger is not None and (ledger.run_id, ledger.peer_id) == (run_id, peer_id):
+        ledger, why = None, f"damaged ({e})"
+    if why is None and ledger is not None:
         return ledger
-    if ledger is not None:
-        logger.warning("The energy ledger %s belongs to another peer or run: starting a new one", path)
+    if why is not None:
+        aside = path.with_name(f"ledger.set-aside-{int(time.time())}.json")
+        path.replace(aside)
+        logger.warning("The energy ledger %s is %s: kept as %s, starting a new one", path, why, aside)
     return Ledger(run_id=run_id, peer_id=peer_id)
 
 

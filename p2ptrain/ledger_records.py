@@ -116,8 +116,8 @@ def verify_record(value: Any, subkey: Any, run_id: str, expiration: float | None
         raise LedgerInvalid(f"the record's key is not the key of peer {str(subkey)[:20]!r}")
     try:
         public_key = serialization.load_der_public_key(public_der)
-        if not isinstance(public_key, rsa.RSAPublicKey) or not 2048 <= public_key.key_size <= 8192:
-            raise LedgerInvalid("the record's key is not a 2048-8192 bit RSA key")
+        if not isinstance(public_key, rsa.RSAPublicKey) or not 2048 <= public_key.key_size <= 4096:
+            raise LedgerInvalid("the record's key is not a 2048-4096 bit RSA key")
         public_key.verify(signature, DOMAIN + payload, _PSS, hashes.SHA256())
     except (ValueError, InvalidSignature):
         raise LedgerInvalid(f"the signature of peer {subkey[:20]}…'s ledger does not verify") from None

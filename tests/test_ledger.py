@@ -92,7 +92,8 @@ def test_a_restarted_peer_adds_to_its_ledger(tmp_path):
     save_ledger(path, first)
     again = open_ledger(path, "run", "QmPeer")
     assert again == first
-    assert open_ledger(path, "run", "QmOther").samples == 0  # another peer's file is not continued
+    assert open_ledger(path, "run", "QmOther").samples == 0  # another peer's file is not continued...
+    assert [load_ledger(p).peer_id for p in path.parent.glob("ledger.set-aside-*.json")] == ["QmPeer"]  # ...nor lost
 
 
 def test_the_meter_counter_resetting_counts_nothing_rather_than_negative(tmp_path):
@@ -158,7 +159,7 @@ def test_a_damaged_ledger_is_kept_aside_not_lost(tmp_path):
     path.write_text('{"samples": 12, "trunc')
     fresh = open_ledger(path, "run", "QmPeer")
     assert fresh.samples == 0
-    kept = list(path.parent.glob("ledger.damaged-*.json"))
+    kept = list(path.parent.glob("ledger.set-aside-*.json"))
     assert len(kept) == 1 and kept[0].read_text() == '{"samples": 12, "trunc'
 
 
