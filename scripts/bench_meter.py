@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -49,15 +50,22 @@ def on_step_cost(directory: Path, calls: int = 200_000) -> float:
     return (time.perf_counter() - started) / calls
 
 
-def background_cpu(directory: Path, seconds: float, every_s: float) -> tuple[float, float]:
-    """CPU seconds per wall second of an idle process: without the meter, then with it."""
+def background_cpu(directory: Path, seconds: float, every_s: float, children: int) -> tuple[float, float]:
+    """CPU seconds per wall second of an idle process with ``children`` child processes (a peer has its DHT,
+    p2pd and averagers: codecarbon's process tracking visits them every second): without the meter, then with."""
+    sleepers = [subprocess.Popen(["sleep", str(4 * seconds)]) for _ in range(children)]
     out = []
-    for meter in (NoMeter(), CodecarbonMeter()):
-        acc = accountant(meter, directory, every_s)
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        time.sleep(seconds)
-        out.append((time.process_time() - cpu0) / (time.monotonic() - wall0))
-        acc.stop()
+    try:
+        for meter in (NoMeter(), CodecarbonMeter()):
+            acc = accountant(meter, directory, every_s)
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            time.sleep(seconds)
+            out.append((time.process_time() - cpu0) / (time.monotonic() - wall0))
+            acc.stop()
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
     return out[0], out[1]
 
 
@@ -96,12 +104,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps per round")
     parser.add_argument("--idle-s", type=float, default=30.0, help="seconds of idle metering for (2)")
     parser.add_argument("--every", type=float, default=10.0, help="ledger tick period, s (energy.ledger_every_s)")
+    parser.add_argument("--children", type=int, default=4, help="child processes during (2), as a peer has")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-meter-"))
 
     per_call = on_step_cost(directory)
-    idle_off, idle_on = background_cpu(directory, args.idle_s, args.every)
+    idle_off, idle_on = background_cpu(directory, args.idle_s, args.every, args.children)
     times = step_times(args.rounds, args.steps, args.every, directory)
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     ratios = [b / a - 1 for a, b in zip(times["off"], times["on"], strict=True)]
@@ -121,7 +130,7 @@ def main() -> None:
     print(f"(1) on_step: {per_call * 1e6:.2f} µs per step = {per_call / off:.4%} of a {off * 1e3:.1f} ms step")
     print(
         f"(2) background: {idle_on - idle_off:.4%} of one core (idle process: {idle_off:.4%} without the meter, "
-        f"{idle_on:.4%} with it; ledger tick every {args.every:g} s)"
+        f"{idle_on:.4%} with it; ledger tick every {args.every:g} s, {args.children} child processes)"
     )
     print(
         f"(3) gpt2-tiny step, median of {args.rounds} rounds × {args.steps} steps: {off * 1e3:.2f} ms without, "

@@ -59,7 +59,7 @@ def dht_nodes():
 
 
 def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, monkeypatch, capsys, dht_nodes):
-    monkeypatch.setenv("P2PTRAIN_LEDGER_EVERY_S", "2")  # the peers' energy ledgers (real codecarbon meter)
+    monkeypatch.setenv("P2PTRAIN_LEDGER_EVERY_S", "5")  # the peers' energy ledgers (real codecarbon meter)
     monkeypatch.setenv("P2PTRAIN_COUNTRY", "FRA")
     with LocalSwarm(tmp_path, swarm_flags=SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
         a = swarm.seed("a", "--wait-for-peers", "3")
