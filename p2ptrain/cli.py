@@ -611,15 +611,19 @@ def _local_card(directory: Path, run_id: str | None):
 
 def _swarm_card(directory: Path, run_id: str | None, invite: str | None, peers: list[str]):
     from p2ptrain.errors import ConfigError
+    from p2ptrain.fileio import read_json
+    from p2ptrain.invite import decode_invite
     from p2ptrain.ledger_records import gather_swarm
     from p2ptrain.peer import recall_swarm
     from p2ptrain.report import Card
 
     manifest_hash = None
     remembered = recall_swarm(directory)
+    running = read_json(directory / "status.json")  # a peer running here: its invite names its own address
+    running = running if isinstance(running, dict) else {}
+    if not invite and not peers and not remembered.get("peers") and running.get("invite"):
+        invite, run_id = running["invite"], run_id or running.get("run_id")
     if invite:
-        from p2ptrain.invite import decode_invite
-
         decoded = decode_invite(invite)
         peers, manifest_hash = peers or list(decoded.peers), decoded.manifest_hash
     else:

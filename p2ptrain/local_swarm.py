@@ -252,7 +252,7 @@ def _summary(console, swarm: LocalSwarm, wall_s: float, interrupted: bool) -> in
     card = report_card(swarm, statuses)
     if card is not None:
         console.print()
-        console.print(card, markup=False, highlight=False)
+        console.print(card, markup=False, highlight=False, soft_wrap=True)
     if failed:
         console.print(f"  peers that failed: {', '.join(failed)} (logs in {swarm.base_dir})")
         return 1

@@ -148,3 +148,25 @@ def test_status_shows_the_persistent_ledger_instead_of_this_runs_counters():
     assert "16.8 g CO2e" in text and "Grid: 56 g CO2e/kWh (country average for France)" in text
     assert "Contributed since start" not in text
     assert "nothing counted yet" in describe_status({**reply, "ledger": None})
+
+
+def test_report_of_the_swarm_finds_it_through_the_peer_running_here(capsys, tmp_path, monkeypatch, manifest):
+    """No flags: the invite of the peer running in --data-dir (its status file) reaches the swarm."""
+    from p2ptrain.invite import Invite
+    from p2ptrain.ledger_records import SwarmLedgers
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    address = "/ip4/127.0.0.1/tcp/4001/p2p/QmSBoh5NCsUGDKbnVUKhvd78osN82HdGPSjZvu3AjK7N6u"
+    invite = Invite(manifest.hash, "gpt2-small", (address,)).encode()
+    (data_dir / "status.json").write_text(json.dumps({"run_id": "run", "invite": invite, "state": "training"}))
+    asked = []
+
+    def gather(initial_peers, run_id, manifest_hash=None):
+        asked.append((initial_peers, run_id))
+        return SwarmLedgers(peers(), ["QmMallory…: the signature does not verify"])
+
+    monkeypatch.setattr("p2ptrain.ledger_records.gather_swarm", gather)
+    code, out, _ = run_cli(capsys, tmp_path, "report", "--swarm", "--data-dir", str(data_dir))
+    assert code == 0 and asked == [([address], "run")]
+    assert "Peers            2" in out and "Refused 1 ledger record(s)" in out
