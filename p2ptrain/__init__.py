@@ -4,6 +4,7 @@ Where things are (one idea per module):
 
 - ``cli``         the `p2ptrain` command: flags → settings → peer; errors → exit codes; signals
 - ``settings``    PeerSettings (this machine) and the one place config sources are merged
+- ``energy_settings`` EnergySettings: meter, country, grid-intensity source (the [energy] table)
 - ``peer``        a peer's lifecycle in order: identity → DHT → swarm → model → train → shutdown
 - ``training``    the step loop around hivemind.Optimizer, validation, the warm-up schedule
 - ``local_updates`` local-update (DiLoCo) mode: inner AdamW, averaged pseudo-gradients, outer Nesterov
@@ -13,6 +14,11 @@ Where things are (one idea per module):
 - ``volunteer``   the volunteer daemon's lifecycle: config → sensor → control socket → watcher → peer
 - ``idle_policy`` when a volunteer's machine may train (games, schedule, heat, battery, caps)
 - ``gate``        the pause/throttle point between training steps
+- ``energy_meter`` joules per part (codecarbon: NVML, RAPL or TDP × load, RAM estimate; a fake for tests)
+- ``carbon``      grid carbon intensity: per-country averages offline, live sources off the training thread
+- ``ledger``      a peer's energy and carbon ledger per swarm, and the thread that keeps it
+- ``ledger_records`` the ledger as a DHT record signed with the peer's identity key; the DHT validator
+- ``report``      the report card (`p2ptrain report`): sums, per-peer table, datacenter comparison, chart
 - ``machine_sensors`` GPU facts (NVML, or a fake for tests), battery, this peer's TCP traffic
 - ``control``     the daemon's local control socket (status, pause, resume, leave, stop)
 - ``daemon_config`` the daemon's TOML config file

@@ -3,6 +3,7 @@
     p2ptrain demo                                   # a local swarm of 3 peers training gpt2-tiny
     p2ptrain seed --model gpt2-small --dataset ./texts/   # start a swarm; prints an invite
     p2ptrain join --model gpt2-small --invite p2pt1-…     # volunteer in it
+    p2ptrain report --swarm                         # tokens, GPU-hours, kWh, CO2e of the whole swarm
 
 Only ``main`` installs signal handlers: SIGINT/SIGTERM set a stop event and the peer shuts down in
 order (a second Ctrl+C kills at once). Errors print ``p2ptrain: error: <what> (<flag>). <fix>``;
@@ -12,6 +13,7 @@ tracebacks only with ``--debug``.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import logging
 import logging.handlers
 import os
@@ -71,6 +73,13 @@ CheckpointEvery = Annotated[int | None, typer.Option(help="checkpoint every N gl
 ValidateEvery = Annotated[int | None, typer.Option(help="held-out loss every N global steps; 0 = never [default: 5]")]
 WaitForPeers = Annotated[int | None, typer.Option(help="wait until this many peers are in the swarm before training")]
 LogLevel = Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [default: INFO]")]
+Country = Annotated[
+    str | None, typer.Option(help="ISO 3166 code of this machine's grid, e.g. FRA or FR [default: world average]")
+]
+IntensitySource = Annotated[
+    str | None, typer.Option(help="grid carbon intensity: country (offline average), uk or electricitymaps")
+]
+Meter = Annotated[str | None, typer.Option(help="energy meter: auto (codecarbon), none, fake:<file.json>")]
 Debug = Annotated[bool, typer.Option("--debug", help="tracebacks, versions and DEBUG logs, for bug reports")]
 
 PEER_FLAGS = (
@@ -89,6 +98,9 @@ PEER_FLAGS = (
     "validate_every",
     "wait_for_peers",
     "log_level",
+    "country",
+    "intensity_source",
+    "meter",
 )
 
 
@@ -160,6 +172,9 @@ def seed(
     validate_every: ValidateEvery = None,
     wait_for_peers: WaitForPeers = None,
     log_level: LogLevel = None,
+    country: Country = None,
+    intensity_source: IntensitySource = None,
+    meter: Meter = None,
     debug: Debug = False,
 ) -> None:
     """Start a new swarm as its first peer: sign its manifest, publish it, print an invite, train."""
@@ -213,6 +228,9 @@ def join(
     validate_every: ValidateEvery = None,
     wait_for_peers: WaitForPeers = None,
     log_level: LogLevel = None,
+    country: Country = None,
+    intensity_source: IntensitySource = None,
+    meter: Meter = None,
     debug: Debug = False,
 ) -> None:
     """Join a swarm training MODEL (by invite, known peers, or the last swarm); with none, start one."""
@@ -332,20 +350,58 @@ def _daemon_dir(data_dir: Path | None) -> Path:
     return _daemon_config().peer_settings({"data_dir": data_dir}, _ENV).data_dir
 
 
+MaxGridIntensity = Annotated[
+    float | None,
+    typer.Option(help="carbon-aware: pause while the grid emits more g CO2e/kWh [idle.max_grid_g_co2_per_kwh]"),
+]
+CleanestHours = Annotated[
+    float | None,
+    typer.Option(help="carbon-aware: train only in the N cleanest hours of the forecast [idle.cleanest_hours]"),
+]
+
+
+def _with_idle_flags(config: Any, max_grid_intensity: float | None, cleanest_hours: float | None) -> Any:
+    """The config file's [idle] with the carbon-aware flags over it (validated like the file)."""
+    from dataclasses import replace
+
+    overrides = {"max_grid_g_co2_per_kwh": max_grid_intensity, "cleanest_hours": cleanest_hours}
+    overrides = {k: float(v) for k, v in overrides.items() if v is not None}
+    return replace(config, idle=replace(config.idle, **overrides)) if overrides else config
+
+
 @daemon_app.command("run")
-def daemon_run(data_dir: DataDir = None, log_level: LogLevel = None, debug: Debug = False) -> None:
+def daemon_run(
+    data_dir: DataDir = None,
+    log_level: LogLevel = None,
+    country: Country = None,
+    intensity_source: IntensitySource = None,
+    max_grid_intensity: MaxGridIntensity = None,
+    cleanest_hours: CleanestHours = None,
+    debug: Debug = False,
+) -> None:
     """Run the daemon in the foreground (what the service files in daemon/ run)."""
     from p2ptrain.volunteer import run_daemon
 
-    config = _daemon_config()
-    flags = {"data_dir": data_dir, "log_level": "DEBUG" if debug else log_level}
+    config = _with_idle_flags(_daemon_config(), max_grid_intensity, cleanest_hours)
+    flags = {
+        "data_dir": data_dir,
+        "log_level": "DEBUG" if debug else log_level,
+        "country": country,
+        "intensity_source": intensity_source,
+    }
     _setup_logging(config.peer_settings(flags, _ENV))
     logger.debug(_versions())
     _until_signalled(lambda stop: run_daemon(config, flags, _ENV, stop))
 
 
 @daemon_app.command("start")
-def daemon_start(data_dir: DataDir = None) -> None:
+def daemon_start(
+    data_dir: DataDir = None,
+    country: Country = None,
+    intensity_source: IntensitySource = None,
+    max_grid_intensity: MaxGridIntensity = None,
+    cleanest_hours: CleanestHours = None,
+) -> None:
     """Start the daemon in the background and return once it answers."""
     import subprocess
     import time
@@ -353,6 +409,8 @@ def daemon_start(data_dir: DataDir = None) -> None:
     from p2ptrain.control import DaemonNotRunning, request
     from p2ptrain.identity import ensure_private_dir
 
+    config = _with_idle_flags(_daemon_config(), max_grid_intensity, cleanest_hours)  # bad values fail here
+    config.peer_settings({"country": country, "intensity_source": intensity_source}, _ENV)
     directory = ensure_private_dir(_daemon_dir(data_dir))
     try:
         reply = request(directory, "status")
@@ -361,6 +419,15 @@ def daemon_start(data_dir: DataDir = None) -> None:
     except DaemonNotRunning:
         pass
     command = [sys.executable, "-m", "p2ptrain", "daemon", "run", "--data-dir", str(directory)]
+    passed = {
+        "--country": country,
+        "--intensity-source": intensity_source,
+        "--max-grid-intensity": max_grid_intensity,
+        "--cleanest-hours": cleanest_hours,
+    }
+    for flag, value in passed.items():
+        if value is not None:
+            command += [flag, str(value)]
     out = directory / "daemon.out"
     with open(out, "ab") as log:
         proc = subprocess.Popen(
@@ -473,12 +540,12 @@ def describe_status(reply: dict[str, Any]) -> str:
         )
         if peer.get("reachability"):
             lines.append(f"Reachability: {peer['reachability']}")
-        lines.append(
-            f"Contributed since start: {peer.get('samples', 0):,} samples, {peer.get('compute_s', 0):.0f} s of compute "
-            f"({peer.get('local_steps', 0):,} steps in this swarm)"
-        )
+        lines.append(describe_ledger(reply.get("ledger")))
     elif peer.get("state"):
         lines.append(f"Peer: {peer['state']}")
+    grid = reply.get("grid")
+    if grid:
+        lines.append(f"Grid: {grid['g_co2_per_kwh']:.0f} g CO2e/kWh ({grid['source']})")
     if peer.get("error"):
         lines.append(f"Last error: {peer['error']}")
     for event in reply.get("events", [])[-5:]:
@@ -486,6 +553,104 @@ def describe_status(reply: dict[str, Any]) -> str:
         why = f": {'; '.join(event['reasons'])}" if event["reasons"] else ""
         lines.append(f"  {when} {event['event']}{why}")
     return "\n".join(lines)
+
+
+def describe_ledger(ledger: dict[str, Any] | None) -> str:
+    """The persistent ledger's totals for this swarm (they survive restarts), for `status`."""
+    if not ledger:
+        return "Contributed to this swarm: nothing counted yet (the energy ledger is written once training starts)"
+    if "error" in ledger:
+        return f"Energy ledger unreadable: {ledger['error']}"
+    hours = f"{ledger['device_s'] / 3600:.2f} {ledger['device'].upper()}-hours"
+    how = "estimated" if any("estimated" in v for v in (ledger.get("meter") or {}).values()) else "measured"
+    return (
+        f"Contributed to this swarm: {ledger['samples']:,} samples ({ledger['tokens']:,} tokens), {hours}, "
+        f"{ledger['energy_kwh']:.4f} kWh ({how}), {ledger['g_co2e']:.1f} g CO2e. Details: p2ptrain report"
+    )
+
+
+@app.command()
+def report(
+    swarm: Annotated[bool, typer.Option("--swarm", help="the whole swarm, from the DHT [default: this peer]")] = False,
+    run_id: Annotated[str | None, typer.Option(help="which swarm [default: the last one joined]")] = None,
+    invite: Annotated[str | None, typer.Option(help="--swarm: reach the swarm through this invite")] = None,
+    initial_peers: InitialPeers = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Markdown, for a paper's appendix")] = False,
+    chart: Annotated[Path | None, typer.Option(help="also write a PNG of energy and CO2 over time")] = None,
+    data_dir: DataDir = None,
+    debug: Debug = False,
+) -> None:
+    """The report card: tokens, peers, GPU-hours, kWh, kg CO2e, per peer, and the same tokens in a datacenter."""
+    import json
+
+    from p2ptrain import report as rc
+
+    directory = _daemon_dir(data_dir)
+    if swarm:
+        _setup_logging(PeerSettings(data_dir=directory, log_level="DEBUG" if debug else "WARNING"), log_file=False)
+        card = _swarm_card(directory, run_id, invite, list(initial_peers or []))
+    else:
+        card = _local_card(directory, run_id)
+    if as_json:
+        print(json.dumps(rc.card_json(card), indent=2))
+    elif markdown:
+        print(rc.render_markdown(card), end="")
+    else:
+        print(rc.render_text(card), end="")
+    if chart is not None:
+        print(f"Chart: {rc.write_chart(card, chart)}", file=sys.stderr)
+
+
+def _local_card(directory: Path, run_id: str | None):
+    from p2ptrain.errors import ConfigError
+    from p2ptrain.ledger import ledger_path, load_ledger
+    from p2ptrain.peer import recall_swarm
+    from p2ptrain.report import Card
+
+    if run_id is None:
+        run_id = recall_swarm(directory).get("run_id")
+    if run_id is None:
+        found = sorted((directory / "runs").glob("*/ledger.json"))
+        run_id = found[-1].parent.name if len(found) == 1 else None
+    ledger = load_ledger(ledger_path(directory, run_id)) if run_id else None
+    if ledger is None:
+        raise ConfigError(
+            f"no energy ledger in {directory} for {'swarm ' + run_id if run_id else 'any swarm'} (--data-dir, "
+            "--run-id). It is written once this peer trains; for the whole swarm: p2ptrain report --swarm"
+        )
+    return Card("peer", ledger.run_id, (ledger,))
+
+
+def _swarm_card(directory: Path, run_id: str | None, invite: str | None, peers: list[str]):
+    from p2ptrain.errors import ConfigError
+    from p2ptrain.fileio import read_json
+    from p2ptrain.invite import decode_invite
+    from p2ptrain.ledger_records import gather_swarm
+    from p2ptrain.peer import recall_swarm
+    from p2ptrain.report import Card
+
+    manifest_hash = None
+    remembered = recall_swarm(directory)
+    running = read_json(directory / "status.json")  # a peer running here: its invite names its own address
+    running = running if isinstance(running, dict) else {}
+    if not invite and not peers and not remembered.get("peers") and running.get("invite"):
+        invite, run_id = running["invite"], run_id or running.get("run_id")
+    if invite:
+        decoded = decode_invite(invite)
+        peers, manifest_hash = peers or list(decoded.peers), decoded.manifest_hash
+    else:
+        run_id = run_id or remembered.get("run_id")
+        peers = peers or [p for p in remembered.get("peers", []) if isinstance(p, str)]
+    if not peers or not (run_id or manifest_hash):
+        raise ConfigError(
+            "which swarm? Give --invite, or --initial-peers with --run-id (a peer that joined one remembers it)"
+        )
+    found = gather_swarm(peers, run_id, manifest_hash)
+    if not found.ledgers and not found.rejected:
+        raise ConfigError(f"no peer of swarm {run_id or 'from the invite'} has published a ledger yet")
+    name = found.ledgers[0].run_id if found.ledgers else str(run_id)
+    return Card("swarm", name, tuple(found.ledgers), tuple(found.rejected))
 
 
 @config_app.callback(invoke_without_command=True)
@@ -554,4 +719,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    code = main()
+    # Everything is stopped and written by now. The interpreter's last full garbage collection of torch's,
+    # hivemind's and codecarbon's objects took 2-5 s on a busy 2-core machine, eating into the ≤ 10 s that
+    # SIGTERM may take; frozen objects are skipped by it (refcounted ones are still freed).
+    gc.freeze()
+    sys.exit(code)

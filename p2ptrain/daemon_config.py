@@ -6,11 +6,12 @@
     p2ptrain config unset idle.schedule          # back to the default
 
 A missing file means every default (safe ones: pause for any game, 90% of GPU memory at most, stop
-at 83 °C, pause on battery). Three tables::
+at 83 °C, pause on battery). Four tables::
 
     [swarm]  model, invite                         what to join
     [peer]   data_dir, device, batch_size, port, … ``settings.PeerSettings`` fields
-    [idle]   quiet_period_s, schedule, caps, …    ``idle_policy.IdleSettings`` fields
+    [idle]   quiet_period_s, schedule, caps, …    ``idle_policy.IdleSettings`` fields (carbon-aware mode too)
+    [energy] country, intensity_source, meter, …  ``energy_settings.EnergySettings`` fields
 
 Configuration flows one way: this file → ``DaemonConfig`` (typed, validated; an unknown key is an
 error naming it) → ``PeerSettings`` / ``IdleSettings`` (environment variables and flags still win
@@ -27,6 +28,7 @@ from typing import Any
 
 import tomli_w
 
+from p2ptrain.energy_settings import EnergySettings
 from p2ptrain.errors import ConfigError
 from p2ptrain.fileio import atomic_write_bytes
 from p2ptrain.idle_policy import IdleSettings
@@ -44,8 +46,9 @@ class SwarmChoice:
     invite: str = ""  # a researcher's invite (p2pt1-…); empty: rejoin the last swarm, or one training `model`
 
 
-PEER_KEYS = tuple(f.name for f in fields(PeerSettings))
-TABLES: dict[str, type] = {"swarm": SwarmChoice, "peer": PeerSettings, "idle": IdleSettings}
+PEER_KEYS = tuple(f.name for f in fields(PeerSettings) if f.name != "energy")
+TABLES: dict[str, type] = {"swarm": SwarmChoice, "peer": PeerSettings, "idle": IdleSettings, "energy": EnergySettings}
+SECRET_KEYS = ("energy.electricitymaps_token",)  # shown as "(set)" by `p2ptrain config`
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,11 @@ class DaemonConfig:
     peer: dict[str, Any] = field(default_factory=dict)  # PeerSettings overrides (validated by peer_settings)
     idle: IdleSettings = field(default_factory=IdleSettings)
     path: Path | None = None  # where it was read from
+    energy: dict[str, Any] = field(default_factory=dict)  # EnergySettings overrides (validated by peer_settings)
 
     def peer_settings(self, flags: Mapping[str, Any], env: Mapping[str, str]) -> PeerSettings:
         """defaults < this file < P2PTRAIN_* environment < flags; the [idle] caps that torch applies are added."""
-        settings = resolve_settings(flags, env, base=self.peer)
+        settings = resolve_settings(flags, env, base=self.peer, energy=self.energy)
         idle = {"gpu_memory_fraction": self.idle.max_gpu_memory_fraction}
         if self.idle.cpu_threads:
             idle["torch_threads"] = self.idle.cpu_threads
@@ -104,9 +108,11 @@ def build_config(raw: dict[str, dict[str, Any]], path: Path | None = None) -> Da
         idle = IdleSettings(**_typed("idle", raw.get("idle", {})))
         peer = _typed("peer", raw.get("peer", {}))
         PeerSettings(**{"data_dir": Path("."), **peer})  # validates the values now, not when the daemon starts
+        energy = _typed("energy", raw.get("energy", {}))
+        EnergySettings(**energy)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return DaemonConfig(swarm, peer, idle, path)
+    return DaemonConfig(swarm, peer, idle, path, energy)
 
 
 def set_value(env: Mapping[str, str], dotted: str, text: str | None, path: Path | None = None) -> Path:
@@ -133,16 +139,21 @@ def describe(config: DaemonConfig) -> list[tuple[str, Any, bool]]:
     rows = []
     for table, cls in TABLES.items():
         for f in fields(cls):
-            if table == "peer":
-                value = config.peer.get(f.name, "(default)" if f.name == "data_dir" else f.default)
+            if table == "peer" and f.name == "energy":
+                continue  # its own table
+            if table in ("peer", "energy"):
+                overrides = getattr(config, table)
+                value = overrides.get(f.name, "(default)" if f.name == "data_dir" else f.default)
             else:
                 value = getattr(getattr(config, table), f.name)
+            if f"{table}.{f.name}" in SECRET_KEYS and value:
+                value = "(set)"
             rows.append((f"{table}.{f.name}", value, f.name in raw.get(table, {})))
     return rows
 
 
 def _names(table: str) -> set[str]:
-    return {f.name for f in fields(TABLES[table])}
+    return {f.name for f in fields(TABLES[table]) if not (table == "peer" and f.name == "energy")}
 
 
 def _kind(table: str, key: str) -> str:

@@ -67,3 +67,9 @@ class CheckpointError(P2PTrainError):
     """The local checkpoint exists but cannot be read."""
 
     exit_code = ExitCode.CHECKPOINT
+
+
+class LedgerInvalid(P2PTrainError):
+    """An energy ledger (a file or a DHT record) is malformed, forged, or its numbers are impossible."""
+
+    exit_code = ExitCode.CHECKPOINT  # like a checkpoint, it is this peer's saved state

@@ -11,6 +11,9 @@ where the machine can tell:
 - outside the ``schedule`` windows (local time, ``"01:00-08:00"``, windows may wrap midnight);
 - hotter than ``max_gpu_temperature_c``: pause until ``TEMPERATURE_HYSTERESIS_C`` below it;
 - on battery (``pause_on_battery``);
+- carbon-aware mode: the grid's carbon intensity (``carbon.GridIntensity``, from the daemon's
+  ``IntensityWatcher``) is above ``max_grid_g_co2_per_kwh``, or, where the source gives a forecast,
+  the current period is not among the ``cleanest_hours`` cleanest hours of the next 24 h (rolling);
 - paused by hand (``p2ptrain pause``, or a PC café's seat software calling it).
 
 Caps that throttle rather than pause: a GPU power cap the driver would not set, and upload/download
@@ -25,6 +28,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from p2ptrain.carbon import GridIntensity, cleanest_cutoff, current_period
 from p2ptrain.errors import ConfigError
 from p2ptrain.machine_sensors import MachineFacts
 
@@ -54,6 +58,10 @@ class IdleSettings:
     max_download_mbit: float = 0.0  # average download cap, 0 = none
     pause_on_battery: bool = True
     poll_s: float = 2.0  # how often the daemon reads the machine
+    # carbon-aware mode (the intensity comes from [energy]: a live source, else the country's average)
+    max_grid_g_co2_per_kwh: float = 0.0  # pause while the grid emits more than this per kWh; 0 = off
+    cleanest_hours: float = 0.0  # train only while now is among the N cleanest hours of the next 24 h of forecast
+    #   (a rolling window: once those hours pass, the cleanest of what remains qualify); needs a forecast; 0 = off
     gpu_sensor: str = "auto"  # where GPU facts come from: auto (NVML if present), nvml, none, fake:<json file>
 
     def __post_init__(self) -> None:
@@ -66,6 +74,8 @@ class IdleSettings:
             (self.cpu_threads >= 0, "cpu_threads must be ≥ 0"),
             (self.max_upload_mbit >= 0 and self.max_download_mbit >= 0, "bandwidth caps must be ≥ 0"),
             (0.1 <= self.poll_s <= 60, "poll_s must be in [0.1, 60]"),
+            (0 <= self.max_grid_g_co2_per_kwh <= 3000, "max_grid_g_co2_per_kwh must be in [0, 3000]"),
+            (0 <= self.cleanest_hours <= 24, "cleanest_hours must be in [0, 24]"),
             (
                 self.gpu_sensor in ("auto", "nvml", "none") or self.gpu_sensor.startswith("fake:"),
                 "gpu_sensor must be auto, nvml, none or fake:<path>",
@@ -112,9 +122,11 @@ class IdlePolicy:
         traffic: Traffic | None = None,
         manual: str | None = None,
         own_gpu_mb: float = 0.0,
+        grid: GridIntensity | None = None,
     ) -> Verdict:
-        """``now``: a monotonic clock (s); ``local_time``: for the schedule; ``manual``: why paused by hand;
-        ``own_gpu_mb``: GPU memory this peer holds (torch's reserved memory)."""
+        """``now``: a monotonic clock (s); ``local_time``: for the schedule (and the forecast: its ``timestamp()``);
+        ``manual``: why paused by hand; ``own_gpu_mb``: GPU memory this peer holds (torch's reserved memory);
+        ``grid``: the grid's carbon intensity now, for carbon-aware mode."""
         s, reasons = self.settings, []
         if manual:
             reasons.append(f"paused by hand ({manual})")
@@ -148,6 +160,8 @@ class IdlePolicy:
                 reasons.append(f"GPU at {facts.temperature_c:.0f} °C (limit {limit:.0f} °C)")
         if s.pause_on_battery and facts.on_battery:
             reasons.append("on battery")
+        if grid is not None:
+            reasons += carbon_reasons(s, grid, local_time.timestamp())
         if reasons:
             return Verdict(False, tuple(reasons), self._duty)
         return Verdict(True, (), *self._throttle(facts, traffic))
@@ -172,6 +186,23 @@ class IdlePolicy:
         if self._duty < 1.0 and not notes:
             notes = ("recovering from a cap",)
         return self._duty, notes
+
+
+def carbon_reasons(s: IdleSettings, grid: GridIntensity, now_unix: float) -> list[str]:
+    """Why carbon-aware mode pauses now (empty: it does not)."""
+    reasons = []
+    g, limit = grid.g_co2_per_kwh, s.max_grid_g_co2_per_kwh
+    if limit and g > limit:
+        reasons.append(f"grid at {g:.0f} g CO2e/kWh, above {limit:.0f} ({grid.source})")
+    if s.cleanest_hours:
+        cutoff = cleanest_cutoff(grid.forecast, now_unix, s.cleanest_hours)
+        period = current_period(grid.forecast, now_unix)
+        if cutoff is not None and period is not None and period.g_co2_per_kwh > cutoff:
+            reasons.append(
+                f"not among the {s.cleanest_hours:g} cleanest hours of the forecast: "
+                f"{period.g_co2_per_kwh:.0f} g CO2e/kWh now, those hours ≤ {cutoff:.0f} ({grid.source})"
+            )
+    return reasons
 
 
 def in_schedule(local_time: dt.datetime, windows: Iterable[str]) -> bool:

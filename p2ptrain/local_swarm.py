@@ -215,6 +215,27 @@ def _table(swarm: LocalSwarm, epochs: int):
     return table
 
 
+def report_card(swarm: LocalSwarm, statuses: dict[str, dict[str, Any]]) -> str | None:
+    """The swarm's report card from the peers' ledger files (`p2ptrain report --swarm` reads the same from the DHT)."""
+    from p2ptrain.errors import LedgerInvalid
+    from p2ptrain.ledger import ledger_path, load_ledger
+    from p2ptrain.report import Card, render_text
+
+    run_id = next((s["run_id"] for s in statuses.values() if s.get("run_id")), None)
+    if run_id is None:
+        return None
+    ledgers = []
+    for peer in swarm.peers.values():
+        try:
+            ledger = load_ledger(ledger_path(peer.data_dir, run_id))
+        except LedgerInvalid as e:
+            logger.warning("%s: %s", peer.name, e)
+            continue
+        if ledger is not None:
+            ledgers.append(ledger)
+    return render_text(Card("swarm", run_id, tuple(ledgers))) if ledgers else None
+
+
 def _summary(console, swarm: LocalSwarm, wall_s: float, interrupted: bool) -> int:
     statuses = {name: peer.status() for name, peer in swarm.peers.items()}
     history = max((s.get("val_history") or [] for s in statuses.values()), key=len, default=[])
@@ -228,6 +249,10 @@ def _summary(console, swarm: LocalSwarm, wall_s: float, interrupted: bool) -> in
     if history:
         (e0, l0), (e1, l1) = history[0], history[-1]
         console.print(f"  held-out loss: {l0:.3f} at global step {e0} → {l1:.3f} at global step {e1}")
+    card = report_card(swarm, statuses)
+    if card is not None:
+        console.print()
+        console.print(card, markup=False, highlight=False, soft_wrap=True)
     if failed:
         console.print(f"  peers that failed: {', '.join(failed)} (logs in {swarm.base_dir})")
         return 1

@@ -9,11 +9,12 @@
 5. build tokenizer, data shard, model (seeded: identical on every peer) and hivemind's Optimizer;
 6. resume from the local checkpoint if there is one;
 7. publish the swarm records and this peer's membership (every member does, so the swarm outlives
-   its seeder), print the invite;
+   its seeder), print the invite; start the energy ledger (meter, grid intensity, signed DHT record);
 8. train in a worker thread (first catching up from peers if they are ahead) until stopped or
    `--max-epochs`;
-9. shut down in a fixed order: abandon the averaging round after a grace period, remember peers,
-   say goodbye (Optimizer), write the checkpoint, stop the DHT, reap every child process.
+9. shut down in a fixed order: abandon the averaging round after a grace period, write and publish
+   the energy ledger, remember peers, say goodbye (Optimizer), write the checkpoint, stop the DHT,
+   reap every child process.
 
 Only ``cli.main`` installs signal handlers; they set the ``stop`` event passed in here.
 """
@@ -39,13 +40,17 @@ from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
 from p2ptrain import discovery, p2p_stack, reachability
 from p2ptrain import manifest as mf
+from p2ptrain.carbon import IntensityWatcher, alpha3
 from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.data import Corpus, open_corpus
+from p2ptrain.energy_meter import open_meter
 from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortInUse
 from p2ptrain.fileio import atomic_write_json, read_json
 from p2ptrain.gate import Gate
 from p2ptrain.identity import author_key, ensure_private_dir, lock_data_dir, p2p_identity_path
 from p2ptrain.invite import Invite
+from p2ptrain.ledger import Accountant, ledger_path, open_ledger
+from p2ptrain.ledger_records import LedgerValidator, identity_key, publish_ledger
 from p2ptrain.models import build_model, check_context, count_parameters, model_spec
 from p2ptrain.processes import descendants, die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
@@ -79,8 +84,12 @@ def run_peer(
     stop: threading.Event,
     announce: Callable[[str], None] = print,
     gate: Gate | None = None,
+    intensity: IntensityWatcher | None = None,
 ) -> None:
     """Run one peer until ``stop`` is set or ``settings.max_epochs`` is reached.
+
+    ``gate`` and ``intensity`` come from the volunteer daemon, which owns them; without, the peer always
+    trains and watches the grid intensity itself.
 
     Raises:
         P2PTrainError: a subclass naming what is wrong with the input, the data or the network.
@@ -97,6 +106,8 @@ def run_peer(
             torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
         check_port_free(settings.host, settings.port)
         peer_id = ensure_identity(data_dir)
+        own_intensity = intensity is None
+        intensity = intensity or IntensityWatcher(settings.energy)  # a bad country fails here, before the network
         status.update(peer_id=peer_id.to_base58())
         logger.info("Peer %s, data in %s, training on %s", peer_id.to_base58(), data_dir, device)
         logger.debug("Settings: %s", settings.to_record())
@@ -117,12 +128,14 @@ def run_peer(
         trainer: Trainer | None = None
         republisher: discovery.Republisher | None = None
         reach: reachability.Checker | None = None
+        accountant: Accountant | None = None
         worker: threading.Thread | None = None
         failure: list[BaseException] = []
         try:
             # 4. the swarm
             status.update(state="joining")
             manifest, envelope = seeded or resolve_swarm(dht, request, data_dir)
+            dht.add_validators([LedgerValidator([manifest.run_id])])  # nobody can store another peer's ledger
             if corpus is None:
                 tokenizer, corpus = open_data(manifest, peer_id)
             # 5. build
@@ -160,6 +173,9 @@ def run_peer(
                 run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
             )
             announce(describe_swarm(manifest, peer_id, invite, count_parameters(model)))
+            accountant = start_ledger(settings, data_dir, manifest, peer_id, model, device, dht, intensity)
+            if own_intensity:
+                intensity.start()
 
             def checkpoint() -> None:
                 save_checkpoint(
@@ -173,7 +189,7 @@ def run_peer(
                 status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
 
             trainer = Trainer(
-                model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps, gate
+                model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps, gate, accountant
             )
 
             # 8. train
@@ -200,6 +216,11 @@ def run_peer(
                 clock.lap("finish the step")
             if reach is not None:
                 reach.stop()
+            if accountant is not None:  # while the DHT still runs: the final ledger is published
+                accountant.stop()
+                clock.lap("energy ledger")
+            if own_intensity:
+                intensity.stop(timeout_s=0.5)
             if republisher is not None:  # while the DHT answers promptly (see start_dht)
                 republisher.stop()
                 remember_swarm(data_dir, manifest, envelope, dht)
@@ -227,6 +248,39 @@ def run_peer(
             logger.info("Stopped in %.1f s (%s)", clock.total(), clock.summary())
         if failure:
             raise failure[0]
+
+
+def start_ledger(
+    settings: PeerSettings,
+    data_dir: Path,
+    manifest: mf.SwarmManifest,
+    peer_id: PeerID,
+    model: torch.nn.Module,
+    device: torch.device,
+    dht: hivemind.DHT,
+    intensity: IntensityWatcher,
+) -> Accountant:
+    """This peer's energy ledger for the swarm (``ledger.py``): opened, described, and its thread started."""
+    path = ledger_path(data_dir, manifest.run_id)
+    ledger = open_ledger(path, manifest.run_id, peer_id.to_base58())
+    ledger.model, ledger.model_params = manifest.model, count_parameters(model)
+    ledger.device = "gpu" if device.type == "cuda" else "cpu"
+    ledger.country = alpha3(settings.energy.country) if settings.energy.country else ""
+    key = identity_key(data_dir)
+    accountant = Accountant(
+        path,
+        ledger,
+        open_meter(settings.energy.meter, settings.energy.tracking),
+        intensity.current,
+        settings.energy.ledger_every_s,
+        publish=lambda led: publish_ledger(dht, led, key, timeout_s=FINAL_PUBLISH_S),
+    )
+    accountant.start()
+    logger.info("Energy ledger %s (grid: %s)", path, intensity.current().source)
+    return accountant
+
+
+FINAL_PUBLISH_S = 2.0  # a ledger store waits at most this (the last one is part of a ≤ 10 s shutdown)
 
 
 class ShutdownClock:

@@ -5,7 +5,9 @@ Configuration flows one way: CLI flags → ``resolve_settings`` → ``PeerSettin
 
     defaults  <  [peer] in the daemon's config file  <  P2PTRAIN_<FIELD> environment variables  <  flags
 
-(e.g. ``P2PTRAIN_DATA_DIR=/srv/p2ptrain``; list fields take comma-separated values). Components
+(e.g. ``P2PTRAIN_DATA_DIR=/srv/p2ptrain``; list fields take comma-separated values). The energy settings
+(``energy_settings.EnergySettings``, the ``[energy]`` table) merge the same way into ``PeerSettings.energy``
+(``P2PTRAIN_COUNTRY=FRA``, ``--country FRA``). Components
 take a ``PeerSettings`` and never read the environment or files. What the whole swarm shares
 (model, dataset, optimizer) is the signed ``manifest.SwarmManifest``, not this.
 """
@@ -14,10 +16,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from p2ptrain.energy_settings import EnergySettings
 from p2ptrain.errors import ConfigError
 
 ENV_PREFIX = "P2PTRAIN_"
@@ -48,6 +51,7 @@ class PeerSettings:
     wait_for_peers_s: float = 600.0
     stop_grace_s: float = 3.0  # on Ctrl+C, wait this long for the current step before abandoning it
     log_level: str = "INFO"  # INFO: what a volunteer cares about; DEBUG: everything
+    energy: EnergySettings = field(default_factory=EnergySettings)  # metering and grid carbon intensity
 
     def __post_init__(self) -> None:
         problems = [
@@ -81,7 +85,9 @@ class PeerSettings:
 
     def to_record(self) -> dict[str, Any]:
         """JSON-able form, stored in checkpoints and logged at start-up."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        record["energy"] = self.energy.to_record()  # without the API token
+        return record
 
 
 def _parse(name: str, kind: str, text: str) -> Any:
@@ -104,18 +110,28 @@ def _parse(name: str, kind: str, text: str) -> Any:
 
 
 def resolve_settings(
-    flags: Mapping[str, Any], env: Mapping[str, str], base: Mapping[str, Any] | None = None
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    base: Mapping[str, Any] | None = None,
+    energy: Mapping[str, Any] | None = None,
 ) -> PeerSettings:
-    """Merge defaults < ``base`` (the daemon's config file) < environment < flags (None counts as not given)."""
+    """Merge defaults < ``base``/``energy`` (the daemon's config file) < environment < flags (None: not given).
+
+    ``flags`` may name fields of ``PeerSettings`` and of ``EnergySettings`` (``country``, ``meter``, ...).
+    """
     values: dict[str, Any] = {"data_dir": default_data_dir(env), **(base or {})}
-    for f in fields(PeerSettings):
-        text = env.get(ENV_PREFIX + f.name.upper())
-        if text is not None:
-            values[f.name] = _parse(f.name, str(f.type), text)
+    energy_values: dict[str, Any] = dict(energy or {})
+    for cls, into in ((PeerSettings, values), (EnergySettings, energy_values)):
+        for f in fields(cls):
+            text = env.get(ENV_PREFIX + f.name.upper())
+            if text is not None and f.name != "energy":
+                into[f.name] = _parse(f.name, str(f.type), text)
+    energy_names = {f.name for f in fields(EnergySettings)}
     for name, value in flags.items():
         if value is not None:
-            values[name] = tuple(value) if isinstance(value, list) else value
+            into = energy_values if name in energy_names else values
+            into[name] = tuple(value) if isinstance(value, list) else value
     values["data_dir"] = Path(values["data_dir"]).expanduser()
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
-    return PeerSettings(**values)
+    return PeerSettings(**values, energy=EnergySettings(**energy_values))

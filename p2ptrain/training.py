@@ -28,6 +28,7 @@ from p2ptrain.codecs import DENSE, Level
 from p2ptrain.data import Corpus
 from p2ptrain.gate import Gate
 from p2ptrain.idle_policy import Verdict
+from p2ptrain.ledger import Accountant
 from p2ptrain.local_updates import LocalUpdateOptimizer
 from p2ptrain.manifest import AveragingSpec, SwarmManifest
 from p2ptrain.settings import PeerSettings
@@ -161,11 +162,13 @@ class Trainer:
         save_checkpoint: Callable[[], None],
         local_steps: int = 0,
         gate: Gate | None = None,
+        ledger: Accountant | None = None,
     ):
         self.model, self.opt, self.corpus, self.manifest = model, optimizer, corpus, manifest
         self.settings, self.device, self.status, self._save = settings, device, status, save_checkpoint
         self.local_steps = local_steps
         self.gate = gate  # the volunteer daemon's idle policy; None: always train
+        self.ledger = ledger  # the energy ledger: told of every step and every pause (µs, no I/O)
         self.compute_s = 0.0  # seconds in forward/backward (compute utilization = compute_s / wall)
         self.val_s = 0.0  # seconds measuring the held-out loss
         self._val_blocks = corpus.val_blocks()
@@ -203,6 +206,15 @@ class Trainer:
         self.catch_up()
         if self.settings.validate_every:
             logger.info("Held-out loss at global step %d: %.4f", self.opt.local_epoch, self.validate())
+        if self.ledger is not None:
+            self.ledger.set_active(True)
+        try:
+            self._loop(stop)
+        finally:
+            if self.ledger is not None:
+                self.ledger.set_active(False)
+
+    def _loop(self, stop: threading.Event) -> None:
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
         self.status.update(training_since=time.time())
         while not stop.is_set() and not (self.settings.max_epochs and epoch >= self.settings.max_epochs):
@@ -226,6 +238,8 @@ class Trainer:
                 self.opt.zero_grad()
             self.local_steps += 1
             samples += len(blocks)
+            if self.ledger is not None:
+                self.ledger.on_step(len(blocks), blocks[:, 1:].numel(), step_s)  # tokens predicted: B × T
             value = loss.item()
             if not math.isfinite(value):
                 logger.warning(
@@ -251,6 +265,8 @@ class Trainer:
     def _pause(self, verdict: Verdict) -> None:
         """Step aside: land or cancel averaging rounds, give the GPU's memory back, say why."""
         logger.info("Paused: %s", "; ".join(verdict.reasons))
+        if self.ledger is not None:
+            self.ledger.set_active(False)
         if hasattr(self.opt, "wait_for_round"):
             self.opt.wait_for_round(timeout=self.manifest.averaging.averaging_timeout_s)
         else:
@@ -263,6 +279,8 @@ class Trainer:
         with self.lock:
             self.move_to(self.device)
         self._idle(paused_s)
+        if self.ledger is not None:
+            self.ledger.set_active(True)
         logger.info("Resumed after %.0f s paused", paused_s)
         self.status.update(state="training", paused_reasons=[], paused_since=None)
         self.catch_up()

@@ -7,9 +7,10 @@
 1. read the config file (``daemon_config``): what to join, peer settings, the idle policy;
 2. take the daemon's lock on the data dir (one daemon per data dir; the peer inside takes its own);
 3. open the GPU sensor; cap the GPU's power through NVML where permitted (else the policy throttles);
+   start watching the grid's carbon intensity (``carbon.IntensityWatcher``: live source or country average);
 4. start the control endpoint (``control``) and the watcher thread: every ``poll_s`` it reads the
-   machine, asks ``IdlePolicy`` for a verdict, sets the trainer's ``Gate``, and logs every pause and
-   resume with its reasons (also kept for `status`);
+   machine and the grid intensity, asks ``IdlePolicy`` for a verdict, sets the trainer's ``Gate``, and
+   logs every pause and resume with its reasons (also kept for `status`);
 5. run the peer (``peer.run_peer`` with the gate) until stopped; a peer that fails for a reason a
    retry may fix (network, a bad peer) is restarted after a growing back-off, from its checkpoint and
    with the same identity; a configuration error ends the daemon (a restart would fail the same way);
@@ -31,13 +32,15 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from p2ptrain.carbon import IntensityWatcher
 from p2ptrain.control import ControlServer
 from p2ptrain.daemon_config import DaemonConfig, set_value
-from p2ptrain.errors import ConfigError, P2PTrainError
+from p2ptrain.errors import ConfigError, LedgerInvalid, P2PTrainError
 from p2ptrain.fileio import read_json
 from p2ptrain.gate import Gate
 from p2ptrain.identity import ensure_private_dir, lock_data_dir
 from p2ptrain.idle_policy import IdlePolicy, Traffic, Verdict
+from p2ptrain.ledger import ledger_path, load_ledger
 from p2ptrain.machine_sensors import GpuSensor, TrafficMeter, open_sensor
 from p2ptrain.processes import descendants
 from p2ptrain.settings import PeerSettings
@@ -60,6 +63,7 @@ class Daemon:
         self.meter = TrafficMeter()
         self._deciding = threading.Lock()
         self.policy: IdlePolicy | None = None
+        self.intensity: IntensityWatcher | None = None
 
     # 1-6: the lifecycle ---------------------------------------------------------------------------
 
@@ -73,6 +77,8 @@ class Daemon:
         self.sensor = open_sensor(idle.gpu_sensor)
         power_capped = bool(idle.gpu_power_limit_w) and self.sensor.set_power_limit(idle.gpu_power_limit_w)
         policy = self.policy = IdlePolicy(idle, power_limit_applied=power_capped)
+        intensity = self.intensity = IntensityWatcher(self.settings.energy)
+        warn_if_carbon_mode_cannot_train(idle, intensity)
         server = ControlServer(data_dir, self.handle)
         watcher = threading.Thread(target=self._watch, args=(policy,), name="idle-watcher", daemon=True)
         logger.info(
@@ -83,13 +89,16 @@ class Daemon:
             server.path,
         )
         try:
+            intensity.start()
             self._decide(policy)  # the first verdict is in place before the peer's first step
             watcher.start()
             invite = decode_invite(self.config.swarm.invite) if self.config.swarm.invite else None
             request = JoinRequest(self.config.swarm.model, invite)
             while not self.stop.is_set():
                 try:
-                    run_peer(self.settings, request, self.stop, announce=logger.info, gate=self.gate)
+                    run_peer(
+                        self.settings, request, self.stop, announce=logger.info, gate=self.gate, intensity=intensity
+                    )
                     break  # stopped, or --max-epochs reached
                 except ConfigError:
                     raise
@@ -107,6 +116,7 @@ class Daemon:
             self.stop.set()
             if watcher.is_alive():
                 watcher.join(5.0)
+            intensity.stop(timeout_s=0.5)
             server.close()
             lock.close()
             logger.info("Daemon stopped")
@@ -130,7 +140,10 @@ class Daemon:
         facts = self.sensor.read()
         rates = self.meter.rates(time.monotonic(), pids) if self._caps_bandwidth() else None
         traffic = Traffic(*rates) if rates else None
-        verdict = policy.decide(time.monotonic(), dt.datetime.now(), facts, pids, traffic, self.manual, own_gpu_mb())
+        grid = self.intensity.current() if self.intensity is not None else None
+        verdict = policy.decide(
+            time.monotonic(), dt.datetime.now(), facts, pids, traffic, self.manual, own_gpu_mb(), grid
+        )
         before = self.gate.verdict
         self.gate.set(verdict)
         if verdict.run != before.run or (not verdict.run and _kinds(verdict) != _kinds(before)):
@@ -172,6 +185,8 @@ class Daemon:
             "events": list(self.events),
             "restarts": self.restarts,
             "peer": {k: peer.get(k) for k in PEER_FIELDS if k in peer},
+            "ledger": ledger_summary(self.settings.data_dir, peer.get("run_id")),
+            "grid": grid_summary(self.intensity),
         }
 
 
@@ -196,6 +211,56 @@ PEER_FIELDS = (
 )
 
 
+def ledger_summary(data_dir, run_id: Any) -> dict[str, Any] | None:
+    """This peer's ledger totals in its current swarm, for `status` (None before its first ledger write)."""
+    if not isinstance(run_id, str) or not run_id:
+        return None
+    try:
+        ledger = load_ledger(ledger_path(data_dir, run_id))
+    except LedgerInvalid as e:
+        return {"error": str(e)}
+    if ledger is None:
+        return None
+    return {
+        "samples": ledger.samples,
+        "tokens": ledger.tokens,
+        "device": ledger.device,
+        "device_s": ledger.device_s,
+        "energy_kwh": ledger.energy_kwh,
+        "g_co2e": ledger.g_co2e,
+        "intensity_source": ledger.intensity_source,
+        "meter": ledger.meter,
+        "since": ledger.started_at,
+    }
+
+
+def grid_summary(intensity: IntensityWatcher | None) -> dict[str, Any] | None:
+    if intensity is None:
+        return None
+    grid = intensity.current()
+    return {"g_co2_per_kwh": grid.g_co2_per_kwh, "source": grid.source, "forecast_periods": len(grid.forecast)}
+
+
+def warn_if_carbon_mode_cannot_train(idle: Any, intensity: IntensityWatcher) -> None:
+    """A fixed yearly average above the limit would pause training for good: say so at start."""
+    if idle.max_grid_g_co2_per_kwh and intensity.source is None:
+        average = intensity.fallback.g_co2_per_kwh
+        if average > idle.max_grid_g_co2_per_kwh:
+            logger.warning(
+                "Carbon-aware mode: the %s is above idle.max_grid_g_co2_per_kwh = %.0f and never changes, so "
+                "training will stay paused. Use a live source (energy.intensity_source uk or electricitymaps) "
+                "or raise the limit.",
+                intensity.fallback.source,
+                idle.max_grid_g_co2_per_kwh,
+            )
+    if idle.cleanest_hours and intensity.source is None:
+        logger.warning(
+            "Carbon-aware mode: idle.cleanest_hours needs a forecast, and the %s has none: it has no effect. "
+            "Set energy.intensity_source uk (GB) or electricitymaps.",
+            intensity.fallback.source,
+        )
+
+
 def _kinds(verdict: Verdict) -> list[str]:
     """The reasons without their numbers: a countdown ("quiet for 2 s of 3 s") is one pause, not many."""
     return [re.split(r"[\d(:]", reason)[0] for reason in verdict.reasons]
@@ -215,6 +280,10 @@ def describe_policy(idle: Any) -> str:
         parts.append(f"≤ {idle.max_upload_mbit:g}/{idle.max_download_mbit:g} Mbit/s up/down")
     if idle.pause_on_battery:
         parts.append("pause on battery")
+    if idle.max_grid_g_co2_per_kwh:
+        parts.append(f"pause above {idle.max_grid_g_co2_per_kwh:.0f} g CO2e/kWh")
+    if idle.cleanest_hours:
+        parts.append(f"train in the {idle.cleanest_hours:g} cleanest hours of the forecast")
     return ", ".join(parts) or "always train"
 
 

@@ -25,3 +25,83 @@ def manifest(key) -> SwarmManifest:
         target_batch_size=16,
         created_at=1_790_000_000,
     )
+
+
+class FakeGridApi:
+    """A live grid-intensity source on 127.0.0.1 (the machine has no internet): GB's Carbon Intensity API and
+    Electricity Maps' routes, answering what the test sets; ``hang_s`` holds every answer (a source that is
+    down but accepts connections); ``requests`` records each request's path and auth-token."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+        import time
+
+        self.routes: dict[str, tuple[int, bytes]] = {}
+        self.hang_s = 0.0
+        self.requests: list[tuple[str, str | None]] = []
+        self._stop = threading.Event()
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                api.requests.append((self.path, self.headers.get("auth-token")))
+                deadline = time.monotonic() + api.hang_s
+                while time.monotonic() < deadline and not api._stop.is_set():
+                    time.sleep(0.05)
+                route = next((r for r in api.routes if self.path.startswith(r)), None)
+                status, body = api.routes[route] if route else (404, b'{"error": "no such route"}')
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client gave up (its timeout)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def answer(self, path_prefix: str, value: object, status: int = 200) -> None:
+        import json
+
+        self.routes[path_prefix] = (status, value if isinstance(value, bytes) else json.dumps(value).encode())
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def grid_api():
+    api = FakeGridApi()
+    yield api
+    api.close()
+
+
+def uk_forecast(start: float, values: list[float], actual: float | None = None) -> dict:
+    """GB Carbon Intensity API's answer to /intensity/<from>/fw24h: half-hours from ``start`` (unix)."""
+    import datetime as dt
+
+    def iso(t: float) -> str:
+        return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+
+    rows = []
+    for i, value in enumerate(values):
+        t = start + 1800 * i
+        rows.append(
+            {
+                "from": iso(t),
+                "to": iso(t + 1800),
+                "intensity": {"forecast": value, "actual": actual if i == 0 else None, "index": "moderate"},
+            }
+        )
+    return {"data": rows}

@@ -1,4 +1,4 @@
-"""The idle policy on a virtual clock, the gate the trainer passes through, and the machine sensors."""
+"""The idle policy on a virtual clock (carbon-aware mode included), the gate the trainer passes through, the sensors."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import time
 import pytest
 import torch
 
+from p2ptrain.carbon import ForecastPeriod, GridIntensity
 from p2ptrain.errors import ConfigError
 from p2ptrain.gate import Gate
 from p2ptrain.idle_policy import IdlePolicy, IdleSettings, Traffic, Verdict, in_schedule
 from p2ptrain.machine_sensors import FakeSensor, GpuProcess, MachineFacts, TrafficMeter, open_sensor
+from p2ptrain.volunteer import describe_policy
 
 NOON = dt.datetime(2026, 11, 23, 12, 0)
 OURS = {100, 101}
@@ -194,3 +196,93 @@ def test_traffic_meter_counts_this_process_tcp_bytes_both_ways():
     finally:
         for s in (client, conn, server):
             s.close()
+
+
+# -- carbon-aware mode --------------------------------------------------------------------------------
+
+
+def grid(g: float, forecast=()) -> GridIntensity:
+    return GridIntensity(g, "fake intensity series", "uk", tuple(forecast))
+
+
+def test_carbon_aware_mode_pauses_above_the_limit_and_resumes_below_it():
+    policy = IdlePolicy(IdleSettings(max_grid_g_co2_per_kwh=250))
+    series = [180, 240, 250, 310, 420, 260, 200, 90]  # g CO2e/kWh, one value per 15 minutes
+    runs = [policy.decide(900.0 * i, NOON, facts(), OURS, grid=grid(g)).run for i, g in enumerate(series)]
+    assert runs == [True, True, True, False, False, False, True, True]
+    paused = policy.decide(0, NOON, facts(), OURS, grid=grid(420))
+    assert paused.reasons == ("grid at 420 g CO2e/kWh, above 250 (fake intensity series)",)
+    assert IdlePolicy(IdleSettings()).decide(0, NOON, facts(), OURS, grid=grid(2000)).run  # off by default
+
+
+def test_carbon_aware_mode_trains_in_the_cleanest_hours_of_the_forecast():
+    start = dt.datetime(2026, 11, 23, 0, 0).timestamp()
+    values = [300, 280, 120, 90, 100, 250, 400, 410] + [350] * 40  # 48 half-hours
+    forecast = [ForecastPeriod(start + 1800 * i, start + 1800 * (i + 1), g) for i, g in enumerate(values)]
+    policy = IdlePolicy(IdleSettings(cleanest_hours=1.5))  # the three cleanest half-hours: 90, 100, 120
+    runs = []
+    for i in range(8):
+        now = start + 1800 * i + 60
+        window = [p for p in forecast if p.end > now]  # the source's forecast always starts at the current period
+        verdict = policy.decide(i, dt.datetime.fromtimestamp(now), facts(), OURS, grid=grid(values[i], window))
+        runs.append(verdict.run)
+    # 120 and 90 are among the three cleanest of the next 24 h; once the trough has begun to pass, the window rolls
+    # on: at 100 and at 250 the cleanest three still ahead are 100/250/350 and 250/350/350; 400 and 410 never are
+    assert runs == [False, False, True, True, True, True, False, False]
+    out = policy.decide(0, dt.datetime.fromtimestamp(start + 60), facts(), OURS, grid=grid(300, forecast))
+    assert out.reasons[0].startswith("not among the 1.5 cleanest hours of the forecast: 300 g CO2e/kWh now, those")
+    # no forecast (a yearly average, or a source without one): this rule cannot apply and does not pause
+    assert policy.decide(0, NOON, facts(), OURS, grid=grid(300)).run
+
+
+def test_the_daemon_pauses_and_resumes_the_trainer_on_a_fake_intensity_series(tmp_path):
+    """The daemon's watcher step, a real Gate and a 'trainer' thread passing through it: the idle mechanism."""
+    from p2ptrain.daemon_config import build_config
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.volunteer import Daemon
+
+    class Series:  # what IntensityWatcher.current() would return, one value per call
+        def __init__(self, values):
+            self.values = list(values)
+
+        def current(self) -> GridIntensity:
+            return grid(self.values.pop(0) if len(self.values) > 1 else self.values[0])
+
+    config = build_config({"idle": {"max_grid_g_co2_per_kwh": 300.0, "gpu_sensor": f"fake:{tmp_path / 'gpu.json'}"}})
+    daemon = Daemon(config, PeerSettings(data_dir=tmp_path), threading.Event())
+    daemon.sensor, daemon.intensity = open_sensor(config.idle.gpu_sensor), Series([200, 350, 420, 280])
+    policy = IdlePolicy(config.idle)
+    calls, stop = [], threading.Event()
+
+    def trainer() -> None:
+        while not stop.is_set():
+            daemon.gate.pass_through(
+                stop, lambda v: calls.append(("pause", v.reasons[0])), lambda s: calls.append("resume")
+            )
+            stop.wait(0.02)
+
+    thread = threading.Thread(target=trainer)
+    try:
+        daemon._decide(policy)  # 200: train
+        thread.start()
+        daemon._decide(policy)  # 350: pause
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        daemon._decide(policy)  # 420: still paused
+        daemon._decide(policy)  # 280: resume
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert calls == [("pause", "grid at 350 g CO2e/kWh, above 300 (fake intensity series)"), "resume"]
+    assert [e["event"] for e in daemon.events] == ["pause", "resume"]
+    assert "pause above 300 g CO2e/kWh" in describe_policy(config.idle)
+
+
+def test_carbon_settings_are_checked():
+    with pytest.raises(ConfigError, match="max_grid_g_co2_per_kwh"):
+        IdleSettings(max_grid_g_co2_per_kwh=-1)
+    with pytest.raises(ConfigError, match="cleanest_hours"):
+        IdleSettings(cleanest_hours=25)

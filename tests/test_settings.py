@@ -59,3 +59,34 @@ def test_settings_record_is_json_friendly(tmp_path):
 
     record = resolve_settings({"data_dir": tmp_path}, {}).to_record()
     assert json.loads(json.dumps(record))["data_dir"] == str(tmp_path)
+
+
+def test_energy_settings_merge_file_then_environment_then_flags_and_hide_the_token(tmp_path):
+    import json
+
+    from p2ptrain.daemon_config import build_config, describe, load_config, set_value
+
+    config = build_config({"energy": {"country": "DEU", "intensity_source": "electricitymaps", "ledger_every_s": 30}})
+    env = {"HOME": str(tmp_path), "P2PTRAIN_COUNTRY": "FR", "P2PTRAIN_ELECTRICITYMAPS_TOKEN": "s3cret"}
+    energy = config.peer_settings({"meter": "none"}, env).energy
+    assert (energy.country, energy.intensity_source, energy.ledger_every_s) == ("FR", "electricitymaps", 30.0)
+    assert (energy.meter, energy.electricitymaps_token) == ("none", "s3cret")  # flag; environment
+    assert config.peer_settings({"country": "GB"}, env).energy.country == "GB"  # the flag beats the environment
+    record = json.dumps(config.peer_settings({}, env).to_record())  # logged and stored in checkpoints
+    assert "s3cret" not in record and '"electricitymaps_token": "(set)"' in record
+    set_value({}, "energy.electricitymaps_token", "s3cret", path=tmp_path / "config.toml")
+    in_file = load_config({"P2PTRAIN_CONFIG": str(tmp_path / "config.toml")})
+    assert ("energy.electricitymaps_token", "(set)", True) in describe(in_file)  # `p2ptrain config` hides it
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"country": "France"}, "not an ISO 3166 code"),
+        ({"intensity_source": "wind"}, "intensity_source must be one of"),
+        ({"meter": "wattmeter"}, "meter must be"),
+    ],
+)
+def test_bad_energy_settings_name_the_setting(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_settings(flags, {"HOME": "/tmp"})

@@ -3,21 +3,27 @@
 One scenario, in order, because each stage builds on the swarm the previous one left:
 three peers train → a late fourth catches up → one is SIGKILLed and the rest keep stepping →
 SIGTERM stops one within 10 s leaving no process → it restarts from its checkpoint and identity →
-all leave at the same global step with matching parameters, and held-out loss went down.
+all leave at the same global step with matching parameters, and held-out loss went down →
+`p2ptrain report --swarm`, read from the DHT after they left, equals the sum of their ledger files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
+import hivemind
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from p2ptrain.cli import main
 from p2ptrain.invite import decode_invite
+from p2ptrain.ledger import ledger_path, load_ledger
+from p2ptrain.ledger_records import LedgerValidator
 from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -48,12 +54,32 @@ def model_params(path) -> dict[str, torch.Tensor]:
 DAEMONS = {"py": dict.fromkeys("abcd", "py"), "mixed": {"a": "go", "b": "py", "c": "py", "d": "go"}}
 
 
+@pytest.fixture
+def dht_nodes():
+    """DHT nodes a test starts in its own process, shut down however the test ends."""
+    nodes: list[hivemind.DHT] = []
+    yield nodes
+    for node in nodes:
+        node.shutdown()
+
+
 @pytest.mark.parametrize("daemons", ["mixed", pytest.param("py", marks=pytest.mark.extended)])
-def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, daemons):
+def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, monkeypatch, capsys, dht_nodes, daemons):
+    monkeypatch.setenv("P2PTRAIN_LEDGER_EVERY_S", "5")  # the peers' energy ledgers (real codecarbon meter)
+    monkeypatch.setenv("P2PTRAIN_COUNTRY", "FRA")
     p2p = {name: ("--p2p", kind) for name, kind in DAEMONS[daemons].items()}
     with LocalSwarm(tmp_path, swarm_flags=SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
         a = swarm.seed("a", "--wait-for-peers", "3", *p2p["a"])
         invite = swarm.invite(a)
+        run_id = a.status()["run_id"]
+        # a DHT node that outlives the peers, as a long-running volunteer would: it keeps their ledger records
+        observer = hivemind.DHT(
+            start=True,
+            initial_peers=list(decode_invite(invite).peers),
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            record_validators=[LedgerValidator([run_id])],
+        )
+        dht_nodes.append(observer)
         b = swarm.join("b", "--invite", invite, "--wait-for-peers", "3", *p2p["b"])
         c = swarm.join("c", "--invite", invite, "--wait-for-peers", "3", *p2p["c"])
 
@@ -107,6 +133,31 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, daemons):
 
     finals = {p.name: p.status() for p in (a, d, b2)}
     assert all(s["epoch"] == FINAL_EPOCH and s["checkpoint_epoch"] == FINAL_EPOCH for s in finals.values()), finals
+
+    # the swarm's report card, from the DHT alone (every peer has left), is the sum of the peers' ledgers
+    argv = ["report", "--swarm", "--run-id", run_id, "--initial-peers", str(observer.get_visible_maddrs()[0])]
+    capsys.readouterr()
+    assert main([*argv, "--json"], env={"HOME": str(tmp_path)}) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert main(argv, env={"HOME": str(tmp_path)}) == 0
+    text = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + text)  # the report card, for the record
+    files = {name: load_ledger(ledger_path(tmp_path / name, run_id)) for name in ("a", "b", "c", "d")}
+    rows = {row["peer_id"]: row for row in card["peers"]}
+    assert set(rows) == {led.peer_id for led in files.values()}, (rows.keys(), files)
+    for name in ("a", "b", "d"):  # they left cleanly: their last ledger was published before their DHT stopped
+        led, row = files[name], rows[files[name].peer_id]
+        assert (row["samples"], row["tokens"]) == (led.samples, led.tokens) and led.tokens > 0, name
+        assert row["energy_kwh"] == led.energy_kwh > 0 and row["g_co2e"] == led.g_co2e > 0, name
+        assert row["device_hours"] == led.device_s / 3600 and row["country"] == "FRA", name
+    killed = rows[files["c"].peer_id]  # SIGKILLed: its record is its last publish, its file may be a tick newer
+    assert 0 < killed["tokens"] <= files["c"].tokens
+    published = [rows[led.peer_id] for led in files.values()]
+    assert card["totals"]["tokens"] == sum(row["tokens"] for row in published)
+    assert card["totals"]["energy_kwh"] == pytest.approx(sum(row["energy_kwh"] for row in published), rel=1e-12)
+    assert card["totals"]["kg_co2e"] == pytest.approx(sum(row["g_co2e"] for row in published) / 1000, rel=1e-12)
+    assert card["rejected_records"] == [] and card["model"] == "gpt2-tiny"
 
     # held-out loss went down
     history = finals["a"]["val_history"]
