@@ -407,9 +407,14 @@ def test_decentralized_averager_allreduce_four_peers(kinds):
                     start=True,
                 )  # fmt: skip
             )
-        futures = [a.step(wait=False, timeout=60) for a in averagers]
-        groups = [f.result(timeout=90) for f in futures]
-        assert all(g is not None and len(g) == len(kinds) for g in groups)
+        # on a loaded machine a round may gather only some of the peers; averaging within any group keeps the
+        # mean over all four, so a later round with everyone still has to land exactly on it (≤ 3 rounds)
+        for _ in range(3):
+            futures = [a.step(wait=False, timeout=60) for a in averagers]
+            groups = [f.result(timeout=90) for f in futures]
+            if all(g is not None and len(g) == len(kinds) for g in groups):
+                break
+        assert all(g is not None and len(g) == len(kinds) for g in groups), [len(g or ()) for g in groups]
         for averager in averagers:
             with averager.get_tensors() as (tensor,):
                 assert torch.allclose(tensor, expected, atol=1e-5)
