@@ -402,8 +402,8 @@ def test_decentralized_averager_allreduce_four_peers(kinds):
                     dht,
                     prefix="p2pd-test",
                     target_group_size=len(kinds),
-                    min_matchmaking_time=3.0,
-                    request_timeout=5.0,
+                    min_matchmaking_time=5.0,
+                    request_timeout=10.0,
                     start=True,
                 )  # fmt: skip
             )
@@ -411,7 +411,7 @@ def test_decentralized_averager_allreduce_four_peers(kinds):
         # mean over all four, so a later round with everyone still has to land exactly on it (≤ 3 rounds)
         for _ in range(3):
             futures = [a.step(wait=False, timeout=60) for a in averagers]
-            groups = [f.result(timeout=90) for f in futures]
+            groups = [f.result(timeout=150) for f in futures]
             if all(g is not None and len(g) == len(kinds) for g in groups):
                 break
         assert all(g is not None and len(g) == len(kinds) for g in groups), [len(g or ()) for g in groups]

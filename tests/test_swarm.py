@@ -49,9 +49,15 @@ def model_params(path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
 
 
-# which libp2p daemon each peer runs: Go and Python mixed in one swarm (CI: both daemons, and each kind's peers
-# killed and restarted), or all Python (`pytest -m extended`: 4 more minutes)
-DAEMONS = {"py": dict.fromkeys("abcd", "py"), "mixed": {"a": "go", "b": "py", "c": "py", "d": "go"}}
+# which libp2p daemon each peer runs: Go (the default; in CI), Go and Python mixed in one swarm (c, a Python peer,
+# is the one SIGKILLed; b, another, is SIGTERMed and restarted), or all Python. The last two run with
+# `pytest -m extended` (4-6 more minutes each); a Python daemon costs more CPU per call, and on an overloaded
+# 2-core machine a peer can miss the final averaging round, which fails the last assertion (README).
+DAEMONS = {
+    "go": dict.fromkeys("abcd", "go"),
+    "mixed": {"a": "go", "b": "py", "c": "py", "d": "go"},
+    "py": dict.fromkeys("abcd", "py"),
+}
 
 
 @pytest.fixture
@@ -63,7 +69,9 @@ def dht_nodes():
         node.shutdown()
 
 
-@pytest.mark.parametrize("daemons", ["mixed", pytest.param("py", marks=pytest.mark.extended)])
+@pytest.mark.parametrize(
+    "daemons", ["go", pytest.param("mixed", marks=pytest.mark.extended), pytest.param("py", marks=pytest.mark.extended)]
+)
 def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, monkeypatch, capsys, dht_nodes, daemons):
     monkeypatch.setenv("P2PTRAIN_LEDGER_EVERY_S", "5")  # the peers' energy ledgers (real codecarbon meter)
     monkeypatch.setenv("P2PTRAIN_COUNTRY", "FRA")
