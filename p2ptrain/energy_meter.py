@@ -221,32 +221,18 @@ def describe_codecarbon(tracker) -> MeterInfo:
     return MeterInfo(cpu, gpu, ram, cpu_model, gpu_model)
 
 
-class MeterStarter:
-    """Starts ``meter`` on its own thread at once: codecarbon's hardware detection costs 1-2 s of CPU, better
-    spent while the peer joins its swarm than during its first training steps. ``info()`` waits for it."""
+def start_meter(meter: EnergyMeter) -> MeterInfo:
+    """``meter.start()`` that never fails (a meter that cannot start must not stop training).
 
-    def __init__(self, meter: EnergyMeter):
-        self.meter = meter
-        self._info: MeterInfo | None = None
-        self._thread = threading.Thread(target=self._start, name="energy-meter-start", daemon=True)
-        self._thread.start()
-
-    def _start(self) -> None:
-        try:
-            self._info = self.meter.start()
-        except Exception as e:  # noqa: BLE001 - a meter that cannot start must not stop training
-            logger.warning("Energy meter failed to start (%r): energy is not counted", e)
-            self._info = MeterInfo(cpu=f"not metered (the meter failed: {e!r:.80})")
-
-    def info(self, timeout_s: float = 120.0) -> MeterInfo:
-        self._thread.join(timeout_s)
-        return self._info or MeterInfo()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the meter, once started (for a peer that failed before it used the meter)."""
-        self._thread.join(timeout_s)
-        if not self._thread.is_alive():
-            self.meter.stop()
+    Call it on the main thread before the peer forks its DHT and averagers: codecarbon's hardware
+    detection runs subprocesses, and a process forked meanwhile would inherit their pipes and keep the
+    detection waiting for an end of output that never comes.
+    """
+    try:
+        return meter.start()
+    except Exception as e:  # noqa: BLE001
+        logger.warning("Energy meter failed to start (%r): energy is not counted", e)
+        return MeterInfo(cpu=f"not metered (the meter failed: {e!r:.80})")
 
 
 def open_meter(spec: str, tracking: str = "process") -> EnergyMeter:

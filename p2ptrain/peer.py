@@ -43,7 +43,7 @@ from p2ptrain import manifest as mf
 from p2ptrain.carbon import IntensityWatcher, alpha3
 from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.data import Corpus, open_corpus
-from p2ptrain.energy_meter import MeterStarter, open_meter
+from p2ptrain.energy_meter import EnergyMeter, MeterInfo, open_meter, start_meter
 from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortInUse
 from p2ptrain.fileio import atomic_write_json, read_json
 from p2ptrain.gate import Gate
@@ -120,13 +120,14 @@ def run_peer(
             seeded = manifest, mf.sign(manifest, key)
             tokenizer, corpus = open_data(manifest, peer_id)
 
-        # 3. the DHT (and the energy meter, whose 1-2 s of hardware detection overlaps joining the swarm)
+        # 3. the energy meter (before any fork: see energy_meter.start_meter), the DHT
+        meter = open_meter(settings.energy.meter, settings.energy.tracking)
+        meter_info = start_meter(meter)
         die_with_parent()
-        meter = MeterStarter(open_meter(settings.energy.meter, settings.energy.tracking))
         try:
             dht = start_dht(settings, data_dir, bootstrap_peers(settings, request))
         except Exception:
-            meter.stop(timeout_s=1.0)
+            meter.stop()
             raise
         optimizer: hivemind.Optimizer | None = None
         trainer: Trainer | None = None
@@ -174,7 +175,9 @@ def run_peer(
                 run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
             )
             announce(describe_swarm(manifest, peer_id, invite, count_parameters(model)))
-            accountant = start_ledger(settings, data_dir, manifest, peer_id, model, device, dht, intensity, meter)
+            accountant = start_ledger(
+                settings, data_dir, manifest, peer_id, model, device, dht, intensity, meter, meter_info
+            )
             if own_intensity:
                 intensity.start()
 
@@ -219,7 +222,7 @@ def run_peer(
                 accountant.stop()
                 clock.lap("energy ledger")
             else:
-                meter.stop(timeout_s=1.0)
+                meter.stop()
             if own_intensity:
                 intensity.stop(timeout_s=0.5)
             if republisher is not None:  # while the DHT answers promptly (see start_dht)
@@ -260,7 +263,8 @@ def start_ledger(
     device: torch.device,
     dht: hivemind.DHT,
     intensity: IntensityWatcher,
-    meter: MeterStarter,
+    meter: EnergyMeter,
+    meter_info: MeterInfo,
 ) -> Accountant:
     """This peer's energy ledger for the swarm (``ledger.py``): opened, described, and its thread started."""
     path = ledger_path(data_dir, manifest.run_id)
@@ -272,11 +276,11 @@ def start_ledger(
     accountant = Accountant(
         path,
         ledger,
-        meter.meter,
+        meter,
         intensity.current,
         settings.energy.ledger_every_s,
         publish=lambda led: publish_ledger(dht, led, key, timeout_s=FINAL_PUBLISH_S),
-        starter=meter,
+        started=meter_info,
     )
     accountant.start()
     logger.info("Energy ledger %s (grid: %s)", path, intensity.current().source)
