@@ -221,6 +221,20 @@ def describe_codecarbon(tracker) -> MeterInfo:
     return MeterInfo(cpu, gpu, ram, cpu_model, gpu_model)
 
 
+def start_meter(meter: EnergyMeter) -> MeterInfo:
+    """``meter.start()`` that never fails (a meter that cannot start must not stop training).
+
+    Call it on the main thread before the peer forks its DHT and averagers: codecarbon's hardware
+    detection runs subprocesses, and a process forked meanwhile would inherit their pipes and keep the
+    detection waiting for an end of output that never comes.
+    """
+    try:
+        return meter.start()
+    except Exception as e:  # noqa: BLE001
+        logger.warning("Energy meter failed to start (%r): energy is not counted", e)
+        return MeterInfo(cpu=f"not metered (the meter failed: {e!r:.80})")
+
+
 def open_meter(spec: str, tracking: str = "process") -> EnergyMeter:
     """``auto``/``codecarbon``, ``none`` or ``fake:<file.json>`` (see the module docstring)."""
     if spec.startswith("fake:"):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain.carbon import J_PER_KWH, GridIntensity, g_co2e
-from p2ptrain.energy_meter import EnergyMeter, EnergyReading
+from p2ptrain.energy_meter import EnergyMeter, EnergyReading, MeterInfo
 from p2ptrain.errors import LedgerInvalid
 from p2ptrain.fileio import atomic_write_json, read_json
 
@@ -210,8 +210,11 @@ class Accountant:
         every_s: float,
         publish: Callable[[Ledger], bool] | None = None,
         clock: Callable[[], float] = time.time,
+        started: MeterInfo | None = None,
     ):
+        """``started``: what ``meter.start()`` returned, if the caller started it; else the thread starts it."""
         self.path, self.ledger, self.meter, self.intensity = path, ledger, meter, intensity
+        self._started = started
         self.every_s, self._publish, self._clock = every_s, publish, clock
         self._lock = threading.Lock()  # the pending counters and the active flag, shared with the training thread
         self._pending = [0, 0, 0.0]  # samples, tokens, compute_s since the last tick
@@ -254,7 +257,7 @@ class Accountant:
 
     def _run(self) -> None:
         try:
-            info = self.info = self.meter.start()
+            info = self.info = self._started or self.meter.start()
             self.ledger.meter = {k: v[:MAX_TEXT] for k, v in info.as_dict().items()}
             self.ledger.cpu_model, self.ledger.gpu_model = info.cpu_model[:MAX_TEXT], info.gpu_model[:MAX_TEXT]
             self._last_reading = self.meter.read()

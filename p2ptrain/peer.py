@@ -43,7 +43,7 @@ from p2ptrain import manifest as mf
 from p2ptrain.carbon import IntensityWatcher, alpha3
 from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.data import Corpus, open_corpus
-from p2ptrain.energy_meter import open_meter
+from p2ptrain.energy_meter import EnergyMeter, MeterInfo, open_meter, start_meter
 from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortInUse
 from p2ptrain.fileio import atomic_write_json, read_json
 from p2ptrain.gate import Gate
@@ -121,9 +121,15 @@ def run_peer(
             seeded = manifest, mf.sign(manifest, key)
             tokenizer, corpus = open_data(manifest, peer_id)
 
-        # 3. the DHT
+        # 3. the energy meter (before any fork: see energy_meter.start_meter), the DHT
+        meter = open_meter(settings.energy.meter, settings.energy.tracking)
+        meter_info = start_meter(meter)
         die_with_parent()
-        dht = start_dht(settings, data_dir, bootstrap_peers(settings, request))
+        try:
+            dht = start_dht(settings, data_dir, bootstrap_peers(settings, request))
+        except Exception:
+            meter.stop()
+            raise
         optimizer: hivemind.Optimizer | None = None
         trainer: Trainer | None = None
         republisher: discovery.Republisher | None = None
@@ -173,7 +179,9 @@ def run_peer(
                 run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
             )
             announce(describe_swarm(manifest, peer_id, invite, count_parameters(model)))
-            accountant = start_ledger(settings, data_dir, manifest, peer_id, model, device, dht, intensity)
+            accountant = start_ledger(
+                settings, data_dir, manifest, peer_id, model, device, dht, intensity, meter, meter_info
+            )
             if own_intensity:
                 intensity.start()
 
@@ -219,6 +227,8 @@ def run_peer(
             if accountant is not None:  # while the DHT still runs: the final ledger is published
                 accountant.stop()
                 clock.lap("energy ledger")
+            else:
+                meter.stop()
             if own_intensity:
                 intensity.stop(timeout_s=0.5)
             if republisher is not None:  # while the DHT answers promptly (see start_dht)
@@ -259,6 +269,8 @@ def start_ledger(
     device: torch.device,
     dht: hivemind.DHT,
     intensity: IntensityWatcher,
+    meter: EnergyMeter,
+    meter_info: MeterInfo,
 ) -> Accountant:
     """This peer's energy ledger for the swarm (``ledger.py``): opened, described, and its thread started."""
     path = ledger_path(data_dir, manifest.run_id)
@@ -270,10 +282,11 @@ def start_ledger(
     accountant = Accountant(
         path,
         ledger,
-        open_meter(settings.energy.meter, settings.energy.tracking),
+        meter,
         intensity.current,
         settings.energy.ledger_every_s,
         publish=lambda led: publish_ledger(dht, led, key, timeout_s=FINAL_PUBLISH_S),
+        started=meter_info,
     )
     accountant.start()
     logger.info("Energy ledger %s (grid: %s)", path, intensity.current().source)
