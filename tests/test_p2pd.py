@@ -371,6 +371,7 @@ def _dht_swarm(kinds: list[str]) -> list[hivemind.DHT]:
     return dhts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kinds", [["py"] * 5, ["go", "py", "go", "py", "py"]], ids=["py", "mixed"])
 def test_dht_store_get_across_five_nodes(kinds):
     dhts = _dht_swarm(kinds)
@@ -387,6 +388,7 @@ def test_dht_store_get_across_five_nodes(kinds):
             dht.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kinds", [["py"] * 4, ["go", "py", "go", "py"]], ids=["py", "mixed"])
 def test_decentralized_averager_allreduce_four_peers(kinds):
     dhts = _dht_swarm(kinds)
