@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from p2ptrain.p2pd.unary import PersistentConn, handle_incoming
 
 logger = logging.getLogger("p2pd")
 
+EXIT_GRACE_S = 2.0  # after SIGTERM or the last client leaving: then the process exits regardless
 MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # set by p2ptrain.p2p_stack for --p2p py --mdns
 
 
@@ -263,6 +265,11 @@ async def run(options: Options) -> None:
                         print(addr)
                     sys.stdout.flush()
                 await stop.wait()
+                # nothing here outlives the process, so closing every connection politely gets 2 s at most:
+                # hivemind and p2ptrain wait for their daemon when they stop
+                watchdog = threading.Timer(EXIT_GRACE_S, os._exit, args=(0,))
+                watchdog.daemon = True
+                watchdog.start()
             finally:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
