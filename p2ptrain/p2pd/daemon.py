@@ -96,34 +96,21 @@ class Daemon:
         )
 
     def add_stream_handler(self, addr: bytes, protocols: list[str], balanced: bool) -> str | None:
-        try:
-            path = multiaddr.Multiaddr(addr).value_for_protocol("unix")
-        except Exception:  # noqa: BLE001
+        path = unix_path(addr)
+        if path is None:
             return "stream handlers must listen on a unix socket (/unix/PATH)"
         for proto in protocols:
-            handlers = self.stream_handlers.get(proto)
-            if handlers is None:
-                self.stream_handlers[proto] = handlers = RoundRobin()
-                self.node.host.set_stream_handler(proto, self.handle_stream)
-            elif not balanced:
-                return f"handler for protocol {proto} already set"
-            handlers.items.append(path)
+            if problem := self._register(self.stream_handlers, proto, path, balanced, self.handle_stream):
+                return problem
         return None
 
     def remove_stream_handler(self, addr: bytes, protocols: list[str]) -> str | None:
-        try:
-            path = multiaddr.Multiaddr(addr).value_for_protocol("unix")
-        except Exception:  # noqa: BLE001
+        path = unix_path(addr)
+        if path is None:
             return "stream handlers must listen on a unix socket (/unix/PATH)"
         for proto in protocols:
-            handlers = self.stream_handlers.get(proto)
-            if handlers is None:
-                return f"handler for protocol {proto} does not exist"
-            if path not in handlers.items:
-                return f"handler for protocol {proto} with maddr /unix/{path} does not exist"
-            handlers.items.remove(path)
-            if not handlers.items:
-                self._drop_protocol(proto, self.stream_handlers)
+            if problem := self._unregister(self.stream_handlers, proto, path, f"with maddr /unix/{path} does not exist"):
+                return problem
         return None
 
     async def handle_stream(self, stream: INetStream) -> None:
@@ -152,28 +139,35 @@ class Daemon:
 
     # -- unary handlers --------------------------------------------------------------------------------------------
     def add_unary_handler(self, proto: str, conn: PersistentConn, balanced: bool) -> str | None:
-        handlers = self.unary_handlers.get(proto)
-        if handlers is None:
-            self.unary_handlers[proto] = handlers = RoundRobin()
+        async def incoming(stream: INetStream) -> None:
+            await handle_incoming(self, stream)
 
-            async def incoming(stream: INetStream) -> None:
-                await handle_incoming(self, stream)
-
-            self.node.host.set_stream_handler(proto, incoming)
-        elif not balanced:
-            return f"handler for protocol {proto} already set"
-        handlers.items.append(conn)
-        return None
+        return self._register(self.unary_handlers, proto, conn, balanced, incoming)
 
     def remove_unary_handler(self, proto: str, conn: PersistentConn) -> str | None:
-        handlers = self.unary_handlers.get(proto)
+        return self._unregister(self.unary_handlers, proto, conn, "was not created in this persistent connection")
+
+    def _register(self, registry: dict[str, RoundRobin], proto: str, item, balanced: bool, handler) -> str | None:  # noqa: ANN001
+        """The Go daemon's rule for both kinds: the first registration sets the libp2p handler; a later one
+        for the same protocol joins the round robin if ``balanced``, else it is refused."""
+        handlers = registry.get(proto)
+        if handlers is None:
+            registry[proto] = handlers = RoundRobin()
+            self.node.host.set_stream_handler(proto, handler)
+        elif not balanced:
+            return f"handler for protocol {proto} already set"
+        handlers.items.append(item)
+        return None
+
+    def _unregister(self, registry: dict[str, RoundRobin], proto: str, item, not_ours: str) -> str | None:  # noqa: ANN001
+        handlers = registry.get(proto)
         if handlers is None:
             return f"handler for protocol {proto} does not exist"
-        if conn not in handlers.items:
-            return f"handler for protocol {proto} was not created in this persistent connection"
-        handlers.items.remove(conn)
+        if item not in handlers.items:
+            return f"handler for protocol {proto} {not_ours}"
+        handlers.items.remove(item)
         if not handlers.items:
-            self._drop_protocol(proto, self.unary_handlers)
+            self._drop_protocol(proto, registry)
         return None
 
     def pick_unary_handler(self, proto: str) -> PersistentConn | None:
@@ -192,6 +186,13 @@ class Daemon:
                 addrs = [multiaddr.Multiaddr(f"/ip4/{remote[0]}/tcp/{remote[1]}").to_bytes()] if remote else []
                 peers.append(pb.PeerInfo(id=peer_id.to_bytes(), addrs=addrs))
         return peers
+
+
+def unix_path(addr: bytes) -> str | None:
+    try:
+        return multiaddr.Multiaddr(addr).value_for_protocol("unix")
+    except Exception:  # noqa: BLE001 - not a multiaddr, or not a unix one
+        return None
 
 
 class GologFormatter(logging.Formatter):
