@@ -109,7 +109,8 @@ class Daemon:
         if path is None:
             return "stream handlers must listen on a unix socket (/unix/PATH)"
         for proto in protocols:
-            if problem := self._unregister(self.stream_handlers, proto, path, f"with maddr /unix/{path} does not exist"):
+            problem = self._unregister(self.stream_handlers, proto, path, f"with maddr /unix/{path} does not exist")
+            if problem:
                 return problem
         return None
 
