@@ -22,6 +22,7 @@ from p2ptrain.errors import ConfigError
 
 KINDS = ("go", "py")
 MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # read by p2ptrain-p2pd: hivemind passes its environment, not our flags
+STOCK_ENV = "P2PTRAIN_P2PD_STOCK"  # read by p2ptrain-p2pd: "1" runs py-libp2p as released (a benchmark baseline)
 
 
 def python_daemon() -> Path:

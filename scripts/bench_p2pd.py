@@ -3,32 +3,44 @@
 
     .venv/bin/python scripts/bench_p2pd.py [--mib 64] [--repeats 3] [--out bench/p2pd.md]
 
-For each daemon (Go: hivemind's bundled p2pd; py: p2ptrain-p2pd) two peers are started through hivemind's
-``P2P`` and measured the way hivemind uses them: a raw stream of --mib MiB (how averaging moves tensors),
-1 MiB unary calls, and the round trip of a small unary call. Each number is the median of --repeats runs;
-the daemons alternate so that machine noise hits both alike. The ratio column is py ÷ go.
+For each daemon two peers are started through hivemind's ``P2P`` and measured the way hivemind uses them: a
+raw stream of --mib MiB (how averaging moves tensors), 1 MiB unary calls, and small unary calls (round trip,
+and the CPU time both daemons spend on one). The daemons: go (hivemind's bundled p2pd), py (p2ptrain-p2pd),
+py-stock (p2ptrain-p2pd without the speed-ups of p2ptrain.p2pd.libp2p_patches and with py-libp2p's own
+protocol negotiation: py-libp2p as released, plus the fix for cancelled writes). Each number is the median of
+--repeats runs; the daemons take turns so that machine noise hits all alike. The ratio columns are py ÷ go
+and py ÷ py-stock.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import psutil
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2, test_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from p2ptrain import p2p_stack  # noqa: E402
+from p2ptrain.p2p_stack import STOCK_ENV  # noqa: E402
 
 CHUNK = 1 << 20
+KINDS = ("go", "py", "py-stock")
+
+
+def daemons_cpu_s() -> float:
+    return sum(sum(child.cpu_times()[:2]) for child in psutil.Process().children())
 
 
 async def measure(kind: str, mib: int) -> dict[str, float]:
-    with p2p_stack.selected(kind):
+    os.environ[STOCK_ENV] = "1" if kind == "py-stock" else "0"  # read by the daemons started below
+    with p2p_stack.selected(kind.removesuffix("-stock")):
         a = await P2P.create()
         b = await P2P.create(initial_peers=await a.get_visible_maddrs())
     try:
@@ -69,15 +81,17 @@ async def measure(kind: str, mib: int) -> dict[str, float]:
         for _ in range(calls):
             await b.call_protobuf_handler(a.peer_id, "len", payload, test_pb2.TestResponse)
         unary_s = time.perf_counter() - start
-        pings = 200
-        start = time.perf_counter()
+        pings = 300
+        start, cpu_s = time.perf_counter(), daemons_cpu_s()
         for i in range(pings):
             await b.call_protobuf_handler(a.peer_id, "ping", test_pb2.TestRequest(number=i), test_pb2.TestResponse)
         rtt_s = (time.perf_counter() - start) / pings
+        cpu_s = (daemons_cpu_s() - cpu_s) / pings
         return {
             "stream MB/s": mib * CHUNK / stream_s / 1e6,
             "unary 1 MiB MB/s": calls * CHUNK / unary_s / 1e6,
             "small call RTT ms": rtt_s * 1e3,
+            "small call, daemons' CPU ms": cpu_s * 1e3,
         }
     finally:
         await b.shutdown()
@@ -89,14 +103,13 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64, help="size of the raw stream")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
-    parser.add_argument("--only", choices=["go", "py"], help="measure one daemon (no comparison)")
+    parser.add_argument("--only", choices=KINDS, help="measure one daemon (no comparison)")
     args = parser.parse_args()
 
-    runs: dict[str, list[dict[str, float]]] = {"go": [], "py": []}
+    kinds = [args.only] if args.only else list(KINDS)
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for repeat in range(args.repeats):
-        for kind in ("go", "py") if repeat % 2 == 0 else ("py", "go"):
-            if args.only and kind != args.only:
-                continue
+        for kind in kinds[repeat % len(kinds) :] + kinds[: repeat % len(kinds)]:  # a different one goes first
             result = asyncio.run(measure(kind, args.mib))
             runs[kind].append(result)
             print(f"run {repeat + 1} {kind}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()), flush=True)
@@ -108,12 +121,13 @@ def main() -> None:
     lines = [
         f"libp2p daemons on loopback, {args.mib} MiB stream, median of {args.repeats} runs",
         "",
-        "| metric | go (hivemind's p2pd) | py (p2ptrain-p2pd) | py / go |",
-        "|---|---|---|---|",
+        "| metric | go (hivemind's p2pd) | py (p2ptrain-p2pd) | py-stock (py-libp2p as released) | py / go "
+        "| py / py-stock |",
+        "|---|---|---|---|---|---|",
     ]
     for m in metrics:
-        go, py = median["go"][m], median["py"][m]
-        lines.append(f"| {m} | {go:.1f} | {py:.1f} | {py / go:.2f} |")
+        go, py, stock = (median[kind][m] for kind in KINDS)
+        lines.append(f"| {m} | {go:.1f} | {py:.1f} | {stock:.1f} | {py / go:.2f} | {py / stock:.2f} |")
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:

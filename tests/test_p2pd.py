@@ -7,6 +7,7 @@ ours in one swarm.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -369,6 +370,91 @@ def _dht_swarm(kinds: list[str]) -> list[hivemind.DHT]:
             initial = dhts[0].get_visible_maddrs() if dhts else None
             dhts.append(hivemind.DHT(start=True, initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
     return dhts
+
+
+@pytest.mark.parametrize("kinds", [("py", "py"), ("py", "go")])
+def test_handler_that_speaks_first_and_a_reader_that_pauses(kinds):
+    """Bytes that arrive with the protocol's acceptance reach the caller (the negotiation is pipelined), and a
+    writer out of yamux credit waits for a reader that pauses longer than py-libp2p's own 5 s limit."""
+    size = 3 * 1024 * 1024
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            caller, callee = await pair(stack, kinds)
+
+            async def greet(info, reader, writer):
+                writer.write(b"hello")  # before the caller has sent anything
+                await writer.drain()
+                writer.close()
+
+            received = asyncio.get_running_loop().create_future()
+
+            async def pause_then_read(info, reader, writer):
+                await asyncio.sleep(6)
+                data = await reader.readexactly(size)
+                received.set_result(len(data))
+                writer.write(b"ok")
+                await writer.drain()
+                writer.close()
+
+            await callee.add_binary_stream_handler("greet", greet)
+            await callee.add_binary_stream_handler("slow", pause_then_read)
+
+            _, reader, writer = await caller.call_binary_stream_handler(callee.peer_id, "greet")
+            assert await reader.read() == b"hello"
+            writer.close()
+
+            _, reader, writer = await caller.call_binary_stream_handler(callee.peer_id, "slow")
+            writer.write(os.urandom(size))
+            await writer.drain()
+            assert await asyncio.wait_for(received, 30) == size
+            assert await reader.read() == b"ok"
+            writer.close()
+
+    run(main())
+
+
+def test_calls_reach_a_peer_again_after_a_disconnect_or_a_restart(tmp_path):
+    """A dead connection is dialled again, not reused: a volunteer's peer restarts with its identity and port."""
+    identity = str(tmp_path / "identity.key")
+    ask = test_pb2.TestRequest(number=4)
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            a = await start("py", stack)
+            await a.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            with p2p_stack.selected("py"):
+                b = await P2P.create(identity_path=identity, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            port = (await b.get_visible_maddrs())[0]["tcp"]
+            await b.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            await a._client.connect(b.peer_id, await b.get_visible_maddrs())
+            assert (await b.call_protobuf_handler(a.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
+            await b._client.disconnect(a.peer_id)
+            assert (await b.call_protobuf_handler(a.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
+
+            await b.shutdown()  # and back, as the same peer on the same port
+            with p2p_stack.selected("py"):
+                b = await P2P.create(identity_path=identity, host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"])
+            stack.push_async_callback(b.shutdown)
+            await b.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            assert (await a.call_protobuf_handler(b.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
+
+    run(main())
+
+
+def test_cancelled_writes_leave_the_connection_intact():
+    """py-libp2p 0.8.1 loses a Noise nonce when a frame write is cancelled, which kills the connection
+    (libp2p_patches.atomic_frame_writes). When the unpatched run stops breaking, py-libp2p has fixed it."""
+    script = os.path.join(os.path.dirname(__file__), "libp2p_cancel_storm.py")
+
+    def storm(*args: str) -> dict:
+        out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    patched = storm()
+    assert patched["connection_alive"] and patched["writes"] == 300, patched
+    unpatched = storm("--unpatched")
+    assert not unpatched["connection_alive"], unpatched
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ async def stream_open(daemon: Daemon, sock: trio.SocketStream, reader: Reader, r
         return
     try:
         with trio.fail_after(timeout_of(request.streamOpen.timeout)):
-            stream = await daemon.open_stream(ID(request.streamOpen.peer), list(request.streamOpen.proto))
+            stream, remote = await daemon.open_stream(ID(request.streamOpen.peer), list(request.streamOpen.proto))
     except Exception as e:  # noqa: BLE001 - trio.TooSlowError included
         await sock.send_all(frame(error(str(e) or type(e).__name__)))
         return
@@ -121,4 +121,4 @@ async def stream_open(daemon: Daemon, sock: trio.SocketStream, reader: Reader, r
     except Exception:
         await stream.reset()
         raise
-    await splice(sock, stream, reader.take_buffered())
+    await splice(sock, stream, reader.take_buffered(), remote.take_buffered())

@@ -27,18 +27,20 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2ptrain.p2pd import libp2p_patches, negotiate
 from p2ptrain.p2pd import p2pd_pb2 as pb
 from p2ptrain.p2pd.control import serve_connection
 from p2ptrain.p2pd.flags import FlagError, Options, parse
-from p2ptrain.p2pd.framing import frame
-from p2ptrain.p2pd.host import Node, buffer_tcp_reads, build_host, load_identity
-from p2ptrain.p2pd.streams import splice
+from p2ptrain.p2pd.framing import Reader, frame
+from p2ptrain.p2pd.host import Node, build_host, load_identity
+from p2ptrain.p2pd.streams import receiver, splice
 from p2ptrain.p2pd.unary import PersistentConn, handle_incoming
 
 logger = logging.getLogger("p2pd")
 
 EXIT_GRACE_S = 2.0  # after SIGTERM or the last client leaving: then the process exits regardless
 MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # set by p2ptrain.p2p_stack for --p2p py --mdns
+STOCK_ENV = "P2PTRAIN_P2PD_STOCK"  # set by scripts/bench_p2pd.py: "1" runs py-libp2p as released
 
 
 class RoundRobin:
@@ -65,6 +67,7 @@ class Daemon:
         self.unary_handlers: dict[str, RoundRobin] = {}  # protocol → persistent connections
         self.clients = 0
         self.had_client = False
+        self.stock = os.environ.get(STOCK_ENV) == "1"  # py-libp2p as released, for benchmarks
 
     # -- clients (the idle rule) ---------------------------------------------------------------------------------
     def client_attached(self) -> None:
@@ -84,9 +87,14 @@ class Daemon:
             self.stop.set()
 
     # -- streams ---------------------------------------------------------------------------------------------------
-    async def open_stream(self, peer: ID, protocols: list[str]) -> INetStream:
+    async def open_stream(self, peer: ID, protocols: list[str], first: bytes = b"") -> tuple[INetStream, Reader]:
+        """A negotiated stream (``first`` sent with the proposal) and the reader of what the remote sends."""
         await self.node.ensure_connected(peer)
-        return await self.node.host.new_stream(peer, protocols)
+        if self.stock:  # py-libp2p's own negotiation: two round trips before ``first``
+            stream = await self.node.host.new_stream(peer, protocols)
+            await stream.write(first)
+            return stream, Reader(receiver(stream))
+        return await negotiate.open_stream(self.node.host.get_network(), peer, protocols, first)
 
     def stream_info(self, stream: INetStream) -> pb.StreamInfo:
         remote = stream.get_remote_address()
@@ -227,7 +235,7 @@ def configure_logging() -> None:
 
 
 async def run(options: Options) -> None:
-    buffer_tcp_reads()
+    libp2p_patches.install(speedups=os.environ.get(STOCK_ENV) != "1")
     key_pair = load_identity(options.identity)
     host = build_host(options, key_pair)
     control_path = options.control.removeprefix("/unix")

@@ -74,11 +74,15 @@ class Reader:
             shift += 7
         raise FrameError("length prefix is not a valid varint")
 
-    async def read_message(self, message: M, limit: int) -> M:
+    async def read_prefixed(self, limit: int) -> bytes:
+        """One length-prefixed body of at most ``limit`` bytes."""
         length = await self.read_uvarint()
         if length > limit:
             raise FrameError(f"message of {length} bytes exceeds the limit of {limit} bytes")
-        body = await self.read_exactly(length)
+        return await self.read_exactly(length)
+
+    async def read_message(self, message: M, limit: int) -> M:
+        body = await self.read_prefixed(limit)
         try:
             message.ParseFromString(body)
         except DecodeError as e:

@@ -24,7 +24,7 @@ from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
@@ -33,42 +33,8 @@ from p2ptrain.p2pd.flags import Options
 logger = logging.getLogger("p2pd.host")
 
 DIAL_TIMEOUT_S = 15.0
+ADDRESS_TTL_S = 120  # as py-libp2p's host.connect
 MAX_KEY_FILE_BYTES = 64 * 1024
-
-
-READ_AHEAD = 256 * 1024
-
-
-def buffer_tcp_reads() -> None:
-    """Read TCP in 256 KiB gulps instead of py-libp2p's exact-size reads.
-
-    py-libp2p asks the socket for each Noise frame's 2-byte length and then for its body: two or more
-    ``recv`` calls (each a trio scheduling round) per 64 KiB frame. Serving those reads from a read-ahead
-    buffer took the stream throughput between two daemons from 85 to 115 MB/s here (scripts/bench_p2pd.py).
-    """
-    from libp2p.io.trio import TrioTCPStream
-
-    if getattr(TrioTCPStream, "_p2ptrain_buffered", False):
-        return
-    unbuffered = TrioTCPStream.read
-
-    async def read(self: TrioTCPStream, n: int | None = None) -> bytes:
-        pending = self.__dict__.get("_read_ahead")
-        if pending:
-            take = len(pending) if n is None else min(n, len(pending))
-            out = bytes(pending[:take])
-            del pending[:take]
-            return out
-        if n is None or n == 0:
-            return await unbuffered(self, n)
-        data = await unbuffered(self, max(n, READ_AHEAD))
-        if len(data) <= n:
-            return data
-        self.__dict__["_read_ahead"] = bytearray(data[n:])
-        return data[:n]
-
-    TrioTCPStream.read = read
-    TrioTCPStream._p2ptrain_buffered = True
 
 
 def load_identity(path: str | None) -> KeyPair:
@@ -121,7 +87,7 @@ class Node:
 
     async def ensure_connected(self, peer_id: ID, timeout_s: float = DIAL_TIMEOUT_S) -> None:
         """Connected to ``peer_id`` or an exception: known addresses first, then a Kademlia lookup."""
-        if self.host.get_network().get_connections(peer_id):
+        if self.is_connected(peer_id):
             return
         with trio.fail_after(timeout_s):
             addrs = self.host.get_peerstore().addrs(peer_id) if peer_id in self.host.get_peerstore().peer_ids() else []
@@ -130,16 +96,26 @@ class Node:
                 if found is None or not found.addrs:
                     raise ConnectionError(f"peer {peer_id} not found (no known address, not in the DHT)")
                 addrs = found.addrs
-            await self.host.connect(PeerInfo(peer_id, addrs))
+            await self._dial(peer_id, addrs)
         await self.remember(peer_id)
 
     async def connect(self, peer_id: ID, addrs: list[multiaddr.Multiaddr], timeout_s: float = DIAL_TIMEOUT_S) -> None:
         if not addrs:
             await self.ensure_connected(peer_id, timeout_s)
             return
-        with trio.fail_after(timeout_s):
-            await self.host.connect(PeerInfo(peer_id, addrs))
+        if not self.is_connected(peer_id):
+            with trio.fail_after(timeout_s):
+                await self._dial(peer_id, addrs)
         await self.remember(peer_id)
+
+    def is_connected(self, peer_id: ID) -> bool:
+        """An open connection: py-libp2p keeps a closed one listed for a while and would not dial again."""
+        return any(not conn.is_closed for conn in self.host.get_network().get_connections(peer_id))
+
+    async def _dial(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        self.host.get_peerstore().add_addrs(peer_id, addrs, ADDRESS_TTL_S)
+        connections = await self.host.get_network().dial_peer(peer_id)  # skips closed connections, unlike connect
+        await connections[0].event_started.wait()
 
     async def remember(self, peer_id: ID) -> None:
         """Put a peer we talk to in the Kademlia routing table, so that others can find it through us."""

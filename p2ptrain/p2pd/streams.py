@@ -30,14 +30,16 @@ def receiver(stream: INetStream) -> Callable[[int], Awaitable[bytes]]:
     return receive
 
 
-async def splice(sock: trio.SocketStream, stream: INetStream, already_read: bytes = b"") -> None:
-    """Copy until both directions are done; ``already_read`` came from the socket before the splice."""
+async def splice(
+    sock: trio.SocketStream, stream: INetStream, from_client: bytes = b"", from_remote: bytes = b""
+) -> None:
+    """Copy until both directions are done; ``from_client``/``from_remote`` were read before the splice."""
     receive = receiver(stream)
 
     async def to_remote(cancel: trio.CancelScope) -> None:
         try:
-            if already_read:
-                await stream.write(already_read)
+            if from_client:
+                await stream.write(from_client)
             while data := await sock.receive_some(CHUNK):
                 await stream.write(data)
             await stream.close_write()
@@ -48,6 +50,8 @@ async def splice(sock: trio.SocketStream, stream: INetStream, already_read: byte
 
     async def to_client(cancel: trio.CancelScope) -> None:
         try:
+            if from_remote:
+                await sock.send_all(from_remote)
             while data := await receive(CHUNK):
                 await sock.send_all(data)
         except Exception as e:  # noqa: BLE001

@@ -140,15 +140,12 @@ async def call_remote(
     try:
         with scope:
             try:
-                stream = await daemon.open_stream(ID(call.peer), [call.proto])
+                stream, remote = await daemon.open_stream(ID(call.peer), [call.proto], first=frame(request))
             except Exception as e:  # noqa: BLE001 - no route, no handler there, bad id: the caller learns why
                 reply = daemon_error(call_id, f"failed to open a stream to {call.peer.hex()[:16]}…: {e}")
             else:
                 try:
-                    await stream.write(frame(request))
-                    answer = await Reader(receiver(stream)).read_message(
-                        pb.PersistentConnectionRequest(), daemon.options.max_msg_size
-                    )
+                    answer = await remote.read_message(pb.PersistentConnectionRequest(), daemon.options.max_msg_size)
                     if answer.WhichOneof("message") != "unaryResponse" or not answer.unaryResponse.WhichOneof("result"):
                         raise FrameError("the remote daemon answered without a unaryResponse")
                     # relayed as is: which of response/error is set matters even when it is empty

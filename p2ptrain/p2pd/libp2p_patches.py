@@ -1,0 +1,178 @@
+"""Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts.
+
+One fix, always installed: ``atomic_frame_writes``. Three speed-ups (``install(speedups=False)`` leaves them out:
+the ``py-stock`` column of scripts/bench_p2pd.py): ``buffer_tcp_reads``, ``window_updates_like_go``,
+``wait_for_credit_without_polling``. What goes over the network stays valid TCP/Noise/yamux.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+
+READ_AHEAD = 256 * 1024
+
+
+def buffer_tcp_reads() -> None:
+    """Read TCP in 256 KiB gulps instead of py-libp2p's exact-size reads.
+
+    py-libp2p asks the socket for each Noise frame's 2-byte length and then for its body: two or more
+    ``recv`` calls (each a trio scheduling round) per 64 KiB frame. Serving those reads from a read-ahead
+    buffer took the stream throughput between two daemons from 85 to 115 MB/s here (scripts/bench_p2pd.py).
+    """
+    from libp2p.io.trio import TrioTCPStream
+
+    if getattr(TrioTCPStream, "_p2ptrain_buffered", False):
+        return
+    unbuffered = TrioTCPStream.read
+
+    async def read(self: TrioTCPStream, n: int | None = None) -> bytes:
+        # one reader at a time, from the check of the buffer to the refill: a second reader waiting on the
+        # socket while the first fills the buffer would get newer bytes first (Noise then fails to decrypt)
+        lock = self.__dict__.setdefault("_read_ahead_lock", trio.Lock())
+        async with lock:
+            pending = self.__dict__.get("_read_ahead")
+            if pending:
+                take = len(pending) if n is None else min(n, len(pending))
+                out = bytes(pending[:take])
+                del pending[:take]
+                return out
+            if n is None or n == 0:
+                return await unbuffered(self, n)
+            data = await unbuffered(self, max(n, READ_AHEAD))
+            if len(data) <= n:
+                return data
+            self.__dict__["_read_ahead"] = bytearray(data[n:])
+            return data[:n]
+
+    TrioTCPStream.read = read
+    TrioTCPStream._p2ptrain_buffered = True
+
+
+def window_updates_like_go() -> None:
+    """Send a yamux WINDOW_UPDATE only once half the receive window is consumed, as go-yamux does.
+
+    py-libp2p 0.8 also credits every read back at once ("partial slack"), so each read of a small message
+    costs a frame, a Noise encryption and a send on this side and a decryption on the other: 8 of the 16
+    frames of a small unary call between two daemons. With go-yamux's rule the sender still never waits
+    while the reader keeps reading (it always has at least half a window of credit).
+    """
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    if getattr(YamuxStream, "_p2ptrain_go_windows", False):
+        return
+
+    async def update(self: YamuxStream, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            if self.target_recv_window - (self.recv_window + buffered) < self._grow_threshold():
+                return
+            increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        if increment > 0:
+            await self.send_window_update(increment, skip_lock=True)
+
+    YamuxStream._auto_tune_and_send_window_update = update
+    YamuxStream._p2ptrain_go_windows = True
+
+
+def wait_for_credit_without_polling() -> None:
+    """A yamux writer out of send window waits for the WINDOW_UPDATE itself, with no 5 s limit.
+
+    py-libp2p 0.8 polls every 10 ms (so each time the window runs out a write loses up to 10 ms: 1 MiB unary
+    calls ran at 22 instead of 60 MiB/s after the change above), and gives up after 5 s, failing the stream
+    when a reader is slow, e.g. a peer whose CPU is busy training. go-yamux waits until the window opens,
+    the stream closes, or the caller's deadline: so does this. ``send_window`` and ``closed`` become
+    properties that wake the waiting writer.
+    """
+    from libp2p.stream_muxer.exceptions import MuxedStreamError
+    from libp2p.stream_muxer.yamux import yamux
+
+    stream_class = yamux.YamuxStream
+    if getattr(stream_class, "_p2ptrain_credit_events", False):
+        return
+
+    def waking(name: str) -> property:
+        def get(self: yamux.YamuxStream):
+            return self.__dict__[name]
+
+        def set_(self: yamux.YamuxStream, value) -> None:
+            self.__dict__[name] = value
+            waiting = self.__dict__.pop("_p2ptrain_credit", None)
+            if waiting is not None:
+                waiting.set()
+
+        return property(get, set_)
+
+    async def write(self: yamux.YamuxStream, data: bytes) -> None:
+        sent, total = 0, len(data)
+        while sent < total:
+            frame = b""
+            async with self.rw_lock.write_lock():
+                if self.send_closed:
+                    raise MuxedStreamError("Stream is closed for sending")
+                async with self.window_lock:
+                    if self.closed:
+                        raise MuxedStreamError("Stream is closed")
+                    size = min(self.send_window, yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE, total - sent)
+                    if size > 0:
+                        self.send_window -= size
+                        header = struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0, self.stream_id, size)
+                        frame = header + data[sent : sent + size]
+                    else:
+                        credit = self.__dict__.setdefault("_p2ptrain_credit", trio.Event())
+            if not frame:
+                await credit.wait()  # set by the next change of send_window or closed
+                continue
+            await self.conn._write_frame(frame)
+            sent += size
+
+    stream_class.send_window = waking("_send_window")
+    stream_class.closed = waking("_closed")
+    stream_class.write = write
+    stream_class._p2ptrain_credit_events = True
+
+
+FRAME_WRITE_TIMEOUT_S = 10.0  # go-yamux's ConnectionWriteTimeout: a connection that cannot take a frame is dead
+
+
+def atomic_frame_writes() -> None:
+    """A yamux frame is encrypted and sent whole, even when the task writing it is cancelled.
+
+    py-libp2p encrypts a frame (using up a Noise nonce) and then sends it; a cancellation in between (a
+    hivemind call timing out, a splice ending) drops the frame or sends part of it, and the remote's next
+    decryption fails ("Failed authentication of message"): the connection, and every stream on it, dies.
+    With four Python daemons averaging, this broke a connection in 6 of 25 all-reduce runs and hung one of
+    them. Here the send is shielded from cancellation; a send that takes over 10 s closes the connection,
+    as go-yamux does.
+    """
+    from libp2p.io.exceptions import IOException
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    if getattr(Yamux, "_p2ptrain_atomic_writes", False):
+        return
+
+    async def write_frame(self: Yamux, data: bytes) -> None:
+        async with self._write_lock:  # waiting for the lock can be cancelled: nothing is sent yet
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(FRAME_WRITE_TIMEOUT_S) as late:
+                    await self.secured_conn.write(data)
+                if late.cancelled_caught:
+                    self.event_shutting_down.set()
+                    with trio.move_on_after(1):
+                        await self.secured_conn.close()
+        if late.cancelled_caught:
+            raise IOException(f"yamux: no frame went out to {self.peer_id} in {FRAME_WRITE_TIMEOUT_S:.0f} s")
+        await trio.lowlevel.checkpoint()
+
+    Yamux._write_frame = write_frame
+    Yamux._p2ptrain_atomic_writes = True
+
+
+def install(speedups: bool = True) -> None:
+    atomic_frame_writes()
+    if speedups:
+        buffer_tcp_reads()
+        window_updates_like_go()
+        wait_for_credit_without_polling()
