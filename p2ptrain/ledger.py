@@ -214,7 +214,7 @@ class Accountant:
     ):
         """``started``: what ``meter.start()`` returned, if the caller started it; else the thread starts it."""
         self.path, self.ledger, self.meter, self.intensity = path, ledger, meter, intensity
-        self._started = started
+        self._meter_info = started
         self.every_s, self._publish, self._clock = every_s, publish, clock
         self._lock = threading.Lock()  # the pending counters and the active flag, shared with the training thread
         self._pending = [0, 0, 0.0]  # samples, tokens, compute_s since the last tick
@@ -257,7 +257,7 @@ class Accountant:
 
     def _run(self) -> None:
         try:
-            info = self.info = self._started or self.meter.start()
+            info = self.info = self._meter_info or self.meter.start()
             self.ledger.meter = {k: v[:MAX_TEXT] for k, v in info.as_dict().items()}
             self.ledger.cpu_model, self.ledger.gpu_model = info.cpu_model[:MAX_TEXT], info.gpu_model[:MAX_TEXT]
             self._last_reading = self.meter.read()

@@ -212,3 +212,23 @@ def test_a_missing_field_is_refused():
     del raw["tokens"]
     with pytest.raises(LedgerInvalid, match="lacks"):
         Ledger.from_dict(raw)
+
+
+def test_a_meter_started_by_the_caller_is_described_in_the_ledger(tmp_path):
+    """The peer starts the meter before it forks and hands the accountant what start() said."""
+    meter = FakeMeter()
+    info = meter.start()
+    meter.set(cpu_j=5.0)
+    ledger = Ledger(run_id="run", peer_id="QmPeer", model="gpt2-tiny", model_params=470_528)
+    clock = Clock()
+    acc = Accountant(ledger_path(tmp_path, "run"), ledger, meter, lambda: FRANCE, 3600.0, clock=clock, started=info)
+    acc.start()
+    try:
+        assert acc.wait_started(10)
+        assert acc.info is info and ledger.meter == info.as_dict() and ledger.cpu_model == "fake CPU"
+        acc.set_active(True)
+        clock.t += 10.0
+        meter.set(cpu_j=15.0)
+        assert acc.tick().cpu_j == 10.0  # counted from the reading at start, not from zero
+    finally:
+        acc.stop()
