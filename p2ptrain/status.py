@@ -16,7 +16,7 @@ from p2ptrain.fileio import atomic_write_json
 
 @dataclass
 class PeerStatus:
-    state: str = "starting"  # starting → joining → training (⇄ paused) → stopping → stopped (or failed)
+    state: str = "starting"  # starting → joining → training (⇄ paused) → [finishing] → stopping → stopped (or failed)
     pid: int = field(default_factory=os.getpid)
     peer_id: str = ""
     run_id: str = ""

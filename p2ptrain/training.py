@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from pydantic.v1 import ValidationError  # hivemind's progress records are pydantic v1 models
 
 from p2ptrain.averaging import CompressedGradientAverager
 from p2ptrain.codecs import DENSE, Level
@@ -213,6 +215,28 @@ class Trainer:
         finally:
             if self.ledger is not None:
                 self.ledger.set_active(False)
+        if self.settings.max_epochs and self.opt.local_epoch >= self.settings.max_epochs and not stop.is_set():
+            self.wait_for_laggards(stop, max(30.0, 2 * self.manifest.averaging.averaging_timeout_s))
+
+    def wait_for_laggards(self, stop: threading.Event, timeout_s: float) -> None:
+        """At the last global step, stay in the swarm while peers behind us catch up by downloading our state.
+
+        Without it every peer leaves the moment it reaches the last step, and one that fell a step or two behind
+        (a slow machine, a restart) finds nobody to average with or download from: it finishes alone, with
+        parameters of its own.
+        """
+        tracker = self.opt.tracker
+        epoch, deadline, behind = self.opt.local_epoch, time.monotonic() + timeout_s, 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            behind = peers_behind(tracker.dht, tracker.training_progress_key, epoch, tracker.dht.peer_id.to_bytes())
+            if not behind:
+                return
+            if self.status.status.state != "finishing":
+                logger.info("Last global step: waiting up to %.0f s for %d peer(s) to catch up", timeout_s, behind)
+                self.status.update(force=True, state="finishing")
+            stop.wait(1.0)
+        if behind:
+            logger.info("Leaving with %d peer(s) still behind the last global step", behind)
 
     def _loop(self, stop: threading.Event) -> None:
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
@@ -310,6 +334,26 @@ class Trainer:
         logger.info(message)
         if epoch % self.settings.checkpoint_every == 0:
             self._save()
+
+
+def peers_behind(dht: hivemind.DHT, progress_key: str, epoch: int, me: bytes) -> int:
+    """Peers whose progress record (hivemind's ProgressTracker, in the DHT) is at a global step below ``epoch``.
+
+    A peer that left says so with an empty record; a killed one's record expires (60 s); malformed ones are
+    skipped.
+    """
+    found = dht.get(progress_key, latest=True)
+    records = found.value if found is not None else None
+    if not isinstance(records, dict):
+        return 0
+    behind = 0
+    for record in records.values():
+        try:
+            progress = LocalTrainingProgress.parse_obj(record.value)
+        except (ValidationError, TypeError, AttributeError):
+            continue
+        behind += progress.peer_id != me and progress.epoch < epoch
+    return behind
 
 
 def cancel_rounds(optimizer: Any, forget: bool = False) -> None:

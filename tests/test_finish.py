@@ -1,0 +1,63 @@
+"""The end of a run: a peer at the last global step counts the peers still behind it from their progress records
+(hivemind's ProgressTracker, on a real DHT) before it leaves."""
+
+from __future__ import annotations
+
+import time
+
+import hivemind
+import pytest
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils.crypto import RSAPrivateKey
+
+from p2ptrain.training import TRACKER_OPTS, peers_behind
+
+RUN = "finish-test"
+KEY = f"{RUN}_progress"
+
+
+@pytest.fixture
+def nodes():
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    others = [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+        for _ in range(2)
+    ]
+    yield [first, *others]
+    for node in (first, *others):
+        node.shutdown()
+
+
+def wait_until(condition, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_peers_behind_counts_those_below_the_last_step_and_forgets_those_that_left(nodes):
+    keys = [RSAPrivateKey() for _ in nodes]  # one identity per peer, as in separate processes
+    trackers = [
+        ProgressTracker(node, RUN, 64, start=True, private_key=key, **TRACKER_OPTS)
+        for node, key in zip(nodes, keys, strict=True)
+    ]
+    try:
+        for tracker, epoch in zip(trackers, (40, 40, 37), strict=True):
+            with tracker.pause_updates():
+                tracker.update_epoch(epoch)
+            tracker.report_local_progress(epoch, 8)  # hivemind publishes a peer's record once it has samples
+        me = nodes[0].peer_id.to_bytes()
+        assert wait_until(lambda: peers_behind(nodes[0], KEY, 40, me) == 1)  # the one at 37, not itself
+        assert peers_behind(nodes[0], KEY, 38, me) == 1 and peers_behind(nodes[0], KEY, 37, me) == 0
+
+        trackers[2].shutdown(5)  # the laggard leaves: its record becomes empty
+        assert wait_until(lambda: peers_behind(nodes[0], KEY, 40, me) == 0)
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(5)
+
+
+def test_no_records_means_nobody_behind(nodes):
+    assert peers_behind(nodes[0], "nothing-here_progress", 40, nodes[0].peer_id.to_bytes()) == 0
