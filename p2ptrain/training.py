@@ -101,7 +101,7 @@ def make_optimizer(
     else:
         grad_averager = GradientAverager
     dense = DENSE.get(avg.compression, Float16Compression)
-    return hivemind.Optimizer(
+    optimizer = hivemind.Optimizer(
         **common,
         params=groups,
         optimizer=inner,
@@ -113,6 +113,23 @@ def make_optimizer(
         shutdown_timeout=2.0,
         verbose=False,
     )
+    remember_local_steps(optimizer)
+    return optimizer
+
+
+def remember_local_steps(optimizer: hivemind.Optimizer) -> None:
+    """Note in ``optimizer.local_step_epoch`` the last epoch whose update used only this peer's gradients.
+
+    hivemind steps on local gradients when the averaging round fails; at the end of a run that makes a
+    straggler's final parameters its own (``Trainer.finish``)."""
+    load_local = optimizer._load_local_gradients_into_optimizer
+    optimizer.local_step_epoch = -1
+
+    def load_local_and_remember() -> None:
+        optimizer.local_step_epoch = optimizer.local_epoch
+        load_local()
+
+    optimizer._load_local_gradients_into_optimizer = load_local_and_remember
 
 
 def fixed_level(avg: AveragingSpec) -> Level:
@@ -216,27 +233,40 @@ class Trainer:
             if self.ledger is not None:
                 self.ledger.set_active(False)
         if self.settings.max_epochs and self.opt.local_epoch >= self.settings.max_epochs and not stop.is_set():
-            self.wait_for_laggards(stop, max(30.0, 2 * self.manifest.averaging.averaging_timeout_s))
+            self.finish(stop, max(30.0, 2 * self.manifest.averaging.averaging_timeout_s))
 
-    def wait_for_laggards(self, stop: threading.Event, timeout_s: float) -> None:
-        """At the last global step, stay in the swarm while peers behind us catch up by downloading our state.
+    def finish(self, stop: threading.Event, timeout_s: float) -> None:
+        """The last global step is done: end with the swarm's parameters, and help stragglers do the same.
 
-        Without it every peer leaves the moment it reaches the last step, and one that fell a step or two behind
-        (a slow machine, a restart) finds nobody to average with or download from: it finishes alone, with
-        parameters of its own.
+        A peer whose last update used only its own gradients (its round found nobody: the others had finished
+        the step) downloads the state of a peer already there. A peer at the last step stays up to
+        ``timeout_s`` while peers behind it catch up, and a few seconds more for their download. Without this,
+        every peer leaves the moment it is done and a straggler (a slow machine, a restart) finishes alone
+        with parameters of its own.
         """
-        tracker = self.opt.tracker
-        epoch, deadline, behind = self.opt.local_epoch, time.monotonic() + timeout_s, 0
+        tracker, epoch = self.opt.tracker, self.opt.local_epoch
+        me = tracker.dht.peer_id.to_bytes()
+        self.status.update(force=True, state="finishing")
+        if getattr(self.opt, "local_step_epoch", -1) == epoch - 1:
+            ahead = [e for e in other_epochs(tracker.dht, tracker.training_progress_key, me) if e >= epoch]
+            if ahead:
+                logger.info("Our last update was our own (the round found nobody): downloading the swarm's state")
+                with self.lock:
+                    self.opt.load_state_from_peers()
+                self._save()
+        deadline, waited = time.monotonic() + timeout_s, False
         while not stop.is_set() and time.monotonic() < deadline:
-            behind = peers_behind(tracker.dht, tracker.training_progress_key, epoch, tracker.dht.peer_id.to_bytes())
+            behind = sum(e < epoch for e in other_epochs(tracker.dht, tracker.training_progress_key, me))
             if not behind:
+                if waited:  # the last of them just arrived: give its download of our state time to finish
+                    stop.wait(min(10.0, max(0.0, deadline - time.monotonic())))
                 return
-            if self.status.status.state != "finishing":
+            if not waited:
                 logger.info("Last global step: waiting up to %.0f s for %d peer(s) to catch up", timeout_s, behind)
-                self.status.update(force=True, state="finishing")
+                waited = True
             stop.wait(1.0)
-        if behind:
-            logger.info("Leaving with %d peer(s) still behind the last global step", behind)
+        if waited:
+            logger.info("Leaving with peer(s) still behind the last global step")
 
     def _loop(self, stop: threading.Event) -> None:
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
@@ -336,8 +366,8 @@ class Trainer:
             self._save()
 
 
-def peers_behind(dht: hivemind.DHT, progress_key: str, epoch: int, me: bytes) -> int:
-    """Peers whose progress record (hivemind's ProgressTracker, in the DHT) is at a global step below ``epoch``.
+def other_epochs(dht: hivemind.DHT, progress_key: str, me: bytes) -> list[int]:
+    """The global step of every other peer with a progress record (hivemind's ProgressTracker, in the DHT).
 
     A peer that left says so with an empty record; a killed one's record expires (60 s); malformed ones are
     skipped.
@@ -345,15 +375,16 @@ def peers_behind(dht: hivemind.DHT, progress_key: str, epoch: int, me: bytes) ->
     found = dht.get(progress_key, latest=True)
     records = found.value if found is not None else None
     if not isinstance(records, dict):
-        return 0
-    behind = 0
+        return []
+    epochs = []
     for record in records.values():
         try:
             progress = LocalTrainingProgress.parse_obj(record.value)
         except (ValidationError, TypeError, AttributeError):
             continue
-        behind += progress.peer_id != me and progress.epoch < epoch
-    return behind
+        if progress.peer_id != me:
+            epochs.append(progress.epoch)
+    return epochs
 
 
 def cancel_rounds(optimizer: Any, forget: bool = False) -> None:

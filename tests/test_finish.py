@@ -10,7 +10,7 @@ import pytest
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils.crypto import RSAPrivateKey
 
-from p2ptrain.training import TRACKER_OPTS, peers_behind
+from p2ptrain.training import TRACKER_OPTS, other_epochs
 
 RUN = "finish-test"
 KEY = f"{RUN}_progress"
@@ -37,7 +37,7 @@ def wait_until(condition, timeout_s: float = 20.0) -> bool:
     return False
 
 
-def test_peers_behind_counts_those_below_the_last_step_and_forgets_those_that_left(nodes):
+def test_other_epochs_come_from_progress_records_and_forget_peers_that_left(nodes):
     keys = [RSAPrivateKey() for _ in nodes]  # one identity per peer, as in separate processes
     trackers = [
         ProgressTracker(node, RUN, 64, start=True, private_key=key, **TRACKER_OPTS)
@@ -49,15 +49,14 @@ def test_peers_behind_counts_those_below_the_last_step_and_forgets_those_that_le
                 tracker.update_epoch(epoch)
             tracker.report_local_progress(epoch, 8)  # hivemind publishes a peer's record once it has samples
         me = nodes[0].peer_id.to_bytes()
-        assert wait_until(lambda: peers_behind(nodes[0], KEY, 40, me) == 1)  # the one at 37, not itself
-        assert peers_behind(nodes[0], KEY, 38, me) == 1 and peers_behind(nodes[0], KEY, 37, me) == 0
+        assert wait_until(lambda: sorted(other_epochs(nodes[0], KEY, me)) == [37, 40])  # not its own record
 
         trackers[2].shutdown(5)  # the laggard leaves: its record becomes empty
-        assert wait_until(lambda: peers_behind(nodes[0], KEY, 40, me) == 0)
+        assert wait_until(lambda: other_epochs(nodes[0], KEY, me) == [40])
     finally:
         for tracker in trackers:
             tracker.shutdown(5)
 
 
 def test_no_records_means_nobody_behind(nodes):
-    assert peers_behind(nodes[0], "nothing-here_progress", 40, nodes[0].peer_id.to_bytes()) == 0
+    assert other_epochs(nodes[0], "nothing-here_progress", nodes[0].peer_id.to_bytes()) == []
