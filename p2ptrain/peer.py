@@ -236,11 +236,14 @@ def run_peer(
                 remember_swarm(data_dir, manifest, envelope, dht)
                 clock.lap("remember peers")
             if optimizer is not None:
+                # a round still scheduled would be joined with zero weight and waited for (up to
+                # averaging_timeout_s) by hivemind's shutdown: a peer asked to stop leaves it instead
+                cancel_rounds(optimizer, forget=True)
                 try:
-                    shut_down_optimizer(optimizer, clock)
+                    optimizer.shutdown()
                 except Exception as e:  # noqa: BLE001 - the rest of the shutdown must still happen
                     logger.warning("Averagers did not stop cleanly: %r", e)
-                    clock.lap("stop averagers")
+                clock.lap("say goodbye, stop averagers")
             if trainer is not None and trainer.local_steps and not failure:
                 if trainer.lock.acquire(timeout=1.0):
                     try:
@@ -354,27 +357,6 @@ def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None
         # averaging_timeout_s; seen taking > 20 s on slow links). Cancelled here, and forgotten so
         # that shutdown does not cancel it twice (an error in hivemind).
         cancel_rounds(optimizer, forget=True)
-
-
-def shut_down_optimizer(optimizer: hivemind.Optimizer | Any, clock: ShutdownClock) -> None:
-    """hivemind's Optimizer.shutdown, phase by phase on ``clock``, without its wait on a round in flight.
-
-    hivemind joins a round that found its group with zero weight and waits for it up to averaging_timeout_s;
-    a peer that was asked to stop cancels it instead (the others finish without it).
-    """
-    if not isinstance(optimizer, hivemind.Optimizer):
-        optimizer.shutdown()
-        clock.lap("say goodbye, stop averagers")
-        return
-    optimizer.tracker.shutdown(optimizer.shutdown_timeout)
-    clock.lap("say goodbye")
-    cancel_rounds(optimizer, forget=True)
-    optimizer.state_averager.step(wait_for_delayed_updates=True)
-    optimizer.state_averager.shutdown()
-    clock.lap("stop state averager")
-    if optimizer.use_gradient_averaging:
-        optimizer.grad_averager.shutdown()
-    clock.lap("stop gradient averager")
 
 
 def pick_device(name: str) -> torch.device:

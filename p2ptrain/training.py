@@ -101,7 +101,7 @@ def make_optimizer(
     else:
         grad_averager = GradientAverager
     dense = DENSE.get(avg.compression, Float16Compression)
-    optimizer = hivemind.Optimizer(
+    return SwarmOptimizer(
         **common,
         params=groups,
         optimizer=inner,
@@ -113,23 +113,18 @@ def make_optimizer(
         shutdown_timeout=2.0,
         verbose=False,
     )
-    remember_local_steps(optimizer)
-    return optimizer
 
 
-def remember_local_steps(optimizer: hivemind.Optimizer) -> None:
-    """Note in ``optimizer.local_step_epoch`` the last epoch whose update used only this peer's gradients.
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind's Optimizer, remembering in ``local_step_epoch`` the last epoch it updated from its own gradients
+    alone (the averaging round failed): at the end of a run such a straggler takes the swarm's state instead
+    (``Trainer.finish``)."""
 
-    hivemind steps on local gradients when the averaging round fails; at the end of a run that makes a
-    straggler's final parameters its own (``Trainer.finish``)."""
-    load_local = optimizer._load_local_gradients_into_optimizer
-    optimizer.local_step_epoch = -1
+    local_step_epoch = -1
 
-    def load_local_and_remember() -> None:
-        optimizer.local_step_epoch = optimizer.local_epoch
-        load_local()
-
-    optimizer._load_local_gradients_into_optimizer = load_local_and_remember
+    def _load_local_gradients_into_optimizer(self) -> None:
+        self.local_step_epoch = self.local_epoch
+        super()._load_local_gradients_into_optimizer()
 
 
 def fixed_level(avg: AveragingSpec) -> Level:
@@ -248,8 +243,7 @@ class Trainer:
         me = tracker.dht.peer_id.to_bytes()
         self.status.update(force=True, state="finishing")
         if getattr(self.opt, "local_step_epoch", -1) == epoch - 1:
-            ahead = [e for e in other_epochs(tracker.dht, tracker.training_progress_key, me) if e >= epoch]
-            if ahead:
+            if any(e >= epoch for e in other_epochs(tracker.dht, tracker.training_progress_key, me)):
                 logger.info("Our last update was our own (the round found nobody): downloading the swarm's state")
                 with self.lock:
                     self.opt.load_state_from_peers()

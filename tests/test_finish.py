@@ -7,10 +7,12 @@ import time
 
 import hivemind
 import pytest
+import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils.crypto import RSAPrivateKey
 
-from p2ptrain.training import TRACKER_OPTS, other_epochs
+from p2ptrain.settings import PeerSettings
+from p2ptrain.training import TRACKER_OPTS, make_optimizer, other_epochs
 
 RUN = "finish-test"
 KEY = f"{RUN}_progress"
@@ -60,3 +62,19 @@ def test_other_epochs_come_from_progress_records_and_forget_peers_that_left(node
 
 def test_no_records_means_nobody_behind(nodes):
     assert other_epochs(nodes[0], "nothing-here_progress", nodes[0].peer_id.to_bytes()) == []
+
+
+def test_an_update_from_local_gradients_alone_is_remembered(nodes, manifest, tmp_path):
+    """A lone peer's round finds nobody: hivemind updates from its own gradients, and the optimizer says so."""
+    model = torch.nn.Linear(4, 2)
+    opt = make_optimizer(nodes[0], model, manifest, PeerSettings(data_dir=tmp_path, batch_size=16))
+    try:
+        assert opt.local_step_epoch == -1
+        deadline = time.monotonic() + 60
+        while opt.local_epoch == 0 and time.monotonic() < deadline:
+            model(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert opt.local_epoch == 1 and opt.local_step_epoch == 0
+    finally:
+        opt.shutdown()

@@ -30,7 +30,9 @@ def buffer_tcp_reads() -> None:
     async def read(self: TrioTCPStream, n: int | None = None) -> bytes:
         # one reader at a time, from the check of the buffer to the refill: a second reader waiting on the
         # socket while the first fills the buffer would get newer bytes first (Noise then fails to decrypt)
-        lock = self.__dict__.setdefault("_read_ahead_lock", trio.Lock())
+        lock = self.__dict__.get("_read_ahead_lock")
+        if lock is None:
+            lock = self.__dict__["_read_ahead_lock"] = trio.Lock()
         async with lock:
             pending = self.__dict__.get("_read_ahead")
             if pending:
@@ -121,7 +123,8 @@ def wait_for_credit_without_polling() -> None:
                         header = struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0, self.stream_id, size)
                         frame = header + data[sent : sent + size]
                     else:
-                        credit = self.__dict__.setdefault("_p2ptrain_credit", trio.Event())
+                        credit = self.__dict__.get("_p2ptrain_credit") or trio.Event()
+                        self.__dict__["_p2ptrain_credit"] = credit
             if not frame:
                 await credit.wait()  # set by the next change of send_window or closed
                 continue

@@ -12,11 +12,13 @@ from __future__ import annotations
 import trio
 from libp2p.abc import INetStream, INetwork
 from libp2p.peer.id import ID
+from libp2p.protocol_muxer.multiselect import MULTISELECT_PROTOCOL_ID as MULTISTREAM
+from libp2p.protocol_muxer.multiselect import PROTOCOL_NOT_FOUND_MSG
+from libp2p.utils import encode_delim
 
-from p2ptrain.p2pd.framing import FrameError, Reader, encode_uvarint
+from p2ptrain.p2pd.framing import FrameError, Reader
 from p2ptrain.p2pd.streams import receiver
 
-MULTISTREAM = "/multistream/1.0.0"
 MAX_LINE_BYTES = 1024  # a protocol id or "na"
 
 
@@ -25,9 +27,8 @@ class ProtocolNotSupported(Exception):
 
 
 def line(text: str) -> bytes:
-    """A multistream message: uvarint length, the text, a newline."""
-    body = text.encode() + b"\n"
-    return encode_uvarint(len(body)) + body
+    """A multistream message: uvarint length, the text, a newline (py-libp2p's own encoding)."""
+    return encode_delim(text.encode())
 
 
 async def read_line(reader: Reader) -> str:
@@ -61,7 +62,7 @@ async def open_stream(
             if answer == proto:
                 stream.set_protocol(proto)
                 return stream, reader
-            if answer != "na":
+            if answer != PROTOCOL_NOT_FOUND_MSG:
                 raise FrameError(f"proposed {proto}, the remote answered {answer[:64]!r}")
         raise ProtocolNotSupported(f"protocol not supported: {', '.join(protocols)}")
     except BaseException:
