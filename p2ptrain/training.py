@@ -19,12 +19,12 @@ from typing import Any
 import hivemind
 import torch
 import torch.nn.functional as F
+from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
-from hivemind.optim.progress_tracker import LocalTrainingProgress
-from pydantic.v1 import ValidationError  # hivemind's progress records are pydantic v1 models
 
+from p2ptrain import end_of_run
 from p2ptrain.averaging import CompressedGradientAverager
 from p2ptrain.codecs import DENSE, Level
 from p2ptrain.data import Corpus
@@ -115,16 +115,32 @@ def make_optimizer(
     )
 
 
+NO_GROUP_YET = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # an averaging round's stages
+
+
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind's Optimizer, remembering in ``local_step_epoch`` the last epoch it updated from its own gradients
-    alone (the averaging round failed): at the end of a run such a straggler takes the swarm's state instead
-    (``Trainer.finish``)."""
+    """hivemind's Optimizer, with two changes for a peer that falls behind:
+
+    - it remembers in ``local_step_epoch`` the last epoch it updated from its own gradients alone (the averaging
+      round failed): at the end of a run such a straggler takes the swarm's state instead (``Trainer.finish``);
+    - before downloading the swarm's state it drops the gradient round it scheduled if that round has not formed a
+      group yet. hivemind joins it with zero weight so as not to disturb a group already formed; but a peer that is
+      behind is usually alone in that round (the others are a step ahead), and waited the whole averaging timeout
+      before its download began (15 s at each catch-up in the swarm test; the last peers had left by then).
+    """
 
     local_step_epoch = -1
 
     def _load_local_gradients_into_optimizer(self) -> None:
         self.local_step_epoch = self.local_epoch
         super()._load_local_gradients_into_optimizer()
+
+    def load_state_from_peers(self, **kwargs: Any) -> None:
+        control = self.scheduled_grads
+        if control is not None and not control.done() and control.stage in NO_GROUP_YET:
+            control.cancel()
+            self.scheduled_grads = None
+        super().load_state_from_peers(**kwargs)
 
 
 def fixed_level(avg: AveragingSpec) -> Level:
@@ -188,6 +204,8 @@ class Trainer:
         self._val_blocks = corpus.val_blocks()
         self._autocast = autocast_for(device) or nullcontext
         self.lock = threading.Lock()  # held while parameters change; the checkpoint writer takes it
+        self._swarm_done = False  # another peer announced the run's last step (--max-epochs)
+        self._next_finish_check = 0.0
 
     def catch_up(self) -> None:
         """Download the swarm's current state if it is ahead of ours (a late joiner, or a restart)."""
@@ -227,45 +245,50 @@ class Trainer:
         finally:
             if self.ledger is not None:
                 self.ledger.set_active(False)
-        if self.settings.max_epochs and self.opt.local_epoch >= self.settings.max_epochs and not stop.is_set():
-            self.finish(stop, max(30.0, 2 * self.manifest.averaging.averaging_timeout_s))
+        if self.settings.max_epochs and not stop.is_set():
+            if self.opt.local_epoch >= self.settings.max_epochs or self._swarm_done:
+                self.finish(stop, max(30.0, 2 * self.manifest.averaging.averaging_timeout_s))
 
     def finish(self, stop: threading.Event, timeout_s: float) -> None:
-        """The last global step is done: end with the swarm's parameters, and help stragglers do the same.
-
-        A peer whose last update used only its own gradients (its round found nobody: the others had finished
-        the step) downloads the state of a peer already there. A peer at the last step stays up to
-        ``timeout_s`` while peers behind it catch up, and a few seconds more for their download. Without this,
-        every peer leaves the moment it is done and a straggler (a slow machine, a restart) finishes alone
-        with parameters of its own.
-        """
-        tracker, epoch = self.opt.tracker, self.opt.local_epoch
-        me = tracker.dht.peer_id.to_bytes()
+        """The run's last global step is reached: end with the swarm's parameters, and help stragglers do the same
+        (end_of_run.py says how)."""
+        tracker, epoch = self.opt.tracker, self.settings.max_epochs
+        dht, finishing = tracker.dht, end_of_run.finishing_key(self.manifest.run_id)
         self.status.update(force=True, state="finishing")
-        if getattr(self.opt, "local_step_epoch", -1) == epoch - 1:
-            if any(e >= epoch for e in other_epochs(tracker.dht, tracker.training_progress_key, me)):
-                logger.info("Our last update was our own (the round found nobody): downloading the swarm's state")
+        if self.opt.local_epoch < epoch:
+            why = f"we are at {self.opt.local_epoch}"
+        elif getattr(self.opt, "local_step_epoch", -1) == self.opt.local_epoch - 1:  # SwarmOptimizer knows
+            why = "our last update was our own (the round found nobody)"
+        else:
+            why = None
+        if why and (
+            self._swarm_done or max(end_of_run.other_epochs(dht, tracker.training_progress_key), default=-1) >= epoch
+        ):
+            logger.info("The swarm is at its last step %d and %s: downloading its state", epoch, why)
+            with end_of_run.announced_download(dht, finishing, epoch, 2 * timeout_s):  # then: we hold the final state
                 with self.lock:
                     self.opt.load_state_from_peers()
-                self._save()
-        deadline, waited = time.monotonic() + timeout_s, False
-        while not stop.is_set() and time.monotonic() < deadline:
-            behind = sum(e < epoch for e in other_epochs(tracker.dht, tracker.training_progress_key, me))
-            if not behind:
-                if waited:  # the last of them just arrived: give its download of our state time to finish
-                    stop.wait(min(10.0, max(0.0, deadline - time.monotonic())))
-                return
-            if not waited:
-                logger.info("Last global step: waiting up to %.0f s for %d peer(s) to catch up", timeout_s, behind)
-                waited = True
-            stop.wait(1.0)
-        if waited:
-            logger.info("Leaving with peer(s) still behind the last global step")
+            self.status.update(force=True, epoch=self.opt.local_epoch)
+            self._save()
+        else:
+            end_of_run.announce_final(dht, finishing, epoch, timeout_s)
+        end_of_run.wait_for_stragglers(dht, tracker.training_progress_key, finishing, epoch, stop, timeout_s)
+
+    def _swarm_finished(self) -> bool:
+        """Whether another peer announced the run's last step (checked every few seconds): no round will find it."""
+        if not self.settings.max_epochs or time.monotonic() < self._next_finish_check:
+            return self._swarm_done
+        self._next_finish_check = time.monotonic() + end_of_run.CHECK_EVERY_S
+        key = end_of_run.finishing_key(self.manifest.run_id)
+        self._swarm_done = end_of_run.swarm_finished(self.opt.tracker.dht, key, self.settings.max_epochs)
+        return self._swarm_done
 
     def _loop(self, stop: threading.Event) -> None:
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
         self.status.update(training_since=time.time())
         while not stop.is_set() and not (self.settings.max_epochs and epoch >= self.settings.max_epochs):
+            if self._swarm_finished():  # we are behind: finish() takes the swarm's state
+                break
             if self.gate is not None:
                 self.gate.pass_through(stop, self._pause, self._resume)
                 if stop.is_set():
@@ -358,27 +381,6 @@ class Trainer:
         logger.info(message)
         if epoch % self.settings.checkpoint_every == 0:
             self._save()
-
-
-def other_epochs(dht: hivemind.DHT, progress_key: str, me: bytes) -> list[int]:
-    """The global step of every other peer with a progress record (hivemind's ProgressTracker, in the DHT).
-
-    A peer that left says so with an empty record; a killed one's record expires (60 s); malformed ones are
-    skipped.
-    """
-    found = dht.get(progress_key, latest=True)
-    records = found.value if found is not None else None
-    if not isinstance(records, dict):
-        return []
-    epochs = []
-    for record in records.values():
-        try:
-            progress = LocalTrainingProgress.parse_obj(record.value)
-        except (ValidationError, TypeError, AttributeError):
-            continue
-        if progress.peer_id != me:
-            epochs.append(progress.epoch)
-    return epochs
 
 
 def cancel_rounds(optimizer: Any, forget: bool = False) -> None:

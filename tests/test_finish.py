@@ -1,18 +1,33 @@
-"""The end of a run: a peer at the last global step counts the peers still behind it from their progress records
-(hivemind's ProgressTracker, on a real DHT) before it leaves."""
+"""The end of a run (end_of_run.py): a peer at the last global step counts the peers still behind it from their
+progress records (hivemind's ProgressTracker, on a real DHT) and the stragglers downloading its state before it
+leaves."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 
 import hivemind
 import pytest
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from p2ptrain.end_of_run import (
+    QUIET_S,
+    announce_final,
+    announced_download,
+    downloading,
+    finishing_key,
+    other_epochs,
+    swarm_finished,
+    wait_for_stragglers,
+)
 from p2ptrain.settings import PeerSettings
-from p2ptrain.training import TRACKER_OPTS, make_optimizer, other_epochs
+from p2ptrain.training import TRACKER_OPTS, make_optimizer
 
 RUN = "finish-test"
 KEY = f"{RUN}_progress"
@@ -50,18 +65,17 @@ def test_other_epochs_come_from_progress_records_and_forget_peers_that_left(node
             with tracker.pause_updates():
                 tracker.update_epoch(epoch)
             tracker.report_local_progress(epoch, 8)  # hivemind publishes a peer's record once it has samples
-        me = nodes[0].peer_id.to_bytes()
-        assert wait_until(lambda: sorted(other_epochs(nodes[0], KEY, me)) == [37, 40])  # not its own record
+        assert wait_until(lambda: sorted(other_epochs(nodes[0], KEY)) == [37, 40])  # not its own record
 
         trackers[2].shutdown(5)  # the laggard leaves: its record becomes empty
-        assert wait_until(lambda: other_epochs(nodes[0], KEY, me) == [40])
+        assert wait_until(lambda: other_epochs(nodes[0], KEY) == [40])
     finally:
         for tracker in trackers:
             tracker.shutdown(5)
 
 
 def test_no_records_means_nobody_behind(nodes):
-    assert other_epochs(nodes[0], "nothing-here_progress", nodes[0].peer_id.to_bytes()) == []
+    assert other_epochs(nodes[0], "nothing-here_progress") == []
 
 
 def test_an_update_from_local_gradients_alone_is_remembered(nodes, manifest, tmp_path):
@@ -78,3 +92,85 @@ def test_an_update_from_local_gradients_alone_is_remembered(nodes, manifest, tmp
         assert opt.local_epoch == 1 and opt.local_step_epoch == 0
     finally:
         opt.shutdown()
+
+
+def test_a_download_is_announced_until_it_ends_and_malformed_records_are_ignored(nodes):
+    key = finishing_key(RUN)
+    nodes[2].store(key, "not a record", get_dht_time() + 30, subkey="hostile")
+    nodes[2].store(key, {"epoch": 40, "done": "no"}, get_dht_time() + 30, subkey="hostile too")
+    with announced_download(nodes[1], key, 40, 30):
+        assert wait_until(lambda: downloading(nodes[0], key) == 1)
+        assert downloading(nodes[1], key) == 0  # not its own
+    assert wait_until(lambda: downloading(nodes[0], key) == 0)
+
+
+def waiter(node, key, timeout_s):
+    """``wait_for_stragglers`` for a peer at global step 40 in a thread; how long it stayed."""
+    took = []
+    stop = threading.Event()
+
+    def run():
+        started = time.monotonic()
+        wait_for_stragglers(node, KEY, key, 40, stop, timeout_s)
+        took.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, took, stop
+
+
+def test_a_peer_at_the_last_step_stays_while_a_straggler_downloads_its_state(nodes):
+    key = finishing_key(RUN)
+    thread, took, _ = waiter(nodes[0], key, 5)
+    thread.join(10)
+    assert took and took[0] < 2, "nobody behind, nobody downloading: it leaves at once"
+
+    with announced_download(nodes[1], key, 40, 60):
+        thread, took, _ = waiter(nodes[0], key, 60)
+        time.sleep(8)
+        assert not took, "left while a straggler was downloading its state"
+    thread.join(QUIET_S + 10)
+    assert took and 8 + QUIET_S <= took[0] < 8 + QUIET_S + 8, took
+
+
+def test_the_wait_is_bounded_and_a_stop_ends_it(nodes):
+    key = finishing_key(RUN)
+    nodes[1].store(key, {"epoch": 40, "done": False}, get_dht_time() + 120, subkey="never done")
+    thread, took, _ = waiter(nodes[0], key, 4)
+    thread.join(20)
+    assert took and 8 <= took[0] < 13, took  # a download in progress: twice the bound for peers behind
+    thread, took, stop = waiter(nodes[0], key, 60)
+    time.sleep(2)
+    stop.set()
+    thread.join(5)
+    assert took and took[0] < 5, took
+
+
+def test_a_peer_behind_downloads_without_waiting_out_a_round_nobody_joins(nodes, manifest, tmp_path):
+    """hivemind first joins the round it scheduled (zero weight); one still looking for a group is dropped."""
+    model = torch.nn.Linear(4, 2)
+    slow = dataclasses.replace(manifest, averaging=dataclasses.replace(manifest.averaging, averaging_timeout_s=30.0))
+    opt = make_optimizer(nodes[0], model, slow, PeerSettings(data_dir=tmp_path, batch_size=16))
+    try:
+        opt.scheduled_grads = opt.grad_averager.schedule_step(timeout=30)  # a round nobody else will join
+        assert wait_until(lambda: opt.scheduled_grads.stage == AveragingStage.LOOKING_FOR_GROUP, 10)
+        started = time.monotonic()
+        opt.load_state_from_peers()
+        assert time.monotonic() - started < 10  # hivemind as released: 30 s (the averaging timeout)
+        assert opt.scheduled_grads is None
+    finally:
+        opt.shutdown()
+
+
+def test_a_peer_still_training_learns_that_the_swarm_reached_its_last_step(nodes):
+    key = finishing_key(RUN)
+    nodes[2].store(key, {"epoch": 99, "done": "yes"}, get_dht_time() + 30, subkey="hostile")
+    nodes[2].store(key, {"epoch": 99.0, "done": True}, get_dht_time() + 30, subkey="hostile too")
+    announce_final(nodes[0], key, 40, 30)
+    assert not swarm_finished(nodes[0], key, 40)  # its own announcement
+    assert wait_until(lambda: swarm_finished(nodes[1], key, 40))
+    assert not swarm_finished(nodes[1], key, 41)
+    with announced_download(nodes[2], key, 40, 30):  # a download in progress is not the final state
+        assert wait_until(lambda: downloading(nodes[1], key) == 1)
+        assert not swarm_finished(nodes[0], key, 40)
+    assert wait_until(lambda: swarm_finished(nodes[0], key, 40))  # done: it holds the final state

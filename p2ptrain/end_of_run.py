@@ -1,0 +1,139 @@
+"""The end of a run (``--max-epochs N``): every peer leaves with the swarm's parameters.
+
+hivemind lets a peer run a step or more behind the others (its view of the swarm's progress is seconds old). At
+the last step that costs it: its averaging rounds find nobody (the others are done), one averaging timeout each,
+and its last updates come from its own gradients alone. So peers say where they are in a DHT record,
+``p2ptrain/v1/finishing/<run_id>`` (subkey: the peer id; protocols/dht-records.md):
+
+- a peer that reached step N by averaging stores ``{"epoch": N, "done": true}``: it holds the swarm's final state;
+- a peer still training checks for such a record every ``CHECK_EVERY_S``; seeing one, it stops, stores
+  ``{"epoch": N, "done": false}``, downloads the state of a peer at step N, then stores ``done: true``. A peer
+  whose last update was its own (its round found nobody) does the same;
+- a peer at step N stays while another peer's progress record (hivemind's ``{run_id}_progress``) is behind N
+  (at most ``timeout_s``) or another peer's record says ``done: false`` (at most ``2 × timeout_s`` in all), and
+  until neither has been seen for ``QUIET_S``.
+
+Records come from other peers: a malformed one is ignored; a lying one can only make a peer wait ``2 × timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import hivemind
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils import get_dht_time
+from pydantic.v1 import ValidationError  # hivemind's progress records are pydantic v1 models
+
+from p2ptrain.discovery import bounded
+
+logger = logging.getLogger(__name__)
+
+QUIET_S = 5.0  # nobody behind, nobody downloading, for this long: a straggler just arrived has announced itself
+CHECK_EVERY_S = 2.0  # how often a peer still training looks for peers that announced the last step
+
+
+def finishing_key(run_id: str) -> str:
+    return f"p2ptrain/v1/finishing/{run_id}"
+
+
+def other_epochs(dht: hivemind.DHT, progress_key: str) -> list[int]:
+    """The global step of every other peer with a progress record (hivemind's ProgressTracker, in the DHT).
+
+    A peer that left says so with an empty record; a killed one's record expires (60 s); malformed ones are
+    skipped.
+    """
+    me, epochs = dht.peer_id.to_bytes(), []
+    for record in _records(dht, progress_key).values():
+        try:
+            progress = LocalTrainingProgress.parse_obj(record.value)
+        except (ValidationError, TypeError, AttributeError):
+            continue
+        if progress.peer_id != me:
+            epochs.append(progress.epoch)
+    return epochs
+
+
+def swarm_finished(dht: hivemind.DHT, key: str, epoch: int) -> bool:
+    """Whether another peer announced that it holds the swarm's state at global step ``epoch`` (or later)."""
+    me = dht.peer_id.to_base58()
+    return any(
+        subkey != me and _final(record.value) and record.value["epoch"] >= epoch
+        for subkey, record in _records(dht, key).items()
+    )
+
+
+def downloading(dht: hivemind.DHT, key: str) -> int:
+    """How many other peers announced a download of the final state that they have not finished."""
+    me = dht.peer_id.to_base58()
+    return sum(
+        subkey != me and isinstance(record.value, dict) and record.value.get("done") is False
+        for subkey, record in _records(dht, key).items()
+    )
+
+
+def announce_final(dht: hivemind.DHT, key: str, epoch: int, expiration_s: float) -> None:
+    """Tell the peers still training that we hold the swarm's state at the last step ``epoch``."""
+    _announce(dht, key, {"epoch": epoch, "done": True}, expiration_s)
+
+
+@contextmanager
+def announced_download(dht: hivemind.DHT, key: str, epoch: int, expiration_s: float) -> Iterator[None]:
+    """Tell the peers at the last step that we are downloading their state (until the block ends, or expires)."""
+    _announce(dht, key, {"epoch": epoch, "done": False}, expiration_s)
+    try:
+        yield
+    finally:
+        _announce(dht, key, {"epoch": epoch, "done": True}, expiration_s)
+
+
+def wait_for_stragglers(
+    dht: hivemind.DHT,
+    progress_key: str,
+    finishing: str,
+    epoch: int,
+    stop: threading.Event,
+    timeout_s: float,
+) -> None:
+    """Stay while another peer is behind ``epoch`` (at most ``timeout_s``) or downloading our state (at most
+    ``2 × timeout_s`` in all: a straggler's download can begin only after its own last, lonely averaging rounds)."""
+    started = time.monotonic()
+    waited, quiet_since, behind, loading = False, None, 0, 0
+    while not stop.is_set():
+        behind = sum(e < epoch for e in other_epochs(dht, progress_key))
+        loading = downloading(dht, finishing)
+        now = time.monotonic()
+        if now - started >= (2 * timeout_s if loading else timeout_s):
+            break
+        if behind or loading:
+            quiet_since = None
+            if not waited:
+                logger.info("Last global step: waiting up to %.0f s for %d peer(s) to catch up", timeout_s, behind)
+                waited = True
+        elif not waited or (quiet_since is not None and now - quiet_since >= QUIET_S):
+            return
+        elif quiet_since is None:
+            quiet_since = now
+        stop.wait(1.0)
+    if (behind or loading) and not stop.is_set():
+        logger.info("Leaving with %d peer(s) still behind the last global step", behind + loading)
+
+
+def _announce(dht: hivemind.DHT, key: str, value: dict, expiration_s: float) -> None:
+    subkey = dht.peer_id.to_base58()
+    if not bounded(dht.store(key, value, get_dht_time() + expiration_s, subkey=subkey, return_future=True)):
+        logger.info("Could not announce the download in the DHT; the peers at the last step may leave before it")
+
+
+def _final(value: object) -> bool:
+    return isinstance(value, dict) and value.get("done") is True and type(value.get("epoch")) is int
+
+
+def _records(dht: hivemind.DHT, key: str) -> dict:
+    """A key's subkey records; none if there are none, or the DHT does not answer within discovery's bound."""
+    found = bounded(dht.get(key, latest=True, return_future=True))
+    return found.value if found is not None and isinstance(found.value, dict) else {}
