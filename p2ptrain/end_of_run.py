@@ -126,7 +126,7 @@ def wait_for_stragglers(
 def _announce(dht: hivemind.DHT, key: str, value: dict, expiration_s: float) -> None:
     subkey = dht.peer_id.to_base58()
     if not bounded(dht.store(key, value, get_dht_time() + expiration_s, subkey=subkey, return_future=True)):
-        logger.info("Could not announce the download in the DHT; the peers at the last step may leave before it")
+        logger.info("Could not store our end-of-run record %s in the DHT; the other peers will not see it", value)
 
 
 def _final(value: object) -> bool:

@@ -56,7 +56,7 @@ from p2ptrain.processes import descendants, die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.tokenizer import Tokenizer, load_tokenizer
-from p2ptrain.training import Trainer, cancel_rounds, make_optimizer
+from p2ptrain.training import Trainer, cancel_rounds, make_optimizer, stop_optimizer
 
 logger = logging.getLogger(__name__)
 MAX_REMEMBERED_PEERS = 16
@@ -236,11 +236,8 @@ def run_peer(
                 remember_swarm(data_dir, manifest, envelope, dht)
                 clock.lap("remember peers")
             if optimizer is not None:
-                # a round still scheduled would be joined with zero weight and waited for (up to
-                # averaging_timeout_s) by hivemind's shutdown: a peer asked to stop leaves it instead
-                cancel_rounds(optimizer, forget=True)
                 try:
-                    optimizer.shutdown()
+                    stop_optimizer(optimizer, step_running=worker is not None and worker.is_alive())
                 except Exception as e:  # noqa: BLE001 - the rest of the shutdown must still happen
                     logger.warning("Averagers did not stop cleanly: %r", e)
                 clock.lap("say goodbye, stop averagers")
@@ -352,11 +349,6 @@ def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None
         worker.join(1.5)  # a step still blocked in hivemind after the cancel rarely returns later
     if worker.is_alive():
         logger.warning("The training step did not stop in time; shutting down around it")
-    if optimizer is not None and not worker.is_alive():
-        # a round the last step arranged ahead: hivemind's shutdown would wait for it (up to
-        # averaging_timeout_s; seen taking > 20 s on slow links). Cancelled here, and forgotten so
-        # that shutdown does not cancel it twice (an error in hivemind).
-        cancel_rounds(optimizer, forget=True)
 
 
 def pick_device(name: str) -> torch.device:

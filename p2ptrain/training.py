@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable
@@ -391,3 +392,19 @@ def cancel_rounds(optimizer: Any, forget: bool = False) -> None:
             control.cancel()
         if forget:
             setattr(optimizer, name, None)
+
+
+def stop_optimizer(optimizer: Any, step_running: bool) -> None:
+    """Stop the optimizer's averager processes: hivemind's own shutdown (goodbye to the swarm, each averager given
+    its grace period) or, while a training step is still running inside hivemind (holding its locks, its round
+    cancelled but not returned), terminate them outright. The graceful way would race with that step: seen taking
+    6.8 s and failing with "Set changed size during iteration"; the progress record it would clear expires alone."""
+    if not step_running:
+        # a round the last step arranged ahead: hivemind's shutdown would join it with zero weight and wait for
+        # it (up to the averaging timeout; seen taking > 20 s on slow links); forgotten, so not cancelled twice
+        cancel_rounds(optimizer, forget=True)
+        optimizer.shutdown()
+        return
+    for averager in vars(optimizer).values():
+        if isinstance(averager, multiprocessing.process.BaseProcess) and averager.is_alive():
+            averager.terminate()
