@@ -5,10 +5,12 @@ the last step that costs it: its averaging rounds find nobody (the others are do
 and its last updates come from its own gradients alone. So peers say where they are in a DHT record,
 ``p2ptrain/v1/finishing/<run_id>`` (subkey: the peer id; protocols/dht-records.md):
 
-- a peer that reached step N by averaging stores ``{"epoch": N, "done": true}``: it holds the swarm's final state;
+- a peer that reached step N by averaging lets its last (background) state-averaging round land, then stores
+  ``{"epoch": N, "done": true}``: it holds the swarm's final state;
 - a peer still training checks for such a record every ``CHECK_EVERY_S``; seeing one, it stops, stores
   ``{"epoch": N, "done": false}``, downloads the state of a peer at step N, then stores ``done: true``. A peer
-  whose last update was its own (its round found nobody) does the same;
+  whose last update was its own (its round found nobody) does the same, once a peer at N has announced itself
+  (at most ``timeout_s`` later: its last state-averaging round has landed by then);
 - a peer at step N stays while another peer's progress record (hivemind's ``{run_id}_progress``) is behind N
   (at most ``timeout_s``) or another peer's record says ``done: false`` (at most ``2 × timeout_s`` in all), and
   until neither has been seen for ``QUIET_S``.
@@ -65,6 +67,16 @@ def swarm_finished(dht: hivemind.DHT, key: str, epoch: int) -> bool:
         subkey != me and _final(record.value) and record.value["epoch"] >= epoch
         for subkey, record in _records(dht, key).items()
     )
+
+
+def wait_until_finished(dht: hivemind.DHT, key: str, epoch: int, stop: threading.Event, timeout_s: float) -> bool:
+    """Wait (at most ``timeout_s``) until another peer announces that it holds the state at step ``epoch``."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        if swarm_finished(dht, key, epoch):
+            return True
+        stop.wait(1.0)
+    return False
 
 
 def downloading(dht: hivemind.DHT, key: str) -> int:

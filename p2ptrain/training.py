@@ -24,6 +24,7 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
 
 from p2ptrain import end_of_run
 from p2ptrain.averaging import CompressedGradientAverager
@@ -266,12 +267,21 @@ class Trainer:
             self._swarm_done or max(end_of_run.other_epochs(dht, tracker.training_progress_key), default=-1) >= epoch
         ):
             logger.info("The swarm is at its last step %d and %s: downloading its state", epoch, why)
+            # from a peer that has announced it: its last state-averaging round has landed (see below)
+            end_of_run.wait_until_finished(dht, finishing, epoch, stop, timeout_s)
             with end_of_run.announced_download(dht, finishing, epoch, 2 * timeout_s):  # then: we hold the final state
                 with self.lock:
                     self.opt.load_state_from_peers()
             self.status.update(force=True, epoch=self.opt.local_epoch)
             self._save()
         else:
+            # hivemind averages the last step's state in the background: a straggler downloading before that round
+            # lands would take parameters the others no longer hold (seen: 2.3e-3 apart). Land it, then announce.
+            state_averager = getattr(self.opt, "state_averager", None)
+            if isinstance(state_averager, TrainingStateAverager):
+                with self.lock:
+                    state_averager.step(wait_for_delayed_updates=True)
+                self._save()
             end_of_run.announce_final(dht, finishing, epoch, timeout_s)
         end_of_run.wait_for_stragglers(dht, tracker.training_progress_key, finishing, epoch, stop, timeout_s)
 
