@@ -273,6 +273,8 @@ class Trainer:
                 with self.lock:
                     self.opt.load_state_from_peers()
             self.status.update(force=True, epoch=self.opt.local_epoch)
+            if self.settings.validate_every and self.opt.local_epoch % self.settings.validate_every == 0:
+                logger.info("Held-out loss at global step %d: %.4f", self.opt.local_epoch, self.validate())
             self._save()
         else:
             # hivemind averages the last step's state in the background: a straggler downloading before that round
