@@ -31,7 +31,7 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 from pydantic.v1 import ValidationError  # hivemind's progress records are pydantic v1 models
 
-from p2ptrain.discovery import bounded
+from p2ptrain.discovery import DHT_TIMEOUT_S, bounded
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +62,32 @@ def other_epochs(dht: hivemind.DHT, progress_key: str) -> list[int]:
 
 def swarm_finished(dht: hivemind.DHT, key: str, epoch: int) -> bool:
     """Whether another peer announced that it holds the swarm's state at global step ``epoch`` (or later)."""
-    me = dht.peer_id.to_base58()
-    return any(
-        subkey != me and _final(record.value) and record.value["epoch"] >= epoch
-        for subkey, record in _records(dht, key).items()
-    )
+    return _announced_final(_records(dht, key), dht.peer_id.to_base58(), epoch)
+
+
+class FinishWatch:
+    """``swarm_finished``, polled from the training loop without ever blocking a step: one DHT get at a time,
+    started at most every ``CHECK_EVERY_S`` and read once it has answered (given up after discovery's bound)."""
+
+    def __init__(self, dht: hivemind.DHT, key: str, epoch: int):
+        self.dht, self.key, self.epoch = dht, key, epoch
+        self.done = False
+        self._pending, self._started = None, 0.0
+
+    def poll(self) -> bool:
+        now = time.monotonic()
+        if self.done or (self._pending is None and now - self._started < CHECK_EVERY_S):
+            return self.done
+        if self._pending is None:
+            self._pending, self._started = self.dht.get(self.key, latest=True, return_future=True), now
+        elif self._pending.done():
+            found, self._pending = self._pending.result(), None
+            records = found.value if found is not None and isinstance(found.value, dict) else {}
+            self.done = _announced_final(records, self.dht.peer_id.to_base58(), self.epoch)
+        elif now - self._started > DHT_TIMEOUT_S:
+            self._pending.cancel()
+            self._pending = None
+        return self.done
 
 
 def wait_until_finished(dht: hivemind.DHT, key: str, epoch: int, stop: threading.Event, timeout_s: float) -> bool:
@@ -124,7 +145,9 @@ def wait_for_stragglers(
         if behind or loading:
             quiet_since = None
             if not waited:
-                logger.info("Last global step: waiting up to %.0f s for %d peer(s) to catch up", timeout_s, behind)
+                logger.info(
+                    "Last global step: waiting up to %.0f s for %d peer(s) to catch up", timeout_s, behind + loading
+                )
                 waited = True
         elif not waited or (quiet_since is not None and now - quiet_since >= QUIET_S):
             return
@@ -141,8 +164,15 @@ def _announce(dht: hivemind.DHT, key: str, value: dict, expiration_s: float) -> 
         logger.info("Could not store our end-of-run record %s in the DHT; the other peers will not see it", value)
 
 
-def _final(value: object) -> bool:
-    return isinstance(value, dict) and value.get("done") is True and type(value.get("epoch")) is int
+def _announced_final(records: dict, me: str, epoch: int) -> bool:
+    return any(
+        subkey != me
+        and isinstance(record.value, dict)
+        and record.value.get("done") is True
+        and type(record.value.get("epoch")) is int
+        and record.value["epoch"] >= epoch
+        for subkey, record in records.items()
+    )
 
 
 def _records(dht: hivemind.DHT, key: str) -> dict:

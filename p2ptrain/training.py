@@ -206,8 +206,9 @@ class Trainer:
         self._val_blocks = corpus.val_blocks()
         self._autocast = autocast_for(device) or nullcontext
         self.lock = threading.Lock()  # held while parameters change; the checkpoint writer takes it
-        self._swarm_done = False  # another peer announced the run's last step (--max-epochs)
-        self._next_finish_check = 0.0
+        # another peer announced the run's last step (--max-epochs): we are behind, finish() takes the swarm's state
+        key = end_of_run.finishing_key(manifest.run_id)
+        self._finished = end_of_run.FinishWatch(optimizer.tracker.dht, key, settings.max_epochs or 0)
 
     def catch_up(self) -> None:
         """Download the swarm's current state if it is ahead of ours (a late joiner, or a restart)."""
@@ -248,7 +249,7 @@ class Trainer:
             if self.ledger is not None:
                 self.ledger.set_active(False)
         if self.settings.max_epochs and not stop.is_set():
-            if self.opt.local_epoch >= self.settings.max_epochs or self._swarm_done:
+            if self.opt.local_epoch >= self.settings.max_epochs or self._finished.done:
                 self.finish(stop, max(30.0, 2 * self.manifest.averaging.averaging_timeout_s))
 
     def finish(self, stop: threading.Event, timeout_s: float) -> None:
@@ -264,7 +265,7 @@ class Trainer:
         else:
             why = None
         if why and (
-            self._swarm_done or max(end_of_run.other_epochs(dht, tracker.training_progress_key), default=-1) >= epoch
+            self._finished.done or max(end_of_run.other_epochs(dht, tracker.training_progress_key), default=-1) >= epoch
         ):
             logger.info("The swarm is at its last step %d and %s: downloading its state", epoch, why)
             # from a peer that has announced it: its last state-averaging round has landed (see below)
@@ -287,20 +288,11 @@ class Trainer:
             end_of_run.announce_final(dht, finishing, epoch, timeout_s)
         end_of_run.wait_for_stragglers(dht, tracker.training_progress_key, finishing, epoch, stop, timeout_s)
 
-    def _swarm_finished(self) -> bool:
-        """Whether another peer announced the run's last step (checked every few seconds): no round will find it."""
-        if not self.settings.max_epochs or time.monotonic() < self._next_finish_check:
-            return self._swarm_done
-        self._next_finish_check = time.monotonic() + end_of_run.CHECK_EVERY_S
-        key = end_of_run.finishing_key(self.manifest.run_id)
-        self._swarm_done = end_of_run.swarm_finished(self.opt.tracker.dht, key, self.settings.max_epochs)
-        return self._swarm_done
-
     def _loop(self, stop: threading.Event) -> None:
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0
         self.status.update(training_since=time.time())
         while not stop.is_set() and not (self.settings.max_epochs and epoch >= self.settings.max_epochs):
-            if self._swarm_finished():  # we are behind: finish() takes the swarm's state
+            if self.settings.max_epochs and self._finished.poll():
                 break
             if self.gate is not None:
                 self.gate.pass_through(stop, self._pause, self._resume)
