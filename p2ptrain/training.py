@@ -117,6 +117,7 @@ def make_optimizer(
     )
 
 
+AGREE_ATTEMPTS = 3  # downloads of the run's final state at the end: each takes the peer sharing it first
 NO_GROUP_YET = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # an averaging round's stages
 
 
@@ -230,7 +231,8 @@ class Trainer:
         started = time.perf_counter()
         val = evaluate(self.model, self._val_blocks, self.settings.batch_size, self.device)
         self.val_s += time.perf_counter() - started
-        history = [*self.status.status.val_history, (self.opt.local_epoch, val)][-200:]
+        epoch = self.opt.local_epoch  # measured again at the same step (a download at the end): the new value
+        history = [*(h for h in self.status.status.val_history if h[0] != epoch), (epoch, val)][-200:]
         self.status.update(force=True, val_loss=val, val_history=history, val_s=self.val_s)
         return val
 
@@ -253,40 +255,88 @@ class Trainer:
                 self.finish(stop, max(30.0, 2 * self.manifest.averaging.averaging_timeout_s))
 
     def finish(self, stop: threading.Event, timeout_s: float) -> None:
-        """The run's last global step is reached: end with the swarm's parameters, and help stragglers do the same
-        (end_of_run.py says how)."""
+        """The run's last global step is reached: end with the swarm's final parameters, and help stragglers do the
+        same (end_of_run.py says how)."""
         tracker, epoch = self.opt.tracker, self.settings.max_epochs
         dht, finishing = tracker.dht, end_of_run.finishing_key(self.manifest.run_id)
         self.status.update(force=True, state="finishing")
+        state_averager = getattr(self.opt, "state_averager", None)
+        # hivemind's optimizer: peers that averaged their state together hold the same parameters bit for bit (our
+        # local-updates optimizer: each peer keeps the progress of its last round on top of the shared anchor)
+        comparable = isinstance(state_averager, TrainingStateAverager)
         if self.opt.local_epoch < epoch:
             why = f"we are at {self.opt.local_epoch}"
         elif getattr(self.opt, "local_step_epoch", -1) == self.opt.local_epoch - 1:  # SwarmOptimizer knows
             why = "our last update was our own (the round found nobody)"
         else:
             why = None
+        mine = None
         if why and (
             self._finished.done or max(end_of_run.other_epochs(dht, tracker.training_progress_key), default=-1) >= epoch
         ):
             logger.info("The swarm is at its last step %d and %s: downloading its state", epoch, why)
             # from a peer that has announced it: its last state-averaging round has landed (see below)
             end_of_run.wait_until_finished(dht, finishing, epoch, stop, timeout_s)
-            with end_of_run.announced_download(dht, finishing, epoch, 2 * timeout_s):  # then: we hold the final state
-                with self.lock:
-                    self.opt.load_state_from_peers()
-            self.status.update(force=True, epoch=self.opt.local_epoch)
-            if self.settings.validate_every and self.opt.local_epoch % self.settings.validate_every == 0:
-                logger.info("Held-out loss at global step %d: %.4f", self.opt.local_epoch, self.validate())
-            self._save()
+            self._take_swarm_state(dht, finishing, epoch, timeout_s)
         else:
             # hivemind averages the last step's state in the background: a straggler downloading before that round
             # lands would take parameters the others no longer hold (seen: 2.3e-3 apart). Land it, then announce.
-            state_averager = getattr(self.opt, "state_averager", None)
-            if isinstance(state_averager, TrainingStateAverager):
+            if comparable:
                 with self.lock:
                     state_averager.step(wait_for_delayed_updates=True)
-                self._save()
-            end_of_run.announce_final(dht, finishing, epoch, timeout_s)
+            self._save()
+            mine = end_of_run.announce_final(dht, finishing, epoch, self._digest(), 2 * timeout_s)
+        if comparable:
+            self._agree(stop, dht, finishing, epoch, timeout_s, mine)
         end_of_run.wait_for_stragglers(dht, tracker.training_progress_key, finishing, epoch, stop, timeout_s)
+
+    def _agree(
+        self,
+        stop: threading.Event,
+        dht: hivemind.DHT,
+        key: str,
+        epoch: int,
+        timeout_s: float,
+        mine: end_of_run.Final | None,
+    ) -> None:
+        """Take the run's final state (the one announced first) if ours differs: an averaging round that did not
+        include every peer parts them, and only a later state-averaging round that groups them joins them again
+        (seen: two peers that both averaged to the last step, 5.4e-3 apart)."""
+        stop.wait(end_of_run.SETTLE_S)  # announcements made at the same moment as ours: both are seen
+        for _ in range(AGREE_ATTEMPTS):
+            if stop.is_set():
+                return
+            final = end_of_run.final_state(end_of_run.finals(dht, key, epoch, mine))
+            if final is None:
+                return
+            if final.peer == dht.peer_id.to_base58():
+                self.opt.state_averager.state_sharing_priority = epoch + 0.5  # peers downloading it take ours first
+                return
+            if final.digest == self._digest():
+                return
+            logger.info("Our parameters differ from the final state %s announced: downloading it", final.peer)
+            self._take_swarm_state(dht, key, epoch, timeout_s)
+            mine = None  # announced with the downloaded state's digest
+        logger.warning("Leaving with parameters that differ from the run's final state (%d downloads)", AGREE_ATTEMPTS)
+
+    def _take_swarm_state(self, dht: hivemind.DHT, key: str, epoch: int, timeout_s: float) -> None:
+        with end_of_run.announced_download(dht, key, epoch, 2 * timeout_s, self._digest):
+            with self.lock:
+                self.opt.load_state_from_peers()
+        self.status.update(force=True, epoch=self.opt.local_epoch)
+        if self.settings.validate_every and self.opt.local_epoch % self.settings.validate_every == 0:
+            logger.info("Held-out loss at global step %d: %.4f", self.opt.local_epoch, self.validate())
+        self._save()
+
+    def _digest(self) -> str:
+        """Of the parameters hivemind shares and averages (with its optimizer offloaded: a copy of the model's)."""
+        state_averager = getattr(self.opt, "state_averager", None)
+        if isinstance(state_averager, TrainingStateAverager):
+            params = [param for group in state_averager.optimizer.param_groups for param in group["params"]]
+        else:
+            params = list(self.model.parameters())
+        with self.lock:
+            return end_of_run.state_digest(params)
 
     def _loop(self, stop: threading.Event) -> None:
         epoch, loss_ema, rate_ema, samples = self.opt.local_epoch, None, 0.0, 0

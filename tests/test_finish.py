@@ -16,22 +16,30 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from p2ptrain.data import InMemoryCorpus
 from p2ptrain.end_of_run import (
     QUIET_S,
+    Final,
     FinishWatch,
     announce_final,
     announced_download,
     downloading,
+    final_state,
+    finals,
     finishing_key,
     other_epochs,
+    state_digest,
     swarm_finished,
     wait_for_stragglers,
 )
 from p2ptrain.settings import PeerSettings
-from p2ptrain.training import TRACKER_OPTS, make_optimizer, stop_optimizer
+from p2ptrain.status import StatusWriter
+from p2ptrain.tokenizer import load_tokenizer
+from p2ptrain.training import TRACKER_OPTS, Trainer, make_optimizer, stop_optimizer
 
 RUN = "finish-test"
 KEY = f"{RUN}_progress"
+DIGEST = "ab" * 32  # a state's sha256, as peers announce it
 
 
 @pytest.fixture
@@ -99,10 +107,11 @@ def test_a_download_is_announced_until_it_ends_and_malformed_records_are_ignored
     key = finishing_key(RUN)
     nodes[2].store(key, "not a record", get_dht_time() + 30, subkey="hostile")
     nodes[2].store(key, {"epoch": 40, "done": "no"}, get_dht_time() + 30, subkey="hostile too")
-    with announced_download(nodes[1], key, 40, 30):
+    with announced_download(nodes[1], key, 40, 30, lambda: DIGEST):
         assert wait_until(lambda: downloading(nodes[0], key) == 1)
         assert downloading(nodes[1], key) == 0  # not its own
     assert wait_until(lambda: downloading(nodes[0], key) == 0)
+    assert [(f.peer, f.digest) for f in finals(nodes[0], key, 40)] == [(nodes[1].peer_id.to_base58(), DIGEST)]
 
 
 def waiter(node, key, timeout_s):
@@ -126,7 +135,7 @@ def test_a_peer_at_the_last_step_stays_while_a_straggler_downloads_its_state(nod
     thread.join(10)
     assert took and took[0] < 2, "nobody behind, nobody downloading: it leaves at once"
 
-    with announced_download(nodes[1], key, 40, 60):
+    with announced_download(nodes[1], key, 40, 60, lambda: DIGEST):
         thread, took, _ = waiter(nodes[0], key, 60)
         time.sleep(8)
         assert not took, "left while a straggler was downloading its state"
@@ -167,11 +176,11 @@ def test_a_peer_still_training_learns_that_the_swarm_reached_its_last_step(nodes
     key = finishing_key(RUN)
     nodes[2].store(key, {"epoch": 99, "done": "yes"}, get_dht_time() + 30, subkey="hostile")
     nodes[2].store(key, {"epoch": 99.0, "done": True}, get_dht_time() + 30, subkey="hostile too")
-    announce_final(nodes[0], key, 40, 30)
+    announce_final(nodes[0], key, 40, DIGEST, 30)
     assert not swarm_finished(nodes[0], key, 40)  # its own announcement
     assert wait_until(lambda: swarm_finished(nodes[1], key, 40))
     assert not swarm_finished(nodes[1], key, 41)
-    with announced_download(nodes[2], key, 40, 30):  # a download in progress is not the final state
+    with announced_download(nodes[2], key, 40, 30, lambda: DIGEST):  # a download in progress is not a final state
         assert wait_until(lambda: downloading(nodes[1], key) == 1)
         assert not swarm_finished(nodes[0], key, 40)
     assert wait_until(lambda: swarm_finished(nodes[0], key, 40))  # done: it holds the final state
@@ -194,7 +203,7 @@ def test_a_step_stuck_in_hivemind_does_not_hold_up_the_shutdown(nodes, manifest,
 def test_the_training_loop_polls_for_the_end_without_waiting_on_the_dht(nodes):
     key = finishing_key(RUN)
     watch = FinishWatch(nodes[1], key, 40)
-    announce_final(nodes[0], key, 40, 30)
+    announce_final(nodes[0], key, 40, DIGEST, 30)
     took, deadline = [], time.monotonic() + 20
     while not watch.done and time.monotonic() < deadline:
         started = time.monotonic()
@@ -205,3 +214,90 @@ def test_the_training_loop_polls_for_the_end_without_waiting_on_the_dht(nodes):
     # a blocking DHT get took 4-24 ms here (measured): a poll only starts one or reads its answer
     assert sorted(took)[len(took) // 2] < 0.002, sorted(took)
     assert not FinishWatch(nodes[0], key, 40).poll()  # its own announcement does not count
+
+
+def test_the_final_state_is_the_one_announced_first_and_malformed_announcements_are_ignored(nodes):
+    key, now = finishing_key(RUN), get_dht_time()
+    for subkey, value in {
+        "no digest": {"epoch": 40, "done": True, "since": now - 9},
+        "short digest": {"epoch": 40, "done": True, "digest": "ab", "since": now - 9},
+        "not hex": {"epoch": 40, "done": True, "digest": "zz" * 32, "since": now - 9},
+        "nan since": {"epoch": 40, "done": True, "digest": DIGEST, "since": float("nan")},
+        "int since": {"epoch": 40, "done": True, "digest": DIGEST, "since": 5},
+        "other step": {"epoch": 39, "done": True, "digest": DIGEST, "since": now - 9},
+        "float step": {"epoch": 40.0, "done": True, "digest": DIGEST, "since": now - 9},
+        "downloading": {"epoch": 40, "done": False, "digest": DIGEST, "since": now - 9},
+    }.items():
+        nodes[2].store(key, value, now + 30, subkey=subkey)
+    first = announce_final(nodes[0], key, 40, "01" * 32, 30)
+    second = announce_final(nodes[1], key, 40, "02" * 32, 30)
+    assert first.since < second.since
+    assert wait_until(lambda: len(finals(nodes[2], key, 40)) == 2)
+    assert final_state(finals(nodes[2], key, 40)) == first
+    # a peer counts its own announcement as it made it (its store may have failed)
+    earlier = Final(second.peer, second.digest, first.since - 1)
+    assert final_state(finals(nodes[1], key, 40, earlier)) == earlier
+    assert final_state([]) is None
+
+
+def test_a_peer_at_the_last_step_stays_while_another_holds_a_different_state(nodes):
+    key = finishing_key(RUN)
+    announce_final(nodes[0], key, 40, "01" * 32, 60)
+    announce_final(nodes[1], key, 40, "02" * 32, 60)  # announced later: it must take the first state
+    thread, took, _ = waiter(nodes[0], key, 60)
+    time.sleep(6)
+    assert not took, "left while a peer at the last step held a state other than the final one"
+    announce_final(nodes[1], key, 40, "01" * 32, 60)  # it downloaded the final state
+    thread.join(QUIET_S + 10)
+    assert took and 6 + QUIET_S <= took[0] < 6 + QUIET_S + 8, took
+
+
+def shared(opt) -> list[torch.Tensor]:
+    """The parameters hivemind's optimizer shares (offloaded: a copy of the model's)."""
+    return [param for group in opt.state_averager.optimizer.param_groups for param in group["params"]]
+
+
+def shared_digest(opt) -> str:
+    return state_digest(shared(opt))
+
+
+def test_peers_at_the_last_step_end_with_the_state_announced_first(nodes, manifest, tmp_path):
+    """Two peers reach the last step by averaging but with different parameters (a round that did not include them
+    both): the one that announced later takes the other's state, and the first waits for it to do so."""
+    epoch, trainers, opts, saved = 3, [], [], []
+    texts = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)]
+    try:
+        for i, node in enumerate(nodes[:2]):
+            torch.manual_seed(i)
+            model = torch.nn.Linear(4, 2)  # different initial parameters
+            settings = PeerSettings(data_dir=tmp_path / f"p{i}", max_epochs=epoch, validate_every=0, batch_size=4)
+            settings.data_dir.mkdir()
+            opt = make_optimizer(node, model, manifest, settings)
+            opt.state_averager.local_epoch = epoch  # both arrived at the last step by averaging
+            opts.append(opt)
+            corpus = InMemoryCorpus(texts, load_tokenizer("bytes"), 8, 0, node.peer_id.to_bytes())
+            status = StatusWriter(settings.data_dir / "status.json")
+            trainers.append(
+                Trainer(
+                    model, opt, corpus, manifest, settings, torch.device("cpu"), status, lambda i=i: saved.append(i)
+                )
+            )
+        assert shared_digest(opts[0]) != shared_digest(opts[1])
+        threads = [threading.Thread(target=t.finish, args=(threading.Event(), 20.0)) for t in trainers]
+        threads[0].start()
+        time.sleep(0.5)  # peer 0 announces first
+        threads[1].start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert shared_digest(opts[1]) == shared_digest(opts[0])
+        for mine, final in zip(trainers[1].model.parameters(), shared(opts[0]), strict=True):
+            assert torch.equal(mine, final)  # the model holds the downloaded state too
+        assert opts[1].local_epoch == epoch and trainers[1].status.status.epoch == epoch
+        assert saved.count(1) == 2, saved  # after its last step, then after the download
+        assert opts[0].state_averager.state_sharing_priority == epoch + 0.5  # shared first
+        announced = finals(nodes[2], finishing_key(manifest.run_id), epoch)
+        assert {f.digest for f in announced} == {shared_digest(opts[0])}, announced
+    finally:
+        for opt in opts:
+            opt.shutdown()
