@@ -129,8 +129,11 @@ class LocalSwarm:
                 peer.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 logger.warning(
-                    "%s did not stop within %.0f s after %s; killing it", peer.name, timeout_s, signal.Signals(sig).name
+                    "%s did not stop within %.0f s after %s; killing it (its threads' stacks are in its log)",
+                    *(peer.name, timeout_s, signal.Signals(sig).name),
                 )
+                peer.proc.send_signal(signal.SIGUSR1)  # cli.py: faulthandler prints every thread's stack
+                time.sleep(1.0)
         _kill_group(peer.proc.pid)
         peer.proc.wait()
         return time.monotonic() - started

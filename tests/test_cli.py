@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 
 import hivemind
 import msgpack
@@ -122,3 +125,29 @@ def test_invite_for_another_model_is_refused(capsys, tmp_path, manifest):
         dht.shutdown()
     assert code == ExitCode.USAGE
     assert "the invite is for model 'gpt2-small', not --model gpt2-tiny" in err
+
+
+def test_the_process_exits_even_with_a_thread_stuck_in_an_executor(tmp_path):
+    """After a shutdown around a training step stuck in hivemind, its threads still wait on executor calls into the
+    stopped DHT; the interpreter's own exit would join them forever (seen: a SIGTERMed peer killed after 30 s)."""
+    script = """if True:
+        import concurrent.futures, logging, sys, threading
+        import p2ptrain.cli as cli
+
+        logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+        never = threading.Event()
+        concurrent.futures.ThreadPoolExecutor(1).submit(never.wait)  # a call that never returns
+
+        def main():
+            logging.info("stopped, logged before the exit")
+            return 3
+
+        cli.main = main
+        cli.run()
+    """
+    started = time.monotonic()
+    argv = [sys.executable, "-c", script, str(tmp_path / "log")]
+    done = subprocess.run(argv, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert time.monotonic() - started < 20  # the interpreter as it exits by itself: never (killed at 60 s)
+    assert "stopped, logged before the exit" in (tmp_path / "log").read_text()
