@@ -22,7 +22,8 @@ and its last updates come from its own gradients alone. So peers say where they 
   until neither has been seen for ``QUIET_S``; a peer at N whose digest differs from the final state's counts as
   downloading it.
 
-Records come from other peers: a malformed one is ignored; a lying one can only make a peer wait ``2 × timeout_s``.
+Records come from other peers: a malformed one is ignored; a lying one can make a peer wait ``2 × timeout_s``, or
+download the liar's state (hivemind's state download trusts whoever serves it, mid-run too).
 """
 
 from __future__ import annotations
