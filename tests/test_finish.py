@@ -200,6 +200,30 @@ def test_a_step_stuck_in_hivemind_does_not_hold_up_the_shutdown(nodes, manifest,
     opt.tracker.shutdown(1)
 
 
+def test_a_goodbye_that_hangs_does_not_hold_up_the_shutdown(nodes, manifest, tmp_path, monkeypatch, caplog):
+    """hivemind's graceful shutdown gets a deadline: past it, the averager processes are terminated (seen: 7.8 s
+    waiting for a background state-averaging round, over the 10 s a SIGTERMed peer has in all)."""
+    opt = make_optimizer(nodes[0], torch.nn.Linear(4, 2), manifest, PeerSettings(data_dir=tmp_path, batch_size=16))
+    averagers = [opt.state_averager, opt.grad_averager]
+    stuck = threading.Event()
+    monkeypatch.setattr(opt.tracker, "shutdown", lambda timeout=None: stuck.wait(30))  # a DHT that never answers
+    started = time.monotonic()
+    stop_optimizer(opt, step_running=False, goodbye_s=1.0)
+    assert time.monotonic() - started < 2.0
+    assert wait_until(lambda: not any(averager.is_alive() for averager in averagers), 5)
+    assert "Saying goodbye took over 1 s (at " in caplog.text
+    stuck.set()
+    opt.tracker.shutdown_triggered.set()
+
+
+def test_a_goodbye_within_its_deadline_stops_the_averagers_gracefully(nodes, manifest, tmp_path, caplog):
+    opt = make_optimizer(nodes[0], torch.nn.Linear(4, 2), manifest, PeerSettings(data_dir=tmp_path, batch_size=16))
+    stop_optimizer(opt, step_running=False)
+    assert not opt.state_averager.is_alive() and not opt.grad_averager.is_alive()
+    assert wait_until(lambda: not opt.tracker.is_alive(), 5)
+    assert "Saying goodbye took over" not in caplog.text and "terminating it the hard way" not in caplog.text
+
+
 def test_the_training_loop_polls_for_the_end_without_waiting_on_the_dht(nodes):
     key = finishing_key(RUN)
     watch = FinishWatch(nodes[1], key, 40)
