@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import sys
 import threading
 import time
@@ -472,16 +473,20 @@ def stop_optimizer(optimizer: Any, step_running: bool, goodbye_s: float = GOODBY
         goodbye.join(goodbye_s)
         if not goodbye.is_alive():
             return
-        frame = sys._current_frames().get(goodbye.ident)
-        where = traceback.extract_stack(frame)[-1] if frame is not None else None
         logger.warning(
-            "Saying goodbye took over %.0f s (at %s): terminating the averagers",
-            goodbye_s,
-            f"{where.filename}:{where.lineno} {where.name}" if where else "?",
+            "Saying goodbye took over %.0f s (in %s): terminating the averagers", goodbye_s, _where(goodbye.ident)
         )
     for averager in vars(optimizer).values():
         if isinstance(averager, multiprocessing.process.BaseProcess) and averager.is_alive():
             averager.terminate()
+
+
+def _where(thread_id: int | None) -> str:
+    """The innermost calls of a thread outside Python's own library, e.g. ``state_averager.py:400 step``."""
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    stdlib = os.path.dirname(threading.__file__)
+    calls = [f for f in traceback.extract_stack(frame) if not f.filename.startswith(stdlib)] if frame else []
+    return " ← ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(calls[-2:])) or "?"
 
 
 def _say_goodbye(optimizer: Any) -> None:
