@@ -51,8 +51,7 @@ def model_params(path) -> dict[str, torch.Tensor]:
 
 # which libp2p daemon each peer runs: Go (the default; in CI), Go and Python mixed in one swarm (c, a Python peer,
 # is the one SIGKILLed; b, another, is SIGTERMed and restarted), or all Python. The last two run with
-# `pytest -m extended` (4-6 more minutes each); on an overloaded 2-core machine the all-Python swarm still fails
-# now and then (README, "Network stack").
+# `pytest -m extended` (3-4 more minutes each; README, "Network stack").
 DAEMONS = {
     "go": dict.fromkeys("abcd", "go"),
     "mixed": {"a": "go", "b": "py", "c": "py", "d": "go"},
