@@ -175,10 +175,12 @@ def wait_for_stragglers(
     epoch: int,
     stop: threading.Event,
     timeout_s: float,
+    one_state: bool = True,
 ) -> None:
     """Stay while another peer is behind ``epoch`` (at most ``timeout_s``) or downloading a final state, or holds
     one that is not the run's (at most ``2 × timeout_s`` in all: a straggler's download can begin only after its
-    own last, lonely averaging rounds)."""
+    own last, lonely averaging rounds). Without ``one_state`` (mode "local": each peer keeps its own last
+    progress on the shared anchor) differing states are expected and not waited for."""
     started, me = time.monotonic(), dht.peer_id.to_base58()
     waited, quiet_since, behind, loading = False, None, 0, 0
     while not stop.is_set():
@@ -186,7 +188,7 @@ def wait_for_stragglers(
         records = _records(dht, finishing)
         announced = _finals(records, epoch)
         final = final_state(announced)
-        loading = _downloading(records, me) + sum(
+        loading = _downloading(records, me) + one_state * sum(
             other.peer != me and other.digest != final.digest for other in announced
         )
         now = time.monotonic()

@@ -291,7 +291,9 @@ class Trainer:
             mine = end_of_run.announce_final(dht, finishing, epoch, self._digest(), 2 * timeout_s)
         if comparable:
             self._agree(stop, dht, finishing, epoch, timeout_s, mine)
-        end_of_run.wait_for_stragglers(dht, tracker.training_progress_key, finishing, epoch, stop, timeout_s)
+        end_of_run.wait_for_stragglers(
+            dht, tracker.training_progress_key, finishing, epoch, stop, timeout_s, one_state=comparable
+        )
 
     def _agree(
         self,
