@@ -226,17 +226,17 @@ def test_a_goodbye_within_its_deadline_stops_the_averagers_gracefully(nodes, man
 
 def test_the_training_loop_polls_for_the_end_without_waiting_on_the_dht(nodes):
     key = finishing_key(RUN)
-    watch = FinishWatch(nodes[1], key, 40)
     announce_final(nodes[0], key, 40, DIGEST, 30)
-    took, deadline = [], time.monotonic() + 20
-    while not watch.done and time.monotonic() < deadline:
-        started = time.monotonic()
-        watch.poll()
-        took.append(time.monotonic() - started)
+    assert wait_until(lambda: swarm_finished(nodes[1], key, 40))  # the record is there to be read
+    watch = FinishWatch(nodes[1], key, 40)
+    # a poll starts a get or reads its answer, it never waits for one (a blocking get took 4-24 ms here, up to
+    # the 15 s bound on a slow DHT): so the first poll cannot know yet, although the record is there
+    assert not watch.poll()
+    polls, deadline = 1, time.monotonic() + 20
+    while not watch.poll() and time.monotonic() < deadline:
+        polls += 1
         time.sleep(0.01)
-    assert watch.done, "never saw the announcement"
-    # a blocking DHT get took 4-24 ms here (measured): a poll only starts one or reads its answer
-    assert sorted(took)[len(took) // 2] < 0.002, sorted(took)
+    assert watch.done and polls >= 2, "never saw the announcement"
     assert not FinishWatch(nodes[0], key, 40).poll()  # its own announcement does not count
 
 
