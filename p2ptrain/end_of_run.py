@@ -132,11 +132,6 @@ def wait_until_finished(dht: hivemind.DHT, key: str, epoch: int, stop: threading
     return False
 
 
-def downloading(dht: hivemind.DHT, key: str) -> int:
-    """How many other peers announced a download of the final state that they have not finished."""
-    return _downloading(_records(dht, key), dht.peer_id.to_base58())
-
-
 def announce_final(dht: hivemind.DHT, key: str, epoch: int, digest: str, expiration_s: float) -> Final:
     """Tell the other peers that we hold a state at the last step ``epoch``, with this digest."""
     mine = Final(dht.peer_id.to_base58(), digest, get_dht_time())

@@ -130,7 +130,9 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 logger.warning(
                     "%s did not stop within %.0f s after %s; killing it (its threads' stacks are in its log)",
-                    *(peer.name, timeout_s, signal.Signals(sig).name),
+                    peer.name,
+                    timeout_s,
+                    signal.Signals(sig).name,
                 )
                 peer.proc.send_signal(signal.SIGUSR1)  # cli.py: faulthandler prints every thread's stack
                 time.sleep(1.0)

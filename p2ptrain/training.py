@@ -120,6 +120,16 @@ def make_optimizer(
     )
 
 
+def shared_params(optimizer: Any) -> list[torch.Tensor] | None:
+    """The parameters hivemind's optimizer shares and averages (offloaded: a copy of the model's): peers that
+    averaged their state together hold them bit for bit. None for our local-updates optimizer, whose peers each
+    keep the progress of their last round on top of the shared anchor."""
+    state_averager = getattr(optimizer, "state_averager", None)
+    if not isinstance(state_averager, TrainingStateAverager):
+        return None
+    return [param for group in state_averager.optimizer.param_groups for param in group["params"]]
+
+
 AGREE_ATTEMPTS = 3  # downloads of the run's final state at the end: each takes the peer sharing it first
 NO_GROUP_YET = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # an averaging round's stages
 
@@ -263,10 +273,7 @@ class Trainer:
         tracker, epoch = self.opt.tracker, self.settings.max_epochs
         dht, finishing = tracker.dht, end_of_run.finishing_key(self.manifest.run_id)
         self.status.update(force=True, state="finishing")
-        state_averager = getattr(self.opt, "state_averager", None)
-        # hivemind's optimizer: peers that averaged their state together hold the same parameters bit for bit (our
-        # local-updates optimizer: each peer keeps the progress of its last round on top of the shared anchor)
-        comparable = isinstance(state_averager, TrainingStateAverager)
+        comparable = shared_params(self.opt) is not None
         if self.opt.local_epoch < epoch:
             why = f"we are at {self.opt.local_epoch}"
         elif getattr(self.opt, "local_step_epoch", -1) == self.opt.local_epoch - 1:  # SwarmOptimizer knows
@@ -286,7 +293,7 @@ class Trainer:
             # lands would take parameters the others no longer hold (seen: 2.3e-3 apart). Land it, then announce.
             if comparable:
                 with self.lock:
-                    state_averager.step(wait_for_delayed_updates=True)
+                    self.opt.state_averager.step(wait_for_delayed_updates=True)
             self._save()
             mine = end_of_run.announce_final(dht, finishing, epoch, self._digest(), 2 * timeout_s)
         if comparable:
@@ -334,11 +341,8 @@ class Trainer:
         self._save()
 
     def _digest(self) -> str:
-        """Of the parameters hivemind shares and averages (with its optimizer offloaded: a copy of the model's)."""
-        state_averager = getattr(self.opt, "state_averager", None)
-        if isinstance(state_averager, TrainingStateAverager):
-            params = [param for group in state_averager.optimizer.param_groups for param in group["params"]]
-        else:
+        params = shared_params(self.opt)
+        if params is None:
             params = list(self.model.parameters())
         with self.lock:
             return end_of_run.state_digest(params)

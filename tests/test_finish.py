@@ -16,6 +16,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from p2ptrain import end_of_run
 from p2ptrain.data import InMemoryCorpus
 from p2ptrain.end_of_run import (
     QUIET_S,
@@ -23,7 +24,6 @@ from p2ptrain.end_of_run import (
     FinishWatch,
     announce_final,
     announced_download,
-    downloading,
     final_state,
     finals,
     finishing_key,
@@ -35,11 +35,16 @@ from p2ptrain.end_of_run import (
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.tokenizer import load_tokenizer
-from p2ptrain.training import TRACKER_OPTS, Trainer, make_optimizer, stop_optimizer
+from p2ptrain.training import TRACKER_OPTS, Trainer, make_optimizer, shared_params, stop_optimizer
 
 RUN = "finish-test"
 KEY = f"{RUN}_progress"
 DIGEST = "ab" * 32  # a state's sha256, as peers announce it
+
+
+def downloading(node, key) -> int:
+    """How many other peers announced a download of a final state that they have not finished."""
+    return end_of_run._downloading(end_of_run._records(node, key), node.peer_id.to_base58())
 
 
 @pytest.fixture
@@ -288,13 +293,8 @@ def test_in_mode_local_a_peer_does_not_wait_for_others_to_hold_its_state(nodes):
     assert took and took[0] < 5, took
 
 
-def shared(opt) -> list[torch.Tensor]:
-    """The parameters hivemind's optimizer shares (offloaded: a copy of the model's)."""
-    return [param for group in opt.state_averager.optimizer.param_groups for param in group["params"]]
-
-
 def shared_digest(opt) -> str:
-    return state_digest(shared(opt))
+    return state_digest(shared_params(opt))
 
 
 def test_peers_at_the_last_step_end_with_the_state_announced_first(nodes, manifest, tmp_path):
@@ -327,7 +327,7 @@ def test_peers_at_the_last_step_end_with_the_state_announced_first(nodes, manife
             thread.join(60)
         assert not any(thread.is_alive() for thread in threads)
         assert shared_digest(opts[1]) == shared_digest(opts[0])
-        for mine, final in zip(trainers[1].model.parameters(), shared(opts[0]), strict=True):
+        for mine, final in zip(trainers[1].model.parameters(), shared_params(opts[0]), strict=True):
             assert torch.equal(mine, final)  # the model holds the downloaded state too
         assert opts[1].local_epoch == epoch and trainers[1].status.status.epoch == epoch
         assert saved.count(1) == 2, saved  # after its last step, then after the download
