@@ -13,9 +13,11 @@ import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.resources import files
 from importlib.resources import path as resource_path
 from pathlib import Path
 
+import hivemind.hivemind_cli as hivemind_cli
 import hivemind.p2p.p2p_daemon as p2p_daemon
 
 from p2ptrain.errors import ConfigError
@@ -34,6 +36,13 @@ def python_daemon() -> Path:
     if found is None:
         raise ConfigError("p2ptrain-p2pd is not installed (reinstall p2ptrain: ./scripts/setup.sh)")
     return Path(found)
+
+
+def binary(kind: str) -> Path:
+    """The daemon executable ``kind`` names."""
+    if kind == "go":
+        return Path(str(files(hivemind_cli) / p2p_daemon.P2PD_FILENAME))
+    return python_daemon()
 
 
 def select(kind: str, mdns: bool = False) -> None:

@@ -80,10 +80,8 @@ class Node:
     remembered: set[ID] = field(default_factory=set)  # peers already offered to the routing table
 
     def listen_addrs(self) -> list[multiaddr.Multiaddr]:
-        """Addresses as IDENTIFY reports them: no ``/p2p`` suffix (hivemind appends it)."""
-        if self.options.announce_addrs:
-            return [multiaddr.Multiaddr(a) for a in self.options.announce_addrs]
-        return expand_unspecified([without_peer_id(a) for a in self.host.get_transport_addrs()])
+        """What this host advertises (``advertised``), without the ``/p2p`` suffix: IDENTIFY's answer to hivemind."""
+        return [without_peer_id(a) for a in self.host.get_addrs()]
 
     async def ensure_connected(self, peer_id: ID, timeout_s: float = DIAL_TIMEOUT_S) -> None:
         """Connected to ``peer_id`` or an exception: known addresses first, then a Kademlia lookup."""
@@ -160,6 +158,18 @@ class Node:
                     logger.info("mDNS: could not connect to %s: %s", info.peer_id, e)
 
 
+def advertised(options: Options):  # noqa: ANN201 - py-libp2p's AddrsFactory
+    """The addresses this host gives other peers (identify, Kademlia): ``-announceAddrs`` when set, else what it
+    listens on and what peers observed it at, with ``0.0.0.0`` expanded to this machine's interface addresses
+    (py-libp2p would advertise ``0.0.0.0`` itself, which another machine cannot dial)."""
+    announce = [multiaddr.Multiaddr(a) for a in options.announce_addrs]
+
+    def factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        return list(announce) if announce else expand_unspecified([without_peer_id(a) for a in candidates])
+
+    return factory
+
+
 def build_host(options: Options, key_pair: KeyPair) -> IHost:
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
     return new_host(
@@ -167,6 +177,6 @@ def build_host(options: Options, key_pair: KeyPair) -> IHost:
         sec_opt={NOISE_PROTOCOL_ID: noise},  # Noise only: py-libp2p would also offer plaintext by default
         muxer_preference="YAMUX",
         listen_addrs=[multiaddr.Multiaddr(a) for a in options.host_addrs],
-        announce_addrs=[multiaddr.Multiaddr(a) for a in options.announce_addrs] or None,
+        addrs_factory=advertised(options),
         enable_mDNS=options.mdns,
     )
