@@ -28,6 +28,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.asyncio import enter_asynchronously
 
 from p2ptrain.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
+from p2ptrain.group_rounds import GroupRounds
 from p2ptrain.policy import Plan, RoundReport, plan_round
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def check_average(average: torch.Tensor, ours: torch.Tensor) -> None:
         raise AllreduceException(f"the group's average has a value beyond ±{limit:.3g}; using local values")
 
 
-class CompressedGradientAverager(CompressedAllReduce, GradientAverager):
+class CompressedGradientAverager(GroupRounds, CompressedAllReduce, GradientAverager):
     """hivemind.Optimizer's gradient averager with a fixed level (int8, random-k with error feedback)."""
 
     def __init__(self, *args: Any, level: Level, **kwargs: Any):
@@ -134,7 +135,7 @@ class CompressedGradientAverager(CompressedAllReduce, GradientAverager):
         super().__init__(*args, **kwargs)
 
 
-class PseudoGradientAverager(CompressedAllReduce, DecentralizedAverager):
+class PseudoGradientAverager(GroupRounds, CompressedAllReduce, DecentralizedAverager):
     """Averages the local-update mode's pseudo-gradients; adaptive when ``level`` is None."""
 
     def __init__(self, tensors: list[torch.Tensor], *, level: Level | None, budget: float, **kwargs: Any):

@@ -58,7 +58,9 @@ BatchSize = Annotated[
 Host = Annotated[
     str | None, typer.Option(help="listen address; 127.0.0.1 keeps the swarm on this machine [default: 0.0.0.0]")
 ]
-Port = Annotated[int | None, typer.Option(help="listen port; 0 = any free port [default: 0]")]
+Port = Annotated[
+    int | None, typer.Option(help="listen port, the one to forward in a router; 0 = any free port [default: 31337]")
+]
 Announce = Annotated[list[str] | None, typer.Option(help="public multiaddr to advertise (repeatable)")]
 InitialPeers = Annotated[list[str] | None, typer.Option(help="multiaddr of a swarm member, …/p2p/<id> (repeatable)")]
 P2p = Annotated[

@@ -6,6 +6,8 @@
   ``join --model X`` finds swarms with no invite.
 - ``p2ptrain/v1/members/<run_id>``, subkey ``<peer id>`` → the manifest hash: who is in the swarm
   (hivemind's own progress records appear only once a peer has trained a step).
+- ``p2ptrain/v1/relays/<run_id>``, subkey ``<peer id>`` → a list of that peer's public multiaddrs: members that
+  others can reach directly, which relay for members behind NAT (``nat.py``).
 
 Records expire after ``RECORD_TTL_S``; every member refreshes them every ``REPUBLISH_EVERY_S``.
 """
@@ -54,17 +56,54 @@ def members_key(run_id: str) -> str:
     return f"p2ptrain/v1/members/{run_id}"
 
 
-def publish(dht: hivemind.DHT, manifest: mf.SwarmManifest, envelope: bytes, ttl_s: float = RECORD_TTL_S) -> bool:
-    """Store (or refresh) the manifest, the swarm index entry and this peer's membership. True if all succeeded."""
+def relays_key(run_id: str) -> str:
+    return f"p2ptrain/v1/relays/{run_id}"
+
+
+MAX_RELAY_ADDRS = 4  # per relay record
+MAX_RELAYS = 16  # read per swarm
+MAX_MADDR_CHARS = 256
+
+
+def publish(
+    dht: hivemind.DHT,
+    manifest: mf.SwarmManifest,
+    envelope: bytes,
+    ttl_s: float = RECORD_TTL_S,
+    relay_addrs: list[str] = (),
+) -> bool:
+    """Store (or refresh) the manifest, the swarm index entry and this peer's membership, and its relay record if
+    it has public addresses to offer. True if all succeeded."""
     expiration = get_dht_time() + ttl_s
+    peer_id = dht.peer_id.to_base58()
     futures = [
         dht.store(manifest_key(manifest.hash), envelope, expiration, return_future=True),
         dht.store(swarms_key(manifest.model), manifest.hash, expiration, subkey=manifest.run_id, return_future=True),
-        dht.store(
-            members_key(manifest.run_id), manifest.hash, expiration, subkey=dht.peer_id.to_base58(), return_future=True
-        ),
+        dht.store(members_key(manifest.run_id), manifest.hash, expiration, subkey=peer_id, return_future=True),
     ]
+    if relay_addrs:
+        addrs = [a for a in relay_addrs if len(a) <= MAX_MADDR_CHARS][:MAX_RELAY_ADDRS]
+        futures.append(dht.store(relays_key(manifest.run_id), addrs, expiration, subkey=peer_id, return_future=True))
     return all(bool(bounded(f)) for f in futures)
+
+
+def find_relays(dht: hivemind.DHT, run_id: str) -> list[str]:
+    """Public members' multiaddrs (``.../p2p/<their id>``), freshest record first; malformed entries skipped. Each
+    address names the peer id of the record it came from, so a record cannot pass off another peer's address (the
+    libp2p handshake then checks that the peer there holds that id)."""
+    found = bounded(dht.get(relays_key(run_id), latest=True, return_future=True))
+    if found is None or not isinstance(found.value, dict):
+        return []
+    entries = sorted(found.value.items(), key=lambda kv: -float(getattr(kv[1], "expiration_time", 0.0)))
+    addrs: list[str] = []
+    for peer_id, entry in entries[:MAX_RELAYS]:
+        value = getattr(entry, "value", None)
+        if peer_id == dht.peer_id.to_base58() or not isinstance(peer_id, str) or not isinstance(value, list):
+            continue
+        for addr in value[:MAX_RELAY_ADDRS]:
+            if isinstance(addr, str) and len(addr) <= MAX_MADDR_CHARS and addr.startswith("/ip4/") and "/tcp/" in addr:
+                addrs.append(addr.split("/p2p/")[0] + f"/p2p/{peer_id}")
+    return addrs
 
 
 def count_members(dht: hivemind.DHT, manifest: mf.SwarmManifest) -> int:
@@ -117,11 +156,18 @@ def find_swarms(dht: hivemind.DHT, model: str) -> list[SwarmListing]:
 
 
 class Republisher:
-    """Refreshes this swarm's records in the DHT until stopped (owned and stopped by the peer)."""
+    """Refreshes this swarm's records in the DHT until stopped (owned and stopped by the peer). ``relay_addrs``
+    says, at each refresh, which public addresses this peer offers as a relay (none while it is behind NAT)."""
 
-    def __init__(self, dht: hivemind.DHT, manifest: mf.SwarmManifest, envelope: bytes):
-        self._dht, self._manifest, self._envelope = dht, manifest, envelope
-        self._stop = threading.Event()
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        manifest: mf.SwarmManifest,
+        envelope: bytes,
+        relay_addrs=lambda: [],  # noqa: ANN001
+    ):
+        self._dht, self._manifest, self._envelope, self._relay_addrs = dht, manifest, envelope, relay_addrs
+        self._stop, self._wake = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="republisher", daemon=True)
 
     def start(self) -> None:
@@ -130,14 +176,20 @@ class Republisher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if not publish(self._dht, self._manifest, self._envelope):
+                if not publish(self._dht, self._manifest, self._envelope, relay_addrs=self._relay_addrs()):
                     logger.debug("Could not refresh the swarm records in the DHT (no reachable peers?)")
             except (RuntimeError, OSError, TimeoutError) as e:  # the DHT is shutting down or unreachable
                 logger.debug("Republishing failed: %s", e)
-            self._stop.wait(REPUBLISH_EVERY_S)
+            self._wake.wait(REPUBLISH_EVERY_S)
+            self._wake.clear()
+
+    def refresh(self) -> None:
+        """Publish now (this peer's reachability changed)."""
+        self._wake.set()
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
 
 

@@ -38,7 +38,9 @@ DEMO_SWARM_FLAGS = (
     "--lr",
     "3e-3",
 )
-DEMO_PEER_FLAGS = ("--host", "127.0.0.1", "--threads", "1", "--batch-size", "8", "--validate-every", "5")
+DEMO_PEER_FLAGS = (
+    "--host", "127.0.0.1", "--port", "0", "--threads", "1", "--batch-size", "8", "--validate-every", "5",
+)  # fmt: skip
 
 
 @dataclass

@@ -64,6 +64,7 @@ class LocalUpdateOptimizer:
         averaging_timeout: float,
         request_timeout: float,
         tracker_opts: dict[str, float],
+        reach_kind: str = "unknown",
     ):
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
@@ -92,7 +93,8 @@ class LocalUpdateOptimizer:
             min_matchmaking_time=matchmaking_time,
             request_timeout=request_timeout,
             allreduce_timeout=averaging_timeout,
-            allow_state_sharing=True,
+            allow_state_sharing=not dht.client_mode,  # a client cannot serve its state
+            reach_kind=reach_kind,
             start=True,
         )
 

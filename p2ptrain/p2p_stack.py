@@ -1,9 +1,16 @@
-"""Which libp2p daemon hivemind runs under a peer: its bundled Go ``p2pd`` or ``p2ptrain-p2pd`` (py-libp2p).
+"""Which libp2p daemon hivemind runs under a peer, and with which extra flags.
 
 hivemind starts its daemon from one place, ``P2P.create``, which looks the binary up with
-``importlib.resources.path(hivemind_cli, "p2pd")``. Choosing the Python daemon replaces that lookup (the
-module-level name ``path`` in ``hivemind.p2p.p2p_daemon``) and nothing else: hivemind's flags, its client
-and its processes are unchanged. Processes forked afterwards (hivemind's DHT process) inherit the choice.
+``importlib.resources.path(hivemind_cli, "p2pd")`` and builds the command line from its own parameters.
+``select`` replaces that lookup (the module-level name ``path`` in ``hivemind.p2p.p2p_daemon``) and nothing
+else: hivemind's flags, its client and its processes are unchanged.
+
+- ``go``: hivemind's bundled Go ``p2pd``; with extra flags, through ``p2ptrain-p2pd-go`` (``go_p2pd.py``), which
+  appends them.
+- ``py``: ``p2ptrain-p2pd`` (py-libp2p), which reads the extra flags itself.
+
+The extra flags travel in the environment (``P2PTRAIN_P2PD_FLAGS``), which hivemind passes to its daemon;
+processes forked afterwards (hivemind's DHT process) inherit the choice.
 """
 
 from __future__ import annotations
@@ -11,73 +18,79 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib.resources import files
 from importlib.resources import path as resource_path
 from pathlib import Path
 
-import hivemind.hivemind_cli as hivemind_cli
 import hivemind.p2p.p2p_daemon as p2p_daemon
 
 from p2ptrain.errors import ConfigError
+from p2ptrain.go_p2pd import FLAGS_ENV, go_binary
 
 KINDS = ("go", "py")
 MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # read by p2ptrain-p2pd: hivemind passes its environment, not our flags
 STOCK_ENV = "P2PTRAIN_P2PD_STOCK"  # read by p2ptrain-p2pd: "1" runs py-libp2p as released (a benchmark baseline)
 
 
-def python_daemon() -> Path:
-    """The ``p2ptrain-p2pd`` console script installed beside this interpreter (or on PATH)."""
-    beside = Path(sys.executable).with_name("p2ptrain-p2pd")
+def installed(name: str) -> Path:
+    """A console script of p2ptrain's installed beside this interpreter (or on PATH)."""
+    beside = Path(sys.executable).with_name(name)
     if beside.is_file():
         return beside
-    found = shutil.which("p2ptrain-p2pd")
+    found = shutil.which(name)
     if found is None:
-        raise ConfigError("p2ptrain-p2pd is not installed (reinstall p2ptrain: ./scripts/setup.sh)")
+        raise ConfigError(f"{name} is not installed (reinstall p2ptrain: ./scripts/setup.sh)")
     return Path(found)
+
+
+def python_daemon() -> Path:
+    return installed("p2ptrain-p2pd")
 
 
 def binary(kind: str) -> Path:
     """The daemon executable ``kind`` names."""
-    if kind == "go":
-        return Path(str(files(hivemind_cli) / p2p_daemon.P2PD_FILENAME))
-    return python_daemon()
+    return go_binary() if kind == "go" else python_daemon()
 
 
-def select(kind: str, mdns: bool = False) -> None:
-    """From now on, hivemind in this process (and its children) runs the ``kind`` daemon."""
+def select(kind: str, mdns: bool = False, flags: Sequence[str] = ()) -> None:
+    """From now on, hivemind in this process (and its children) runs the ``kind`` daemon with ``flags`` added."""
     if kind not in KINDS:
         raise ConfigError(f"--p2p must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind == "go":
+    _set_env(MDNS_ENV, "1" if mdns and kind == "py" else None)
+    _set_env(FLAGS_ENV, " ".join(flags) or None)
+    if kind == "go" and not flags:
         p2p_daemon.path = resource_path
-        os.environ.pop(MDNS_ENV, None)
         return
-    binary = python_daemon()
+    launcher = installed("p2ptrain-p2pd-go") if kind == "go" else python_daemon()
 
     @contextmanager
-    def python_binary(package: object, name: str) -> Iterator[Path]:
+    def ours(package: object, name: str) -> Iterator[Path]:
         if name != p2p_daemon.P2PD_FILENAME:  # pragma: no cover - hivemind asks for nothing else
             raise FileNotFoundError(name)
-        yield binary
+        yield launcher
 
-    p2p_daemon.path = python_binary
-    if mdns:
-        os.environ[MDNS_ENV] = "1"
+    ours.kind = kind  # type: ignore[attr-defined] - read back by current()
+    p2p_daemon.path = ours
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
     else:
-        os.environ.pop(MDNS_ENV, None)
+        os.environ[name] = value
 
 
 def current() -> str:
-    return "go" if p2p_daemon.path is resource_path else "py"
+    return getattr(p2p_daemon.path, "kind", "go")
 
 
 @contextmanager
-def selected(kind: str, mdns: bool = False) -> Iterator[None]:
+def selected(kind: str, mdns: bool = False, flags: Sequence[str] = ()) -> Iterator[None]:
     """``select`` for a block (tests, benchmarks that run both daemons side by side)."""
-    before, before_mdns = current(), os.environ.get(MDNS_ENV) == "1"
-    select(kind, mdns)
+    before = current(), os.environ.get(MDNS_ENV) == "1", tuple(os.environ.get(FLAGS_ENV, "").split())
+    select(kind, mdns, flags)
     try:
         yield
     finally:
-        select(before, before_mdns)
+        select(*before)

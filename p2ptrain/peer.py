@@ -3,18 +3,20 @@
 1. prepare this machine: data dir (0700, locked for this peer), identity (fixes the peer id), device, free port;
 2. `seed`: sign a new manifest and open the dataset *before* touching the network, so bad input
    fails with nothing published;
-3. start the DHT (bootstrapping from the invite, --initial-peers, or peers remembered from last time);
-4. `join`: resolve the swarm (invite hash → manifest; or the remembered swarm; or one advertised for
-   --model; or, with none, start a fresh swarm) and verify its signature and hash;
-5. build tokenizer, data shard, model (seeded: identical on every peer) and hivemind's Optimizer;
-6. resume from the local checkpoint if there is one;
-7. publish the swarm records and this peer's membership (every member does, so the swarm outlives
-   its seeder), print the invite; start the energy ledger (meter, grid intensity, signed DHT record);
-8. train in a worker thread (first catching up from peers if they are ahead) until stopped or
-   `--max-epochs`;
-9. shut down in a fixed order: abandon the averaging round after a grace period, write and publish
-   the energy ledger, remember peers, say goodbye (Optimizer), write the checkpoint, stop the DHT,
-   reap every child process.
+3. start the energy meter, then one **stay in the swarm** after another (``stay``), until stopped or done:
+   a. start the DHT (bootstrapping from the invite, --initial-peers, or peers remembered from last time);
+   b. `join`: resolve the swarm (invite hash → manifest; or the remembered swarm; or one advertised for
+      --model; or, with none, start a fresh swarm) and verify its signature and hash;
+   c. settle the network role: behind NAT, join again through the swarm's relays or as a client (``network``);
+   d. build tokenizer, data shard, model (seeded: identical on every peer) and hivemind's Optimizer;
+   e. resume from the local checkpoint if there is one;
+   f. publish the swarm records and this peer's membership (every member does, so the swarm outlives
+      its seeder), print the invite; start the energy ledger (meter, grid intensity, signed DHT record) once;
+   g. train in a worker thread (first catching up from peers if they are ahead) until stopped,
+      `--max-epochs`, or the network watch asks to rejoin (a new role: the next stay resumes from the checkpoint);
+   h. leave in a fixed order: abandon the averaging round after a grace period, remember peers, say goodbye
+      (Optimizer), write the checkpoint, stop the DHT, reap every child process;
+4. at the end, in the last stay's step h while its DHT still runs: write and publish the energy ledger.
 
 Only ``cli.main`` installs signal handlers; they set the ``stop`` event passed in here.
 """
@@ -30,15 +32,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hivemind
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, PeerID
+from hivemind.p2p import P2P, PeerID
 
-from p2ptrain import discovery, p2p_stack, reachability
+from p2ptrain import discovery, nat, network
 from p2ptrain import manifest as mf
 from p2ptrain.carbon import IntensityWatcher, alpha3
 from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
@@ -60,7 +62,6 @@ from p2ptrain.training import Trainer, cancel_rounds, make_optimizer, stop_optim
 
 logger = logging.getLogger(__name__)
 MAX_REMEMBERED_PEERS = 16
-LAN_WAIT_S = 5.0  # --p2p py with mDNS and no peer given: how long to look for LAN peers
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,32 @@ class JoinRequest:
 
     model: str
     invite: Invite | None = None
+
+
+@dataclass
+class Run:
+    """What lasts across a peer's stays in the swarm (``stay``)."""
+
+    settings: PeerSettings
+    data_dir: Path
+    status: StatusWriter
+    device: torch.device
+    peer_id: PeerID
+    meter: EnergyMeter
+    meter_info: MeterInfo
+    intensity: IntensityWatcher
+    own_intensity: bool
+    announce: Callable[[str], None]
+    gate: Gate | None
+    seeded: tuple[mf.SwarmManifest, bytes] | None = None
+    tokenizer: Tokenizer | None = None
+    corpus: Corpus | None = None
+    accountant: Accountant | None = None
+    dht: hivemind.DHT | None = None  # the current stay's (None between stays)
+    announced: bool = False
+    ledger_closed: bool = False
+    stays: int = 0
+    failure: list[BaseException] = field(default_factory=list)
 
 
 def run_peer(
@@ -121,175 +148,199 @@ def run_peer(
             seeded = manifest, mf.sign(manifest, key)
             tokenizer, corpus = open_data(manifest, peer_id)
 
-        # 3. the energy meter (before any fork: see energy_meter.start_meter), the DHT
+        # 3. the energy meter (before any fork: see energy_meter.start_meter), then the stays in the swarm
         meter = open_meter(settings.energy.meter, settings.energy.tracking)
         meter_info = start_meter(meter)
         die_with_parent()
+        run = Run(settings, data_dir, status, device, peer_id, meter, meter_info, intensity, own_intensity, announce,
+                  gate, seeded, tokenizer, corpus)  # fmt: skip
         try:
-            dht = start_dht(settings, data_dir, bootstrap_peers(settings, request))
-        except Exception:
-            meter.stop()
-            raise
-        optimizer: hivemind.Optimizer | None = None
-        trainer: Trainer | None = None
-        republisher: discovery.Republisher | None = None
-        reach: reachability.Checker | None = None
-        accountant: Accountant | None = None
-        worker: threading.Thread | None = None
-        failure: list[BaseException] = []
-        try:
-            # 4. the swarm
-            status.update(state="joining")
-            manifest, envelope = seeded or resolve_swarm(dht, request, data_dir)
-            dht.add_validators([LedgerValidator([manifest.run_id])])  # nobody can store another peer's ledger
-            if corpus is None:
-                tokenizer, corpus = open_data(manifest, peer_id)
-            # 5. build
-            model = build_model(
-                manifest.model,
-                tokenizer.vocab_size,
-                manifest.seq_len,
-                manifest.seed,
-                manifest.init_weights,
-                tokenizer.eos_id,
-            )
-            model.to(device)
-            sigint = signal.getsignal(signal.SIGINT)
-            optimizer = make_optimizer(dht, model, manifest, settings)
-            signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN here (averager.py:334)
-            # 6. resume
-            path = checkpoint_path(data_dir, manifest.run_id)
-            local_steps = 0
-            if path.exists():
-                info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
-                optimizer.load_state_dict(opt_state)
-                optimizer.state_averager.local_epoch = info.epoch
-                local_steps = info.local_steps
-                status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
-                logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
-            # 7. publish: the swarm records, and this peer as a member now that it is ready to average
-            discovery.publish(dht, manifest, envelope)
-            republisher = discovery.Republisher(dht, manifest, envelope)
-            republisher.start()
-            reach = reachability.Checker(dht, lambda verdict: status.update(reachability=verdict))
-            reach.start()
-            remember_swarm(data_dir, manifest, envelope, dht)
-            invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
-            status.update(
-                run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
-            )
-            announce(describe_swarm(manifest, peer_id, invite, count_parameters(model)))
-            accountant = start_ledger(
-                settings, data_dir, manifest, peer_id, model, device, dht, intensity, meter, meter_info
-            )
-            if own_intensity:
-                intensity.start()
-
-            def checkpoint() -> None:
-                save_checkpoint(
-                    path,
-                    model,
-                    optimizer.state_dict(),
-                    CheckpointInfo(
-                        optimizer.local_epoch, trainer.local_steps, manifest.hash.hex(), settings.to_record()
-                    ),
-                )
-                status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
-
-            trainer = Trainer(
-                model, optimizer, corpus, manifest, settings, device, status, checkpoint, local_steps, gate, accountant
-            )
-
-            # 8. train
-            def work() -> None:
-                try:
-                    wait_for_members(dht, manifest, settings, stop)
-                    trainer.run(stop)
-                except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
-                    failure.append(e)
-
-            status.update(state="training")
-            worker = threading.Thread(target=work, name="trainer", daemon=True)
-            worker.start()
-            while worker.is_alive() and not stop.wait(0.5):
-                pass
+            while stay(run, request, stop) and not stop.is_set():
+                run.stays += 1
         finally:
-            # 9. shutdown, in order
-            stop.set()
-            status.update(state="stopping")
-            clock = ShutdownClock()
-            children = descendants()
-            if worker is not None:
-                abandon_round(worker, optimizer, settings.stop_grace_s)
-                clock.lap("finish the step")
-            if reach is not None:
-                reach.stop()
-            if accountant is not None:  # while the DHT still runs: the final ledger is published
-                accountant.stop()
-                clock.lap("energy ledger")
-            else:
+            if run.accountant is None:
                 meter.stop()
+            elif not run.ledger_closed:  # a stay failed before it could close it (4. happens in stay's 3h)
+                run.accountant.stop()
             if own_intensity:
                 intensity.stop(timeout_s=0.5)
-            if republisher is not None:  # while the DHT answers promptly (see start_dht)
-                republisher.stop()
-                remember_swarm(data_dir, manifest, envelope, dht)
-                clock.lap("remember peers")
-            if optimizer is not None:
+            error = str(run.failure[0]) if run.failure else ""
+            status.update(state="failed" if run.failure else "stopped", error=error)
+        if run.failure:
+            raise run.failure[0]
+
+
+def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) -> bool:
+    """One stay in the swarm (steps 3a-3h). True if the peer should join again (its network role changed)."""
+    settings, data_dir, status = run.settings, run.data_dir, run.status
+    if run.stays and isinstance(request, SeedRequest):
+        request = JoinRequest(request.manifest_values["model"])  # the swarm exists now: rejoin it (remembered)
+    bootstrap = bootstrap_peers(settings, request)
+    remembered = [] if bootstrap else recall_swarm(data_dir).get("peers", [])
+    dht = run.dht = network.start_dht(settings, data_dir, bootstrap, remembered)
+    optimizer: hivemind.Optimizer | None = None
+    trainer: Trainer | None = None
+    republisher: discovery.Republisher | None = None
+    watch: network.NetworkWatch | None = None
+    worker: threading.Thread | None = None
+    leaving = threading.Event()  # this stay ends: stopped, or rejoining
+    manifest = envelope = None
+    try:
+        # b. the swarm
+        status.update(state="joining")
+        manifest, envelope = run.seeded or resolve_swarm(dht, request, data_dir)
+        validators = (LedgerValidator([manifest.run_id]),)  # nobody can store another peer's ledger
+        dht.add_validators(list(validators))
+        # c. the network role
+        known = bootstrap or remembered
+        dht, role = network.settle_role(settings, data_dir, dht, manifest.run_id, known, validators)
+        run.dht = dht
+        if run.corpus is None:
+            run.tokenizer, run.corpus = open_data(manifest, run.peer_id)
+        tokenizer, corpus = run.tokenizer, run.corpus
+        # d. build
+        model = build_model(
+            manifest.model,
+            tokenizer.vocab_size,
+            manifest.seq_len,
+            manifest.seed,
+            manifest.init_weights,
+            tokenizer.eos_id,
+        )
+        model.to(run.device)
+        sigint = signal.getsignal(signal.SIGINT)
+        optimizer = make_optimizer(dht, model, manifest, settings, reach_kind=role.reach.kind.value)
+        signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN here (averager.py:334)
+        # e. resume
+        path = checkpoint_path(data_dir, manifest.run_id)
+        local_steps = 0
+        if path.exists():
+            info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
+            optimizer.load_state_dict(opt_state)
+            optimizer.state_averager.local_epoch = info.epoch
+            local_steps = info.local_steps
+            status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
+            logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
+        # f. publish: the swarm records, and this peer as a member now that it is ready to average
+        watch = network.NetworkWatch(
+            dht, role, manifest.run_id, lambda changes: status.update(**changes), lambda: known
+        )
+
+        def relay_addrs() -> list[str]:
+            return nat.offered_addrs(dht.get_visible_maddrs()) if watch.role.reach.public else []
+
+        discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs())
+        republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs)
+        republisher.start()
+        watch.start()
+        remember_swarm(data_dir, manifest, envelope, dht)
+        invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
+        status.update(run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite)
+        if not run.announced:
+            run.announce(describe_swarm(manifest, run.peer_id, invite, count_parameters(model)))
+            run.announced = True
+        if run.accountant is None:
+            run.accountant = start_ledger(run, manifest, model)
+            if run.own_intensity:
+                run.intensity.start()
+
+        def checkpoint() -> None:
+            save_checkpoint(
+                path,
+                model,
+                optimizer.state_dict(),
+                CheckpointInfo(optimizer.local_epoch, trainer.local_steps, manifest.hash.hex(), settings.to_record()),
+            )
+            status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
+
+        trainer = Trainer(
+            model, optimizer, corpus, manifest, settings, run.device, status, checkpoint, local_steps,
+            [g for g in (run.gate, watch.gate) if g is not None], run.accountant,
+        )  # fmt: skip
+
+        # g. train
+        def work() -> None:
+            try:
+                wait_for_members(dht, manifest, settings, leaving)
+                trainer.run(leaving)
+            except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
+                run.failure.append(e)
+
+        status.update(state="training")
+        worker = threading.Thread(target=work, name="trainer", daemon=True)
+        worker.start()
+        while worker.is_alive() and not stop.wait(0.5) and not watch.rejoin.is_set():
+            pass
+    finally:
+        # h. leave, in order
+        leaving.set()
+        rejoining = watch is not None and watch.rejoin.is_set() and not stop.is_set() and not run.failure
+        status.update(state="rejoining" if rejoining else "stopping")
+        clock = ShutdownClock()
+        children = descendants()
+        if worker is not None:
+            abandon_round(worker, optimizer, settings.stop_grace_s)
+            clock.lap("finish the step")
+        if watch is not None:
+            watch.stop()
+        if not rejoining and run.accountant is not None:  # 4. while the DHT still runs: the final ledger is published
+            run.accountant.stop()
+            run.ledger_closed = True
+            clock.lap("energy ledger")
+        if republisher is not None:  # while the DHT answers promptly (see start_dht)
+            republisher.stop()
+            remember_swarm(data_dir, manifest, envelope, dht)
+            clock.lap("remember peers")
+        if optimizer is not None:
+            try:
+                stop_optimizer(optimizer, step_running=worker is not None and worker.is_alive())
+            except Exception as e:  # noqa: BLE001 - the rest of the shutdown must still happen
+                logger.warning("Averagers did not stop cleanly: %r", e)
+            clock.lap("say goodbye, stop averagers")
+        if trainer is not None and trainer.local_steps and not run.failure:
+            if trainer.lock.acquire(timeout=1.0):
                 try:
-                    stop_optimizer(optimizer, step_running=worker is not None and worker.is_alive())
-                except Exception as e:  # noqa: BLE001 - the rest of the shutdown must still happen
-                    logger.warning("Averagers did not stop cleanly: %r", e)
-                clock.lap("say goodbye, stop averagers")
-            if trainer is not None and trainer.local_steps and not failure:
-                if trainer.lock.acquire(timeout=1.0):
-                    try:
-                        checkpoint()
-                    finally:
-                        trainer.lock.release()
-                else:
-                    logger.warning("A step was still running at shutdown: kept the previous checkpoint")
-                clock.lap("checkpoint")
-            dht.shutdown()
-            clock.lap("stop the DHT")
-            reap_children(known=children)
-            clock.lap("reap children")
-            status.update(state="failed" if failure else "stopped", error=str(failure[0]) if failure else "")
-            logger.info("Stopped in %.1f s (%s)", clock.total(), clock.summary())
-        if failure:
-            raise failure[0]
+                    checkpoint()
+                finally:
+                    trainer.lock.release()
+            else:
+                logger.warning("A step was still running at shutdown: kept the previous checkpoint")
+            clock.lap("checkpoint")
+        dht.shutdown()
+        run.dht = None
+        clock.lap("stop the DHT")
+        reap_children(known=children)
+        clock.lap("reap children")
+        logger.info("%s in %.1f s (%s)", "Left to rejoin" if rejoining else "Stopped", clock.total(), clock.summary())
+    return rejoining
 
 
-def start_ledger(
-    settings: PeerSettings,
-    data_dir: Path,
-    manifest: mf.SwarmManifest,
-    peer_id: PeerID,
-    model: torch.nn.Module,
-    device: torch.device,
-    dht: hivemind.DHT,
-    intensity: IntensityWatcher,
-    meter: EnergyMeter,
-    meter_info: MeterInfo,
-) -> Accountant:
-    """This peer's energy ledger for the swarm (``ledger.py``): opened, described, and its thread started."""
-    path = ledger_path(data_dir, manifest.run_id)
-    ledger = open_ledger(path, manifest.run_id, peer_id.to_base58())
+def start_ledger(run: Run, manifest: mf.SwarmManifest, model: torch.nn.Module) -> Accountant:
+    """This peer's energy ledger for the swarm (``ledger.py``): opened, described, and its thread started. It
+    publishes through the DHT of the stay in progress."""
+    settings = run.settings
+    path = ledger_path(run.data_dir, manifest.run_id)
+    ledger = open_ledger(path, manifest.run_id, run.peer_id.to_base58())
     ledger.model, ledger.model_params = manifest.model, count_parameters(model)
-    ledger.device = "gpu" if device.type == "cuda" else "cpu"
+    ledger.device = "gpu" if run.device.type == "cuda" else "cpu"
     ledger.country = alpha3(settings.energy.country) if settings.energy.country else ""
-    key = identity_key(data_dir)
+    key = identity_key(run.data_dir)
+
+    def publish(led: Any) -> bool:
+        dht = run.dht
+        return dht is not None and publish_ledger(dht, led, key, timeout_s=FINAL_PUBLISH_S)
+
     accountant = Accountant(
         path,
         ledger,
-        meter,
-        intensity.current,
+        run.meter,
+        run.intensity.current,
         settings.energy.ledger_every_s,
-        publish=lambda led: publish_ledger(dht, led, key, timeout_s=FINAL_PUBLISH_S),
-        started=meter_info,
+        publish=publish,
+        started=run.meter_info,
     )
     accountant.start()
-    logger.info("Energy ledger %s (grid: %s)", path, intensity.current().source)
+    logger.info("Energy ledger %s (grid: %s)", path, run.intensity.current().source)
     return accountant
 
 
@@ -363,6 +414,7 @@ def check_port_free(host: str, port: int) -> None:
     if port == 0:
         return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind: a restart finds it free
         try:
             sock.bind((host, port))
         except OSError as e:
@@ -401,61 +453,6 @@ def bootstrap_peers(settings: PeerSettings, request: SeedRequest | JoinRequest) 
     if isinstance(request, JoinRequest) and request.invite is not None:
         peers += [p for p in request.invite.peers if p not in peers]
     return peers
-
-
-def start_dht(settings: PeerSettings, data_dir: Path, initial_peers: list[str]) -> hivemind.DHT:
-    """Start this peer's DHT node; fall back to remembered peers, then to none, only when none were given."""
-    p2p_stack.select(settings.p2p, mdns=settings.mdns)
-    remembered = [] if initial_peers else recall_swarm(data_dir).get("peers", [])
-    attempts = [initial_peers] if initial_peers else ([remembered, []] if remembered else [[]])
-    for peers in attempts:
-        try:
-            dht = hivemind.DHT(
-                start=True,
-                initial_peers=peers,
-                host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"],
-                announce_maddrs=list(settings.announce) or None,
-                identity_path=str(p2p_identity_path(data_dir)),
-                # its own stop takes ~0.1 s, but a request left in its pipe by an averager process that
-                # has just exited stalls it 3 s each (hivemind dht.py _run): do not wait that out
-                shutdown_timeout=1.0,
-            )
-        except P2PDaemonError as e:
-            if peers is remembered:
-                logger.info("None of the %d peers remembered from last time answered", len(remembered))
-                continue
-            if "bootstrap" in str(e):
-                raise PeerUnreachable(
-                    f"none of the {len(peers)} initial peers answered (--initial-peers / --invite). Check the "
-                    "addresses and that those peers are running, or ask for a fresh invite."
-                ) from None
-            raise PeerUnreachable(f"the p2p daemon failed to start: {e}") from None
-        if not peers and settings.p2p == "py" and settings.mdns:
-            meet_lan_peers(dht)
-        return dht
-    raise AssertionError("unreachable: the last attempt has no peers and raises on failure")
-
-
-async def _ping_lan_peers(_dht: hivemind.DHT, node: Any) -> int:
-    """Greet, in hivemind's DHT, the peers the daemon found by mDNS; how many answered."""
-    answered = 0
-    for peer_id in dict.fromkeys(info.peer_id for info in await node.p2p.list_peers()):  # one per connection
-        if await node.protocol.call_ping(peer_id) is not None:
-            answered += 1
-    return answered
-
-
-def meet_lan_peers(dht: hivemind.DHT, wait_s: float = LAN_WAIT_S) -> int:
-    """With no peer known, give mDNS a few seconds to find swarm members on this LAN (PC cafés, labs)."""
-    logger.info("No peer given: looking for swarm peers on the LAN (mDNS, up to %.0f s)", wait_s)
-    deadline = time.monotonic() + wait_s
-    while True:
-        answered = dht.run_coroutine(_ping_lan_peers)
-        if answered or time.monotonic() >= deadline:
-            break
-        time.sleep(0.5)
-    logger.info("Found %d peer(s) on the LAN", answered)
-    return answered
 
 
 def resolve_swarm(dht: hivemind.DHT, request: JoinRequest, data_dir: Path) -> tuple[mf.SwarmManifest, bytes]:

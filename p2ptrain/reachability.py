@@ -1,25 +1,43 @@
-"""Can other peers open a connection to this one? Asked of swarm members, answered by their dialing back.
+"""Can other peers open a connection to this one, and if not, what kind of NAT is in the way?
 
-A peer behind a NAT still trains (it opens its connections itself), but nobody can open one to it, so it
-can only ever be the dialing side; the user should know, and know which port to forward. Neither daemon tells
-hivemind its NAT status, so p2ptrain asks: ``p2ptrain.reach`` is a unary handler on every peer; a caller sends
-the TCP port it listens on, the callee tries one TCP connect to **the address it sees the caller at** (never
-an address the caller names: no peer can use another as a port scanner) and says whether it got through.
-protocols/reach.md has the wire format. A relay address (``/p2p-circuit``) in this peer's own addresses
-means it is reachable only through that relay.
+A peer behind a NAT still trains: it opens its connections itself. What it cannot do is accept one, so how it
+takes part depends on what its NAT does (``nat.py`` draws the consequences). Neither daemon tells hivemind, so
+p2ptrain asks: ``p2ptrain.reach`` is a unary handler on every peer; a caller sends the TCP port it listens on,
+the callee tries one TCP connect to **the address it sees the caller at** (never an address the caller names: no
+peer can use another as a port scanner) and answers whether it got through, and the address and port it sees the
+caller's connection come from. protocols/reach.md has the wire format.
+
+From the answers (``classify``):
+
+- ``direct``: a peer connected back, to an address of this machine: it is on the internet itself;
+- ``mapped``: a peer connected back through a NAT (the address it saw is not this machine's): the router forwards
+  the port, mapped by UPnP / NAT-PMP or by hand;
+- ``nat``: no peer got through, and they all saw this peer's connections come from its own listening port: a NAT
+  that keeps ports, which TCP hole punching gets through (the daemon dials from its listening port);
+- ``symmetric-nat``: no peer got through, and the ports they saw differ from it: a NAT that picks a new port per
+  connection; only a relay reaches this peer;
+- ``unknown``: nobody answered yet.
+
+``Checker`` asks again every 10 minutes, and within seconds when this machine's addresses change (a laptop moving
+to another network, a router handing out a new address).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any
 
 import hivemind
 import msgpack
+import psutil
 from hivemind.p2p import P2PContext
 
 logger = logging.getLogger(__name__)
@@ -28,11 +46,11 @@ PROTOCOL = "p2ptrain.reach"
 DIAL_TIMEOUT_S = 3.0
 ASK_TIMEOUT_S = 10.0
 ASK_PEERS = 3  # members asked per check
-MIN_INTERVAL_PER_CALLER_S = 30.0  # a caller gets at most one dial-back per this interval
+MIN_INTERVAL_PER_CALLER_S = 10.0  # a caller gets at most one dial-back per this interval
 CHECK_EVERY_S = 600.0
+UNKNOWN_RETRY_S = 10.0  # how soon to ask again while nobody has answered
+WATCH_ADDRESSES_S = 5.0  # how often this machine's addresses are compared with the last check's
 MAX_MESSAGE_BYTES = 256
-
-UNKNOWN = "not checked yet (no other peer to ask)"
 
 
 class Message(dict):
@@ -51,14 +69,73 @@ class Message(dict):
         return msgpack.packb(dict(self), use_bin_type=True)
 
 
-def observed_ip(peers: list[Any], peer_id: Any) -> str | None:
-    """The IPv4 address our connection to ``peer_id`` comes from (as ``list_peers`` reports it)."""
+@dataclass(frozen=True)
+class Answer:
+    """One peer's answer: did its dial-back get through, and where does it see our connection come from."""
+
+    reachable: bool
+    ip: str
+    port: int = 0  # 0: the peer did not say (an older peer)
+
+
+class Kind(str, Enum):
+    DIRECT = "direct"
+    MAPPED = "mapped"
+    NAT = "nat"
+    SYMMETRIC_NAT = "symmetric-nat"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What the last check found (``classify``)."""
+
+    kind: Kind
+    ip: str = ""  # the address peers see this one at
+    port: int = 0  # the port this peer listens on
+
+    @property
+    def public(self) -> bool:
+        """Others can open connections to this peer: it can aggregate for anyone and relay for peers behind NAT."""
+        return self.kind in (Kind.DIRECT, Kind.MAPPED)
+
+    @property
+    def behind_nat(self) -> bool:
+        return self.kind in (Kind.NAT, Kind.SYMMETRIC_NAT)
+
+    def describe(self) -> str:
+        """One line a volunteer can act on: what it is, and what it costs."""
+        at = f"{self.ip}:{self.port}"
+        if self.kind == Kind.DIRECT:
+            return f"reachable directly at {at}"
+        if self.kind == Kind.MAPPED:
+            return f"reachable directly at {at} (port mapped on the router)"
+        forward = f"forward TCP port {self.port} to this machine (or turn on UPnP in the router) to be reachable"
+        if self.kind == Kind.NAT:
+            return (
+                f"behind NAT ({self.ip}): peers reach this one through a relay, then directly by hole punching; "
+                f"{forward}"
+            )
+        if self.kind == Kind.SYMMETRIC_NAT:
+            return (
+                f"behind a NAT that changes ports ({self.ip}): hole punching cannot work, so this peer averages only "
+                f"through reachable peers (slower); {forward}"
+            )
+        return "not checked yet (no other peer to ask)"
+
+
+UNKNOWN = Reach(Kind.UNKNOWN)
+
+
+def observed_addr(peers: list[Any], peer_id: Any) -> tuple[str, int] | None:
+    """The IPv4 address and TCP port a direct connection to ``peer_id`` comes from (as ``list_peers`` has it)."""
     for info in peers:
-        if info.peer_id == peer_id:
-            for addr in info.addrs:
-                parts = str(addr).split("/")
-                if len(parts) > 2 and parts[1] == "ip4":
-                    return parts[2]
+        if info.peer_id != peer_id:
+            continue
+        for addr in info.addrs:
+            parts = str(addr).split("/")
+            if len(parts) > 4 and parts[1] == "ip4" and parts[3] == "tcp" and "p2p-circuit" not in parts:
+                return parts[2], int(parts[4])
     return None
 
 
@@ -83,20 +160,22 @@ async def serve(_dht: hivemind.DHT, node: Any, min_interval_s: float = MIN_INTER
         if context.remote_id in last_dial and now - last_dial[context.remote_id] < min_interval_s:
             raise ValueError("asked too often")
         last_dial[context.remote_id] = now
-        ip = observed_ip(await node.p2p.list_peers(), context.remote_id)
-        if ip is None:
-            return Message(reachable=False, ip="")
-        return Message(reachable=await can_connect(ip, port), ip=ip)
+        seen = observed_addr(await node.p2p.list_peers(), context.remote_id)
+        if seen is None:  # only a relayed connection: we cannot tell where the caller is
+            return Message(reachable=False, ip="", port=0)
+        ip, seen_port = seen
+        return Message(reachable=await can_connect(ip, port), ip=ip, port=seen_port)
 
     await node.p2p.add_protobuf_handler(PROTOCOL, answer, Message)
 
 
-async def ask(_dht: hivemind.DHT, node: Any, port: int) -> list[tuple[bool, str]]:
-    """Ask up to ASK_PEERS connected peers to dial ``port`` back; their (reachable, ip-they-saw) answers."""
-    peers = [info.peer_id for info in await node.p2p.list_peers()]
-    peers = list(dict.fromkeys(p for p in peers if p != node.peer_id))[:ASK_PEERS]
+async def ask(_dht: hivemind.DHT, node: Any, port: int) -> list[Answer]:
+    """Ask up to ASK_PEERS peers we have direct connections to to dial ``port`` back; their answers."""
+    infos = await node.p2p.list_peers()
+    direct = [i.peer_id for i in infos if any("p2p-circuit" not in str(a) for a in i.addrs)]
+    peers = list(dict.fromkeys(p for p in direct if p != node.peer_id))[:ASK_PEERS]
 
-    async def one(peer_id: Any) -> tuple[bool, str] | None:
+    async def one(peer_id: Any) -> Answer | None:
         try:
             response = await asyncio.wait_for(
                 node.p2p.call_protobuf_handler(peer_id, PROTOCOL, Message(port=port), Message), ASK_TIMEOUT_S
@@ -104,10 +183,10 @@ async def ask(_dht: hivemind.DHT, node: Any, port: int) -> list[tuple[bool, str]
         except Exception as e:  # noqa: BLE001 - an old peer without the handler, a timeout: no answer
             logger.debug("reachability: %s did not answer: %s", peer_id, e)
             return None
-        reachable, ip = response.get("reachable"), response.get("ip")
-        if not isinstance(reachable, bool) or not isinstance(ip, str):
+        reachable, ip, seen_port = response.get("reachable"), response.get("ip"), response.get("port", 0)
+        if not isinstance(reachable, bool) or not isinstance(ip, str) or not isinstance(seen_port, int):
             return None
-        return reachable, ip
+        return Answer(reachable, ip, seen_port) if ip else None
 
     answers = await asyncio.gather(*(one(p) for p in peers))
     return [a for a in answers if a is not None]
@@ -123,55 +202,85 @@ def listen_port(maddrs: list[Any]) -> int | None:
     return None
 
 
-def verdict(maddrs: list[Any], answers: list[tuple[bool, str]]) -> str:
+def local_ips() -> set[str]:
+    """This machine's IPv4 addresses."""
+    return {a.address for nics in psutil.net_if_addrs().values() for a in nics if a.family.name == "AF_INET"}
+
+
+def is_global(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_global
+    except ValueError:
+        return False
+
+
+def classify(answers: list[Answer], port: int, own_ips: set[str]) -> Reach:
+    """What the answers say about this peer listening on ``port`` (see the module docstring). Answers from peers on
+    the internet outweigh those from peers on this LAN (which see a private address): reachable from a neighbour is
+    not reachable from the internet."""
+    from_internet = [a for a in answers if is_global(a.ip)]
+    answers = from_internet or answers
+    through = [a for a in answers if a.reachable]
+    if through:
+        ip = through[0].ip
+        return Reach(Kind.DIRECT if ip in own_ips else Kind.MAPPED, ip, port)
+    if not answers:
+        return Reach(Kind.UNKNOWN, "", port)
+    ip = answers[0].ip
+    told = [a.port for a in answers if a.port]
+    keeps_port = bool(told) and all(p == port for p in told)
+    return Reach(Kind.NAT if keeps_port else Kind.SYMMETRIC_NAT, ip, port)
+
+
+def check(dht: hivemind.DHT) -> Reach:
+    """Ask now (a few seconds at most)."""
+    maddrs = dht.get_visible_maddrs(latest=True)
     port = listen_port(maddrs)
-    if any("p2p-circuit" in str(a) for a in maddrs) and not any(ok for ok, _ in answers):
-        return "reachable only through a relay"
     if port is None:
-        return "not reachable: this peer does not listen on TCP"
-    if any(ok for ok, _ in answers):
-        ip = next(ip for ok, ip in answers if ok)
-        return f"reachable directly (a peer connected back to {ip}:{port})"
-    if answers:
-        return (
-            f"not reachable from the internet: forward TCP port {port} to this machine (or pass --port and "
-            f"--announce /ip4/<public ip>/tcp/<port>); it still trains through connections it opens itself"
-        )
-    return UNKNOWN
+        return UNKNOWN
+    answers = dht.run_coroutine(partial(ask, port=port))
+    return classify(answers, port, local_ips())
 
 
 class Checker:
-    """Checks reachability now and then, logs changes, keeps the last verdict in the peer's status."""
+    """Checks reachability now and then (and when this machine's addresses change), logs changes, and tells
+    ``on_change`` (the peer: its status, and whether its role must change)."""
 
-    def __init__(self, dht: hivemind.DHT, on_verdict):
-        self._dht, self._on_verdict = dht, on_verdict
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        on_change: Callable[[Reach], None],
+        first: Reach = UNKNOWN,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._dht, self._on_change, self._clock = dht, on_change, clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reachability", daemon=True)
-        self.last = UNKNOWN
+        self.last = first
 
     def start(self) -> None:
-        self._dht.run_coroutine(serve)
         self._thread.start()
 
-    def check(self) -> str:
-        maddrs = self._dht.get_visible_maddrs()
-        port = listen_port(maddrs)
-        answers = self._dht.run_coroutine(partial(ask, port=port)) if port else []
-        return verdict(maddrs, answers)
-
     def _run(self) -> None:
-        wait_s = 5.0
-        while not self._stop.wait(wait_s):
+        addresses, next_check = local_ips(), self._clock() + (0.0 if self.last == UNKNOWN else CHECK_EVERY_S)
+        while not self._stop.wait(WATCH_ADDRESSES_S):
+            now_addresses = local_ips()
+            moved = now_addresses != addresses
+            if moved:
+                logger.info("This machine's addresses changed: checking reachability again")
+                addresses = now_addresses
+            if not moved and self._clock() < next_check:
+                continue
             try:
-                result = self.check()
+                result = check(self._dht)
             except Exception as e:  # noqa: BLE001 - the DHT is shutting down; nothing to report
                 logger.debug("reachability check failed: %s", e)
                 result = self.last
             if result != self.last:
-                logger.info("Reachability: %s", result)
+                logger.info("Reachability: %s", result.describe())
                 self.last = result
-                self._on_verdict(result)
-            wait_s = 30.0 if result == UNKNOWN else CHECK_EVERY_S
+                self._on_change(result)
+            next_check = self._clock() + (UNKNOWN_RETRY_S if result.kind == Kind.UNKNOWN else CHECK_EVERY_S)
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()

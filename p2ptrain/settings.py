@@ -37,7 +37,7 @@ class PeerSettings:
     device: str = "auto"  # "auto" (first CUDA GPU if any, else CPU), "cpu", "cuda", "cuda:N"
     batch_size: int = 8  # samples per forward/backward on this peer; lower it if the GPU runs out of memory
     host: str = "0.0.0.0"  # address to listen on ("127.0.0.1" for a swarm on this machine only)
-    port: int = 0  # TCP port to listen on; 0 = any free port (fix one to forward it in a router)
+    port: int = 31337  # TCP port to listen on; fixed so a port forwarded in the router stays valid; 0 = any free
     announce: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listen addresses (public IP)
     initial_peers: tuple[str, ...] = ()  # multiaddrs of known swarm members, ".../p2p/<peer id>"
     p2p: str = "go"  # libp2p daemon: "go" (hivemind's bundled p2pd) or "py" (p2ptrain-p2pd, py-libp2p)

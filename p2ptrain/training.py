@@ -34,6 +34,7 @@ from p2ptrain.averaging import CompressedGradientAverager
 from p2ptrain.codecs import DENSE, Level
 from p2ptrain.data import Corpus
 from p2ptrain.gate import Gate
+from p2ptrain.group_rounds import GroupRounds
 from p2ptrain.idle_policy import Verdict
 from p2ptrain.ledger import Accountant
 from p2ptrain.local_updates import LocalUpdateOptimizer
@@ -67,10 +68,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_refresh_period": 1.0}
 
 
+class GradientRounds(GroupRounds, GradientAverager):
+    """hivemind's gradient averager (codecs none, fp16) with p2ptrain's group rules (``group_rounds``)."""
+
+
+class PowerSGDRounds(GroupRounds, PowerSGDGradientAverager):
+    """hivemind's PowerSGD gradient averager with p2ptrain's group rules."""
+
+
+class StateRounds(GroupRounds, TrainingStateAverager):
+    """hivemind's parameter and optimizer-state averager with p2ptrain's group rules."""
+
+
 def make_optimizer(
-    dht: hivemind.DHT, model: torch.nn.Module, manifest: SwarmManifest, settings: PeerSettings
+    dht: hivemind.DHT,
+    model: torch.nn.Module,
+    manifest: SwarmManifest,
+    settings: PeerSettings,
+    reach_kind: str = "unknown",
 ) -> hivemind.Optimizer | LocalUpdateOptimizer:
-    """hivemind's Optimizer (mode "gradients") or our DiLoCo optimizer (mode "local"), per the manifest."""
+    """hivemind's Optimizer (mode "gradients") or our DiLoCo optimizer (mode "local"), per the manifest.
+    ``reach_kind``: this peer's reachability (``reachability.Kind``), which decides what it aggregates."""
     spec, avg = manifest.optimizer, manifest.averaging
     request_timeout = min(3.0, avg.matchmaking_time_s / 2)
     inner = partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
@@ -96,15 +114,16 @@ def make_optimizer(
             level=None if avg.compression == "adaptive" else fixed_level(avg),
             budget=avg.comm_budget,
             request_timeout=request_timeout,
+            reach_kind=reach_kind,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
     if avg.compression == "powersgd":
-        grad_averager = partial(PowerSGDGradientAverager, averager_rank=avg.powersgd_rank)
+        grad_averager = partial(PowerSGDRounds, averager_rank=avg.powersgd_rank)
     elif avg.compression in ("randk", "int8"):
         grad_averager = partial(CompressedGradientAverager, level=fixed_level(avg))
     else:
-        grad_averager = GradientAverager
+        grad_averager = GradientRounds
     dense = DENSE.get(avg.compression, Float16Compression)
     return SwarmOptimizer(
         **common,
@@ -114,9 +133,10 @@ def make_optimizer(
         grad_compression=dense(),
         state_averaging_compression=dense(),
         averager_opts={"request_timeout": request_timeout},
-        grad_averager_factory=partial(grad_averager, request_timeout=request_timeout),
+        grad_averager_factory=partial(grad_averager, request_timeout=request_timeout, reach_kind=reach_kind),
         shutdown_timeout=2.0,
         verbose=False,
+        reach_kind=reach_kind,
     )
 
 
@@ -146,6 +166,29 @@ class SwarmOptimizer(hivemind.Optimizer):
     """
 
     local_step_epoch = -1
+
+    def __init__(self, *args: Any, reach_kind: str = "unknown", **kwargs: Any):
+        self.reach_kind = reach_kind  # read by _make_state_averager, which hivemind's __init__ calls
+        super().__init__(*args, **kwargs)
+
+    def _make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
+        # hivemind's own (optimizer.py), with p2ptrain's group rules
+        return StateRounds(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            reach_kind=self.reach_kind,
+            **kwargs,
+        )
 
     def _load_local_gradients_into_optimizer(self) -> None:
         self.local_step_epoch = self.local_epoch
@@ -207,13 +250,13 @@ class Trainer:
         status: StatusWriter,
         save_checkpoint: Callable[[], None],
         local_steps: int = 0,
-        gate: Gate | None = None,
+        gates: list[Gate] = (),
         ledger: Accountant | None = None,
     ):
         self.model, self.opt, self.corpus, self.manifest = model, optimizer, corpus, manifest
         self.settings, self.device, self.status, self._save = settings, device, status, save_checkpoint
         self.local_steps = local_steps
-        self.gate = gate  # the volunteer daemon's idle policy; None: always train
+        self.gates = list(gates)  # pauses: the volunteer daemon's idle policy, the network's (no relay); none: train
         self.ledger = ledger  # the energy ledger: told of every step and every pause (µs, no I/O)
         self.compute_s = 0.0  # seconds in forward/backward (compute utilization = compute_s / wall)
         self.val_s = 0.0  # seconds measuring the held-out loss
@@ -353,10 +396,10 @@ class Trainer:
         while not stop.is_set() and not (self.settings.max_epochs and epoch >= self.settings.max_epochs):
             if self.settings.max_epochs and self._finished.poll():
                 break
-            if self.gate is not None:
-                self.gate.pass_through(stop, self._pause, self._resume)
-                if stop.is_set():
-                    break
+            for gate in self.gates:
+                gate.pass_through(stop, self._pause, self._resume)
+            if stop.is_set():
+                break
             started = time.perf_counter()
             blocks = self.corpus.train_batch(self.local_steps, self.settings.batch_size).to(self.device)
             with self._autocast():
@@ -366,8 +409,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.manifest.optimizer.clip_grad_norm)
             step_s = time.perf_counter() - started
             self.compute_s += step_s
-            if self.gate is not None:
-                self._idle(self.gate.rest(step_s, stop))
+            for gate in self.gates:
+                self._idle(gate.rest(step_s, stop))
             with self.lock:
                 self.opt.step()
                 self.opt.zero_grad()

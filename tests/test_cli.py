@@ -53,7 +53,7 @@ def test_version_and_help(capsys, tmp_path):
         (["seed", "--model", "gpt2-tiny", "--lr", "3"], ExitCode.USAGE, "invalid swarm setting: lr 3.0"),
         (["seed", "--model", "gpt2-small", "--tokenizer", "no-such-tok"], ExitCode.DATA, "--tokenizer bytes"),
         (
-            ["join", "--model", "gpt2-tiny", "--initial-peers", UNREACHABLE, "--host", "127.0.0.1"],
+            ["join", "--model", "gpt2-tiny", "--initial-peers", UNREACHABLE, "--host", "127.0.0.1", "--port", "0"],
             ExitCode.NETWORK,
             "none of the 1 initial peers answered",
         ),
@@ -95,7 +95,7 @@ def test_port_in_use(capsys, tmp_path):
 
 def join_tiny(capsys, tmp_path, invite: str, data_dir):
     """`p2ptrain join --model gpt2-tiny --invite …` on 127.0.0.1, in process."""
-    args = ("--model", "gpt2-tiny", "--invite", invite, "--host", "127.0.0.1", "--data-dir", str(data_dir))
+    args = ("--model", "gpt2-tiny", "--invite", invite, "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir))
     return run(capsys, tmp_path, "join", *args)
 
 

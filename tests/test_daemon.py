@@ -161,6 +161,7 @@ model = "gpt2-tiny"
 [peer]
 data_dir = "{self.data_dir}"
 host = "127.0.0.1"
+port = 0
 batch_size = 4
 checkpoint_every = 1
 validate_every = 0

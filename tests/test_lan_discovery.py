@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not namespaces_available(), reason="needs root and `ip netns` for two LAN hosts"),
 ]
-PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--p2p", "py")
+PEER_FLAGS = ("--port", "0", "--threads", "1", "--batch-size", "8", "--validate-every", "0", "--p2p", "py")
 
 
 def netns() -> set[str]:

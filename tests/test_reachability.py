@@ -1,4 +1,4 @@
-"""Reachability: real peers dial the asker back at the address they see it at."""
+"""Reachability: real peers dial the asker back at the address they see it at; the answers classify it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hivemind
 import pytest
 
 from p2ptrain import reachability
-from p2ptrain.reachability import UNKNOWN, ask, serve, verdict
+from p2ptrain.reachability import Answer, Kind, ask, classify, serve
 
 
 def closed_port() -> int:
@@ -33,32 +33,35 @@ def dhts():
 def test_peers_dial_back_and_rate_limit(dhts):
     a, b, c = dhts
     a.run_coroutine(partial(serve, min_interval_s=0.0))
-    c.run_coroutine(serve)  # the default: one dial-back per caller per 30 s
+    c.run_coroutine(serve)  # the default: one dial-back per caller per 10 s
     port = reachability.listen_port(b.get_visible_maddrs())
     assert port
 
     answers = b.run_coroutine(partial(ask, port=port))  # b asks the peers it is connected to (a, maybe c)
-    assert (True, "127.0.0.1") in answers
-    assert verdict(b.get_visible_maddrs(), answers).startswith(
-        f"reachable directly (a peer connected back to 127.0.0.1:{port})"
-    )
+    assert any(x.reachable and x.ip == "127.0.0.1" and x.port > 0 for x in answers), answers
+    reach = classify(answers, port, {"127.0.0.1"})
+    assert reach.kind == Kind.DIRECT and reach.describe() == f"reachable directly at 127.0.0.1:{port}"
 
     closed = closed_port()
     answers = b.run_coroutine(partial(ask, port=closed))
-    assert answers and not any(ok for ok, _ in answers)  # a dialed and failed; c, if asked, refuses: too often
-    assert all(ip == "127.0.0.1" for _, ip in answers)
-    assert "forward TCP port" in verdict([f"/ip4/127.0.0.1/tcp/{closed}"], answers)
+    assert answers and not any(x.reachable for x in answers)  # a dialed and failed; c, if asked, refuses: too often
+    assert all(x.ip == "127.0.0.1" for x in answers)
+    assert "forward TCP port" in classify(answers, closed, {"127.0.0.1"}).describe()
 
 
-def test_verdicts():
-    tcp = ["/ip4/10.0.0.2/tcp/31337"]
-    assert verdict(tcp, []) == UNKNOWN
-    assert verdict(tcp, [(False, "203.0.113.9")]).startswith("not reachable from the internet: forward TCP port 31337")
-    assert verdict(tcp, [(False, "x"), (True, "203.0.113.9")]).startswith("reachable directly")
-    assert verdict([*tcp, "/ip4/198.51.100.1/tcp/4001/p2p/QmRelay/p2p-circuit"], [(False, "x")]) == (
-        "reachable only through a relay"
-    )
-    assert verdict(["/ip4/10.0.0.2/udp/4001/quic-v1"], []) == "not reachable: this peer does not listen on TCP"
+def test_answers_classify_the_peer():
+    mine = {"10.0.0.2"}
+    assert classify([], 31337, mine).kind == Kind.UNKNOWN
+    assert classify([Answer(True, "10.0.0.2", 31337)], 31337, mine).kind == Kind.DIRECT
+    mapped = classify([Answer(False, "8.8.4.4", 31337), Answer(True, "8.8.4.4", 31337)], 31337, mine)
+    assert mapped.kind == Kind.MAPPED and mapped.public and "port mapped" in mapped.describe()
+    cone = classify([Answer(False, "8.8.4.4", 31337), Answer(False, "8.8.4.4", 31337)], 31337, mine)
+    assert cone.kind == Kind.NAT and cone.behind_nat and "hole punching" in cone.describe()
+    symmetric = classify([Answer(False, "8.8.4.4", 40001), Answer(False, "8.8.4.4", 31337)], 31337, mine)
+    assert symmetric.kind == Kind.SYMMETRIC_NAT and "forward TCP port 31337" in symmetric.describe()
+    # a neighbour on the LAN got through, the internet did not: behind NAT, not reachable
+    lan = classify([Answer(True, "10.0.0.3", 31337), Answer(False, "8.8.4.4", 31337)], 31337, mine)
+    assert lan.kind == Kind.NAT and lan.ip == "8.8.4.4"
 
 
 def test_a_bad_request_is_refused_not_crashing():

@@ -41,6 +41,7 @@ logger = logging.getLogger("p2pd")
 EXIT_GRACE_S = 2.0  # after SIGTERM or the last client leaving: then the process exits regardless
 MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # set by p2ptrain.p2p_stack for --p2p py --mdns
 STOCK_ENV = "P2PTRAIN_P2PD_STOCK"  # set by scripts/bench_p2pd.py: "1" runs py-libp2p as released
+FLAGS_ENV = "P2PTRAIN_P2PD_FLAGS"  # set by p2ptrain.p2p_stack: flags hivemind has no parameter for
 
 
 class RoundRobin:
@@ -319,7 +320,7 @@ async def exit_on_sigterm(stop: trio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        options = parse(sys.argv[1:] if argv is None else argv)
+        options = parse([*(sys.argv[1:] if argv is None else argv), *os.environ.get(FLAGS_ENV, "").split()])
     except FlagError as e:
         print(f"p2ptrain-p2pd: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,252 @@
+"""A peer's place in the network: its DHT node started in the role its reachability calls for, and the watch
+that notices when that role no longer fits.
+
+1. ``start_dht``: hivemind's DHT (and with it the libp2p daemon) from the bootstrap peers, falling back to the
+   peers remembered from last time, then to none; on a LAN with ``--p2p py``, mDNS finds the neighbours.
+2. ``settle_role``: ask the peers it reached whether they can connect back (``reachability.check``). Behind NAT,
+   start the DHT again as ``nat.py`` says: with slots on the swarm's relays, or as a client if no relay gives it
+   one.
+3. ``NetworkWatch`` while the peer trains: re-checks reachability (every 10 minutes, and when this machine's
+   addresses change), keeps the relay slots in view, and
+
+   - asks the peer to rejoin (``rejoin`` set) when the role changed (a port got mapped, the laptop moved behind
+     a NAT) or the relays it held slots on are gone while others are up;
+   - pauses training when no member of the swarm can be reached at all (``isolated``): behind NAT with no relay,
+     a peer can meet nobody new, and training alone would part its model from the swarm's for good. It keeps its
+     progress and asks to rejoin as soon as a relay answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hivemind
+from hivemind.p2p import P2PDaemonError
+
+from p2ptrain import discovery, nat, p2p_stack, reachability
+from p2ptrain.errors import PeerUnreachable
+from p2ptrain.gate import Gate
+from p2ptrain.identity import p2p_identity_path
+from p2ptrain.idle_policy import Verdict
+from p2ptrain.settings import PeerSettings
+
+logger = logging.getLogger(__name__)
+
+LAN_WAIT_S = 5.0  # --p2p py with mDNS and no peer given: how long to look for LAN peers
+WATCH_EVERY_S = 10.0  # how often a peer behind NAT looks at its relay slots (and, isolated, for a relay)
+NO_RELAY = "no reachable peer in the swarm (no relay): waiting for one to return; progress is kept"
+
+
+def start_dht(
+    settings: PeerSettings,
+    data_dir: Path,
+    initial_peers: list[str],
+    remembered: list[str],
+    role: nat.Role = nat.PUBLIC,
+    validators: tuple = (),
+) -> hivemind.DHT:
+    """Start this peer's DHT node; fall back to ``remembered`` peers, then to none, only when none were given."""
+    p2p_stack.select(settings.p2p, mdns=settings.mdns, flags=role.flags)
+    attempts = [initial_peers] if initial_peers else ([remembered, []] if remembered else [[]])
+    for peers in attempts:
+        try:
+            dht = hivemind.DHT(
+                start=True,
+                initial_peers=peers,
+                host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"],
+                announce_maddrs=list(settings.announce) or None,
+                identity_path=str(p2p_identity_path(data_dir)),
+                # its own stop takes ~0.1 s, but a request left in its pipe by an averager process that
+                # has just exited stalls it 3 s each (hivemind dht.py _run): do not wait that out
+                shutdown_timeout=1.0,
+                # a restart (a new role) reuses the identity the peers saw a moment ago
+                check_if_identity_free=role is nat.PUBLIC,
+                **role.dht_kwargs,
+            )
+        except P2PDaemonError as e:
+            if peers is remembered:
+                logger.info("None of the %d peers remembered from last time answered", len(remembered))
+                continue
+            if "bootstrap" in str(e):
+                raise PeerUnreachable(
+                    f"none of the {len(peers)} initial peers answered (--initial-peers / --invite). Check the "
+                    "addresses and that those peers are running, or ask for a fresh invite."
+                ) from None
+            raise PeerUnreachable(f"the p2p daemon failed to start: {e}") from None
+        if validators:
+            dht.add_validators(list(validators))
+        dht.run_coroutine(reachability.serve)
+        if not peers and settings.p2p == "py" and settings.mdns:
+            meet_lan_peers(dht)
+        return dht
+    raise AssertionError("unreachable: the last attempt has no peers and raises on failure")
+
+
+def settle_role(
+    settings: PeerSettings,
+    data_dir: Path,
+    dht: hivemind.DHT,
+    run_id: str,
+    bootstrap: list[str],
+    validators: tuple = (),
+) -> tuple[hivemind.DHT, nat.Role]:
+    """Find out whether peers can reach this one and, behind NAT, start the DHT again in the role for it.
+    Returns the DHT to use (``dht`` itself, or its replacement) and the role."""
+    reach = reachability.check(dht)
+    logger.info("Reachability: %s", reach.describe())
+    if not reach.behind_nat:
+        return dht, nat.Role(reach)
+    relays = relay_candidates(dht, run_id, bootstrap)
+    dht.shutdown()
+    if not relays:
+        logger.warning("Behind NAT, and no member of the swarm can be reached directly: averaging as a client")
+        role = nat.client(reach)
+        return start_dht(settings, data_dir, bootstrap, [], role, validators), role
+    role = nat.behind_nat(reach, relays)
+    dht = start_dht(settings, data_dir, relays, [], role, validators)
+    if nat.wait_for_reservation(dht):
+        logger.info("Behind NAT: %s", role.describe())
+        return dht, role
+    logger.warning("No relay gave this peer a slot within %.0f s: averaging as a client", nat.RESERVATION_WAIT_S)
+    dht.shutdown()
+    role = nat.client(reach)
+    return start_dht(settings, data_dir, relays, [], role, validators), role
+
+
+MAX_RELAY_SLOTS = 4  # relays a peer behind NAT asks for slots (go-libp2p's AutoRelay keeps up to 2 by default)
+
+
+def relay_candidates(dht: hivemind.DHT, run_id: str, bootstrap: list[str]) -> list[str]:
+    """Public members this machine can connect to now: the swarm's relay records first, then bootstrap peers."""
+    candidates = discovery.find_relays(dht, run_id) + [a for a in bootstrap if "p2p-circuit" not in a]
+    alive = nat.reachable(candidates)
+    by_peer: dict[str, str] = {}
+    for addr in alive:
+        by_peer.setdefault(addr.rsplit("/p2p/", 1)[-1], addr)
+    return list(by_peer.values())[:MAX_RELAY_SLOTS]
+
+
+async def _ping_lan_peers(_dht: hivemind.DHT, node: Any) -> int:
+    """Greet, in hivemind's DHT, the peers the daemon found by mDNS; how many answered."""
+    answered = 0
+    for peer_id in dict.fromkeys(info.peer_id for info in await node.p2p.list_peers()):  # one per connection
+        if await node.protocol.call_ping(peer_id) is not None:
+            answered += 1
+    return answered
+
+
+def meet_lan_peers(dht: hivemind.DHT, wait_s: float = LAN_WAIT_S) -> int:
+    """With no peer known, give mDNS a few seconds to find swarm members on this LAN (PC cafés, labs)."""
+    logger.info("No peer given: looking for swarm peers on the LAN (mDNS, up to %.0f s)", wait_s)
+    deadline = time.monotonic() + wait_s
+    while True:
+        answered = dht.run_coroutine(_ping_lan_peers)
+        if answered or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    logger.info("Found %d peer(s) on the LAN", answered)
+    return answered
+
+
+def connection_kinds(dht: hivemind.DHT, public_peers: set[str]) -> dict[str, int]:
+    """This peer's connections: ``direct`` (to public peers), ``hole-punched`` (direct, to peers behind NAT),
+    ``relayed``."""
+    kinds = {"direct": 0, "hole-punched": 0, "relayed": 0}
+
+    async def infos(_dht: hivemind.DHT, node: Any) -> list[Any]:
+        return await node.p2p.list_peers()
+
+    for info in dht.run_coroutine(infos):
+        if any("p2p-circuit" in str(a) for a in info.addrs):
+            kinds["relayed"] += 1
+        elif info.peer_id.to_base58() in public_peers:
+            kinds["direct"] += 1
+        else:
+            kinds["hole-punched"] += 1
+    return kinds
+
+
+class NetworkWatch:
+    """Owned by the peer for one stay in the swarm: started after the DHT, stopped before it (see the module
+    docstring). ``on_status`` gets each change for the status file; ``rejoin`` is set when the peer should leave
+    and join again with a new role; ``gate`` is closed while the swarm cannot be reached."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        role: nat.Role,
+        run_id: str,
+        on_status: Callable[[dict[str, Any]], None],
+        known_peers: Callable[[], list[str]],
+        every_s: float = WATCH_EVERY_S,
+    ):
+        self.dht, self.role, self.run_id, self._on_status, self._known = dht, role, run_id, on_status, known_peers
+        self.every_s = every_s
+        self.rejoin = threading.Event()
+        self.reason = ""
+        self.gate = Gate()
+        self.isolated = False
+        self._stop = threading.Event()
+        self._checker = reachability.Checker(dht, self._on_reach, first=role.reach)
+        self._thread = threading.Thread(target=self._run, name="network-watch", daemon=True)
+
+    def start(self) -> None:
+        self._on_status(dict(reachability=self.role.reach.describe(), network_role=self.role.describe()))
+        self._checker.start()
+        self._thread.start()
+
+    def _ask_rejoin(self, reason: str) -> None:
+        if not self.rejoin.is_set():
+            logger.info("Rejoining the swarm: %s", reason)
+            self.reason = reason
+            self.rejoin.set()
+            self.gate.set(Verdict(True))
+
+    def _on_reach(self, reach: reachability.Reach) -> None:
+        self._on_status(dict(reachability=reach.describe()))
+        was = self.role.reach
+        if reach.public != was.public or (reach.behind_nat != was.behind_nat and was.kind != reachability.Kind.UNKNOWN):
+            self._ask_rejoin(f"reachability changed ({was.kind.value} → {reach.kind.value})")
+        elif was.kind == reachability.Kind.UNKNOWN and reach.behind_nat:
+            self._ask_rejoin("this peer is behind NAT: joining through relays")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s) and not self.rejoin.is_set():
+            try:
+                self._look()
+            except Exception as e:  # noqa: BLE001 - the DHT is shutting down
+                logger.debug("network watch: %s", e)
+
+    def _look(self) -> None:
+        if not (self.role.reach.behind_nat or self.role.client_mode):
+            return
+        if not self.role.client_mode and nat.has_reservation(self.dht):
+            self._set_isolated(False)
+            return
+        candidates = list(self.role.relays) + discovery.find_relays(self.dht, self.run_id) + self._known()
+        alive = nat.reachable(candidates)
+        if not alive:
+            self._set_isolated(True)
+        elif self.isolated or not self.role.client_mode:
+            self._ask_rejoin(f"a relay is reachable again ({alive[0]})" if self.isolated else "the relays it had left")
+
+    def _set_isolated(self, isolated: bool) -> None:
+        if isolated == self.isolated:
+            return
+        self.isolated = isolated
+        if isolated:
+            logger.warning("The swarm has no relay: %s", NO_RELAY)
+            self.gate.set(Verdict(False, reasons=(NO_RELAY,)))
+        else:
+            self.gate.set(Verdict(True))
+        self._on_status(dict(network_isolated=isolated))
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._checker.stop(timeout)
+        self._thread.join(timeout)
