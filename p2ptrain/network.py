@@ -223,12 +223,15 @@ class NetworkWatch:
                 logger.debug("network watch: %s", e)
 
     def _look(self) -> None:
+        relays = discovery.find_relays(self.dht, self.run_id)
+        public = {a.rsplit("/p2p/", 1)[-1] for a in relays}
+        self._on_status(dict(connections=connection_kinds(self.dht, public)))
         if not (self.role.reach.behind_nat or self.role.client_mode):
             return
         if not self.role.client_mode and nat.has_reservation(self.dht):
             self._set_isolated(False)
             return
-        candidates = list(self.role.relays) + discovery.find_relays(self.dht, self.run_id) + self._known()
+        candidates = list(self.role.relays) + relays + self._known()
         alive = nat.reachable(candidates)
         if not alive:
             self._set_isolated(True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -45,8 +46,8 @@ logger = logging.getLogger(__name__)
 PROTOCOL = "p2ptrain.reach"
 DIAL_TIMEOUT_S = 3.0
 ASK_TIMEOUT_S = 10.0
-ASK_PEERS = 3  # members asked per check
-MIN_INTERVAL_PER_CALLER_S = 10.0  # a caller gets at most one dial-back per this interval
+ASK_PEERS = 5  # peers asked per check (some may be plain DHT nodes that do not answer)
+MIN_INTERVAL_PER_CALLER_S = 5.0  # a caller gets at most one dial-back per this interval
 CHECK_EVERY_S = 600.0
 UNKNOWN_RETRY_S = 10.0  # how soon to ask again while nobody has answered
 WATCH_ADDRESSES_S = 5.0  # how often this machine's addresses are compared with the last check's
@@ -173,7 +174,9 @@ async def ask(_dht: hivemind.DHT, node: Any, port: int) -> list[Answer]:
     """Ask up to ASK_PEERS peers we have direct connections to to dial ``port`` back; their answers."""
     infos = await node.p2p.list_peers()
     direct = [i.peer_id for i in infos if any("p2p-circuit" not in str(a) for a in i.addrs)]
-    peers = list(dict.fromkeys(p for p in direct if p != node.peer_id))[:ASK_PEERS]
+    peers = list(dict.fromkeys(p for p in direct if p != node.peer_id))
+    random.shuffle(peers)
+    peers = peers[:ASK_PEERS]
 
     async def one(peer_id: Any) -> Answer | None:
         try:

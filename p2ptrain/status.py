@@ -30,7 +30,12 @@ class PeerStatus:
     val_loss: float | None = None  # latest held-out loss
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, held-out loss)
     peers: int = 0  # swarm members this peer currently sees (itself included)
-    reachability: str = ""  # whether other peers can connect to this one (reachability.verdict)
+    reachability: str = ""  # whether other peers can connect to this one (reachability.Reach.describe)
+    network_role: str = ""  # how it takes part given that (nat.Role.describe)
+    network_isolated: bool = False  # behind NAT with no reachable member: training waits (network.NetworkWatch)
+    connections: dict[str, int] = field(default_factory=dict)  # direct / hole-punched / relayed
+    param_history: list[list] = field(default_factory=list)  # [global step, peers agreeing, compared, resynced]
+    resynced_at: int | None = None  # global step reached by downloading the swarm's state after parting from it
     samples_per_s: float = 0.0
     compute_s: float = 0.0  # seconds in forward/backward since training started (utilization = compute_s / wall)
     val_s: float = 0.0  # seconds spent measuring the held-out loss

@@ -39,6 +39,7 @@ from p2ptrain.idle_policy import Verdict
 from p2ptrain.ledger import Accountant
 from p2ptrain.local_updates import LocalUpdateOptimizer
 from p2ptrain.manifest import AveragingSpec, SwarmManifest
+from p2ptrain.param_check import ParamCheck
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 
@@ -266,6 +267,9 @@ class Trainer:
         # another peer announced the run's last step (--max-epochs): we are behind, finish() takes the swarm's state
         key = end_of_run.finishing_key(manifest.run_id)
         self._finished = end_of_run.FinishWatch(optimizer.tracker.dht, key, settings.max_epochs or 0)
+        # peers that average their parameters check after each global step that they still hold the same ones
+        comparable = shared_params(optimizer) is not None
+        self._param_check = ParamCheck(optimizer.tracker.dht, manifest.run_id) if comparable else None
 
     def catch_up(self) -> None:
         """Download the swarm's current state if it is ahead of ours (a late joiner, or a restart)."""
@@ -480,7 +484,34 @@ class Trainer:
         if device.type == "cpu":
             torch.cuda.empty_cache()
 
+    def _check_params(self, epoch: int) -> None:
+        """Publish our parameters' sketch for this step; resynchronise if the last verdict says we left the swarm's
+        parameters (``param_check``)."""
+        lr = float(self.opt.param_groups[0]["lr"])
+        own = getattr(self.opt, "local_step_epoch", -1) == epoch - 1
+        with self.lock:
+            verdict = self._param_check.after_step(epoch, shared_params(self.opt), lr, own)
+        if verdict is None:
+            return
+        entry = [verdict.epoch, verdict.agreeing, verdict.others, verdict.left]
+        self.status.update(param_history=[*self.status.status.param_history, entry][-100:])
+        if not verdict.left:
+            return
+        logger.warning(
+            "Parameters at global step %d differ from the swarm's (none of %d peers agrees with ours%s): downloading "
+            "the swarm's state",
+            verdict.epoch,
+            verdict.others,
+            ", they agree among themselves" if verdict.others > 1 else "; our last update was our own",
+        )
+        with self.lock:
+            self.opt.load_state_from_peers()
+        logger.info("Resynchronised with the swarm: now at global step %d", self.opt.local_epoch)
+        self.status.update(force=True, epoch=self.opt.local_epoch, resynced_at=self.opt.local_epoch)
+
     def _on_global_step(self, epoch: int, loss: float | None) -> None:
+        if self._param_check is not None:
+            self._check_params(epoch)
         peers = max(1, self.opt.tracker.global_progress.num_peers)
         message = f"Global step {epoch}: loss {loss:.4f}, {peers} peer(s) in the swarm"
         if self.settings.validate_every and epoch % self.settings.validate_every == 0:

@@ -1,0 +1,147 @@
+"""Volunteers behind home NATs train together: real peers in a NAT lab of network namespaces (scripts/netlab.py).
+
+The internet: a seeder S and a second public peer R, and two public DHT bootstrap nodes X and Y (``hivemind-dht``,
+as a researcher runs for a swarm). Volunteers A and B sit behind NAT routers of their own (MASQUERADE, unsolicited
+inbound dropped, no port forwarded). go-libp2p hole-punches only from an address that four different peers have
+observed (``identify.ActivationThresh``): on the internet a peer meets that many in seconds; here X and Y, with
+S and R, make the four.
+
+1. all four train; A and B find they are behind NAT, take slots on the relays, and reach each other directly by
+   hole punching (bytes between their routers, counted by the routers); after each global step every member
+   holds the same parameters (``param_check``) or resynchronises;
+2. S is killed (-9): A, B and R go on;
+3. R and the bootstrap nodes stop too: no reachable peer is left; A and B say so and wait, progress kept;
+4. S comes back (same data directory, so the same identity and port): A and B rejoin and train with it.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hivemind.p2p import P2P, PeerID
+
+from p2ptrain.local_swarm import DEMO_SWARM_FLAGS, LocalPeer, LocalSwarm
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+from netlab import Host, NatLab, missing_tools  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(missing_tools()), reason=f"needs {', '.join(missing_tools())} for a NAT lab"),
+]
+PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--checkpoint-every", "2")
+PORT = 31337  # the default: every host has its own address
+
+
+def netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+class BootstrapNode:
+    """A plain hivemind DHT node on a public host (``hivemind-dht``), with an identity made here to know its id."""
+
+    def __init__(self, host: Host, workdir: Path, initial: list[str]):
+        key = workdir / f"{host.name}.key"
+        P2P.generate_identity(str(key))
+        self.maddr = f"/ip4/{host.ip}/tcp/{PORT}/p2p/{PeerID.from_identity(key.read_bytes()).to_base58()}"
+        command = [str(Path(sys.executable).with_name("hivemind-dht")), "--host_maddrs", f"/ip4/0.0.0.0/tcp/{PORT}"]
+        command += ["--identity_path", str(key), *(["--initial_peers", *initial] if initial else [])]
+        with open(workdir / f"{host.name}.log", "wb") as log:
+            self.proc = subprocess.Popen([*host.prefix, *command], stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for peer in peers:
+            if not peer.alive():
+                raise AssertionError(f"{peer.name} exited while waiting for {what}:\n{peer.log()[-3000:]}")
+        time.sleep(1.0)
+    logs = "\n".join(f"--- {p.name}: {p.status()}\n{p.log()[-2500:]}" for p in peers)
+    raise AssertionError(f"no {what} within {timeout_s:.0f} s\n{logs}")
+
+
+def epoch(peer: LocalPeer) -> int:
+    return int(peer.status().get("epoch", 0))
+
+
+def advanced(peers: list[LocalPeer], steps: int) -> callable:
+    start = {p.name: epoch(p) for p in peers}
+    return lambda: all(epoch(p) >= start[p.name] + steps for p in peers)
+
+
+def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path):
+    before = netns()
+    lab = NatLab()
+    try:
+        x, y, s, r = (lab.public(name) for name in "xysr")
+        home_a, home_b = lab.home("a"), lab.home("b")
+        a, b = home_a.host("a"), home_b.host("b")
+        bootstrap_x = BootstrapNode(x, tmp_path, [])
+        time.sleep(2.0)  # its daemon is up before y bootstraps from it
+        bootstrap_y = BootstrapNode(y, tmp_path, [bootstrap_x.maddr])
+        boot = ["--initial-peers", bootstrap_x.maddr, "--initial-peers", bootstrap_y.maddr]
+        with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
+            seeder = swarm.seed("S", *boot, "--wait-for-peers", "4", prefix=s.prefix)
+            invite = swarm.invite(seeder)
+            second = swarm.join("R", "--invite", invite, *boot, prefix=r.prefix)
+            va, vb = (swarm.join(n, "--invite", invite, *boot, prefix=h.prefix) for n, h in (("A", a), ("B", b)))
+            everyone = [seeder, second, va, vb]
+
+            # 1. all four train; A and B behind NAT reach each other directly
+            wait_until(lambda: all(epoch(p) >= 3 for p in everyone), 300, "training on all four", everyone)
+            for volunteer, home in ((va, home_a), (vb, home_b)):
+                status = volunteer.status()
+                assert status["reachability"].startswith(f"behind NAT ({home.router.ip})"), status
+                assert re.match(r"reachable through \d relay", status["network_role"]), status
+            assert second.status()["reachability"] == f"reachable directly at {r.ip}:{PORT}"
+            wait_until(advanced(everyone, 6), 240, "six more global steps", everyone)
+            between_homes = lab.counters(home_a).get(home_b.router.ip, 0)
+            assert between_homes > 1_000_000, lab.counters(home_a)  # averaging parts, hole-punched
+            for peer in everyone:
+                checks = peer.status().get("param_history", [])
+                assert checks, peer.log()[-2000:]
+                # each step's verdict: every other member agreed, or this peer noticed it had left and resynced
+                for step, agreeing, others, left in checks:
+                    assert agreeing == others or left, (peer.name, checks)
+
+            # 2. the seeder dies; the others go on through R
+            swarm.stop(seeder, signal.SIGKILL)
+            rest = [second, va, vb]
+            wait_until(advanced(rest, 4), 240, "four global steps without S", rest)
+
+            # 3. no reachable peer is left: A and B say so and wait
+            swarm.stop(second)
+            bootstrap_x.stop()
+            bootstrap_y.stop()
+            volunteers = [va, vb]
+            wait_until(lambda: all(p.status().get("network_isolated") for p in volunteers), 90, "isolation", volunteers)
+            for volunteer in volunteers:
+                assert "The swarm has no relay: no reachable peer in the swarm" in volunteer.log()
+            paused_at = {p.name: epoch(p) for p in volunteers}
+            time.sleep(15)
+            assert {p.name: epoch(p) for p in volunteers} == paused_at  # waiting, not training apart
+
+            # 4. S returns: A and B rejoin through it and train with it
+            back = swarm.join("S", prefix=s.prefix)
+            together = [back, *volunteers]
+            wait_until(lambda: all("Rejoining the swarm" in p.log() for p in volunteers), 120, "rejoin", together)
+            wait_until(lambda: all(epoch(p) >= max(paused_at.values()) + 3 for p in together), 300, "training again",
+                       together)  # fmt: skip
+            assert not any(p.status().get("network_isolated") for p in volunteers)
+    finally:
+        lab.remove()
+    assert netns() == before

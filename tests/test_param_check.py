@@ -1,0 +1,56 @@
+"""The per-step parameter check (param_check): sketches, agreement, and who resynchronises."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from p2ptrain.param_check import SKETCH_SIZE, agree, judge, positions, read_sketches, sketch
+
+LR = 1e-3
+
+
+def test_every_peer_samples_the_same_coordinates_and_a_new_set_each_step():
+    assert np.array_equal(positions("run", 5, 10_000), positions("run", 5, 10_000))
+    assert not np.array_equal(positions("run", 5, 10_000), positions("run", 6, 10_000))
+    assert len(positions("run", 5, 100)) == 100  # a model smaller than the sketch: every coordinate
+    params = [torch.arange(6.0).reshape(2, 3), torch.arange(6.0, 10.0)]
+    values = sketch(params, "run", 1)
+    flat = torch.cat([p.reshape(-1) for p in params]).numpy()
+    assert np.array_equal(values, flat[positions("run", 1, 10)])
+
+
+def test_rounding_agrees_a_peer_that_took_its_own_gradients_does_not():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=SKETCH_SIZE).astype(np.float32)
+    rounded = base + rng.normal(scale=5e-4 * LR, size=SKETCH_SIZE).astype(np.float32)  # fp16 averaging noise
+    rounded[:3] += 0.1 * LR  # a few outliers, as measured
+    assert agree(base, rounded, LR)
+    own_part = base.copy()
+    own_part[: SKETCH_SIZE // 4] += rng.choice([-1, 1], SKETCH_SIZE // 4) * 0.1 * LR  # one part of 4 was its own
+    assert not agree(base, own_part, LR)
+    assert not agree(base, np.full_like(base, np.nan), LR)
+
+
+def test_who_resynchronises():
+    rng = np.random.default_rng(1)
+    swarm = rng.normal(size=SKETCH_SIZE).astype(np.float32)
+    near = {p: swarm + rng.normal(scale=5e-4 * LR, size=SKETCH_SIZE).astype(np.float32) for p in "abc"}
+    gone = swarm + rng.normal(scale=0.1 * LR, size=SKETCH_SIZE).astype(np.float32)
+    assert judge(gone, near, LR, 7, our_own_update=False).left  # none agrees with us, they agree among themselves
+    assert not judge(near["a"], {"b": near["b"], "x": gone}, LR, 7, False).left  # one agrees: we are fine
+    assert not judge(gone, {}, LR, 7, False).left  # alone: nothing to compare
+    # two peers that disagree: the one whose last update was its own goes
+    assert judge(gone, {"a": near["a"]}, LR, 7, our_own_update=True).left
+    assert not judge(near["a"], {"x": gone}, LR, 7, our_own_update=False).left
+    # everybody apart from everybody (a round that failed for all): nobody can tell, nobody goes
+    apart = {p: swarm + rng.normal(scale=0.1 * LR, size=SKETCH_SIZE).astype(np.float32) for p in "de"}
+    assert not judge(gone, apart, LR, 7, False).left
+
+
+def test_malformed_sketches_from_the_network_are_skipped():
+    good = np.zeros(SKETCH_SIZE, dtype=np.float32).tobytes()
+    entry = lambda value: type("E", (), {"value": value})()  # noqa: E731 - hivemind's ValueWithExpiration
+    found = entry({"me": entry(good), "ok": entry(good), "short": entry(b"\x00" * 8), "text": entry("x"), 3: entry(good)})
+    assert set(read_sketches(found, own="me")) == {"ok"}
+    assert read_sketches(entry(["not", "a", "dict"]), own="me") == {}
