@@ -95,7 +95,8 @@ def test_port_in_use(capsys, tmp_path):
 
 def join_tiny(capsys, tmp_path, invite: str, data_dir):
     """`p2ptrain join --model gpt2-tiny --invite …` on 127.0.0.1, in process."""
-    args = ("--model", "gpt2-tiny", "--invite", invite, "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir))
+    args = ("--model", "gpt2-tiny", "--invite", invite, "--host", "127.0.0.1", "--port", "0")
+    args += ("--data-dir", str(data_dir))
     return run(capsys, tmp_path, "join", *args)
 
 

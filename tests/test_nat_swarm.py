@@ -115,7 +115,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
                 checks = peer.status().get("param_history", [])
                 assert checks, peer.log()[-2000:]
                 # each step's verdict: every other member agreed, or this peer noticed it had left and resynced
-                for step, agreeing, others, left in checks:
+                for _step, agreeing, others, left in checks:
                     assert agreeing == others or left, (peer.name, checks)
 
             # 2. the seeder dies; the others go on through R

@@ -51,6 +51,7 @@ def test_who_resynchronises():
 def test_malformed_sketches_from_the_network_are_skipped():
     good = np.zeros(SKETCH_SIZE, dtype=np.float32).tobytes()
     entry = lambda value: type("E", (), {"value": value})()  # noqa: E731 - hivemind's ValueWithExpiration
-    found = entry({"me": entry(good), "ok": entry(good), "short": entry(b"\x00" * 8), "text": entry("x"), 3: entry(good)})
+    records = {"me": good, "ok": good, "short": b"\x00" * 8, "text": "x", 3: good}
+    found = entry({peer: entry(value) for peer, value in records.items()})
     assert set(read_sketches(found, own="me")) == {"ok"}
     assert read_sketches(entry(["not", "a", "dict"]), own="me") == {}
