@@ -114,6 +114,14 @@ def count_members(dht: hivemind.DHT, manifest: mf.SwarmManifest) -> int:
     return sum(1 for entry in found.value.values() if getattr(entry, "value", None) == manifest.hash)
 
 
+def member_ids(dht: hivemind.DHT, run_id: str) -> list[str]:
+    """The peer ids with a membership record in this swarm (unverified: whoever wrote one)."""
+    found = bounded(dht.get(members_key(run_id), latest=True, return_future=True))
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [p for p in found.value if isinstance(p, str)]
+
+
 def fetch_manifest(dht: hivemind.DHT, manifest_hash: bytes) -> tuple[mf.SwarmManifest, bytes]:
     """Fetch and verify the manifest with this hash.
 

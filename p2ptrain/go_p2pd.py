@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 FLAGS_ENV = "P2PTRAIN_P2PD_FLAGS"  # space-separated -name=value flags for the daemon, set by p2p_stack
+LOG_DIR_ENV = "P2PTRAIN_P2PD_LOG_DIR"  # for bug reports: each daemon also writes its own log there (go-log's file)
 
 
 def go_binary() -> Path:
@@ -33,6 +34,8 @@ def extra_flags(environ: dict[str, str]) -> list[str]:
 
 def main() -> None:
     binary = str(go_binary())
+    if os.environ.get(LOG_DIR_ENV):
+        os.environ["GOLOG_FILE"] = os.path.join(os.environ[LOG_DIR_ENV], f"p2pd-{os.getpid()}.log")
     os.execv(binary, [binary, *sys.argv[1:], *extra_flags(dict(os.environ))])
 
 

@@ -8,15 +8,17 @@
 - behind NAT, no relay gave it a slot: hivemind's client mode (no DHT or averaging requests reach it).
 - behind NAT, and no member of the swarm reachable: it waits for one (``peer.py``).
 
-A relay is for finding each other, not a data path: what averaging sends goes over direct connections only.
-go-libp2p's relays are made for that (a circuit of the default relay carries 128 KiB and lasts 2 minutes; the Go
-daemon's unlimited relay service can be replaced by the default one at start-up, a race in
-``p2pd/main.go``), and a relayed part would cross the relay's uplink twice. So a member aggregates a part only if
-every other member of its group can open a direct connection to it: anyone can to a public peer; a peer behind a
-port-keeping NAT (``nat``) gets one from the public peers it dialed and, by hole punching, from other ``nat``
-peers; nobody gets one to a peer behind a symmetric NAT, which takes part by sending its vector to the aggregators
-and receiving the average, like hivemind's clients. ``shares`` turns this into each member's part of the vector;
-every member computes it from the same gathered reports, so all agree without a coordinator.
+A relay is for finding each other, not the data path: a connection between two members behind NAT opens through
+a relay, and go-libp2p's hole punching (DCUtR) then replaces it with a direct one; p2ptrain opens connections to
+the swarm's members ahead of averaging (``network.meet_members``) and retries hole punching a few times
+(``network._punch_again``). A part would cross a relay's uplink twice, and go-libp2p's relays bound what a circuit
+carries (the default relay: 128 KiB for 2 minutes; the Go daemon's unlimited relay service can be replaced by the
+default one at start-up, a race in ``p2pd/main.go``). So a member aggregates a part only if every other member of
+its group can open a direct connection to it: anyone can to a public peer; a peer behind a port-keeping NAT
+(``nat``) gets one from the public peers it dialed and, by hole punching, from other ``nat`` peers; nobody gets one
+to a peer behind a symmetric NAT, which takes part by sending its vector to the aggregators and receiving the
+average, like hivemind's clients. ``aggregates`` turns this into each member's share; every member computes it
+from the same gathered reports, so all agree without a coordinator.
 
 Peers behind NAT learn the relays from the relay records public members publish in the DHT
 (``discovery.find_relays``) and from the peers they bootstrap from.

@@ -18,10 +18,12 @@ that notices when that role no longer fits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +155,66 @@ def meet_lan_peers(dht: hivemind.DHT, wait_s: float = LAN_WAIT_S) -> int:
     return answered
 
 
+MEET_AT_MOST = 16  # members a peer opens connections to ahead of averaging
+
+
+async def _meet(_dht: hivemind.DHT, node: Any, peer_ids: list[str]) -> int:
+    """Ping members we have no connection to yet (a relayed one first; hole punching then makes it direct), so
+    that averaging rounds find connections ready; how many answered."""
+    from hivemind.p2p import PeerID
+
+    connected = {info.peer_id for info in await node.p2p.list_peers()}
+    targets = []
+    for text in peer_ids[:MEET_AT_MOST]:
+        try:
+            peer_id = PeerID.from_base58(text)
+        except ValueError:  # a malformed membership record
+            continue
+        if peer_id != node.peer_id and peer_id not in connected:
+            targets.append(peer_id)
+    answers = await asyncio.gather(*(node.protocol.call_ping(p) for p in targets), return_exceptions=True)
+    return sum(1 for a in answers if a is not None and not isinstance(a, BaseException))
+
+
+def meet_members(dht: hivemind.DHT, run_id: str) -> int:
+    """Open connections to the swarm's members ahead of the first averaging round (``_meet``)."""
+    members = discovery.member_ids(dht, run_id)
+    return dht.run_coroutine(partial(_meet, peer_ids=members)) if members else 0
+
+
+PUNCH_ATTEMPTS = 3  # per member: go-libp2p hole-punches once per relayed connection; p2ptrain opens a new one
+
+
+async def _punch_again(_dht: hivemind.DHT, node: Any, tried: dict[str, int]) -> dict[str, int]:
+    """Members we reach only through a relay get a fresh relayed connection, so that hole punching runs again.
+    go-libp2p attempts it when a relayed connection opens, and a first attempt made before this peer's public
+    address was confirmed (it takes identify answers from 4 peers) never repeats. Returns the updated attempts."""
+    by_peer: dict[Any, bool] = {}
+    for info in await node.p2p.list_peers():
+        direct = any("p2p-circuit" not in str(a) for a in info.addrs)
+        by_peer[info.peer_id] = by_peer.get(info.peer_id, False) or direct
+    for peer_id, direct in by_peer.items():
+        key = peer_id.to_base58()
+        if direct or tried.get(key, 0) >= PUNCH_ATTEMPTS:
+            continue
+        tried[key] = tried.get(key, 0) + 1
+        try:
+            await node.p2p._client.disconnect(peer_id)  # hivemind's P2P has no public disconnect
+            await node.protocol.call_ping(peer_id)
+        except Exception as e:  # noqa: BLE001 - the daemon cannot disconnect, the peer left: try later
+            logger.debug("hole punching again with %s: %s", key, e)
+    return tried
+
+
+async def _connections(_dht: hivemind.DHT, node: Any) -> list[Any]:
+    return await node.p2p.list_peers()
+
+
 def connection_kinds(dht: hivemind.DHT, public_peers: set[str]) -> dict[str, int]:
     """This peer's connections: ``direct`` (to public peers), ``hole-punched`` (direct, to peers behind NAT),
     ``relayed``."""
     kinds = {"direct": 0, "hole-punched": 0, "relayed": 0}
-
-    async def infos(_dht: hivemind.DHT, node: Any) -> list[Any]:
-        return await node.p2p.list_peers()
-
-    for info in dht.run_coroutine(infos):
+    for info in dht.run_coroutine(_connections):
         if any("p2p-circuit" in str(a) for a in info.addrs):
             kinds["relayed"] += 1
         elif info.peer_id.to_base58() in public_peers:
@@ -191,6 +244,8 @@ class NetworkWatch:
         self.reason = ""
         self.gate = Gate()
         self.isolated = False
+        self.reach = role.reach  # the latest finding
+        self._punched: dict[str, int] = {}  # member → hole-punching attempts p2ptrain started
         self._stop = threading.Event()
         self._checker = reachability.Checker(dht, self._on_reach, first=role.reach)
         self._thread = threading.Thread(target=self._run, name="network-watch", daemon=True)
@@ -208,12 +263,13 @@ class NetworkWatch:
             self.gate.set(Verdict(True))
 
     def _on_reach(self, reach: reachability.Reach) -> None:
+        """A new finding: the status says it; a new role means rejoining (not checked yet → public is the same one)."""
         self._on_status(dict(reachability=reach.describe()))
-        was = self.role.reach
-        if reach.public != was.public or (reach.behind_nat != was.behind_nat and was.kind != reachability.Kind.UNKNOWN):
+        was, self.reach = self.reach, reach
+        if reach.kind == reachability.Kind.UNKNOWN or (was.kind == reachability.Kind.UNKNOWN and not reach.behind_nat):
+            return
+        if reach.kind != was.kind:
             self._ask_rejoin(f"reachability changed ({was.kind.value} → {reach.kind.value})")
-        elif was.kind == reachability.Kind.UNKNOWN and reach.behind_nat:
-            self._ask_rejoin("this peer is behind NAT: joining through relays")
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s) and not self.rejoin.is_set():
@@ -223,6 +279,9 @@ class NetworkWatch:
                 logger.debug("network watch: %s", e)
 
     def _look(self) -> None:
+        met = meet_members(self.dht, self.run_id)
+        if met:
+            logger.debug("Opened connections to %d more members", met)
         relays = discovery.find_relays(self.dht, self.run_id)
         public = {a.rsplit("/p2p/", 1)[-1] for a in relays}
         self._on_status(dict(connections=connection_kinds(self.dht, public)))
@@ -230,6 +289,8 @@ class NetworkWatch:
             return
         if not self.role.client_mode and nat.has_reservation(self.dht):
             self._set_isolated(False)
+            if self.role.reach.kind == reachability.Kind.NAT:
+                self._punched = self.dht.run_coroutine(partial(_punch_again, tried=self._punched))
             return
         candidates = list(self.role.relays) + relays + self._known()
         alive = nat.reachable(candidates)

@@ -26,7 +26,7 @@ from pathlib import Path
 import hivemind.p2p.p2p_daemon as p2p_daemon
 
 from p2ptrain.errors import ConfigError
-from p2ptrain.go_p2pd import FLAGS_ENV, go_binary
+from p2ptrain.go_p2pd import FLAGS_ENV, LOG_DIR_ENV, go_binary
 
 KINDS = ("go", "py")
 MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # read by p2ptrain-p2pd: hivemind passes its environment, not our flags
@@ -59,7 +59,7 @@ def select(kind: str, mdns: bool = False, flags: Sequence[str] = ()) -> None:
         raise ConfigError(f"--p2p must be one of {', '.join(KINDS)}, got {kind!r}")
     _set_env(MDNS_ENV, "1" if mdns and kind == "py" else None)
     _set_env(FLAGS_ENV, " ".join(flags) or None)
-    if kind == "go" and not flags:
+    if kind == "go" and not flags and not os.environ.get(LOG_DIR_ENV):
         p2p_daemon.path = resource_path
         return
     launcher = installed("p2ptrain-p2pd-go") if kind == "go" else python_daemon()

@@ -221,15 +221,20 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             local_steps = info.local_steps
             status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
             logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
+
         # f. publish: the swarm records, and this peer as a member now that it is ready to average
-        watch = network.NetworkWatch(
-            dht, role, manifest.run_id, lambda changes: status.update(**changes), lambda: known
-        )
+        def on_network(changes: dict[str, Any]) -> None:
+            status.update(**changes)
+            if "reachability" in changes and republisher is not None:
+                republisher.refresh()  # a peer found public offers itself as a relay at once
+
+        watch = network.NetworkWatch(dht, role, manifest.run_id, on_network, lambda: known)
 
         def relay_addrs() -> list[str]:
-            return nat.offered_addrs(dht.get_visible_maddrs()) if watch.role.reach.public else []
+            return nat.offered_addrs(dht.get_visible_maddrs()) if watch.reach.public else []
 
         discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs())
+        network.meet_members(dht, manifest.run_id)  # connections (hole-punched behind NAT) ready for averaging
         republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs)
         republisher.start()
         watch.start()

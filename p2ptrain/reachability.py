@@ -242,7 +242,9 @@ def check(dht: hivemind.DHT) -> Reach:
     if port is None:
         return UNKNOWN
     answers = dht.run_coroutine(partial(ask, port=port))
-    return classify(answers, port, local_ips())
+    reach = classify(answers, port, local_ips())
+    logger.debug("Reachability answers for port %d: %s → %s", port, answers, reach.kind.value)
+    return reach
 
 
 class Checker:
@@ -265,7 +267,7 @@ class Checker:
         self._thread.start()
 
     def _run(self) -> None:
-        addresses, next_check = local_ips(), self._clock() + (0.0 if self.last == UNKNOWN else CHECK_EVERY_S)
+        addresses, next_check = local_ips(), self._clock() + (0.0 if self.last.kind == Kind.UNKNOWN else CHECK_EVERY_S)
         while not self._stop.wait(WATCH_ADDRESSES_S):
             now_addresses = local_ips()
             moved = now_addresses != addresses
