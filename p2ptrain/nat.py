@@ -109,6 +109,17 @@ def reachable(addrs: Sequence[str], timeout_s: float = PROBE_TIMEOUT_S) -> list[
     return [a for (a, _), ok in zip(targets, results, strict=True) if ok]
 
 
+def relays_with_slots(maddrs: Sequence[object]) -> set[str]:
+    """Peer ids of the relays this peer's own (circuit) addresses go through."""
+    out = set()
+    for addr in map(str, maddrs):
+        if "/p2p-circuit" in addr:
+            relay = addr.split("/p2p-circuit")[0]
+            if "/p2p/" in relay:
+                out.add(relay.rsplit("/p2p/", 1)[-1])
+    return out
+
+
 def has_reservation(dht: hivemind.DHT) -> bool:
     return any("p2p-circuit" in str(a) for a in dht.get_visible_maddrs(latest=True))
 

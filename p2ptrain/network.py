@@ -41,7 +41,11 @@ logger = logging.getLogger(__name__)
 
 LAN_WAIT_S = 5.0  # --p2p py with mDNS and no peer given: how long to look for LAN peers
 WATCH_EVERY_S = 10.0  # how often a peer behind NAT looks at its relay slots (and, isolated, for a relay)
-NO_RELAY = "no reachable peer in the swarm (no relay): waiting for one to return; progress is kept"
+NO_RELAY = (
+    "no member is reachable directly (no relay): peers behind NAT can meet nobody new, and train on only with "
+    "the members they are connected to; waiting for a reachable peer to return"
+)
+ISOLATED = "no member of the swarm can be reached (no relay): waiting for one to return; progress is kept"
 
 
 def start_dht(
@@ -176,10 +180,12 @@ async def _meet(_dht: hivemind.DHT, node: Any, peer_ids: list[str]) -> int:
     return sum(1 for a in answers if a is not None and not isinstance(a, BaseException))
 
 
-def meet_members(dht: hivemind.DHT, run_id: str) -> int:
+def meet_members(dht: hivemind.DHT, run_id: str, members: list[str] | None = None) -> int:
     """Open connections to the swarm's members ahead of the first averaging round (``_meet``)."""
-    members = discovery.member_ids(dht, run_id)
-    return dht.run_coroutine(partial(_meet, peer_ids=members)) if members else 0
+    members = discovery.member_ids(dht, run_id) if members is None else members
+    if not members:
+        return 0
+    return discovery.bounded(dht.run_coroutine(partial(_meet, peer_ids=members), return_future=True)) or 0
 
 
 PUNCH_ATTEMPTS = 3  # per member: go-libp2p hole-punches once per relayed connection; p2ptrain opens a new one
@@ -210,11 +216,16 @@ async def _connections(_dht: hivemind.DHT, node: Any) -> list[Any]:
     return await node.p2p.list_peers()
 
 
-def connection_kinds(dht: hivemind.DHT, public_peers: set[str]) -> dict[str, int]:
+def direct_to(infos: list[Any], peer: str) -> bool:
+    """A direct (not relayed) connection to ``peer`` is among ``infos`` (``list_peers``)."""
+    return any(i.peer_id.to_base58() == peer and any("p2p-circuit" not in str(a) for a in i.addrs) for i in infos)
+
+
+def connection_kinds(infos: list[Any], public_peers: set[str]) -> dict[str, int]:
     """This peer's connections: ``direct`` (to public peers), ``hole-punched`` (direct, to peers behind NAT),
     ``relayed``."""
     kinds = {"direct": 0, "hole-punched": 0, "relayed": 0}
-    for info in dht.run_coroutine(_connections):
+    for info in infos:
         if any("p2p-circuit" in str(a) for a in info.addrs):
             kinds["relayed"] += 1
         elif info.peer_id.to_base58() in public_peers:
@@ -244,6 +255,7 @@ class NetworkWatch:
         self.reason = ""
         self.gate = Gate()
         self.isolated = False
+        self.no_relay = False
         self.reach = role.reach  # the latest finding
         self._punched: dict[str, int] = {}  # member → hole-punching attempts p2ptrain started
         self._stop = threading.Event()
@@ -279,33 +291,49 @@ class NetworkWatch:
                 logger.debug("network watch: %s", e)
 
     def _look(self) -> None:
-        met = meet_members(self.dht, self.run_id)
+        members = discovery.member_ids(self.dht, self.run_id)
+        met = meet_members(self.dht, self.run_id, members)
         if met:
             logger.debug("Opened connections to %d more members", met)
         relays = discovery.find_relays(self.dht, self.run_id)
+        infos = self.dht.run_coroutine(_connections)
         public = {a.rsplit("/p2p/", 1)[-1] for a in relays}
-        self._on_status(dict(connections=connection_kinds(self.dht, public)))
+        self._on_status(dict(connections=connection_kinds(infos, public)))
         if not (self.role.reach.behind_nat or self.role.client_mode):
             return
-        if not self.role.client_mode and nat.has_reservation(self.dht):
-            self._set_isolated(False)
-            if self.role.reach.kind == reachability.Kind.NAT:
-                self._punched = self.dht.run_coroutine(partial(_punch_again, tried=self._punched))
-            return
-        candidates = list(self.role.relays) + relays + self._known()
-        alive = nat.reachable(candidates)
+        alive = nat.reachable(list(self.role.relays) + relays + self._known())
         if not alive:
-            self._set_isolated(True)
-        elif self.isolated or not self.role.client_mode:
-            self._ask_rejoin(f"a relay is reachable again ({alive[0]})" if self.isolated else "the relays it had left")
+            # no relay: nobody behind NAT can reach us anew; train on only with members we are connected to directly
+            self._set_no_relay(True)
+            members = set(members) - {self.dht.peer_id.to_base58()}
+            self._set_isolated(not any(direct_to(infos, m) for m in members))
+            return
+        if self.no_relay:
+            self._ask_rejoin(f"a relay is reachable again ({alive[0]})")
+            return
+        if self.role.client_mode:
+            return
+        slots = nat.relays_with_slots(self.dht.get_visible_maddrs(latest=True))
+        if not slots & {a.rsplit("/p2p/", 1)[-1] for a in alive}:
+            self._ask_rejoin("the relays it had slots on are gone; others are up")
+        elif self.role.reach.kind == reachability.Kind.NAT:
+            future = self.dht.run_coroutine(partial(_punch_again, tried=self._punched), return_future=True)
+            self._punched = discovery.bounded(future) or self._punched
+
+    def _set_no_relay(self, no_relay: bool) -> None:
+        if no_relay and not self.no_relay:
+            logger.warning("The swarm has no relay: %s", NO_RELAY)
+        self.no_relay = no_relay
+        self._on_status(dict(network_no_relay=no_relay))
 
     def _set_isolated(self, isolated: bool) -> None:
+        """Alone with no relay: training would part this peer's model from the swarm's. Wait, progress kept."""
         if isolated == self.isolated:
             return
         self.isolated = isolated
         if isolated:
-            logger.warning("The swarm has no relay: %s", NO_RELAY)
-            self.gate.set(Verdict(False, reasons=(NO_RELAY,)))
+            logger.warning("No member of the swarm can be reached: training waits for a relay (progress is kept)")
+            self.gate.set(Verdict(False, reasons=(ISOLATED,)))
         else:
             self.gate.set(Verdict(True))
         self._on_status(dict(network_isolated=isolated))

@@ -1,26 +1,29 @@
 """After every global step, peers check that they hold the same parameters, and a peer that does not takes the
 swarm's.
 
-Peers that averaged gradients together apply the same update, but not bit for bit: hivemind sends each member
-the compressed difference between the average and *its* part, so members round differently (fp16: ~1e-3 of an
-update). What must not happen is a member leaving with a different update: a round that failed for it (it
-proceeded with its own gradients) or lost a part (``group_rounds``), a kill or a restart mid-round. Such a member
-would train on alone, and hivemind's state averaging pulls it back only if a later round happens to group it
-with the others.
+Members of a gradient round receive one average, bit for bit (``group_rounds``: hivemind's own all-reduce leaves
+each member off the average by the fp16 rounding of its own part), so peers that averaged together and apply the
+same update hold the same parameters. What must not happen is a member leaving with a different update: a round
+that failed for it (it proceeded with its own gradients) or lost a part, a kill or a restart mid-round. Such a
+member would train on alone, and hivemind's state averaging pulls it back only if a later round happens to group
+it with the others.
 
 So each peer publishes, at global step N, a **sketch** of its parameters: ``SKETCH_SIZE`` coordinates chosen by a
 generator seeded with the run id and N (every peer picks the same), under
 ``p2ptrain/v1/params/<run_id>/<N>`` (subkey: peer id; protocols/dht-records.md). At its next step it reads the
 others' sketches for N. Two sketches **agree** when at most ``DIFFER_SHARE`` of their coordinates are more than
-``TOLERANCE`` × the learning rate apart: a member that took its own gradients for a whole part of the vector
-moves those coordinates by about a tenth of the learning rate (AdamW) where rounding moves them by 1e-3 of it.
+``TOLERANCE`` × the learning rate apart (room for float rounding on different hardware; a member that took its own
+gradients for a part of the vector moves those coordinates by about a tenth of the learning rate, AdamW).
 
-Measured on a 3-peer gpt2-tiny swarm on loopback (fp16, 33 steps, ``--log-level DEBUG`` shows the numbers): peers
-that averaged together sit a median 5e-4 learning rates apart (at most 0.03, once 0.15), at most 2.3% of the
-coordinates beyond 0.01; a peer that had left was a median 0.03-0.1 apart, 68-84% of the coordinates beyond 0.01.
+Measured on a 4-peer gpt2-tiny swarm on loopback (fp16, 19 steps, the numbers are in the ``--log-level DEBUG``
+log): every pair of peers at every step, bit for bit equal. Before one average for all: a median 0.01-0.06
+learning rates apart, up to 0.6.
 
-A peer that agrees with none of the others while some of them agree among themselves, or, with one other peer,
-whose last update was its own, has left the swarm's parameters: it logs it and downloads the swarm's state.
+Each peer compares its sketch with those of the members of the gradient round that led to step N (hivemind may
+form several groups in one step, and each holds its own average until state averaging joins them), or with
+every peer's if its round failed and its update was its own. A peer that agrees with none of them while some of
+them agree among themselves, or, against one other peer, whose last update was its own, has left the swarm's
+parameters: it logs it and downloads the swarm's state.
 The check never blocks a step: its DHT reads run in the background and are looked at once they have answered.
 """
 
@@ -42,8 +45,8 @@ from p2ptrain.discovery import DHT_TIMEOUT_S
 logger = logging.getLogger(__name__)
 
 SKETCH_SIZE = 256
-TOLERANCE = 0.05  # × learning rate: a coordinate this far apart differs
-DIFFER_SHARE = 0.05  # sketches with more differing coordinates than this disagree
+TOLERANCE = 1e-3  # × learning rate: a coordinate this far apart differs
+DIFFER_SHARE = 0.01  # sketches with more differing coordinates than this disagree
 RECORD_TTL_S = 120.0
 MAX_SKETCHES = 64  # read per step
 SKETCH_BYTES = SKETCH_SIZE * 4
@@ -122,14 +125,22 @@ class ParamCheck:
 
     def __init__(self, dht: hivemind.DHT, run_id: str):
         self.dht, self.run_id, self.own = dht, run_id, dht.peer_id.to_base58()
-        self._mine: dict[int, tuple[np.ndarray, float, bool]] = {}  # epoch → (sketch, lr, own update)
+        self._mine: dict[int, tuple] = {}  # epoch → (sketch, lr, own update, group or None)
         self._pending: tuple[int, object, float] | None = None  # (epoch, future, started)
         self.last: Verdict | None = None
 
-    def after_step(self, epoch: int, params: Sequence[torch.Tensor], lr: float, own_update: bool) -> Verdict | None:
+    def after_step(
+        self,
+        epoch: int,
+        params: Sequence[torch.Tensor],
+        lr: float,
+        own_update: bool,
+        group: Sequence[str] | None = None,
+    ) -> Verdict | None:
+        """``group``: the peer ids of the round that led to ``epoch`` (None: compare with every peer's)."""
         mine = sketch(params, self.run_id, epoch)
         self._mine = {e: v for e, v in self._mine.items() if e >= epoch - 2}
-        self._mine[epoch] = (mine, lr, own_update)
+        self._mine[epoch] = (mine, lr, own_update, None if group is None else frozenset(group))
         self.dht.store(
             params_key(self.run_id, epoch), mine.tobytes(), get_dht_time() + RECORD_TTL_S, subkey=self.own,
             return_future=True,
@@ -156,10 +167,12 @@ class ParamCheck:
         except Exception as e:  # noqa: BLE001 - a DHT hiccup: no verdict this step
             logger.debug("Reading parameter sketches failed: %r", e)
             return None
-        mine, lr, own_update = self._mine.get(pending_epoch, (None, 0.0, False))
+        mine, lr, own_update, group = self._mine.get(pending_epoch, (None, 0.0, False, None))
         if mine is None:
             return None
         theirs = read_sketches(found, self.own)
+        if group is not None:
+            theirs = {peer: value for peer, value in theirs.items() if peer in group}
         self.last = judge(mine, theirs, lr, pending_epoch, own_update)
         for peer, other in theirs.items():
             apart = np.abs(mine.astype(np.float64) - other) / max(lr, 1e-12)

@@ -167,6 +167,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     """
 
     local_step_epoch = -1
+    last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
 
     def __init__(self, *args: Any, reach_kind: str = "unknown", **kwargs: Any):
         self.reach_kind = reach_kind  # read by _make_state_averager, which hivemind's __init__ calls
@@ -193,7 +194,18 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _load_local_gradients_into_optimizer(self) -> None:
         self.local_step_epoch = self.local_epoch
+        if self.tracker.global_progress.num_peers > 1:  # alone, there is nobody to average with: nothing to say
+            logger.warning(
+                "Global step %d: the gradient round failed; this step uses this peer's own gradients", self.local_epoch
+            )
         super()._load_local_gradients_into_optimizer()
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Any) -> None:
+        self.last_group = None
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        control = maybe_step_control
+        if control is not None and control.done() and not control.cancelled() and control.exception() is None:
+            self.last_group = [peer.to_base58() for peer in control.result()]
 
     def load_state_from_peers(self, **kwargs: Any) -> None:
         control = self.scheduled_grads
@@ -489,8 +501,9 @@ class Trainer:
         parameters (``param_check``)."""
         lr = float(self.opt.param_groups[0]["lr"])
         own = getattr(self.opt, "local_step_epoch", -1) == epoch - 1
+        group = None if own else getattr(self.opt, "last_group", None)
         with self.lock:
-            verdict = self._param_check.after_step(epoch, shared_params(self.opt), lr, own)
+            verdict = self._param_check.after_step(epoch, shared_params(self.opt), lr, own, group)
         if verdict is None:
             return
         entry = [verdict.epoch, verdict.agreeing, verdict.others, verdict.left]
@@ -498,8 +511,8 @@ class Trainer:
         if not verdict.left:
             return
         logger.warning(
-            "Parameters at global step %d differ from the swarm's (none of %d peers agrees with ours%s): downloading "
-            "the swarm's state",
+            "Parameters at global step %d differ from the swarm's (none of %d peers of our last round agrees with "
+            "ours%s): downloading the swarm's state",
             verdict.epoch,
             verdict.others,
             ", they agree among themselves" if verdict.others > 1 else "; our last update was our own",

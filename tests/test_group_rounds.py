@@ -10,6 +10,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.compression import Float16Compression
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
@@ -84,29 +85,47 @@ class Rounds(GroupRounds, DecentralizedAverager):
     pass
 
 
-def test_real_averagers_behind_different_nats_average_exactly(tmp_path):
-    """Three real hivemind averagers reporting direct, nat and symmetric-nat: the round completes and every
-    member holds the exact mean (the symmetric one aggregated nothing, the others did)."""
+def average_once(cls, vectors: list[torch.Tensor], kinds=None) -> list[torch.Tensor]:
+    """One real averaging round of ``cls`` averagers (one per vector, fp16 on the wire); each member's result."""
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     dhts = [first] + [
         hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        for _ in range(2)
+        for _ in vectors[1:]
     ]
-    vectors = [torch.full((1000,), float(i)) for i in range(3)]
+    extra = [{} if kinds is None else {"reach_kind": kind} for kind in (kinds or vectors)]
     averagers = [
-        Rounds([v], dht=dht, prefix="test", target_group_size=3, min_matchmaking_time=2.0, request_timeout=1.0,
-               reach_kind=kind, start=True)
-        for v, dht, kind in zip(vectors, dhts, [D, N, S], strict=True)
+        cls([v.clone()], dht=dht, prefix="test", target_group_size=len(vectors), min_matchmaking_time=2.0,
+            request_timeout=1.0, compression=Float16Compression(), start=True, **more)
+        for v, dht, more in zip(vectors, dhts, extra, strict=True)
     ]  # fmt: skip
     try:
         controls = [a.step(wait=False, timeout=30) for a in averagers]
         for control in controls:
-            assert len(control.result(timeout=60)) == 3
+            assert len(control.result(timeout=60)) == len(vectors)
+        results = []
         for averager in averagers:
             with averager.get_tensors() as (tensor,):
-                assert torch.allclose(tensor, torch.full((1000,), 1.0))
+                results.append(tensor.clone())
+        return results
     finally:
         for averager in averagers:
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+def test_every_member_ends_with_the_same_average():
+    """Small-batch gradients: each member's values are far larger than their mean. hivemind's members end off the
+    mean by the fp16 rounding of their own values; p2ptrain's all hold the same fp16 average. Three members, one
+    behind a symmetric NAT (it aggregates nothing)."""
+    torch.manual_seed(0)
+    mean = 1e-3 * torch.randn(20_000)
+    noise = torch.randn(3, 20_000)
+    vectors = [mean + noise[i] - noise.mean(0) for i in range(3)]  # the members' mean is exactly `mean`
+    stock = average_once(DecentralizedAverager, vectors)
+    ours = average_once(Rounds, vectors, kinds=[D, N, S])
+    spread = lambda results: max(float((r - results[0]).abs().max()) for r in results)  # noqa: E731
+    assert spread(stock) > 1e-4  # a tenth of the mean's size: members disagree
+    assert spread(ours) == 0.0  # one average, bit for bit
+    # the average itself is the mean of what crossed the wire: the inputs' fp16 rounding (2^-11 of |values| ≤ 5)
+    assert float((ours[0] - mean).abs().max()) < 5 * 2**-11
