@@ -160,6 +160,7 @@ def meet_lan_peers(dht: hivemind.DHT, wait_s: float = LAN_WAIT_S) -> int:
 
 
 MEET_AT_MOST = 16  # members a peer opens connections to ahead of averaging
+MEET_EVERY_LOOKS = 3  # the network watch meets new members every third look (30 s)
 
 
 async def _meet(_dht: hivemind.DHT, node: Any, peer_ids: list[str]) -> int:
@@ -258,12 +259,20 @@ class NetworkWatch:
         self.no_relay = False
         self.reach = role.reach  # the latest finding
         self._punched: dict[str, int] = {}  # member → hole-punching attempts p2ptrain started
+        self._looks = 0
         self._stop = threading.Event()
         self._checker = reachability.Checker(dht, self._on_reach, first=role.reach)
         self._thread = threading.Thread(target=self._run, name="network-watch", daemon=True)
 
     def start(self) -> None:
-        self._on_status(dict(reachability=self.role.reach.describe(), network_role=self.role.describe()))
+        self._on_status(
+            dict(
+                reachability=self.role.reach.describe(),
+                network_role=self.role.describe(),
+                network_no_relay=False,
+                network_isolated=False,
+            )
+        )
         self._checker.start()
         self._thread.start()
 
@@ -288,13 +297,15 @@ class NetworkWatch:
             try:
                 self._look()
             except Exception as e:  # noqa: BLE001 - the DHT is shutting down
-                logger.debug("network watch: %s", e)
+                logger.warning("Network watch failed: %r", e, exc_info=logger.isEnabledFor(logging.DEBUG))
 
     def _look(self) -> None:
         members = discovery.member_ids(self.dht, self.run_id)
-        met = meet_members(self.dht, self.run_id, members)
-        if met:
-            logger.debug("Opened connections to %d more members", met)
+        self._looks += 1
+        if self._looks % MEET_EVERY_LOOKS == 1:  # pings to members that left wait out their timeouts: not every look
+            met = meet_members(self.dht, self.run_id, members)
+            if met:
+                logger.debug("Opened connections to %d more members", met)
         relays = discovery.find_relays(self.dht, self.run_id)
         infos = self.dht.run_coroutine(_connections)
         public = {a.rsplit("/p2p/", 1)[-1] for a in relays}
