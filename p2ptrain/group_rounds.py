@@ -187,8 +187,7 @@ def check_whole(runner: Any, group_info: GroupInfo) -> None:
             ", ".join(str(p) for p in runner.banned_senders),
         )
     if container.failed_size:
-        share = container.failed_size / max(container.total_size, 1)
         raise AllreduceException(
-            f"{share:.0%} of the vector came back from nobody (an aggregating peer failed or was unreachable): the "
-            f"round with {group_info.group_size} peers is incomplete"
+            f"{container.failed_size:,} of {container.total_size:,} values came back from nobody (an aggregating peer "
+            f"failed or was unreachable): the round with {group_info.group_size} peers is incomplete"
         )

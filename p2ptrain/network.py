@@ -104,6 +104,8 @@ def settle_role(
     """Find out whether peers can reach this one and, behind NAT, start the DHT again in the role for it.
     Returns the DHT to use (``dht`` itself, or its replacement) and the role."""
     reach = reachability.check(dht)
+    if reach.behind_nat and wait_for_mapping(dht):  # the router offers UPnP / NAT-PMP: ask again with its port
+        reach = reachability.check(dht)
     logger.info("Reachability: %s", reach.describe())
     if not reach.behind_nat:
         return dht, nat.Role(reach)
@@ -122,6 +124,22 @@ def settle_role(
     dht.shutdown()
     role = nat.client(reach)
     return start_dht(settings, data_dir, relays, [], role, validators), role
+
+
+UPNP_WAIT_S = 10.0  # behind NAT, how long to give the daemon to map a port on the router (UPnP / NAT-PMP)
+
+
+def wait_for_mapping(dht: hivemind.DHT, timeout_s: float = UPNP_WAIT_S) -> bool:
+    """Wait (bounded) for the daemon to advertise an address a router maps to it; False if none came. The Go
+    daemon discovers the gateway and maps the port within seconds of starting (``-natPortMap``, on by default)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if reachability.mapped_ports(dht.get_visible_maddrs(latest=True), reachability.local_ips()):
+            time.sleep(max(0.0, reachability.MIN_INTERVAL_PER_CALLER_S - 1.0))  # the peers answer one ask per 5 s
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
 
 
 MAX_RELAY_SLOTS = 4  # relays a peer behind NAT asks for slots (go-libp2p's AutoRelay keeps up to 2 by default)

@@ -52,6 +52,7 @@ CHECK_EVERY_S = 600.0
 UNKNOWN_RETRY_S = 10.0  # how soon to ask again while nobody has answered
 WATCH_ADDRESSES_S = 5.0  # how often this machine's addresses are compared with the last check's
 MAX_MESSAGE_BYTES = 256
+MAX_MAPPED = 4  # ports a router maps to the caller, dialed as well
 
 
 class Message(dict):
@@ -76,7 +77,8 @@ class Answer:
 
     reachable: bool
     ip: str
-    port: int = 0  # 0: the peer did not say (an older peer)
+    port: int = 0  # the port our connection comes from; 0: the peer did not say (an older peer)
+    through: int = 0  # the port its dial-back got through on (one we listen on, or one a router maps to us)
 
 
 class Kind(str, Enum):
@@ -154,9 +156,11 @@ async def serve(_dht: hivemind.DHT, node: Any, min_interval_s: float = MIN_INTER
     last_dial: dict[Any, float] = {}
 
     async def answer(request: Message, context: P2PContext) -> Message:
-        port = request.get("port")
+        port, mapped = request.get("port"), request.get("mapped", [])
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise ValueError("port must be an integer in 1-65535")
+        if not isinstance(mapped, list) or len(mapped) > MAX_MAPPED or not all(valid_port(p) for p in mapped):
+            raise ValueError(f"mapped must be a list of at most {MAX_MAPPED} ports")
         now = time.monotonic()
         if context.remote_id in last_dial and now - last_dial[context.remote_id] < min_interval_s:
             raise ValueError("asked too often")
@@ -165,13 +169,21 @@ async def serve(_dht: hivemind.DHT, node: Any, min_interval_s: float = MIN_INTER
         if seen is None:  # only a relayed connection: we cannot tell where the caller is
             return Message(reachable=False, ip="", port=0)
         ip, seen_port = seen
-        return Message(reachable=await can_connect(ip, port), ip=ip, port=seen_port)
+        ports = list(dict.fromkeys([port, *mapped]))
+        results = await asyncio.gather(*(can_connect(ip, p) for p in ports))
+        through = next((p for p, ok in zip(ports, results, strict=True) if ok), 0)
+        return Message(reachable=bool(through), ip=ip, port=seen_port, through=through)
 
     await node.p2p.add_protobuf_handler(PROTOCOL, answer, Message)
 
 
-async def ask(_dht: hivemind.DHT, node: Any, port: int) -> list[Answer]:
-    """Ask up to ASK_PEERS peers we have direct connections to to dial ``port`` back; their answers."""
+def valid_port(port: object) -> bool:
+    return isinstance(port, int) and 1 <= port <= 65535
+
+
+async def ask(_dht: hivemind.DHT, node: Any, port: int, mapped: tuple[int, ...] = ()) -> list[Answer]:
+    """Ask up to ASK_PEERS peers we have direct connections to to dial ``port`` (and the ports a router maps to us,
+    ``mapped``) back; their answers."""
     infos = await node.p2p.list_peers()
     direct = [i.peer_id for i in infos if any("p2p-circuit" not in str(a) for a in i.addrs)]
     peers = list(dict.fromkeys(p for p in direct if p != node.peer_id))
@@ -181,28 +193,36 @@ async def ask(_dht: hivemind.DHT, node: Any, port: int) -> list[Answer]:
     async def one(peer_id: Any) -> Answer | None:
         try:
             response = await asyncio.wait_for(
-                node.p2p.call_protobuf_handler(peer_id, PROTOCOL, Message(port=port), Message), ASK_TIMEOUT_S
+                node.p2p.call_protobuf_handler(
+                    peer_id, PROTOCOL, Message(port=port, mapped=list(mapped[:MAX_MAPPED])), Message
+                ),
+                ASK_TIMEOUT_S,
             )
         except Exception as e:  # noqa: BLE001 - an old peer without the handler, a timeout: no answer
             logger.debug("reachability: %s did not answer: %s", peer_id, e)
             return None
-        reachable, ip, seen_port = response.get("reachable"), response.get("ip"), response.get("port", 0)
-        if not isinstance(reachable, bool) or not isinstance(ip, str) or not isinstance(seen_port, int):
+        reachable, ip = response.get("reachable"), response.get("ip")
+        seen_port, through = response.get("port", 0), response.get("through", port if reachable else 0)
+        if not isinstance(reachable, bool) or not isinstance(ip, str):
             return None
-        return Answer(reachable, ip, seen_port) if ip else None
+        if not isinstance(seen_port, int) or not isinstance(through, int):
+            return None
+        return Answer(reachable, ip, seen_port, through) if ip else None
 
     answers = await asyncio.gather(*(one(p) for p in peers))
     return [a for a in answers if a is not None]
 
 
-def listen_port(maddrs: list[Any]) -> int | None:
+def listen_port(maddrs: list[Any], own_ips: set[str] | None = None) -> int | None:
+    """The TCP port we listen on: that of an address at one of ``own_ips`` (a router's mapped port is not it)."""
+    candidates = []
     for addr in maddrs:
         parts = str(addr).split("/")
         if "tcp" in parts and "p2p-circuit" not in parts:
             port = int(parts[parts.index("tcp") + 1])
             if port:
-                return port
-    return None
+                candidates.append((own_ips is not None and len(parts) > 2 and parts[2] not in own_ips, port))
+    return min(candidates)[1] if candidates else None
 
 
 def local_ips() -> set[str]:
@@ -225,8 +245,8 @@ def classify(answers: list[Answer], port: int, own_ips: set[str]) -> Reach:
     answers = from_internet or answers
     through = [a for a in answers if a.reachable]
     if through:
-        ip = through[0].ip
-        return Reach(Kind.DIRECT if ip in own_ips else Kind.MAPPED, ip, port)
+        ip, at = through[0].ip, through[0].through or port
+        return Reach(Kind.DIRECT if ip in own_ips else Kind.MAPPED, ip, at)
     if not answers:
         return Reach(Kind.UNKNOWN, "", port)
     ip = answers[0].ip
@@ -235,14 +255,26 @@ def classify(answers: list[Answer], port: int, own_ips: set[str]) -> Reach:
     return Reach(Kind.NAT if keeps_port else Kind.SYMMETRIC_NAT, ip, port)
 
 
+def mapped_ports(maddrs: list[Any], own_ips: set[str]) -> tuple[int, ...]:
+    """Ports of our advertised addresses at an IP that is not this machine's: a router maps them to us (UPnP,
+    NAT-PMP: the Go daemon advertises the external address it got)."""
+    ports = []
+    for addr in maddrs:
+        parts = str(addr).split("/")
+        if len(parts) > 4 and parts[1] == "ip4" and parts[3] == "tcp" and "p2p-circuit" not in parts:
+            if parts[2] not in own_ips and int(parts[4]):
+                ports.append(int(parts[4]))
+    return tuple(dict.fromkeys(ports))
+
+
 def check(dht: hivemind.DHT) -> Reach:
     """Ask now (a few seconds at most)."""
-    maddrs = dht.get_visible_maddrs(latest=True)
-    port = listen_port(maddrs)
+    maddrs, own = dht.get_visible_maddrs(latest=True), local_ips()
+    port = listen_port(maddrs, own)
     if port is None:
         return UNKNOWN
-    answers = dht.run_coroutine(partial(ask, port=port))
-    reach = classify(answers, port, local_ips())
+    answers = dht.run_coroutine(partial(ask, port=port, mapped=mapped_ports(maddrs, own)))
+    reach = classify(answers, port, own)
     logger.debug("Reachability answers for port %d: %s → %s", port, answers, reach.kind.value)
     return reach
 

@@ -157,3 +157,31 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
     finally:
         lab.remove()
     assert netns() == before
+
+
+@pytest.mark.skipif(bool(missing_tools(upnp=True)), reason=f"needs {', '.join(missing_tools(upnp=True))} for UPnP")
+def test_a_volunteer_whose_router_offers_upnp_maps_its_port_and_is_reachable_directly(tmp_path):
+    """A home router running miniupnpd (a real UPnP IGD / NAT-PMP): the volunteer's daemon maps its port (the Go
+    daemon's -natPortMap, on by default), peers dial it back through the mapping, and it takes the role of a
+    public peer: it aggregates and relays."""
+    before = netns()
+    lab = NatLab()
+    try:
+        s = lab.public("s")
+        home = lab.home("u", upnp=True)
+        u = home.host("u")
+        with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
+            seeder = swarm.seed("S", "--wait-for-peers", "2", prefix=s.prefix)
+            volunteer = swarm.join("U", "--invite", swarm.invite(seeder), prefix=u.prefix)
+            # the external port is the router's choice (go-nat asks the IGD for a random one)
+            mapped = re.compile(rf"reachable directly at {re.escape(home.router.ip)}:\d+ \(port mapped on the router\)")
+            wait_until(lambda: mapped.fullmatch(volunteer.status().get("reachability", "")), 120, "a mapped port",
+                       [volunteer])  # fmt: skip
+            rules = subprocess.run([*home.router.prefix, "nft", "list", "table", "inet", "miniupnpd"],
+                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+            assert f"dnat ip to {u.ip}:{PORT}" in rules, rules
+            wait_until(lambda: epoch(volunteer) >= 3, 180, "training", [seeder, volunteer])
+            assert volunteer.status()["network_role"] == "aggregates and relays for peers behind NAT"
+    finally:
+        lab.remove()
+    assert netns() == before
