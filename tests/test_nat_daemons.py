@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import hivemind.p2p.p2p_daemon as p2p_daemon
 import pytest
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError
 from hivemind.proto import test_pb2
+from multiaddr import Multiaddr
 
 from p2ptrain import p2p_stack
+from p2ptrain.go_p2pd import FLAGS_ENV
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from netlab import Host, NatLab, missing_tools  # noqa: E402
@@ -34,9 +37,11 @@ def lab():
         lab.remove()
 
 
-async def start_on(host: Host, kind: str, stack: AsyncExitStack, workdir: Path, **kwargs) -> P2P:
-    """A daemon of ``kind`` on ``host``, with hivemind's client in this process (unix sockets cross namespaces)."""
-    wrapper = host.wrap(p2p_stack.binary(kind), workdir)
+async def start_on(host: Host, kind: str, stack: AsyncExitStack, workdir: Path, flags=(), **kwargs) -> P2P:
+    """A daemon of ``kind`` on ``host``, with hivemind's client in this process (unix sockets cross namespaces);
+    ``flags``: daemon flags hivemind has no parameter for (``p2p_stack.select``)."""
+    binary = p2p_stack.installed("p2ptrain-p2pd-go") if kind == "go" and flags else p2p_stack.binary(kind)
+    wrapper = host.wrap(binary, workdir, env={FLAGS_ENV: " ".join(flags)} if flags else None)
 
     @contextlib.contextmanager
     def on_host(_package, _name):
@@ -79,5 +84,94 @@ def test_a_daemon_listening_on_all_interfaces_is_dialable_at_what_it_advertises(
             assert reply.number == 42
             (info,) = [p for p in await z.list_peers() if p.peer_id == x.peer_id]
             assert any(x_host.ip in str(a) for a in info.addrs), info.addrs
+
+    asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+
+
+def circuit(addrs) -> list[str]:
+    return [str(a) for a in addrs if "/p2p-circuit" in str(a)]
+
+
+@pytest.mark.parametrize(
+    ("relay", "behind_nat", "caller"),
+    [("go", "py", "go"), ("py", "go", "go"), ("go", "go", "py"), ("py", "py", "py")],
+)
+def test_a_peer_behind_nat_is_reached_through_a_relay(lab, tmp_path, relay, behind_nat, caller):
+    """s relays; a sits behind a NAT router with the flags p2ptrain gives a peer behind NAT (a slot on s, reachability
+    forced private); b, on the internet, knows only s and calls a by its peer id: its daemon finds a's circuit address
+    in the DHT and dials it through s. Every mix of the two daemons, as relay, relayed and caller."""
+    s_host, b_host = lab.public("s"), lab.public("b")
+    a_host = lab.home("a", kind="symmetric").host("a")  # no hole punching: the relay is the only way in
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            s = await start_on(s_host, relay, stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4001"])
+            s_at = [a for a in await s.get_visible_maddrs() if s_host.ip in str(a)]
+            nat_flags = dict(use_auto_relay=True, force_reachability="private", trusted_relays=s_at)
+            a = await start_on(
+                a_host, behind_nat, stack, tmp_path, flags=("-relayDiscovery=0",),
+                host_maddrs=["/ip4/0.0.0.0/tcp/4001"], initial_peers=s_at, **nat_flags,
+            )  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not circuit(await a.get_visible_maddrs(latest=True)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            assert any(f"/p2p/{s.peer_id}/p2p-circuit" in c for c in circuit(await a.get_visible_maddrs())), (
+                await a.get_visible_maddrs()
+            )
+            await a.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            b = await start_on(
+                b_host, caller, stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4001"], initial_peers=s_at
+            )
+            # s learns a's circuit address from a's identify push in moments; a Go relay that finds itself public
+            # starts a new relay service and forgets the slot, and a takes it again (p2pd.relay.RESERVE_EVERY_S: 30 s)
+            deadline = time.monotonic() + 45
+            while True:
+                try:
+                    reply = await b.call_protobuf_handler(
+                        a.peer_id, "double", test_pb2.TestRequest(number=4), test_pb2.TestResponse
+                    )
+                    break
+                except P2PDaemonError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1.0)
+            assert reply.number == 8
+            (info,) = [p for p in await b.list_peers() if p.peer_id == a.peer_id]
+            assert all("/p2p-circuit" in str(x) for x in info.addrs), info.addrs  # through the relay: a is behind NAT
+
+    asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+
+
+@pytest.mark.skipif(bool(missing_tools(upnp=True)), reason=f"needs {', '.join(missing_tools(upnp=True))} for UPnP")
+@pytest.mark.parametrize("kind", ["py", "go"])
+def test_a_daemon_behind_a_upnp_router_maps_its_port_and_is_called_directly(lab, tmp_path, kind):
+    """u sits behind a router running miniupnpd (a real IGD); with hivemind's default flags (-natPortMap) its daemon
+    maps its port, advertises the router's address, and s on the internet calls it there, with no relay."""
+    s_host = lab.public("s")
+    home = lab.home("u", upnp=True)
+    u_host = home.host("u")
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            s = await start_on(s_host, "go", stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4001"])
+            s_at = [a for a in await s.get_visible_maddrs() if s_host.ip in str(a)]
+            u = await start_on(u_host, kind, stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4001"], initial_peers=s_at)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                mapped = [a for a in await u.get_visible_maddrs(latest=True) if f"/ip4/{home.router.ip}/" in str(a)]
+                if mapped:
+                    break
+                await asyncio.sleep(0.5)
+            assert mapped, await u.get_visible_maddrs()
+            await u.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            caller = await start_on(s_host, "go", stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4002"])
+            at = Multiaddr(str(mapped[0]).split("/p2p/")[0])
+            await caller._client.connect(u.peer_id, [at])  # that address only: no DHT lookup, no relay
+            reply = await caller.call_protobuf_handler(
+                u.peer_id, "double", test_pb2.TestRequest(number=4), test_pb2.TestResponse
+            )
+            assert reply.number == 8
+            (info,) = [p for p in await caller.list_peers() if p.peer_id == u.peer_id]
+            assert [str(a) for a in info.addrs] == [str(at)], info.addrs
 
     asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))

@@ -33,6 +33,7 @@ from p2ptrain.p2pd.control import serve_connection
 from p2ptrain.p2pd.flags import FlagError, Options, parse
 from p2ptrain.p2pd.framing import Reader, frame
 from p2ptrain.p2pd.host import Node, build_host, load_identity
+from p2ptrain.p2pd.relay import Relays
 from p2ptrain.p2pd.streams import receiver, splice
 from p2ptrain.p2pd.unary import PersistentConn, handle_incoming
 
@@ -189,12 +190,25 @@ class Daemon:
         self.node.host.remove_stream_handler(proto)
 
     def connected_peers(self) -> list[pb.PeerInfo]:
+        """One entry per connection, with the remote address; a relayed connection as ``<relay>/p2p-circuit``
+        (py-libp2p gives it the address of the connection to the relay it goes through, so that is how it shows)."""
+        conns = [
+            (peer_id, conn.muxed_conn.get_remote_address())
+            for peer_id, peer_conns in self.node.host.get_network().get_connections_map().items()
+            for conn in peer_conns
+        ]
+        at: dict[tuple, set[ID]] = {}
+        for peer_id, remote in conns:
+            at.setdefault(remote, set()).add(peer_id)
         peers = []
-        for peer_id, conns in self.node.host.get_network().get_connections_map().items():
-            for conn in conns:
-                remote = conn.muxed_conn.get_remote_address()
-                addrs = [multiaddr.Multiaddr(f"/ip4/{remote[0]}/tcp/{remote[1]}").to_bytes()] if remote else []
-                peers.append(pb.PeerInfo(id=peer_id.to_bytes(), addrs=addrs))
+        for peer_id, remote in conns:
+            addrs = []
+            if remote:
+                text = f"/ip4/{remote[0]}/tcp/{remote[1]}"
+                relay = sorted(at[remote] - {peer_id}, key=str)
+                text += f"/p2p/{relay[0]}/p2p-circuit" if relay else ""
+                addrs = [multiaddr.Multiaddr(text).to_bytes()]
+            peers.append(pb.PeerInfo(id=peer_id.to_bytes(), addrs=addrs))
         return peers
 
 
@@ -239,7 +253,8 @@ async def run(options: Options) -> None:
     stock = os.environ.get(STOCK_ENV) == "1"
     libp2p_patches.install(speedups=not stock)
     key_pair = load_identity(options.identity)
-    host = build_host(options, key_pair)
+    extra_addrs: list[multiaddr.Multiaddr] = []
+    host = build_host(options, key_pair, extra_addrs)
     control_path = options.control.removeprefix("/unix")
     listen = [] if options.no_listen else [multiaddr.Multiaddr(a) for a in options.host_addrs]
     stop = trio.Event()
@@ -248,11 +263,22 @@ async def run(options: Options) -> None:
     async with host.run(listen), trio.open_nursery() as nursery:
         dht = KadDHT(host, DHTMode.SERVER if options.dht_server else DHTMode.CLIENT)
         async with background_trio_service(dht):
-            node = Node(options, host, dht)
+            node = Node(options, host, dht, extra_addrs)
             daemon = Daemon(options, node, stop, stock)
             if options.mdns:
                 watch_mdns(discovered_send)
                 nursery.start_soon(node.connect_discovered, discovered_receive)
+            if options.relay or (options.auto_relay and options.trusted_relays):
+                trusted = options.trusted_relays if options.auto_relay else ()
+                node.relays = Relays(host, extra_addrs, serve=options.relay and not options.force_private,
+                                     trusted=trusted)  # fmt: skip
+                await nursery.start(node.relays.run, node)
+            upnp = None
+            if options.nat_port_map and not options.no_listen:
+                from libp2p.discovery.upnp.upnp import UpnpManager
+
+                upnp = UpnpManager()
+                nursery.start_soon(node.map_port, upnp)
             if options.bootstrap and options.bootstrap_peers:
                 answered = await node.bootstrap()
                 logger.info("bootstrap: %d of %d peers answered", answered, len(options.bootstrap_peers))
@@ -285,6 +311,9 @@ async def run(options: Options) -> None:
             finally:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
+                    if upnp is not None and node.mapped_port:
+                        with trio.move_on_after(1.0):  # the mapping would outlive us; the router expires it otherwise
+                            await upnp.remove_port_mapping(node.mapped_port, "TCP")
                 Path(control_path).unlink(missing_ok=True)
                 nursery.cancel_scope.cancel()
 

@@ -1,8 +1,8 @@
 """The daemon's command line: the Go-style flags hivemind gives its bundled ``p2pd`` (``-name=value``).
 
 ``p2ptrain-p2pd`` accepts every flag hivemind 1.1 passes, so it can stand in for that binary file for file.
-Flags that configure Go-only machinery (TLS, QUIC tuning, AutoNAT, NAT port mapping, the connection manager,
-relay service) are accepted and ignored: the py-libp2p stack here is TCP + Noise + yamux (see
+Flags that configure Go-only machinery (TLS, QUIC tuning, AutoNAT, the connection manager, relay discovery) are
+accepted and ignored: the py-libp2p stack here is TCP + Noise + yamux (see
 protocols/p2pd.md). A flag nobody knows is an error, as it is for the Go daemon.
 """
 
@@ -15,16 +15,17 @@ DEFAULT_MAX_MSG_SIZE = 4 * 1024 * 1024
 
 # Go's flags that hivemind may pass and that mean nothing for this stack (the value is still parsed).
 IGNORED = {
-    "autoRelay", "autonat", "connManager", "connLo", "connHi", "connGrace", "natPortMap", "relay",
-    "relayHopLimit", "relayDiscovery", "relayActive", "relayHop", "tls", "noise", "trustedRelays",
-    "forceReachabilityPublic", "forceReachabilityPrivate", "pubsub", "pubsubRouter", "quic", "metricsAddr",
+    "autonat", "connManager", "connLo", "connHi", "connGrace",
+    "relayHopLimit", "relayDiscovery", "relayActive", "relayHop", "tls", "noise",
+    "forceReachabilityPublic", "pubsub", "pubsubRouter", "quic", "metricsAddr",
     "dhtClient", "dht", "pubsubSign", "pubsubSignStrict", "gossipsubHeartbeatInterval",
     "gossipsubHeartbeatInitialDelay", "relayService", "relayMaxCircuits", "relayMaxReservations", "relayBufferSize",
     "relayDataLimit", "relayTimeLimit", "pprof", "pprofPort", "muxer", "bandwidthMetrics",
 }  # fmt: skip
 KNOWN = IGNORED | {
     "listen", "hostAddrs", "announceAddrs", "noListenAddrs", "bootstrapPeers", "b", "bootstrap", "id",
-    "idleTimeout", "persistentConnMaxMsgSize", "dhtServer", "mdns", "q",
+    "idleTimeout", "persistentConnMaxMsgSize", "dhtServer", "mdns", "q", "natPortMap",
+    "relay", "autoRelay", "forceReachabilityPrivate", "trustedRelays",
 }  # fmt: skip
 
 
@@ -45,6 +46,11 @@ class Options:
     max_msg_size: int = DEFAULT_MAX_MSG_SIZE  # -persistentConnMaxMsgSize
     dht_server: bool = False  # -dhtServer: answer Kademlia queries (else client mode)
     mdns: bool = False  # -mdns: find peers on the LAN (an extension: Go's p2pd has no such flag)
+    nat_port_map: bool = False  # -natPortMap: map the listening port on the router (UPnP IGD), advertise it
+    relay: bool = False  # -relay: circuit relay v2 (p2pd/relay.py): relay for others unless forced private
+    auto_relay: bool = False  # -autoRelay: hold slots on the -trustedRelays
+    force_private: bool = False  # -forceReachabilityPrivate: behind NAT (p2ptrain found out)
+    trusted_relays: tuple[str, ...] = ()  # -trustedRelays
     quiet: bool = False  # -q: no startup lines besides the ones hivemind needs
 
 
@@ -100,6 +106,8 @@ def parse(argv: list[str]) -> Options:
         options["announce_addrs"] = _addrs(text("announceAddrs"))
     if "bootstrapPeers" in values:
         options["bootstrap_peers"] = _addrs(text("bootstrapPeers"))
+    if "trustedRelays" in values:
+        options["trusted_relays"] = _addrs(text("trustedRelays"))
     if "id" in values:
         options["identity"] = text("id")
     if "idleTimeout" in values:
@@ -117,6 +125,10 @@ def parse(argv: list[str]) -> Options:
         ("bootstrap", "bootstrap"),
         ("dhtServer", "dht_server"),
         ("mdns", "mdns"),
+        ("natPortMap", "nat_port_map"),
+        ("relay", "relay"),
+        ("autoRelay", "auto_relay"),
+        ("forceReachabilityPrivate", "force_private"),
         ("q", "quiet"),
     ]:
         if flag in values:

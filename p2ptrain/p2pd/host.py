@@ -34,6 +34,7 @@ logger = logging.getLogger("p2pd.host")
 
 DIAL_TIMEOUT_S = 15.0
 ADDRESS_TTL_S = 120  # as py-libp2p's host.connect
+ANNOUNCE_TIMEOUT_S = 10.0
 MAX_KEY_FILE_BYTES = 64 * 1024
 
 
@@ -66,8 +67,9 @@ def expand_unspecified(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multi
 
 
 def without_peer_id(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
-    text = str(addr)
-    return multiaddr.Multiaddr(text.split("/p2p/")[0]) if "/p2p/" in text else addr
+    """``addr`` without a trailing ``/p2p/<id>`` (a circuit address keeps its relay's id)."""
+    head, sep, tail = str(addr).rpartition("/p2p/")
+    return multiaddr.Multiaddr(head) if sep and "/" not in tail else addr
 
 
 @dataclass
@@ -77,7 +79,33 @@ class Node:
     options: Options
     host: IHost
     dht: KadDHT
+    extra_addrs: list[multiaddr.Multiaddr] = field(default_factory=list)  # advertised too (a mapped port, circuits)
+    relays: object | None = None  # p2pd.relay.Relays: dials circuit addresses
+    mapped_port: int | None = None  # the TCP port the router maps to us (UPnP), removed at exit
     remembered: set[ID] = field(default_factory=set)  # peers already offered to the routing table
+
+    async def map_port(self, upnp) -> None:  # noqa: ANN001 - py-libp2p's UpnpManager
+        """Map the TCP port we listen on, on the router (UPnP IGD, through py-libp2p's miniupnpc manager), and
+        advertise the external address: the router then forwards the same port to us. Runs in the background: a
+        network without an IGD costs a discovery timeout, never the daemon's start."""
+        port = next((a.value_for_protocol("tcp") for a in self.host.get_transport_addrs()), None)
+        if not port or not await upnp.discover():
+            logger.info("UPnP: no gateway found (no port mapped)")
+            return
+        external = upnp.get_external_ip()
+        if external and await upnp.add_port_mapping(int(port), "TCP"):
+            self.mapped_port = int(port)
+            self.extra_addrs.append(multiaddr.Multiaddr(f"/ip4/{external}/tcp/{port}"))
+            logger.info("UPnP: the router maps %s:%s to us", external, port)
+            await self.announce()
+
+    async def announce(self) -> None:
+        """Tell the peers we are connected to that our addresses changed (identify push), as go-libp2p does:
+        a relay slot or a mapped port is of use only once others know it."""
+        from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+
+        with trio.move_on_after(ANNOUNCE_TIMEOUT_S):
+            await push_identify_to_peers(self.host)
 
     def listen_addrs(self) -> list[multiaddr.Multiaddr]:
         """What this host advertises (``advertised``), without the ``/p2p`` suffix: IDENTIFY's answer to hivemind."""
@@ -111,9 +139,21 @@ class Node:
         return any(not conn.is_closed for conn in self.host.get_network().get_connections(peer_id))
 
     async def _dial(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
-        self.host.get_peerstore().add_addrs(peer_id, addrs, ADDRESS_TTL_S)
-        connections = await self.host.get_network().dial_peer(peer_id)  # skips closed connections, unlike connect
-        await connections[0].event_started.wait()
+        """Directly if it has a direct address that answers, else through a relay (its circuit addresses)."""
+        circuits = [a for a in addrs if "/p2p-circuit" in str(a)]
+        direct = [a for a in addrs if "/p2p-circuit" not in str(a)]
+        if direct:
+            self.host.get_peerstore().add_addrs(peer_id, direct, ADDRESS_TTL_S)
+            try:
+                connections = await self.host.get_network().dial_peer(peer_id)  # skips closed ones, unlike connect
+                await connections[0].event_started.wait()
+                return
+            except Exception:
+                if not (circuits and self.relays is not None):
+                    raise
+        if not circuits or self.relays is None:
+            raise ConnectionError(f"peer {peer_id} has no address this daemon can dial")
+        await self.relays.dial(peer_id, circuits)
 
     async def remember(self, peer_id: ID) -> None:
         """Put a peer we talk to in the Kademlia routing table, so that others can find it through us."""
@@ -158,25 +198,29 @@ class Node:
                     logger.info("mDNS: could not connect to %s: %s", info.peer_id, e)
 
 
-def advertised(options: Options):  # noqa: ANN201 - py-libp2p's AddrsFactory
+def advertised(options: Options, extra: list[multiaddr.Multiaddr]):  # noqa: ANN201 - py-libp2p's AddrsFactory
     """The addresses this host gives other peers (identify, Kademlia): ``-announceAddrs`` when set, else what it
     listens on and what peers observed it at, with ``0.0.0.0`` expanded to this machine's interface addresses
-    (py-libp2p would advertise ``0.0.0.0`` itself, which another machine cannot dial)."""
+    (py-libp2p would advertise ``0.0.0.0`` itself, which another machine cannot dial), and ``extra`` (a port the
+    router maps to us), read at each call."""
     announce = [multiaddr.Multiaddr(a) for a in options.announce_addrs]
 
     def factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        return list(announce) if announce else expand_unspecified([without_peer_id(a) for a in candidates])
+        if announce:
+            return list(announce)
+        return expand_unspecified([*(without_peer_id(a) for a in candidates), *extra])
 
     return factory
 
 
-def build_host(options: Options, key_pair: KeyPair) -> IHost:
+def build_host(options: Options, key_pair: KeyPair, extra_addrs: list[multiaddr.Multiaddr] | None = None) -> IHost:
+    """``extra_addrs``: advertised besides what it listens on, read at each call (``advertised``)."""
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
     return new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},  # Noise only: py-libp2p would also offer plaintext by default
         muxer_preference="YAMUX",
         listen_addrs=[multiaddr.Multiaddr(a) for a in options.host_addrs],
-        addrs_factory=advertised(options),
+        addrs_factory=advertised(options, [] if extra_addrs is None else extra_addrs),
         enable_mDNS=options.mdns,
     )

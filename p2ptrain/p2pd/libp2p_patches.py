@@ -1,8 +1,9 @@
 """Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts.
 
-One fix, always installed: ``atomic_frame_writes``. Three speed-ups (``install(speedups=False)`` leaves them out:
-the ``py-stock`` column of scripts/bench_p2pd.py): ``buffer_tcp_reads``, ``window_updates_like_go``,
-``wait_for_credit_without_polling``. What goes over the network stays valid TCP/Noise/yamux.
+Two fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``. Three speed-ups
+(``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
+``buffer_tcp_reads``, ``window_updates_like_go``, ``wait_for_credit_without_polling``.
+What goes over the network stays valid TCP/Noise/yamux.
 """
 
 from __future__ import annotations
@@ -173,8 +174,47 @@ def atomic_frame_writes() -> None:
     Yamux._p2ptrain_atomic_writes = True
 
 
+def circuit_addrs_advertised() -> None:
+    """The host advertises ``<relay>/p2p/<relay id>/p2p-circuit`` addresses whole.
+
+    py-libp2p's ``BasicHost.get_addrs`` strips the first ``/p2p/`` component of each address its addrs factory
+    gives, to append its own: a circuit address loses everything from its relay's id on and becomes the relay's
+    plain address (peers would dial the relay and find the wrong peer there). Here circuit addresses bypass
+    that step and get our id appended after ``/p2p-circuit``, as go-libp2p advertises them.
+    """
+    import multiaddr
+    from libp2p.host.basic_host import BasicHost
+
+    if getattr(BasicHost, "_p2ptrain_circuits", False):
+        return
+    stripping = BasicHost.get_addrs
+
+    def get_addrs(self: BasicHost) -> list[multiaddr.Multiaddr]:
+        factory = self._addrs_factory
+        if factory is None:
+            return stripping(self)
+        circuits: list[multiaddr.Multiaddr] = []
+
+        def without_circuits(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+            addrs = list(factory(candidates))
+            circuits.extend(a for a in addrs if "/p2p-circuit" in str(a))
+            return [a for a in addrs if "/p2p-circuit" not in str(a)]
+
+        self._addrs_factory = without_circuits  # trio: nothing else runs until we put it back
+        try:
+            plain = stripping(self)
+        finally:
+            self._addrs_factory = factory
+        own = multiaddr.Multiaddr(f"/p2p/{self.get_id()!s}")
+        return plain + [c.encapsulate(own) for c in circuits]
+
+    BasicHost.get_addrs = get_addrs
+    BasicHost._p2ptrain_circuits = True
+
+
 def install(speedups: bool = True) -> None:
     atomic_frame_writes()
+    circuit_addrs_advertised()
     if speedups:
         buffer_tcp_reads()
         window_updates_like_go()
