@@ -25,8 +25,13 @@ Where things are (one idea per module):
 - ``manifest``    the signed swarm manifest (what all peers share) and its verification
 - ``invite``      the copy-pasteable invite string
 - ``p2p_stack``   which libp2p daemon hivemind runs: its bundled Go p2pd or ``p2pd`` (ours, py-libp2p)
-- ``p2pd/``       p2ptrain-p2pd: hivemind's daemon protocol on py-libp2p, mDNS; its own process
+- ``go_p2pd``     the Go daemon with flags hivemind has no parameter for (relay slots, forced reachability)
+- ``p2pd/``       p2ptrain-p2pd: hivemind's daemon protocol on py-libp2p, mDNS, circuit relay, UPnP; its own process
 - ``reachability`` can other peers connect to this one? (peers dial back; the verdict in the status)
+- ``nat``         the role reachability calls for: relay slots, client mode, who aggregates a share
+- ``network``     the DHT started in that role, and the watch that notices when it no longer fits
+- ``group_rounds`` averaging rounds that gather reachability, and fail whole when any part failed
+- ``param_check`` after each global step, members compare sketches of their parameters; a stray resyncs
 - ``discovery``   DHT records: publishing manifests, finding swarms by model
 - ``identity``    persistent keys: libp2p identity, manifest-signing key
 - ``models``      the model registry (gpt2-tiny/-small/-medium), built from configs

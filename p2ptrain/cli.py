@@ -541,6 +541,8 @@ def describe_status(reply: dict[str, Any]) -> str:
         )
         if peer.get("reachability"):
             lines.append(f"Reachability: {peer['reachability']}")
+        if peer.get("network_role"):
+            lines.append(f"Network: {peer['network_role']}{describe_connections(peer)}")
         lines.append(describe_ledger(reply.get("ledger")))
     elif peer.get("state"):
         lines.append(f"Peer: {peer['state']}")
@@ -554,6 +556,19 @@ def describe_status(reply: dict[str, Any]) -> str:
         why = f": {'; '.join(event['reasons'])}" if event["reasons"] else ""
         lines.append(f"  {when} {event['event']}{why}")
     return "\n".join(lines)
+
+
+def describe_connections(peer: dict[str, Any]) -> str:
+    """``; connections: 3 direct, 1 hole-punched, 1 relayed`` (what the network watch counted), or a warning."""
+    text = ""
+    counts = peer.get("connections") or {}
+    if counts:
+        text = "; connections: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    if peer.get("network_isolated"):
+        text += " — no member reachable: training waits for a relay"
+    elif peer.get("network_no_relay"):
+        text += " — the swarm has no relay"
+    return text
 
 
 def describe_ledger(ledger: dict[str, Any] | None) -> str:

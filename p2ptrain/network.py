@@ -207,22 +207,29 @@ def meet_members(dht: hivemind.DHT, run_id: str, members: list[str] | None = Non
     return discovery.bounded(dht.run_coroutine(partial(_meet, peer_ids=members), return_future=True)) or 0
 
 
-PUNCH_ATTEMPTS = 3  # per member: go-libp2p hole-punches once per relayed connection; p2ptrain opens a new one
+PUNCH_ATTEMPTS = 8  # per member, one per look (10 s): go-libp2p tries 3 times per relayed connection it sees open
+PUNCH_GRACE_LOOKS = 2  # a new relayed connection gets this many looks of go-libp2p's own attempts first
 
 
 async def _punch_again(_dht: hivemind.DHT, node: Any, tried: dict[str, int]) -> dict[str, int]:
     """Members we reach only through a relay get a fresh relayed connection, so that hole punching runs again.
-    go-libp2p attempts it when a relayed connection opens, and a first attempt made before this peer's public
-    address was confirmed (it takes identify answers from 4 peers) never repeats. Returns the updated attempts."""
+    go-libp2p attempts it (up to 3 times) when a relayed connection opens, never later; its tries fail now and
+    then (the two SYNs must cross between the NATs in time, on a loaded machine too). ``tried`` counts, per
+    member, the looks it was seen relayed; after the grace looks each one starts a fresh attempt, up to
+    ``PUNCH_ATTEMPTS``. Returns the updated counts."""
     by_peer: dict[Any, bool] = {}
     for info in await node.p2p.list_peers():
         direct = any("p2p-circuit" not in str(a) for a in info.addrs)
         by_peer[info.peer_id] = by_peer.get(info.peer_id, False) or direct
     for peer_id, direct in by_peer.items():
         key = peer_id.to_base58()
-        if direct or tried.get(key, 0) >= PUNCH_ATTEMPTS:
+        if direct or tried.get(key, 0) >= PUNCH_GRACE_LOOKS + PUNCH_ATTEMPTS:
             continue
         tried[key] = tried.get(key, 0) + 1
+        if tried[key] <= PUNCH_GRACE_LOOKS:
+            continue
+        if tried[key] == PUNCH_GRACE_LOOKS + PUNCH_ATTEMPTS:
+            logger.info("Hole punching with %s failed %d times: its parts go through a relay", key, PUNCH_ATTEMPTS)
         try:
             await node.p2p._client.disconnect(peer_id)  # hivemind's P2P has no public disconnect
             await node.protocol.call_ping(peer_id)
@@ -240,17 +247,17 @@ def direct_to(infos: list[Any], peer: str) -> bool:
     return any(i.peer_id.to_base58() == peer and any("p2p-circuit" not in str(a) for a in i.addrs) for i in infos)
 
 
-def connection_kinds(infos: list[Any], public_peers: set[str]) -> dict[str, int]:
-    """This peer's connections: ``direct`` (to public peers), ``hole-punched`` (direct, to peers behind NAT),
-    ``relayed``."""
+def connection_kinds(infos: list[Any], punched_if_direct: set[str]) -> dict[str, int]:
+    """This peer's connections: ``relayed``, ``hole-punched`` (direct, to a peer of ``punched_if_direct``: members
+    behind NAT, seen from behind NAT), and ``direct`` (the rest: public members, DHT bootstrap nodes)."""
     kinds = {"direct": 0, "hole-punched": 0, "relayed": 0}
     for info in infos:
         if any("p2p-circuit" in str(a) for a in info.addrs):
             kinds["relayed"] += 1
-        elif info.peer_id.to_base58() in public_peers:
-            kinds["direct"] += 1
-        else:
+        elif info.peer_id.to_base58() in punched_if_direct:
             kinds["hole-punched"] += 1
+        else:
+            kinds["direct"] += 1
     return kinds
 
 
@@ -276,7 +283,8 @@ class NetworkWatch:
         self.isolated = False
         self.no_relay = False
         self.reach = role.reach  # the latest finding
-        self._punched: dict[str, int] = {}  # member → hole-punching attempts p2ptrain started
+        self._punched: dict[str, int] = {}  # member → looks it was seen relayed (``_punch_again``)
+        self._hole_punched: set[str] = set()  # members reached directly, not public: holes punched
         self._looks = 0
         self._stop = threading.Event()
         self._checker = reachability.Checker(dht, self._on_reach, first=role.reach)
@@ -327,7 +335,10 @@ class NetworkWatch:
         relays = discovery.find_relays(self.dht, self.run_id)
         infos = self.dht.run_coroutine(_connections)
         public = {a.rsplit("/p2p/", 1)[-1] for a in relays}
-        self._on_status(dict(connections=connection_kinds(infos, public)))
+        # behind NAT ourselves, a direct connection to a member behind NAT is a punched hole
+        behind_nat = set(members) - public if self.role.reach.behind_nat else set()
+        self._on_status(dict(connections=connection_kinds(infos, behind_nat)))
+        self._log_punched(infos, behind_nat)
         if not (self.role.reach.behind_nat or self.role.client_mode):
             return
         alive = nat.reachable(list(self.role.relays) + relays + self._known())
@@ -348,6 +359,15 @@ class NetworkWatch:
         elif self.role.reach.kind == reachability.Kind.NAT:
             future = self.dht.run_coroutine(partial(_punch_again, tried=self._punched), return_future=True)
             self._punched = discovery.bounded(future) or self._punched
+
+    def _log_punched(self, infos: list[Any], behind_nat: set[str]) -> None:
+        """One line per member behind NAT we now reach directly: a hole was punched (its parts skip the relays)."""
+        punched = {i.peer_id.to_base58() for i in infos if i.peer_id.to_base58() in behind_nat} - {
+            i.peer_id.to_base58() for i in infos if any("p2p-circuit" in str(a) for a in i.addrs)
+        }
+        for peer in sorted(punched - self._hole_punched):
+            logger.info("Direct connection to %s (hole-punched through both NATs)", peer)
+        self._hole_punched = punched
 
     def _set_no_relay(self, no_relay: bool) -> None:
         if no_relay and not self.no_relay:

@@ -170,3 +170,13 @@ def test_report_of_the_swarm_finds_it_through_the_peer_running_here(capsys, tmp_
     code, out, _ = run_cli(capsys, tmp_path, "report", "--swarm", "--data-dir", str(data_dir))
     assert code == 0 and asked == [([address], "run")]
     assert "Peers            2" in out and "Refused 1 ledger record(s)" in out
+
+
+def test_status_says_how_a_peer_behind_nat_is_connected():
+    peer = {"run_id": "run", "model": "gpt2-tiny", "epoch": 3, "peers": 4}
+    peer |= {"reachability": "behind NAT (11.77.0.7)", "network_role": "reachable through 2 relay(s)"}
+    peer["connections"] = {"direct": 3, "hole-punched": 1, "relayed": 0}
+    text = describe_status({"daemon_pid": 7, "state": "training", "peer": peer, "ledger": None})
+    assert "Network: reachable through 2 relay(s); connections: 3 direct, 1 hole-punched, 0 relayed" in text
+    text = describe_status({"daemon_pid": 7, "state": "training", "peer": peer | {"network_isolated": True}})
+    assert "no member reachable: training waits for a relay" in text
