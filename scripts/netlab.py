@@ -114,6 +114,33 @@ class Home:
         return host
 
 
+class DhtNode:
+    """A plain hivemind DHT node (``hivemind-dht``) on a host, as a researcher runs to bootstrap a swarm; its
+    identity is made here so that its address is known before it starts. ``stop`` kills it with its p2p daemon."""
+
+    def __init__(self, host: Host, workdir: Path, initial: list[str], port: int = 31337):
+        import sys
+
+        from hivemind.p2p import P2P, PeerID
+
+        key = Path(workdir) / f"{host.name}.key"
+        P2P.generate_identity(str(key))
+        self.maddr = f"/ip4/{host.ip}/tcp/{port}/p2p/{PeerID.from_identity(key.read_bytes()).to_base58()}"
+        command = [str(Path(sys.executable).with_name("hivemind-dht")), "--host_maddrs", f"/ip4/0.0.0.0/tcp/{port}"]
+        command += ["--identity_path", str(key), *(["--initial_peers", *initial] if initial else [])]
+        with open(Path(workdir) / f"{host.name}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [*host.prefix, *command], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
 class NatLab:
     def __init__(self, tag: str | None = None):
         self.tag = tag or f"{os.getpid() % 100000}"

@@ -18,7 +18,6 @@ internet a peer meets that many in seconds; here the bootstrap nodes and S are t
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -27,12 +26,11 @@ import time
 from pathlib import Path
 
 import pytest
-from hivemind.p2p import P2P, PeerID
 
 from p2ptrain.local_swarm import DEMO_SWARM_FLAGS, LocalPeer, LocalSwarm
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from netlab import Host, NatLab, missing_tools  # noqa: E402
+from netlab import DhtNode, NatLab, missing_tools  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,26 +43,6 @@ PORT = 31337  # the default: every host has its own address
 def netns() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
-class BootstrapNode:
-    """A plain hivemind DHT node on a public host (``hivemind-dht``), with an identity made here to know its id."""
-
-    def __init__(self, host: Host, workdir: Path, initial: list[str]):
-        key = workdir / f"{host.name}.key"
-        P2P.generate_identity(str(key))
-        self.maddr = f"/ip4/{host.ip}/tcp/{PORT}/p2p/{PeerID.from_identity(key.read_bytes()).to_base58()}"
-        command = [str(Path(sys.executable).with_name("hivemind-dht")), "--host_maddrs", f"/ip4/0.0.0.0/tcp/{PORT}"]
-        command += ["--identity_path", str(key), *(["--initial_peers", *initial] if initial else [])]
-        with open(workdir / f"{host.name}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [*host.prefix, *command], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def stop(self) -> None:
-        """Kill it with its p2p daemon (its child)."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
 
 
 def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -> None:
@@ -89,6 +67,7 @@ def advanced(peers: list[LocalPeer], steps: int) -> callable:
     return lambda: all(epoch(p) >= start[p.name] + steps for p in peers)
 
 
+@pytest.mark.extended  # hole punching in the lab succeeds in some runs only (go-libp2p's DCUtR attempts time out)
 def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path):
     before = netns()
     lab = NatLab()
@@ -96,9 +75,9 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
         x, y, z, s, r = (lab.public(name) for name in "xyzsr")
         home_a, home_b = lab.home("a"), lab.home("b")
         a, b = home_a.host("a"), home_b.host("b")
-        bootstrap_x = BootstrapNode(x, tmp_path, [])
+        bootstrap_x = DhtNode(x, tmp_path, [])
         time.sleep(2.0)  # its daemon is up before y bootstraps from it
-        nodes = [bootstrap_x, *(BootstrapNode(h, tmp_path, [bootstrap_x.maddr]) for h in (y, z))]
+        nodes = [bootstrap_x, *(DhtNode(h, tmp_path, [bootstrap_x.maddr]) for h in (y, z))]
         boot = [flag for node in nodes for flag in ("--initial-peers", node.maddr)]
         with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
             seeder = swarm.seed("S", *boot, "--wait-for-peers", "4", prefix=s.prefix)
@@ -114,9 +93,12 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
                 assert status["reachability"].startswith(f"behind NAT ({home.router.ip})"), status
                 assert re.match(r"reachable through \d relay", status["network_role"]), status
             assert second.status()["reachability"] == f"reachable directly at {r.ip}:{PORT}"
-            wait_until(advanced(everyone, 6), 240, "six more global steps", everyone)
+            punched = lambda p: p.status().get("connections", {}).get("hole-punched", 0) >= 1  # noqa: E731
+            wait_until(lambda: punched(va) and punched(vb), 240, "a hole-punched connection A-B", everyone)
+            assert "(hole-punched through both NATs)" in va.log()
+            wait_until(advanced(everyone, 4), 240, "four more global steps", everyone)
             between_homes = lab.counters(home_a).get(home_b.router.ip, 0)
-            assert between_homes > 1_000_000, lab.counters(home_a)  # averaging parts, hole-punched
+            assert between_homes > 1_000_000, (lab.counters(home_a), va.status())  # averaging parts, hole-punched
 
             # after each global step the members agree, or whoever left resynchronises: soon all agree
             def all_agree() -> bool:
