@@ -11,7 +11,7 @@
 A relay is for finding each other, not the data path: a connection between two members behind NAT opens through
 a relay, and go-libp2p's hole punching (DCUtR) then replaces it with a direct one; p2ptrain opens connections to
 the swarm's members ahead of averaging (``network.meet_members``) and retries hole punching a few times
-(``network._punch_again``). A part would cross a relay's uplink twice, and go-libp2p's relays bound what a circuit
+(``network.PunchSchedule``). A part would cross a relay's uplink twice, and go-libp2p's relays bound what a circuit
 carries (the default relay: 128 KiB for 2 minutes; the Go daemon's unlimited relay service can be replaced by the
 default one at start-up, a race in ``p2pd/main.go``). So a member aggregates a part only if every other member of
 its group can open a direct connection to it: anyone can to a public peer; a peer behind a port-keeping NAT
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import hivemind
 
-from p2ptrain.reachability import Kind, Reach, can_connect, is_global
+from p2ptrain.reachability import Kind, Reach, can_connect, is_global, relayed
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def relays_with_slots(maddrs: Sequence[object]) -> set[str]:
 
 
 def has_reservation(dht: hivemind.DHT) -> bool:
-    return any("p2p-circuit" in str(a) for a in dht.get_visible_maddrs(latest=True))
+    return any(relayed(a) for a in dht.get_visible_maddrs(latest=True))
 
 
 def wait_for_reservation(dht: hivemind.DHT, timeout_s: float = RESERVATION_WAIT_S) -> bool:

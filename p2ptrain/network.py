@@ -9,6 +9,7 @@ that notices when that role no longer fits.
 3. ``NetworkWatch`` while the peer trains: re-checks reachability (every 10 minutes, and when this machine's
    addresses change), keeps the relay slots in view, and
 
+   - keeps trying to replace relayed connections to members behind NAT by direct ones (``PunchSchedule``);
    - asks the peer to rejoin (``rejoin`` set) when the role changed (a port got mapped, the laptop moved behind
      a NAT) or the relays it held slots on are gone while others are up;
    - pauses training when no member of the swarm can be reached at all (``isolated``): behind NAT with no relay,
@@ -23,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from p2ptrain.errors import PeerUnreachable
 from p2ptrain.gate import Gate
 from p2ptrain.identity import p2p_identity_path
 from p2ptrain.idle_policy import Verdict
+from p2ptrain.reachability import relayed
 from p2ptrain.settings import PeerSettings
 
 logger = logging.getLogger(__name__)
@@ -147,7 +150,7 @@ MAX_RELAY_SLOTS = 4  # relays a peer behind NAT asks for slots (go-libp2p's Auto
 
 def relay_candidates(dht: hivemind.DHT, run_id: str, bootstrap: list[str]) -> list[str]:
     """Public members this machine can connect to now: the swarm's relay records first, then bootstrap peers."""
-    candidates = discovery.find_relays(dht, run_id) + [a for a in bootstrap if "p2p-circuit" not in a]
+    candidates = discovery.find_relays(dht, run_id) + [a for a in bootstrap if not relayed(a)]
     alive = nat.reachable(candidates)
     by_peer: dict[str, str] = {}
     for addr in alive:
@@ -207,44 +210,76 @@ def meet_members(dht: hivemind.DHT, run_id: str, members: list[str] | None = Non
     return discovery.bounded(dht.run_coroutine(partial(_meet, peer_ids=members), return_future=True)) or 0
 
 
-PUNCH_ATTEMPTS = 8  # per member, one per look (10 s): go-libp2p tries 3 times per relayed connection it sees open
-PUNCH_GRACE_LOOKS = 2  # a new relayed connection gets this many looks of go-libp2p's own attempts first
+PUNCH_GRACE_S = 20.0  # a member newly reached only through a relay: go-libp2p's own try comes first
+PUNCH_SPACING_S = 150.0  # between two tries with one member: routers remember a try for 120 s (PunchSchedule)
+PUNCH_TRIES = 6  # per member, then its parts go through a relay for good
 
 
-async def _punch_again(_dht: hivemind.DHT, node: Any, tried: dict[str, int]) -> dict[str, int]:
-    """Members we reach only through a relay get a fresh relayed connection, so that hole punching runs again.
-    go-libp2p attempts it (up to 3 times) when a relayed connection opens, never later; its tries fail now and
-    then (the two SYNs must cross between the NATs in time, on a loaded machine too). ``tried`` counts, per
-    member, the looks it was seen relayed; after the grace looks each one starts a fresh attempt, up to
-    ``PUNCH_ATTEMPTS``. Returns the updated counts."""
-    by_peer: dict[Any, bool] = {}
-    for info in await node.p2p.list_peers():
-        direct = any("p2p-circuit" not in str(a) for a in info.addrs)
-        by_peer[info.peer_id] = by_peer.get(info.peer_id, False) or direct
-    for peer_id, direct in by_peer.items():
-        key = peer_id.to_base58()
-        if direct or tried.get(key, 0) >= PUNCH_GRACE_LOOKS + PUNCH_ATTEMPTS:
-            continue
-        tried[key] = tried.get(key, 0) + 1
-        if tried[key] <= PUNCH_GRACE_LOOKS:
-            continue
-        if tried[key] == PUNCH_GRACE_LOOKS + PUNCH_ATTEMPTS:
-            logger.info("Hole punching with %s failed %d times: its parts go through a relay", key, PUNCH_ATTEMPTS)
+@dataclass
+class PunchSchedule:
+    """When to make go-libp2p try hole punching again with a member reached only through a relay.
+
+    go-libp2p tries (DCUtR: up to 3 attempts, 5 s apart) when a relayed connection opens, and never later; to try
+    again, the watch opens a fresh relayed connection (``_reconnect``). Not sooner than ``spacing_s`` after the last
+    try: each try leaves on both home routers a connection-tracking entry for the SYN they let out, kept 120 s
+    (Linux's ``nf_conntrack_tcp_timeout_syn_sent``, what most home routers run). A try that meets such an entry
+    fails whenever the other side's SYN reaches the router before our own: the stale entry lets it in, our listening
+    socket answers with a sequence number the entry does not expect, and the router forwards that answer as an
+    invalid packet, untranslated, to be dropped; our own dial then finds the port taken and leaves from another one,
+    which the other NAT drops. Once the entries have expired, an early SYN is dropped like any unsolicited packet and
+    the later one completes a simultaneous open.
+
+    Pure: the clock is an argument."""
+
+    grace_s: float = PUNCH_GRACE_S
+    spacing_s: float = PUNCH_SPACING_S
+    tries: int = PUNCH_TRIES
+    _relayed_since: dict[str, float] = field(default_factory=dict)
+    _last_try: dict[str, float] = field(default_factory=dict)
+    _count: dict[str, int] = field(default_factory=dict)
+
+    def due(self, relayed_only: set[str], direct: set[str], now: float) -> list[str]:
+        """The members (of ``relayed_only``, reached only through a relay now) to try again with now."""
+        for member in direct:
+            self._count.pop(member, None)  # a hole that closes later gets fresh tries
+        self._relayed_since = {m: t for m, t in self._relayed_since.items() if m in relayed_only}
+        due = []
+        for member in sorted(relayed_only):
+            since = self._relayed_since.setdefault(member, now)
+            count = self._count.get(member, 0)
+            last = self._last_try.get(member, float("-inf"))
+            if count >= self.tries or now - since < self.grace_s or now - last < self.spacing_s:
+                continue
+            self._count[member] = count + 1
+            self._last_try[member] = now
+            if count + 1 == self.tries:
+                logger.info("Hole punching with %s: last of %d tries; its parts go through a relay", member, self.tries)
+            due.append(member)
+        return due
+
+
+def ours_to_punch(relayed_only: set[str], behind_nat: set[str], me: str) -> set[str]:
+    """Of the members reached only through a relay, those whose hole punching this peer starts: all but members
+    behind NAT with a smaller peer id than ours (they start it; two tries at once spoil each other)."""
+    return {m for m in relayed_only if m not in behind_nat or me < m}
+
+
+async def _reconnect(_dht: hivemind.DHT, node: Any, peer_ids: list[str]) -> None:
+    """Close our connections to these members and open one again (through a relay): go-libp2p tries hole punching
+    when a relayed connection opens."""
+    from hivemind.p2p import PeerID
+
+    for text in peer_ids:
         try:
+            peer_id = PeerID.from_base58(text)
             await node.p2p._client.disconnect(peer_id)  # hivemind's P2P has no public disconnect
             await node.protocol.call_ping(peer_id)
-        except Exception as e:  # noqa: BLE001 - the daemon cannot disconnect, the peer left: try later
-            logger.debug("hole punching again with %s: %s", key, e)
-    return tried
+        except Exception as e:  # noqa: BLE001 - the daemon cannot disconnect, the peer left: the next look tries
+            logger.debug("hole punching again with %s: %s", text, e)
 
 
 async def _connections(_dht: hivemind.DHT, node: Any) -> list[Any]:
     return await node.p2p.list_peers()
-
-
-def direct_to(infos: list[Any], peer: str) -> bool:
-    """A direct (not relayed) connection to ``peer`` is among ``infos`` (``list_peers``)."""
-    return any(i.peer_id.to_base58() == peer and any("p2p-circuit" not in str(a) for a in i.addrs) for i in infos)
 
 
 def connection_kinds(infos: list[Any], punched_if_direct: set[str]) -> dict[str, int]:
@@ -252,7 +287,7 @@ def connection_kinds(infos: list[Any], punched_if_direct: set[str]) -> dict[str,
     behind NAT, seen from behind NAT), and ``direct`` (the rest: public members, DHT bootstrap nodes)."""
     kinds = {"direct": 0, "hole-punched": 0, "relayed": 0}
     for info in infos:
-        if any("p2p-circuit" in str(a) for a in info.addrs):
+        if any(relayed(a) for a in info.addrs):
             kinds["relayed"] += 1
         elif info.peer_id.to_base58() in punched_if_direct:
             kinds["hole-punched"] += 1
@@ -283,7 +318,7 @@ class NetworkWatch:
         self.isolated = False
         self.no_relay = False
         self.reach = role.reach  # the latest finding
-        self._punched: dict[str, int] = {}  # member → looks it was seen relayed (``_punch_again``)
+        self._punch = PunchSchedule()
         self._hole_punched: set[str] = set()  # members reached directly, not public: holes punched
         self._looks = 0
         self._stop = threading.Event()
@@ -337,16 +372,16 @@ class NetworkWatch:
         public = {a.rsplit("/p2p/", 1)[-1] for a in relays}
         # behind NAT ourselves, a direct connection to a member behind NAT is a punched hole
         behind_nat = set(members) - public if self.role.reach.behind_nat else set()
+        direct = reachability.direct_peers(infos)
         self._on_status(dict(connections=connection_kinds(infos, behind_nat)))
-        self._log_punched(infos, behind_nat)
+        self._log_punched(direct & behind_nat)
         if not (self.role.reach.behind_nat or self.role.client_mode):
             return
         alive = nat.reachable(list(self.role.relays) + relays + self._known())
         if not alive:
             # no relay: nobody behind NAT can reach us anew; train on only with members we are connected to directly
             self._set_no_relay(True)
-            members = set(members) - {self.dht.peer_id.to_base58()}
-            self._set_isolated(not any(direct_to(infos, m) for m in members))
+            self._set_isolated(not direct & (set(members) - {self.dht.peer_id.to_base58()}))
             return
         if self.no_relay:
             self._ask_rejoin(f"a relay is reachable again ({alive[0]})")
@@ -357,14 +392,14 @@ class NetworkWatch:
         if not slots & {a.rsplit("/p2p/", 1)[-1] for a in alive}:
             self._ask_rejoin("the relays it had slots on are gone; others are up")
         elif self.role.reach.kind == reachability.Kind.NAT:
-            future = self.dht.run_coroutine(partial(_punch_again, tried=self._punched), return_future=True)
-            self._punched = discovery.bounded(future) or self._punched
+            me = self.dht.peer_id.to_base58()
+            relayed_only = {i.peer_id.to_base58() for i in infos} - direct
+            due = self._punch.due(ours_to_punch(relayed_only, behind_nat, me), direct, time.monotonic())
+            if due:
+                discovery.bounded(self.dht.run_coroutine(partial(_reconnect, peer_ids=due), return_future=True))
 
-    def _log_punched(self, infos: list[Any], behind_nat: set[str]) -> None:
+    def _log_punched(self, punched: set[str]) -> None:
         """One line per member behind NAT we now reach directly: a hole was punched (its parts skip the relays)."""
-        punched = {i.peer_id.to_base58() for i in infos if i.peer_id.to_base58() in behind_nat} - {
-            i.peer_id.to_base58() for i in infos if any("p2p-circuit" in str(a) for a in i.addrs)
-        }
         for peer in sorted(punched - self._hole_punched):
             logger.info("Direct connection to %s (hole-punched through both NATs)", peer)
         self._hole_punched = punched

@@ -185,7 +185,7 @@ async def ask(_dht: hivemind.DHT, node: Any, port: int, mapped: tuple[int, ...] 
     """Ask up to ASK_PEERS peers we have direct connections to to dial ``port`` (and the ports a router maps to us,
     ``mapped``) back; their answers."""
     infos = await node.p2p.list_peers()
-    direct = [i.peer_id for i in infos if any("p2p-circuit" not in str(a) for a in i.addrs)]
+    direct = [i.peer_id for i in infos if any(not relayed(a) for a in i.addrs)]
     peers = list(dict.fromkeys(p for p in direct if p != node.peer_id))
     random.shuffle(peers)
     peers = peers[:ASK_PEERS]
@@ -228,6 +228,17 @@ def listen_port(maddrs: list[Any], own_ips: set[str] | None = None) -> int | Non
 def local_ips() -> set[str]:
     """This machine's IPv4 addresses."""
     return {a.address for nics in psutil.net_if_addrs().values() for a in nics if a.family.name == "AF_INET"}
+
+
+def relayed(addr: object) -> bool:
+    """A multiaddr (a connection's remote address, one of ours) that goes through a circuit relay."""
+    return "/p2p-circuit" in str(addr)
+
+
+def direct_peers(infos: list[Any]) -> set[str]:
+    """The peers (base58 ids) with at least one direct connection among ``infos`` (the daemon's ``list_peers``: one
+    entry per connection)."""
+    return {i.peer_id.to_base58() for i in infos if any(not relayed(a) for a in i.addrs)}
 
 
 def is_global(ip: str) -> bool:
@@ -276,6 +287,9 @@ def check(dht: hivemind.DHT) -> Reach:
     answers = dht.run_coroutine(partial(ask, port=port, mapped=mapped_ports(maddrs, own)))
     reach = classify(answers, port, own)
     logger.debug("Reachability answers for port %d: %s → %s", port, answers, reach.kind.value)
+    seen = sorted({a.port for a in answers if a.port})
+    if reach.behind_nat and seen != [port]:
+        logger.info("Peers saw this peer's connections come from ports %s (it listens on %d)", seen, port)
     return reach
 
 

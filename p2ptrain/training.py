@@ -138,6 +138,9 @@ def make_optimizer(
         shutdown_timeout=2.0,
         verbose=False,
         reach_kind=reach_kind,
+        # hivemind's default (None) is meant to follow the DHT, but its test is inverted (optimizer.py:205): the
+        # Optimizer then thinks it serves its state while its averagers, in client mode, refuse to
+        client_mode=dht.client_mode,
     )
 
 
@@ -354,7 +357,8 @@ class Trainer:
                 with self.lock:
                     self.opt.state_averager.step(wait_for_delayed_updates=True)
             self._save()
-            mine = end_of_run.announce_final(dht, finishing, epoch, self._digest(), 2 * timeout_s)
+            if not dht.client_mode:  # a client cannot serve the state it would announce
+                mine = end_of_run.announce_final(dht, finishing, epoch, self._digest(), 2 * timeout_s)
         if comparable:
             self._agree(stop, dht, finishing, epoch, timeout_s, mine)
         end_of_run.wait_for_stragglers(

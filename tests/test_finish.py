@@ -177,6 +177,24 @@ def test_a_peer_behind_downloads_without_waiting_out_a_round_nobody_joins(nodes,
         opt.shutdown()
 
 
+def test_a_peer_averaging_as_a_client_catches_up_from_a_full_peer(nodes, manifest, tmp_path):
+    """Behind NAT with no relay slot, a peer's DHT runs as a client: it downloads the state like any peer (hivemind
+    as released raised "averager in client mode cannot share its state" after the download, ending the peer)."""
+    client = hivemind.DHT(start=True, client_mode=True, initial_peers=nodes[0].get_visible_maddrs())
+    full_model, client_model = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    full = make_optimizer(nodes[0], full_model, manifest, PeerSettings(data_dir=tmp_path / "full", batch_size=16))
+    behind = make_optimizer(client, client_model, manifest, PeerSettings(data_dir=tmp_path / "client", batch_size=16))
+    try:
+        assert behind.client_mode and not full.client_mode
+        assert not torch.equal(full_model.weight, client_model.weight)
+        behind.load_state_from_peers()
+        assert torch.equal(shared_params(behind)[0], shared_params(full)[0])
+    finally:
+        behind.shutdown()
+        full.shutdown()
+        client.shutdown()
+
+
 def test_a_peer_still_training_learns_that_the_swarm_reached_its_last_step(nodes):
     key = finishing_key(RUN)
     nodes[2].store(key, {"epoch": 99, "done": "yes"}, get_dht_time() + 30, subkey="hostile")

@@ -15,7 +15,7 @@ from pathlib import Path
 import hivemind.p2p.p2p_daemon as p2p_daemon
 import pytest
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError
-from hivemind.proto import test_pb2
+from hivemind.proto import runtime_pb2, test_pb2
 from multiaddr import Multiaddr
 
 from p2ptrain import p2p_stack
@@ -26,6 +26,7 @@ from netlab import Host, NatLab, missing_tools  # noqa: E402
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"needs {', '.join(missing_tools())} for a NAT lab")
 TIMEOUT_S = 90
+LISTEN = "/ip4/0.0.0.0/tcp/31337"  # p2ptrain's default: every host has an address of its own
 
 
 @pytest.fixture
@@ -173,5 +174,67 @@ def test_a_daemon_behind_a_upnp_router_maps_its_port_and_is_called_directly(lab,
             assert reply.number == 8
             (info,) = [p for p in await caller.list_peers() if p.peer_id == u.peer_id]
             assert [str(a) for a in info.addrs] == [str(at)], info.addrs
+
+    asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+
+
+async def size(request: runtime_pb2.Tensor, context: P2PContext) -> test_pb2.TestResponse:
+    return test_pb2.TestResponse(number=len(request.buffer))
+
+
+async def relayed_only(p2p: P2P, peer) -> bool:
+    infos = [i for i in await p2p.list_peers() if i.peer_id == peer]
+    return bool(infos) and all("/p2p-circuit" in str(a) for i in infos for a in i.addrs)
+
+
+def test_two_peers_behind_port_keeping_nats_hole_punch_a_direct_connection(lab, tmp_path):
+    """a and b sit behind NAT routers of their own (port-keeping, unsolicited inbound dropped), with the flags
+    p2ptrain gives a peer behind NAT; s relays. go-libp2p hole-punches from an address that four peers have observed
+    (``identify.ActivationThresh``), so x, y and z, public too, see them as well. b connects to a through s; DCUtR
+    turns that into a direct connection, and a 1.5 MB call crosses from router to router, not through s."""
+    x_host, y_host, z_host, s_host = (lab.public(name) for name in "xyzs")
+    home_a, home_b = lab.home("a"), lab.home("b")
+    a_host, b_host = home_a.host("a"), home_b.host("b")
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            public = []
+            for host in (x_host, y_host, z_host, s_host):
+                seeds = [m for p, h in public for m in await p.get_visible_maddrs() if h.ip in str(m)][:1]
+                p2p = await start_on(
+                    host, "go", stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/31337"], initial_peers=seeds
+                )
+                public.append((p2p, host))
+            everyone = [m for p, h in public for m in await p.get_visible_maddrs() if h.ip in str(m)]
+            s_at = [m for m in everyone if s_host.ip in str(m)]
+            nat_flags = dict(use_auto_relay=True, force_reachability="private", trusted_relays=s_at)
+            a, b = [
+                await start_on(host, "go", stack, tmp_path, flags=("-relayDiscovery=0",), initial_peers=everyone,
+                               host_maddrs=[LISTEN], **nat_flags)
+                for host in (a_host, b_host)
+            ]  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not (a_circuit := circuit(await a.get_visible_maddrs(latest=True))) and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            assert a_circuit, await a.get_visible_maddrs()
+            # Each hole-punching service starts once its address has been observed (polled at 0.25, 0.75, 1.75,
+            # 3.75, 7.75 s); a relayed connection opened before both have (their DHTs may open one) gets no try.
+            await asyncio.sleep(8.0)
+            if await relayed_only(b, a.peer_id):
+                await b._client.disconnect(a.peer_id)
+            if not [i for i in await b.list_peers() if i.peer_id == a.peer_id]:
+                await b._client.connect(a.peer_id, [Multiaddr(a_circuit[0].split(f"/p2p/{a.peer_id}")[0])])
+            deadline = time.monotonic() + 15
+            while await relayed_only(b, a.peer_id) and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+            direct = [str(x) for i in await b.list_peers() if i.peer_id == a.peer_id for x in i.addrs]
+            assert f"/ip4/{home_a.router.ip}/tcp/31337" in direct, direct  # a's router kept a's port
+
+            await a.add_protobuf_handler("size", size, runtime_pb2.Tensor)
+            before = lab.counters(home_a).get(home_b.router.ip, 0)
+            request = runtime_pb2.Tensor(buffer=bytes(1_500_000))
+            reply = await b.call_protobuf_handler(a.peer_id, "size", request, test_pb2.TestResponse)
+            assert reply.number == 1_500_000
+            assert lab.counters(home_a).get(home_b.router.ip, 0) - before > 1_500_000  # router to router
 
     asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))

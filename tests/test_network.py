@@ -1,0 +1,61 @@
+"""network.py's pure parts: when a peer behind NAT tries hole punching again, and how it counts its connections."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from p2ptrain.network import PUNCH_GRACE_S, PUNCH_SPACING_S, PunchSchedule, connection_kinds, ours_to_punch
+from p2ptrain.reachability import direct_peers
+
+
+def test_a_relayed_member_is_tried_after_the_grace_then_no_sooner_than_the_spacing_and_a_bounded_number_of_times():
+    schedule = PunchSchedule(grace_s=20.0, spacing_s=150.0, tries=3)
+    assert schedule.due({"B"}, set(), now=0.0) == []  # go-libp2p's own try comes first
+    assert schedule.due({"B"}, set(), now=19.0) == []
+    assert schedule.due({"B"}, set(), now=20.0) == ["B"]
+    assert schedule.due({"B"}, set(), now=30.0) == []  # the routers still remember that try
+    assert schedule.due({"B"}, set(), now=169.0) == []
+    assert schedule.due({"B"}, set(), now=170.0) == ["B"]
+    assert schedule.due({"B"}, set(), now=320.0) == ["B"]
+    assert schedule.due({"B"}, set(), now=10_000.0) == []  # three tries, then its parts go through a relay
+
+
+def test_a_punched_hole_that_closes_gets_fresh_tries_but_still_no_sooner_than_the_spacing():
+    schedule = PunchSchedule(grace_s=20.0, spacing_s=150.0, tries=1)
+    assert schedule.due({"B"}, set(), now=0.0) == []
+    assert schedule.due({"B"}, set(), now=20.0) == ["B"]
+    assert schedule.due(set(), {"B"}, now=25.0) == []  # direct now
+    # the direct connection closes and a relayed one opens: go-libp2p tries, then after the grace, spaced, we do
+    assert schedule.due({"B"}, set(), now=100.0) == []
+    assert schedule.due({"B"}, set(), now=125.0) == []  # past the grace, but 105 s after the last try
+    assert schedule.due({"B"}, set(), now=170.0) == ["B"]
+
+
+def test_members_are_scheduled_each_on_its_own_clock():
+    schedule = PunchSchedule()
+    assert schedule.due({"B"}, set(), now=0.0) == []
+    assert schedule.due({"B", "C"}, set(), now=PUNCH_GRACE_S) == ["B"]
+    assert schedule.due({"B", "C"}, set(), now=2 * PUNCH_GRACE_S) == ["C"]
+    assert schedule.due({"B", "C"}, set(), now=PUNCH_GRACE_S + PUNCH_SPACING_S) == ["B"]
+
+
+def test_of_two_members_behind_nat_the_one_with_the_smaller_id_starts_hole_punching():
+    relayed_only = {"Qm2", "Qm9", "QmPublic"}
+    behind_nat = {"Qm1", "Qm2", "Qm5", "Qm9"}
+    assert ours_to_punch(relayed_only, behind_nat, me="Qm5") == {"Qm9", "QmPublic"}
+    assert ours_to_punch(relayed_only, behind_nat, me="Qm1") == relayed_only
+
+
+def info(peer: str, *addrs: str) -> SimpleNamespace:
+    return SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: peer), addrs=list(addrs))
+
+
+def test_connections_are_counted_by_kind_and_a_peer_with_one_direct_connection_is_reached_directly():
+    infos = [
+        info("S", "/ip4/11.77.0.1/tcp/31337"),
+        info("B", "/ip4/11.77.0.1/tcp/31337/p2p/S/p2p-circuit"),
+        info("B", "/ip4/11.77.0.6/tcp/31337"),
+        info("C", "/ip4/11.77.0.1/tcp/31337/p2p/S/p2p-circuit"),
+    ]
+    assert direct_peers(infos) == {"S", "B"}
+    assert connection_kinds(infos, punched_if_direct={"B", "C"}) == {"direct": 1, "hole-punched": 1, "relayed": 2}
