@@ -51,6 +51,11 @@ class Role:
     relays: tuple[str, ...] = ()  # relays it holds (or asks for) slots on
     dht_kwargs: dict = field(default_factory=dict)
     flags: tuple[str, ...] = ()
+    # advertise only this machine's own addresses, not the NAT's address that peers observe: until a peer knows that
+    # address can be dialed, advertising it makes others dial it, and each such SYN leaves their router holding
+    # state that spoils hole punching between the two for 120 s (network.PunchSchedule), and collides with this
+    # peer's own dials to them (a simultaneous open with two initiators, reset)
+    own_addrs_only: bool = True
 
     def describe(self) -> str:
         if self.client_mode:
@@ -63,6 +68,12 @@ class Role:
 PUBLIC = Role(Reach(Kind.UNKNOWN))  # hivemind's defaults: a full node; the daemon relays once it finds it is public
 
 
+def mapped(reach: Reach) -> Role:
+    """Reachable through the router (a port mapped by UPnP, or forwarded): the daemon advertises what the router
+    maps (its own mapping, or the address peers observe it at)."""
+    return Role(reach, own_addrs_only=False)
+
+
 def behind_nat(reach: Reach, relays: Sequence[str]) -> Role:
     """The daemon of a peer behind NAT reserves slots on ``relays`` at once: go-libp2p's AutoRelay with the swarm's
     relays as static ones (``-relayDiscovery=0``: no minutes of looking for candidates in the DHT) and the
@@ -72,6 +83,7 @@ def behind_nat(reach: Reach, relays: Sequence[str]) -> Role:
         relays=tuple(relays),
         dht_kwargs=dict(use_auto_relay=True, force_reachability="private", trusted_relays=list(relays)),
         flags=("-relayDiscovery=0",),
+        own_addrs_only=False,  # AutoRelay advertises its relay addresses and the LAN ones, never the NAT's
     )
 
 

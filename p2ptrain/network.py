@@ -32,7 +32,7 @@ from typing import Any
 import hivemind
 from hivemind.p2p import P2PDaemonError
 
-from p2ptrain import discovery, nat, p2p_stack, reachability
+from p2ptrain import discovery, nat, p2p_stack, port_mapping, reachability
 from p2ptrain.errors import PeerUnreachable
 from p2ptrain.gate import Gate
 from p2ptrain.identity import p2p_identity_path
@@ -61,6 +61,7 @@ def start_dht(
 ) -> hivemind.DHT:
     """Start this peer's DHT node; fall back to ``remembered`` peers, then to none, only when none were given."""
     p2p_stack.select(settings.p2p, mdns=settings.mdns, flags=role.flags)
+    announce = list(settings.announce) or (own_addrs(settings.host, settings.port) if role.own_addrs_only else None)
     attempts = [initial_peers] if initial_peers else ([remembered, []] if remembered else [[]])
     for peers in attempts:
         try:
@@ -68,7 +69,7 @@ def start_dht(
                 start=True,
                 initial_peers=peers,
                 host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"],
-                announce_maddrs=list(settings.announce) or None,
+                announce_maddrs=announce,
                 identity_path=str(p2p_identity_path(data_dir)),
                 # its own stop takes ~0.1 s, but a request left in its pipe by an averager process that
                 # has just exited stalls it 3 s each (hivemind dht.py _run): do not wait that out
@@ -96,6 +97,15 @@ def start_dht(
     raise AssertionError("unreachable: the last attempt has no peers and raises on failure")
 
 
+def own_addrs(host: str, port: int) -> list[str] | None:
+    """The addresses of this machine a peer listening on ``host`` (0.0.0.0: every IPv4 interface) and ``port``
+    has; None for port 0 (not known before the daemon listens)."""
+    if not port:
+        return None
+    ips = sorted(reachability.local_ips()) if host == "0.0.0.0" else [host]
+    return [f"/ip4/{ip}/tcp/{port}" for ip in ips]
+
+
 def settle_role(
     settings: PeerSettings,
     data_dir: Path,
@@ -107,9 +117,17 @@ def settle_role(
     """Find out whether peers can reach this one and, behind NAT, start the DHT again in the role for it.
     Returns the DHT to use (``dht`` itself, or its replacement) and the role."""
     reach = reachability.check(dht)
-    if reach.behind_nat and wait_for_mapping(dht):  # the router offers UPnP / NAT-PMP: ask again with its port
-        reach = reachability.check(dht)
+    if reach.behind_nat:  # a router that offers UPnP has mapped the daemon's port: ask again with the mapping
+        mapping = port_mapping.find_mapping(settings.port, reachability.local_ips())
+        if mapping is not None:
+            reach = reachability.check(dht, mapped=(mapping[1],))
     logger.info("Reachability: %s", reach.describe())
+    if reach.kind == reachability.Kind.MAPPED:  # advertise what the router maps: start again, as a public peer
+        dht.shutdown()
+        dht = start_dht(settings, data_dir, bootstrap, [], nat.mapped(reach), validators)
+        if wait_for_mapping(dht):  # the new daemon's own mapping (or the forwarded address peers observe)
+            reach = reachability.check(dht)
+        return dht, nat.mapped(reach)
     if not reach.behind_nat:
         return dht, nat.Role(reach)
     relays = relay_candidates(dht, run_id, bootstrap)
@@ -118,21 +136,21 @@ def settle_role(
         logger.warning("Behind NAT, and no member of the swarm can be reached directly: averaging as a client")
         role = nat.client(reach)
         return start_dht(settings, data_dir, bootstrap, [], role, validators), role
-    role = nat.behind_nat(reach, relays)
-    dht = start_dht(settings, data_dir, relays, [], role, validators)
-    if nat.wait_for_reservation(dht):
-        logger.info("Behind NAT: %s", role.describe())
-        return dht, role
-    logger.warning("No relay gave this peer a slot within %.0f s: averaging as a client", nat.RESERVATION_WAIT_S)
-    dht.shutdown()
+    # go-libp2p's AutoRelay asks its static relays for slots only once it has connected to all of them (else it
+    # waits 3 minutes): if one of them fails, the others are asked one at a time
+    for some in [relays, *([r] for r in relays if len(relays) > 1)]:
+        role = nat.behind_nat(reach, some)
+        dht = start_dht(settings, data_dir, some, [], role, validators)
+        if nat.wait_for_reservation(dht, nat.RESERVATION_WAIT_S if some is relays else nat.RESERVATION_WAIT_S / 2):
+            logger.info("Behind NAT: %s", role.describe())
+            return dht, role
+        dht.shutdown()
+    logger.warning("None of %d relays gave this peer a slot: averaging as a client", len(relays))
     role = nat.client(reach)
     return start_dht(settings, data_dir, relays, [], role, validators), role
 
 
-UPNP_WAIT_S = 10.0  # behind NAT, how long to give the daemon to map a port on the router (UPnP / NAT-PMP)
-
-
-def wait_for_mapping(dht: hivemind.DHT, timeout_s: float = UPNP_WAIT_S) -> bool:
+def wait_for_mapping(dht: hivemind.DHT, timeout_s: float = port_mapping.WAIT_S) -> bool:
     """Wait (bounded) for the daemon to advertise an address a router maps to it; False if none came. The Go
     daemon discovers the gateway and maps the port within seconds of starting (``-natPortMap``, on by default)."""
     deadline = time.monotonic() + timeout_s
@@ -337,7 +355,7 @@ class NetworkWatch:
         self._checker.start()
         self._thread.start()
 
-    def _ask_rejoin(self, reason: str) -> None:
+    def ask_rejoin(self, reason: str) -> None:
         if not self.rejoin.is_set():
             logger.info("Rejoining the swarm: %s", reason)
             self.reason = reason
@@ -348,10 +366,11 @@ class NetworkWatch:
         """A new finding: the status says it; a new role means rejoining (not checked yet → public is the same one)."""
         self._on_status(dict(reachability=reach.describe()))
         was, self.reach = self.reach, reach
-        if reach.kind == reachability.Kind.UNKNOWN or (was.kind == reachability.Kind.UNKNOWN and not reach.behind_nat):
+        unknown, direct = reachability.Kind.UNKNOWN, reachability.Kind.DIRECT
+        if reach.kind == unknown or (was.kind == unknown and reach.kind == direct):  # it advertises that already
             return
         if reach.kind != was.kind:
-            self._ask_rejoin(f"reachability changed ({was.kind.value} → {reach.kind.value})")
+            self.ask_rejoin(f"reachability changed ({was.kind.value} → {reach.kind.value})")
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s) and not self.rejoin.is_set():
@@ -384,13 +403,13 @@ class NetworkWatch:
             self._set_isolated(not direct & (set(members) - {self.dht.peer_id.to_base58()}))
             return
         if self.no_relay:
-            self._ask_rejoin(f"a relay is reachable again ({alive[0]})")
+            self.ask_rejoin(f"a relay is reachable again ({alive[0]})")
             return
         if self.role.client_mode:
             return
         slots = nat.relays_with_slots(self.dht.get_visible_maddrs(latest=True))
         if not slots & {a.rsplit("/p2p/", 1)[-1] for a in alive}:
-            self._ask_rejoin("the relays it had slots on are gone; others are up")
+            self.ask_rejoin("the relays it had slots on are gone; others are up")
         elif self.role.reach.kind == reachability.Kind.NAT:
             me = self.dht.peer_id.to_base58()
             relayed_only = {i.peer_id.to_base58() for i in infos} - direct

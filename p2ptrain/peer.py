@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ def run_peer(
         device = pick_device(settings.device)
         if device.type == "cuda" and settings.gpu_memory_fraction < 1.0:
             torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
-        check_port_free(settings.host, settings.port)
+        settings = replace(settings, port=claim_port(settings.host, settings.port))  # the same one every stay
         peer_id = ensure_identity(data_dir)
         own_intensity = intensity is None
         intensity = intensity or IntensityWatcher(settings.energy)  # a bad country fails here, before the network
@@ -260,7 +260,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
 
         trainer = Trainer(
             model, optimizer, corpus, manifest, settings, run.device, status, checkpoint, local_steps,
-            [g for g in (run.gate, watch.gate) if g is not None], run.accountant,
+            [g for g in (run.gate, watch.gate) if g is not None], run.accountant, on_stuck=watch.ask_rejoin,
         )  # fmt: skip
 
         # g. train
@@ -415,13 +415,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_port_free(host: str, port: int) -> None:
-    if port == 0:
-        return
+def claim_port(host: str, port: int) -> int:
+    """``port`` if it is free on ``host``; for 0, a free one (the daemons then listen on it, stay after stay)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind: a restart finds it free
         try:
             sock.bind((host, port))
+            return sock.getsockname()[1]
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortInUse(

@@ -12,9 +12,10 @@ From the answers (``classify``):
 - ``direct``: a peer connected back, to an address of this machine: it is on the internet itself;
 - ``mapped``: a peer connected back through a NAT (the address it saw is not this machine's): the router forwards
   the port, mapped by UPnP / NAT-PMP or by hand;
-- ``nat``: no peer got through, and they all saw this peer's connections come from its own listening port: a NAT
-  that keeps ports, which TCP hole punching gets through (the daemon dials from its listening port);
-- ``symmetric-nat``: no peer got through, and the ports they saw differ from it: a NAT that picks a new port per
+- ``nat``: no peer got through, and at least half of them saw this peer's connections come from its own listening
+  port: a NAT that keeps ports, which TCP hole punching gets through (the daemon dials from its listening port;
+  now and then it dials from another one, when a dial from it collides with one from the other side);
+- ``symmetric-nat``: no peer got through, and most ports they saw differ from it: a NAT that picks a new port per
   connection; only a relay reaches this peer;
 - ``unknown``: nobody answered yet.
 
@@ -262,7 +263,7 @@ def classify(answers: list[Answer], port: int, own_ips: set[str]) -> Reach:
         return Reach(Kind.UNKNOWN, "", port)
     ip = answers[0].ip
     told = [a.port for a in answers if a.port]
-    keeps_port = bool(told) and all(p == port for p in told)
+    keeps_port = bool(told) and 2 * sum(p == port for p in told) >= len(told)
     return Reach(Kind.NAT if keeps_port else Kind.SYMMETRIC_NAT, ip, port)
 
 
@@ -278,13 +279,15 @@ def mapped_ports(maddrs: list[Any], own_ips: set[str]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ports))
 
 
-def check(dht: hivemind.DHT) -> Reach:
-    """Ask now (a few seconds at most)."""
+def check(dht: hivemind.DHT, mapped: tuple[int, ...] | None = None) -> Reach:
+    """Ask now (a few seconds at most). ``mapped``: ports a router maps to us (default: those of our advertised
+    addresses at an IP that is not this machine's)."""
     maddrs, own = dht.get_visible_maddrs(latest=True), local_ips()
     port = listen_port(maddrs, own)
     if port is None:
         return UNKNOWN
-    answers = dht.run_coroutine(partial(ask, port=port, mapped=mapped_ports(maddrs, own)))
+    mapped = mapped_ports(maddrs, own) if mapped is None else mapped
+    answers = dht.run_coroutine(partial(ask, port=port, mapped=mapped))
     reach = classify(answers, port, own)
     logger.debug("Reachability answers for port %d: %s → %s", port, answers, reach.kind.value)
     seen = sorted({a.port for a in answers if a.port})

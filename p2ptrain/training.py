@@ -17,6 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -268,6 +269,7 @@ class Trainer:
         local_steps: int = 0,
         gates: list[Gate] = (),
         ledger: Accountant | None = None,
+        on_stuck: Callable[[str], None] | None = None,
     ):
         self.model, self.opt, self.corpus, self.manifest = model, optimizer, corpus, manifest
         self.settings, self.device, self.status, self._save = settings, device, status, save_checkpoint
@@ -285,6 +287,8 @@ class Trainer:
         # peers that average their parameters check after each global step that they still hold the same ones
         comparable = shared_params(optimizer) is not None
         self._param_check = ParamCheck(optimizer.tracker.dht, manifest.run_id) if comparable else None
+        self._stuck = StuckRounds()
+        self._on_stuck = on_stuck  # asks the peer to rejoin the swarm, with new averagers
 
     def catch_up(self) -> None:
         """Download the swarm's current state if it is ahead of ours (a late joiner, or a restart)."""
@@ -530,12 +534,39 @@ class Trainer:
         if self._param_check is not None:
             self._check_params(epoch)
         peers = max(1, self.opt.tracker.global_progress.num_peers)
+        own = getattr(self.opt, "local_step_epoch", -1) == epoch - 1  # SwarmOptimizer knows
+        if self._stuck.after(own, peers) and self._on_stuck is not None:
+            self._on_stuck(
+                f"no gradient round of the last {self._stuck.limit} global steps found a group, with {peers} peers "
+                "in the swarm (this peer's averager is stuck: new ones)"
+            )
         message = f"Global step {epoch}: loss {loss:.4f}, {peers} peer(s) in the swarm"
         if self.settings.validate_every and epoch % self.settings.validate_every == 0:
             message += f", held-out loss {self.validate():.4f}"
         logger.info(message)
         if epoch % self.settings.checkpoint_every == 0:
             self._save()
+
+
+STUCK_STEPS = 6  # global steps in a row from our own gradients, with others in the swarm, before rejoining
+
+
+@dataclass
+class StuckRounds:
+    """Tells when this peer's gradient rounds have failed ``limit`` global steps in a row while other peers train:
+    its averager is stuck (seen: after a round cancelled at the wrong moment inside hivemind's matchmaking, every
+    later round of that peer found no group, and it trained on alone while the swarm went on without it)."""
+
+    limit: int = STUCK_STEPS
+    in_a_row: int = 0
+
+    def after(self, own_update: bool, peers: int) -> bool:
+        """After a global step: was its update our own (the round failed), with ``peers`` in the swarm?"""
+        self.in_a_row = self.in_a_row + 1 if own_update and peers > 1 else 0
+        if self.in_a_row < self.limit:
+            return False
+        self.in_a_row = 0
+        return True
 
 
 def cancel_rounds(optimizer: Any, forget: bool = False) -> None:

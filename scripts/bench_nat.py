@@ -13,7 +13,8 @@ nodes (they are also the four peers go-libp2p needs to see an address before it 
   reachable directly.
 
 Every link to the internet is shaped to ``--link-mbit`` in each direction. Each configuration trains gpt2-tiny
-(fp16 gradients) for ``--measure-s`` seconds once every peer has taken a few global steps; the table gives the
+(fp16 gradients) for ``--measure-s`` seconds once every peer has taken a few global steps (with hole punching: once
+the volunteers hold direct connections to each other); the table gives the
 seconds per global step and the compute utilization (forward/backward time ÷ wall time, mean over the peers), the
 bytes each volunteer's router forwarded, and the share of those to other homes (direct, hole-punched traffic).
 Writes JSON and a Markdown table next to it.
@@ -36,6 +37,8 @@ from p2ptrain.local_swarm import DEMO_SWARM_FLAGS, LocalPeer, LocalSwarm  # noqa
 
 CONFIGS = ("flat", "nat_hole_punched", "nat_relayed", "nat_upnp")
 VOLUNTEERS = 3
+KINDS = ("direct", "hole-punched", "relayed")  # of connections, as a peer's status counts them
+PUNCH_WAIT_S = 420  # the first try, p2ptrain's after 20 s, then every 150 s (network.PunchSchedule)
 PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--checkpoint-every", "1000")
 
 
@@ -48,6 +51,11 @@ class Result:
     router_mb: float  # what each volunteer's router forwarded, mean (0 when flat)
     between_homes_share: float  # of it, to or from other homes' routers
     reachability: list[str]
+    connections: list[dict[str, int]]  # each volunteer's, at the end (network.connection_kinds)
+
+
+def punched(peer: LocalPeer) -> int:
+    return int(peer.status().get("connections", {}).get("hole-punched", 0))
 
 
 def epoch(peer: LocalPeer) -> int:
@@ -91,6 +99,8 @@ def run(config: str, mbit: float, measure_s: float, work: Path) -> Result:
             ]
             peers = [seeder, *volunteers]
             wait(lambda: all(epoch(p) >= 4 for p in peers), 420, "four global steps on every peer", peers)
+            if config == "nat_hole_punched":  # measure once the holes are punched (p2ptrain retries 150 s apart)
+                wait(lambda: all(punched(p) >= VOLUNTEERS - 1 for p in volunteers), PUNCH_WAIT_S, "holes", peers)
             start = {p.name: (epoch(p), p.status().get("compute_s", 0.0)) for p in peers}
             counters = [lab.counters(home) for home in homes]
             started = time.monotonic()
@@ -99,6 +109,7 @@ def run(config: str, mbit: float, measure_s: float, work: Path) -> Result:
             end = {p.name: (epoch(p), p.status().get("compute_s", 0.0)) for p in peers}
             after = [lab.counters(home) for home in homes]
             reach = [p.status().get("reachability", "") for p in volunteers]
+            connections = [p.status().get("connections", {}) for p in volunteers]
         steps = min(end[n][0] - start[n][0] for n in end)
         utilization = sum((end[n][1] - start[n][1]) / wall for n in end) / len(end)
         forwarded, between = [], []
@@ -116,6 +127,7 @@ def run(config: str, mbit: float, measure_s: float, work: Path) -> Result:
             router_mb=total / len(forwarded) / 1e6 if forwarded else 0.0,
             between_homes_share=sum(between) / total if total else 0.0,
             reachability=reach,
+            connections=connections,
         )
     finally:
         lab.remove()
@@ -139,7 +151,9 @@ def table(report: dict) -> str:
         )
     lines += ["", "What the volunteers found (their status):", ""]
     for name, r in report["results"].items():
-        lines.append(f"- {name}: " + "; ".join(f"{n}× {kind}" for kind, n in sorted(kinds(r["reachability"]).items())))
+        found = "; ".join(f"{n}× {kind}" for kind, n in sorted(kinds(r["reachability"]).items()))
+        held = ", ".join("/".join(str(c.get(k, 0)) for k in KINDS) for c in r["connections"])
+        lines.append(f"- {name}: {found}; connections direct/hole-punched/relayed at the end: {held}")
     return "\n".join(lines) + "\n"
 
 

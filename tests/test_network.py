@@ -59,3 +59,13 @@ def test_connections_are_counted_by_kind_and_a_peer_with_one_direct_connection_i
     ]
     assert direct_peers(infos) == {"S", "B"}
     assert connection_kinds(infos, punched_if_direct={"B", "C"}) == {"direct": 1, "hole-punched": 1, "relayed": 2}
+
+
+def test_a_peer_whose_rounds_keep_failing_while_others_train_is_told_to_rejoin():
+    from p2ptrain.training import StuckRounds
+
+    stuck = StuckRounds(limit=3)
+    assert [stuck.after(own_update=True, peers=4) for _ in range(3)] == [False, False, True]
+    assert [stuck.after(own_update=True, peers=4) for _ in range(2)] == [False, False]  # counts again from 0
+    assert stuck.after(own_update=False, peers=4) is False  # a round that worked
+    assert [stuck.after(own_update=True, peers=1) for _ in range(5)] == [False] * 5  # alone: nobody to average with

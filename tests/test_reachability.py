@@ -57,8 +57,15 @@ def test_answers_classify_the_peer():
     assert mapped.kind == Kind.MAPPED and mapped.public and "port mapped" in mapped.describe()
     cone = classify([Answer(False, "8.8.4.4", 31337), Answer(False, "8.8.4.4", 31337)], 31337, mine)
     assert cone.kind == Kind.NAT and cone.behind_nat and "hole punching" in cone.describe()
-    symmetric = classify([Answer(False, "8.8.4.4", 40001), Answer(False, "8.8.4.4", 31337)], 31337, mine)
+    symmetric = classify([Answer(False, "8.8.4.4", 40001), Answer(False, "8.8.4.4", 40002)], 31337, mine)
     assert symmetric.kind == Kind.SYMMETRIC_NAT and "forward TCP port 31337" in symmetric.describe()
+    # one connection of a peer behind a port-keeping NAT came from another port (its dial collided with one from
+    # the other side: seen in the NAT lab); most came from the listening port
+    seen = (31337, 40001, 31337)
+    assert classify([Answer(False, "8.8.4.4", p) for p in seen], 31337, mine).kind == Kind.NAT
+    assert classify([Answer(False, "8.8.4.4", p) for p in seen[:2]], 31337, mine).kind == Kind.NAT
+    mostly_others = [Answer(False, "8.8.4.4", p) for p in (40001, 40002, 31337)]
+    assert classify(mostly_others, 31337, mine).kind == Kind.SYMMETRIC_NAT
     # a neighbour on the LAN got through, the internet did not: behind NAT, not reachable
     lan = classify([Answer(True, "10.0.0.3", 31337), Answer(False, "8.8.4.4", 31337)], 31337, mine)
     assert lan.kind == Kind.NAT and lan.ip == "8.8.4.4"
