@@ -3,9 +3,10 @@ that notices when that role no longer fits.
 
 1. ``start_dht``: hivemind's DHT (and with it the libp2p daemon) from the bootstrap peers, falling back to the
    peers remembered from last time, then to none; on a LAN with ``--p2p py``, mDNS finds the neighbours.
-2. ``settle_role``: ask the peers it reached whether they can connect back (``reachability.check``). Behind NAT,
-   start the DHT again as ``nat.py`` says: with slots on the swarm's relays, or as a client if no relay gives it
-   one.
+2. ``settle_role``: ask the peers it reached whether they can connect back (``reachability.check``), and the router
+   whether it maps our port (``port_mapping``). Until then the DHT advertises only this machine's own addresses
+   (``nat.Role.own_addrs_only``). Reachable through the router, start the DHT again advertising the mapping; behind
+   NAT, as ``nat.py`` says: with slots on the swarm's relays, or as a client if no relay gives it one.
 3. ``NetworkWatch`` while the peer trains: re-checks reachability (every 10 minutes, and when this machine's
    addresses change), keeps the relay slots in view, and
 
@@ -114,8 +115,8 @@ def settle_role(
     bootstrap: list[str],
     validators: tuple = (),
 ) -> tuple[hivemind.DHT, nat.Role]:
-    """Find out whether peers can reach this one and, behind NAT, start the DHT again in the role for it.
-    Returns the DHT to use (``dht`` itself, or its replacement) and the role."""
+    """Find out whether peers can reach this one and start the DHT again in the role for it (step 2 of the module
+    docstring). Returns the DHT to use (``dht`` itself, or its replacement) and the role."""
     reach = reachability.check(dht)
     if reach.behind_nat:  # a router that offers UPnP has mapped the daemon's port: ask again with the mapping
         mapping = port_mapping.find_mapping(settings.port, reachability.local_ips())
@@ -225,7 +226,7 @@ def meet_members(dht: hivemind.DHT, run_id: str, members: list[str] | None = Non
     members = discovery.member_ids(dht, run_id) if members is None else members
     if not members:
         return 0
-    return discovery.bounded(dht.run_coroutine(partial(_meet, peer_ids=members), return_future=True)) or 0
+    return bounded_call(dht, partial(_meet, peer_ids=members)) or 0
 
 
 PUNCH_GRACE_S = 20.0  # a member newly reached only through a relay: go-libp2p's own try comes first
@@ -298,6 +299,16 @@ async def _reconnect(_dht: hivemind.DHT, node: Any, peer_ids: list[str]) -> None
 
 async def _connections(_dht: hivemind.DHT, node: Any) -> list[Any]:
     return await node.p2p.list_peers()
+
+
+async def _own_addrs(_dht: hivemind.DHT, node: Any) -> list[Any]:
+    return await node.p2p.get_visible_maddrs(latest=True)
+
+
+def bounded_call(dht: hivemind.DHT, coroutine: Callable) -> Any | None:
+    """``coroutine`` run in the DHT's process, or None if it has not answered within the DHT timeout: the network
+    watch skips a look rather than hang on a busy daemon."""
+    return discovery.bounded(dht.run_coroutine(coroutine, return_future=True))
 
 
 def connection_kinds(infos: list[Any], punched_if_direct: set[str]) -> dict[str, int]:
@@ -387,7 +398,10 @@ class NetworkWatch:
             if met:
                 logger.debug("Opened connections to %d more members", met)
         relays = discovery.find_relays(self.dht, self.run_id)
-        infos = self.dht.run_coroutine(_connections)
+        infos = bounded_call(self.dht, _connections)
+        if infos is None:
+            logger.debug("The daemon did not list its connections in time: next look")
+            return
         public = {a.rsplit("/p2p/", 1)[-1] for a in relays}
         # behind NAT ourselves, a direct connection to a member behind NAT is a punched hole
         behind_nat = set(members) - public if self.role.reach.behind_nat else set()
@@ -407,7 +421,10 @@ class NetworkWatch:
             return
         if self.role.client_mode:
             return
-        slots = nat.relays_with_slots(self.dht.get_visible_maddrs(latest=True))
+        own = bounded_call(self.dht, _own_addrs)
+        if own is None:
+            return
+        slots = nat.relays_with_slots(own)
         if not slots & {a.rsplit("/p2p/", 1)[-1] for a in alive}:
             self.ask_rejoin("the relays it had slots on are gone; others are up")
         elif self.role.reach.kind == reachability.Kind.NAT:
@@ -415,7 +432,7 @@ class NetworkWatch:
             relayed_only = {i.peer_id.to_base58() for i in infos} - direct
             due = self._punch.due(ours_to_punch(relayed_only, behind_nat, me), direct, time.monotonic())
             if due:
-                discovery.bounded(self.dht.run_coroutine(partial(_reconnect, peer_ids=due), return_future=True))
+                bounded_call(self.dht, partial(_reconnect, peer_ids=due))
 
     def _log_punched(self, punched: set[str]) -> None:
         """One line per member behind NAT we now reach directly: a hole was punched (its parts skip the relays)."""

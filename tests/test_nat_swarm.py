@@ -54,7 +54,11 @@ def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -
             if not peer.alive():
                 raise AssertionError(f"{peer.name} exited while waiting for {what}:\n{peer.log()[-3000:]}")
         time.sleep(1.0)
-    logs = "\n".join(f"--- {p.name}: {p.status()}\n{p.log()[-2500:]}" for p in peers)
+    for peer in peers:  # every thread's stack into its log (cli.py: faulthandler), for what is stuck
+        if peer.alive():
+            peer.proc.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    logs = "\n".join(f"--- {p.name}: {p.status()}\n{p.log()[-6000:]}" for p in peers)
     raise AssertionError(f"no {what} within {timeout_s:.0f} s\n{logs}")
 
 

@@ -237,16 +237,28 @@ class GologFormatter(logging.Formatter):
         )
 
 
+LOG_DIR_ENV = "P2PTRAIN_P2PD_LOG_DIR"  # as for the Go daemon (p2ptrain.go_p2pd): each daemon writes its log there
+
+
 def configure_logging() -> None:
     level = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}.get(
         os.environ.get("GOLOG_LOG_LEVEL", "warn").lower(), logging.WARNING
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(GologFormatter())
+    handler.setLevel(level)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)  # py-libp2p's own loggers are chatty at INFO
     logging.getLogger("p2pd").setLevel(level)
+    log_dir = os.environ.get(LOG_DIR_ENV)
+    if log_dir:  # for bug reports: this daemon's and py-libp2p's relay and hole punching at DEBUG, in a file
+        to_file = logging.FileHandler(Path(log_dir) / f"p2ptrain-p2pd-{os.getpid()}.log")
+        to_file.setFormatter(GologFormatter())
+        root.addHandler(to_file)
+        logging.getLogger("libp2p").propagate = True  # py-libp2p cuts its loggers off unless LIBP2P_DEBUG is set
+        for name in ("p2pd", "libp2p.relay", "libp2p.transport.tcp"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 async def run(options: Options) -> None:
