@@ -1,6 +1,6 @@
 """What a NAT costs a swarm: time per global step and compute utilization, side by side, on tbf-shaped links.
 
-    sudo .venv/bin/python scripts/bench_nat.py --out bench/nat.json        # ~12 min on 2 cores; root (namespaces)
+    sudo .venv/bin/python scripts/bench_nat.py --link-mbit 20 --out bench/nat-20mbit.json   # ~20 min on 2 cores; root
 
 One seeder S on the lab's internet (scripts/netlab.py) and three volunteers, with three public DHT bootstrap
 nodes (they are also the four peers go-libp2p needs to see an address before it hole-punches). Configurations:
