@@ -23,7 +23,9 @@ Each peer compares its sketch with those of the members of the gradient round th
 form several groups in one step, and each holds its own average until state averaging joins them), or with
 every peer's if its round failed and its update was its own. A peer that agrees with none of them while some of
 them agree among themselves, or, against one other peer, whose last update was its own, has left the swarm's
-parameters: it logs it and downloads the swarm's state.
+parameters: it logs it and downloads the swarm's state. When everybody differs from everybody (seen after a
+state-averaging round that grouped only some of four peers), the state of the smallest peer id wins: that peer
+offers its state first, the others download it.
 The check never blocks a step: its DHT reads run in the background and are looked at once they have answered.
 """
 
@@ -92,9 +94,13 @@ class Verdict:
     others: int  # peers whose sketch for ``epoch`` was read
     agreeing: int  # of them, those that agree with ours
     left: bool  # we left the swarm's parameters: resynchronise
+    apart: bool = False  # everybody differs from everybody
+    lead: bool = False  # ... and ours is the state the others take
 
 
-def judge(mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int, our_own_update: bool) -> Verdict:
+def judge(
+    mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int, our_own_update: bool, me: str = ""
+) -> Verdict:
     """Did we leave the swarm's parameters at ``epoch``? (see the module docstring)"""
     others = list(theirs.values())
     agreeing = sum(agree(mine, other, lr) for other in others)
@@ -102,8 +108,12 @@ def judge(mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int
         return Verdict(epoch, len(others), agreeing, False)
     if len(others) == 1:
         return Verdict(epoch, 1, 0, our_own_update)
-    among = any(agree(x, y, lr) for i, x in enumerate(others) for y in others[i + 1 :])
-    return Verdict(epoch, len(others), 0, among)
+    if any(agree(x, y, lr) for i, x in enumerate(others) for y in others[i + 1 :]):
+        return Verdict(epoch, len(others), 0, True)
+    # everybody differs from everybody: one state must win, or they train on apart for good; every member computes
+    # the same winner, the smallest peer id's
+    lead = me < min(theirs)
+    return Verdict(epoch, len(others), 0, left=not lead, apart=True, lead=lead)
 
 
 def read_sketches(found: object, own: str) -> dict[str, np.ndarray]:
@@ -173,7 +183,7 @@ class ParamCheck:
         theirs = read_sketches(found, self.own)
         if group is not None:
             theirs = {peer: value for peer, value in theirs.items() if peer in group}
-        self.last = judge(mine, theirs, lr, pending_epoch, own_update)
+        self.last = judge(mine, theirs, lr, pending_epoch, own_update, self.own)
         for peer, other in theirs.items():
             apart = np.abs(mine.astype(np.float64) - other) / max(lr, 1e-12)
             logger.debug(

@@ -516,14 +516,21 @@ class Trainer:
             return
         entry = [verdict.epoch, verdict.agreeing, verdict.others, verdict.left]
         self.status.update(param_history=[*self.status.status.param_history, entry][-100:])
+        if verdict.lead and not self.opt.state_averager.client_mode:
+            logger.info("Parameters at global step %d: every peer's differ; the others take ours", verdict.epoch)
+            self.opt.state_averager.state_sharing_priority = epoch + 0.5  # peers downloading now take ours first
         if not verdict.left:
             return
+        if verdict.apart:
+            why = ", nor with each other: the state of the smallest peer id wins"
+        else:
+            why = ", they agree among themselves" if verdict.others > 1 else "; our last update was our own"
         logger.warning(
             "Parameters at global step %d differ from the swarm's (none of %d peers of our last round agrees with "
             "ours%s): downloading the swarm's state",
             verdict.epoch,
             verdict.others,
-            ", they agree among themselves" if verdict.others > 1 else "; our last update was our own",
+            why,
         )
         with self.lock:
             self.opt.load_state_from_peers()

@@ -44,9 +44,12 @@ def test_who_resynchronises():
     # two peers that disagree: the one whose last update was its own goes
     assert judge(gone, {"a": near["a"]}, LR, 7, our_own_update=True).left
     assert not judge(near["a"], {"x": gone}, LR, 7, our_own_update=False).left
-    # everybody apart from everybody (a round that failed for all): nobody can tell, nobody goes
+    # everybody apart from everybody: the smallest peer id's state wins, the others take it
     apart = {p: swarm + rng.normal(scale=0.1 * LR, size=SKETCH_SIZE).astype(np.float32) for p in "de"}
-    assert not judge(gone, apart, LR, 7, False).left
+    ours = judge(gone, apart, LR, 7, False, me="b")
+    assert ours.apart and ours.lead and not ours.left
+    theirs = judge(gone, apart, LR, 7, False, me="f")
+    assert theirs.apart and theirs.left and not theirs.lead
 
 
 def test_malformed_sketches_from_the_network_are_skipped():
