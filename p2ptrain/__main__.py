@@ -1,3 +1,3 @@
-from p2ptrain.cli import run
+from p2ptrain.cli.app import run
 
 run()

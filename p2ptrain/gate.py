@@ -1,4 +1,7 @@
-"""The gate between training steps: the daemon's idle policy sets it, the trainer passes through it.
+"""The gate between training steps: whoever may pause training sets it, the trainer passes through it.
+
+The volunteer daemon's idle policy sets one (a game started, too hot, off-schedule); the network watch another
+(no relay left).
 
 ``Trainer.run`` calls ``gate.pass_through(stop)`` before every step. While the verdict is "pause"
 the call blocks (waking every ``WAKE_S`` to notice a stop) after ``on_pause`` has released the GPU;
@@ -12,11 +15,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-
-from p2ptrain.idle_policy import Verdict
+from dataclasses import dataclass
 
 WAKE_S = 0.5
 MAX_REST_S = 30.0  # one rest between steps is never longer than this
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """May training run now, and at what duty cycle."""
+
+    run: bool
+    reasons: tuple[str, ...] = ()  # why it is paused (empty when running)
+    duty: float = 1.0  # fraction of wall time the trainer may compute
+    notes: tuple[str, ...] = ()  # why it is throttled
 
 
 class Gate:

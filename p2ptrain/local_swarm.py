@@ -136,7 +136,7 @@ class LocalSwarm:
                     timeout_s,
                     signal.Signals(sig).name,
                 )
-                peer.proc.send_signal(signal.SIGUSR1)  # cli.py: faulthandler prints every thread's stack
+                peer.proc.send_signal(signal.SIGUSR1)  # cli/app.py: faulthandler prints every thread's stack
                 time.sleep(1.0)
         _kill_group(peer.proc.pid)
         peer.proc.wait()
@@ -184,7 +184,7 @@ def run_demo(peers: int, epochs: int, base_dir: Path | None) -> int:
     started = time.monotonic()
     interrupted = False
     with LocalSwarm(base) as swarm:
-        common = ("--max-epochs", str(epochs), "--wait-for-peers", str(peers))
+        common = ("--max-steps", str(epochs), "--wait-for-peers", str(peers))
         first = swarm.seed("peer0", *common)
         invite = swarm.invite(first)
         for i in range(1, peers):
@@ -224,9 +224,9 @@ def _table(swarm: LocalSwarm, epochs: int):
 
 def report_card(swarm: LocalSwarm, statuses: dict[str, dict[str, Any]]) -> str | None:
     """The swarm's report card from the peers' ledger files (`p2ptrain report --swarm` reads the same from the DHT)."""
+    from p2ptrain.energy.ledger import ledger_path, load_ledger
+    from p2ptrain.energy.report import Card, render_text
     from p2ptrain.errors import LedgerInvalid
-    from p2ptrain.ledger import ledger_path, load_ledger
-    from p2ptrain.report import Card, render_text
 
     run_id = next((s["run_id"] for s in statuses.values() if s.get("run_id")), None)
     if run_id is None:

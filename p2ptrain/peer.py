@@ -1,4 +1,4 @@
-"""One peer's whole life, in the order it happens (DESIGN.md, "How a peer works"):
+"""One peer's whole life, in the order it happens (ARCHITECTURE.md: the processes and who owns them):
 
 1. prepare this machine: data dir (0700, locked for this peer), identity (fixes the peer id), device, free port;
 2. `seed`: sign a new manifest and open the dataset *before* touching the network, so bad input
@@ -13,7 +13,7 @@
    f. publish the swarm records and this peer's membership (every member does, so the swarm outlives
       its seeder), print the invite; start the energy ledger (meter, grid intensity, signed DHT record) once;
    g. train in a worker thread (first catching up from peers if they are ahead) until stopped,
-      `--max-epochs`, or the network watch asks to rejoin (a new role: the next stay resumes from the checkpoint);
+      `--max-steps`, or the network watch asks to rejoin (a new role: the next stay resumes from the checkpoint);
    h. leave in a fixed order: abandon the averaging round after a grace period, remember peers, say goodbye
       (Optimizer), write the checkpoint, stop the DHT, reap every child process;
 4. at the end, in the last stay's step h while its DHT still runs: write and publish the energy ledger.
@@ -23,12 +23,9 @@ Only ``cli.main`` installs signal handlers; they set the ``stop`` event passed i
 
 from __future__ import annotations
 
-import base64
-import errno
 import logging
 import secrets
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,45 +35,41 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import PeerID
 
-from p2ptrain import discovery, nat, network
-from p2ptrain import manifest as mf
-from p2ptrain.carbon import IntensityWatcher, alpha3
-from p2ptrain.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
-from p2ptrain.data import Corpus, open_corpus
-from p2ptrain.energy_meter import EnergyMeter, MeterInfo, open_meter, start_meter
-from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable, PortInUse
-from p2ptrain.fileio import atomic_write_json, read_json
+from p2ptrain.compat import hivemind as compat
+from p2ptrain.energy.carbon import IntensityWatcher, alpha3
+from p2ptrain.energy.ledger import Accountant, ledger_path, open_ledger
+from p2ptrain.energy.meter import EnergyMeter, MeterInfo, open_meter, start_meter
+from p2ptrain.energy.records import LedgerValidator, identity_key, publish_ledger
 from p2ptrain.gate import Gate
-from p2ptrain.identity import author_key, ensure_private_dir, lock_data_dir, p2p_identity_path
-from p2ptrain.invite import Invite
-from p2ptrain.ledger import Accountant, ledger_path, open_ledger
-from p2ptrain.ledger_records import LedgerValidator, identity_key, publish_ledger
-from p2ptrain.models import build_model, check_context, count_parameters, model_spec
 from p2ptrain.processes import descendants, die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
-from p2ptrain.tokenizer import Tokenizer, load_tokenizer
-from p2ptrain.training import Trainer, cancel_rounds, make_optimizer, stop_optimizer
+from p2ptrain.swarm import discovery, nat, network
+from p2ptrain.swarm import manifest as mf
+from p2ptrain.swarm.identity import author_key, ensure_identity, ensure_private_dir, lock_data_dir
+from p2ptrain.swarm.invite import Invite
+from p2ptrain.swarm.joining import (
+    JoinRequest,
+    SeedRequest,
+    bootstrap_peers,
+    describe_swarm,
+    find_swarm,
+    recall_swarm,
+    remember_swarm,
+    wait_for_members,
+)
+from p2ptrain.swarm.network import claim_port
+from p2ptrain.swarm.watch import NetworkWatch, meet_members
+from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
+from p2ptrain.train.data import Corpus, open_data
+from p2ptrain.train.models import build_model, check_context, count_parameters, model_spec, pick_device
+from p2ptrain.train.optimizers import abandon_round, make_optimizer, stop_optimizer
+from p2ptrain.train.tokenizer import Tokenizer
+from p2ptrain.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-MAX_REMEMBERED_PEERS = 16
-
-
-@dataclass(frozen=True)
-class SeedRequest:
-    """Start a new swarm: the manifest fields chosen by the researcher (author and time are added)."""
-
-    manifest_values: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class JoinRequest:
-    """Join a swarm training ``model``: by invite, or whatever the DHT (or memory) offers."""
-
-    model: str
-    invite: Invite | None = None
 
 
 @dataclass
@@ -113,7 +106,7 @@ def run_peer(
     gate: Gate | None = None,
     intensity: IntensityWatcher | None = None,
 ) -> None:
-    """Run one peer until ``stop`` is set or ``settings.max_epochs`` is reached.
+    """Run one peer until ``stop`` is set or ``settings.max_steps`` is reached.
 
     ``gate`` and ``intensity`` come from the volunteer daemon, which owns them; without, the peer always
     trains and watches the grid intensity itself.
@@ -122,6 +115,7 @@ def run_peer(
         P2PTrainError: a subclass naming what is wrong with the input, the data or the network.
     """
     # 1. this machine
+    compat.check_version()
     data_dir = ensure_private_dir(settings.data_dir)
     with lock_data_dir(data_dir):
         status = StatusWriter(data_dir / "status.json")
@@ -146,7 +140,7 @@ def run_peer(
             manifest = mf.new_manifest(key, **request.manifest_values)
             check_context(manifest.model, manifest.seq_len)
             seeded = manifest, mf.sign(manifest, key)
-            tokenizer, corpus = open_data(manifest, peer_id)
+            tokenizer, corpus = open_data(manifest, peer_id.to_bytes())
 
         # 3. the energy meter (before any fork: see energy_meter.start_meter), then the stays in the swarm
         meter = open_meter(settings.energy.meter, settings.energy.tracking)
@@ -181,7 +175,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
     optimizer: hivemind.Optimizer | None = None
     trainer: Trainer | None = None
     republisher: discovery.Republisher | None = None
-    watch: network.NetworkWatch | None = None
+    watch: NetworkWatch | None = None
     worker: threading.Thread | None = None
     leaving = threading.Event()  # this stay ends: stopped, or rejoining
     manifest = envelope = None
@@ -196,7 +190,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
         dht, role = network.settle_role(settings, data_dir, dht, manifest.run_id, known, validators)
         run.dht = dht
         if run.corpus is None:
-            run.tokenizer, run.corpus = open_data(manifest, run.peer_id)
+            run.tokenizer, run.corpus = open_data(manifest, run.peer_id.to_bytes())
         tokenizer, corpus = run.tokenizer, run.corpus
         # d. build
         model = build_model(
@@ -217,7 +211,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
         if path.exists():
             info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
             optimizer.load_state_dict(opt_state)
-            optimizer.state_averager.local_epoch = info.epoch
+            optimizer.resume_at(info.epoch)
             local_steps = info.local_steps
             status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
             logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
@@ -228,13 +222,13 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             if "reachability" in changes and republisher is not None:
                 republisher.refresh()  # a peer found public offers itself as a relay at once
 
-        watch = network.NetworkWatch(dht, role, manifest.run_id, on_network, lambda: known)
+        watch = NetworkWatch(dht, role, manifest.run_id, on_network, lambda: known)
 
         def relay_addrs() -> list[str]:
             return nat.offered_addrs(dht.get_visible_maddrs()) if watch.reach.public else []
 
         discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs())
-        network.meet_members(dht, manifest.run_id)  # connections (hole-punched behind NAT) ready for averaging
+        meet_members(dht, manifest.run_id)  # connections (hole-punched behind NAT) ready for averaging
         republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs)
         republisher.start()
         watch.start()
@@ -260,7 +254,8 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
 
         trainer = Trainer(
             model, optimizer, corpus, manifest, settings, run.device, status, checkpoint, local_steps,
-            [g for g in (run.gate, watch.gate) if g is not None], run.accountant, on_stuck=watch.ask_rejoin,
+            [g for g in (run.gate, watch.gate) if g is not None], [a for a in (run.accountant,) if a is not None],
+            on_stuck=watch.ask_rejoin,
         )  # fmt: skip
 
         # g. train
@@ -321,7 +316,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
 
 
 def start_ledger(run: Run, manifest: mf.SwarmManifest, model: torch.nn.Module) -> Accountant:
-    """This peer's energy ledger for the swarm (``ledger.py``): opened, described, and its thread started. It
+    """This peer's energy ledger for the swarm (``energy/ledger.py``): opened, described, and its thread started. It
     publishes through the DHT of the stay in progress."""
     settings = run.settings
     path = ledger_path(run.data_dir, manifest.run_id)
@@ -371,137 +366,15 @@ class ShutdownClock:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self._laps)
 
 
-def wait_for_members(
-    dht: hivemind.DHT, manifest: mf.SwarmManifest, settings: PeerSettings, stop: threading.Event
-) -> None:
-    """Hold the first step until ``settings.wait_for_peers`` peers have joined (bounded by ``wait_for_peers_s``)."""
-    if settings.wait_for_peers <= 1:
-        return
-    logger.info(
-        "Waiting for %d peers before training (at most %.0f s)", settings.wait_for_peers, settings.wait_for_peers_s
-    )
-    deadline = time.monotonic() + settings.wait_for_peers_s
-    while time.monotonic() < deadline and not stop.is_set():
-        members = discovery.count_members(dht, manifest)
-        if members >= settings.wait_for_peers:
-            logger.info("%d peers are here: starting", members)
-            return
-        stop.wait(1.0)
-    if not stop.is_set():
-        logger.warning(
-            "Only %d of %d peers arrived in %.0f s: training anyway",
-            discovery.count_members(dht, manifest),
-            settings.wait_for_peers,
-            settings.wait_for_peers_s,
-        )
-
-
-def abandon_round(worker: threading.Thread, optimizer: hivemind.Optimizer | None, grace_s: float) -> None:
-    """Give the current step ``grace_s`` to finish; then cancel its averaging round so it returns now."""
-    worker.join(grace_s)
-    if worker.is_alive() and optimizer is not None:
-        logger.info("Leaving the averaging round in progress")
-        cancel_rounds(optimizer)
-        worker.join(1.5)  # a step still blocked in hivemind after the cancel rarely returns later
-    if worker.is_alive():
-        logger.warning("The training step did not stop in time; shutting down around it")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: this torch build sees no CUDA GPU. Use --device cpu or auto.")
-    return torch.device(name)
-
-
-def claim_port(host: str, port: int) -> int:
-    """``port`` if it is free on ``host``; for 0, a free one (the daemons then listen on it, stay after stay)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind: a restart finds it free
-        try:
-            sock.bind((host, port))
-            return sock.getsockname()[1]
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    f"port {port} is in use by another program (--port={port}). "
-                    "Choose another port, or --port 0 for any free one."
-                ) from None
-            raise ConfigError(f"cannot listen on {host}:{port} (--host/--port): {e.strerror}") from None
-
-
-def ensure_identity(data_dir: Path) -> PeerID:
-    """The persistent libp2p identity (generated on first start); the same file gives the same peer id."""
-    path = p2p_identity_path(data_dir)
-    if not path.exists():
-        P2P.generate_identity(str(path))
-    return PeerID.from_identity(path.read_bytes())
-
-
-def open_data(manifest: mf.SwarmManifest, peer_id: PeerID) -> tuple[Tokenizer, Corpus]:
-    tokenizer = load_tokenizer(manifest.tokenizer)
-    corpus = open_corpus(
-        manifest.dataset,
-        manifest.dataset_config,
-        manifest.text_field,
-        tokenizer,
-        manifest.seq_len,
-        manifest.seed,
-        peer_id.to_bytes(),
-    )
-    return tokenizer, corpus
-
-
-def bootstrap_peers(settings: PeerSettings, request: SeedRequest | JoinRequest) -> list[str]:
-    peers = list(settings.initial_peers)
-    if isinstance(request, JoinRequest) and request.invite is not None:
-        peers += [p for p in request.invite.peers if p not in peers]
-    return peers
-
-
 def resolve_swarm(dht: hivemind.DHT, request: JoinRequest, data_dir: Path) -> tuple[mf.SwarmManifest, bytes]:
-    """Find and verify the swarm to join; with none to be found, start a fresh one."""
-    if request.invite is not None:
-        if request.invite.model != request.model:
-            raise ConfigError(
-                f"the invite is for model {request.invite.model!r}, not --model {request.model}. "
-                f"Run: p2ptrain join --model {request.invite.model} --invite …"
-            )
-        return fetch_with_retry(dht, request.invite.manifest_hash)
-    remembered = recall_swarm(data_dir)
-    if remembered.get("model") == request.model:
-        envelope = base64.b64decode(remembered["envelope"])
-        manifest = mf.verify(envelope)
-        logger.info("Rejoining swarm %s (remembered from the last run)", manifest.run_id)
-        return manifest, envelope
-    for listing in discovery.find_swarms(dht, request.model):
-        try:
-            manifest, envelope = discovery.fetch_manifest(dht, listing.manifest_hash)
-        except (ManifestInvalid, PeerUnreachable) as e:
-            logger.warning("Skipping advertised swarm %s: %s", listing.run_id, e)
-            continue
-        if manifest.run_id == listing.run_id and manifest.model == request.model:
-            logger.info(
-                "Found swarm %s for %s (signed by %s…)", manifest.run_id, request.model, manifest.author_key.hex()[:16]
-            )
-            return manifest, envelope
+    """The swarm to join; with none to be found, a fresh one."""
+    found = find_swarm(dht, request, data_dir)
+    if found is not None:
+        return found
     logger.info("No swarm found for %s: starting a new one", request.model)
     key = author_key(data_dir)
     manifest = mf.new_manifest(key, **fresh_swarm_values(request.model))
     return manifest, mf.sign(manifest, key)
-
-
-def fetch_with_retry(dht: hivemind.DHT, manifest_hash: bytes, attempts: int = 5) -> tuple[mf.SwarmManifest, bytes]:
-    """The DHT may need a moment after bootstrap to route to the record: retry a bounded number of times."""
-    for attempt in range(attempts):
-        try:
-            return discovery.fetch_manifest(dht, manifest_hash)
-        except PeerUnreachable:
-            if attempt == attempts - 1:
-                raise
-            threading.Event().wait(1.0 + attempt)
-    raise AssertionError("unreachable")
 
 
 def fresh_swarm_values(model: str) -> dict[str, Any]:
@@ -516,42 +389,3 @@ def fresh_swarm_values(model: str) -> dict[str, Any]:
     )
 
 
-def describe_swarm(manifest: mf.SwarmManifest, peer_id: PeerID, invite: str, n_params: int) -> str:
-    return (
-        f"Swarm {manifest.run_id}: {manifest.model} ({n_params / 1e6:.1f}M parameters) on {manifest.dataset!r}, "
-        f"manifest {manifest.hash.hex()[:16]}…, this peer {peer_id.to_base58()}\n"
-        f"Invite: {invite}\n"
-        f"Others join with:\n  p2ptrain join --model {manifest.model} --invite {invite}"
-    )
-
-
-# -- memory of the last swarm, so a restarted peer rejoins with no flags --------------------------
-
-
-async def _connected_peer_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
-    infos = await node.p2p.list_peers()
-    return [f"{addr}/p2p/{info.peer_id}" for info in infos for addr in info.addrs][:MAX_REMEMBERED_PEERS]
-
-
-def remember_swarm(data_dir: Path, manifest: mf.SwarmManifest, envelope: bytes, dht: hivemind.DHT) -> None:
-    try:
-        peers = discovery.bounded(dht.run_coroutine(_connected_peer_maddrs, return_future=True), timeout_s=3.0)
-    except (RuntimeError, OSError) as e:
-        logger.debug("Could not list connected peers: %s", e)
-        peers = None
-    if peers is None:
-        peers = recall_swarm(data_dir).get("peers", [])
-    atomic_write_json(
-        data_dir / "swarm.json",
-        {
-            "run_id": manifest.run_id,
-            "model": manifest.model,
-            "envelope": base64.b64encode(envelope).decode(),
-            "peers": [p for p in peers if isinstance(p, str)][:MAX_REMEMBERED_PEERS],
-        },
-    )
-
-
-def recall_swarm(data_dir: Path) -> dict[str, Any]:
-    remembered = read_json(data_dir / "swarm.json")
-    return remembered if isinstance(remembered, dict) and isinstance(remembered.get("peers"), list) else {}

@@ -14,14 +14,18 @@ take a ``PeerSettings`` and never read the environment or files. What the whole 
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from p2ptrain.energy_settings import EnergySettings
+from p2ptrain.energy.settings import EnergySettings
 from p2ptrain.errors import ConfigError
+from p2ptrain.fields import option
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "P2PTRAIN_"
 
@@ -33,24 +37,29 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
 
 @dataclass(frozen=True)
 class PeerSettings:
-    data_dir: Path  # identity, keys, checkpoints, status and log live here (created 0700)
-    device: str = "auto"  # "auto" (first CUDA GPU if any, else CPU), "cpu", "cuda", "cuda:N"
-    batch_size: int = 8  # samples per forward/backward on this peer; lower it if the GPU runs out of memory
-    host: str = "0.0.0.0"  # address to listen on ("127.0.0.1" for a swarm on this machine only)
-    port: int = 31337  # TCP port to listen on; fixed so a port forwarded in the router stays valid; 0 = any free
-    announce: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listen addresses (public IP)
-    initial_peers: tuple[str, ...] = ()  # multiaddrs of known swarm members, ".../p2p/<peer id>"
-    p2p: str = "go"  # libp2p daemon: "go" (hivemind's bundled p2pd) or "py" (p2ptrain-p2pd, py-libp2p)
-    mdns: bool = True  # with p2p "py": find peers on the LAN by mDNS, so a LAN needs no invite
-    torch_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    """This machine's settings (not the swarm's: that is the signed manifest). Defaults < config file < environment
+    (``P2PTRAIN_<FIELD>``) < flags; a field made with ``option`` is also a flag of `seed`, `join` and `daemon run`."""
+
+    data_dir: Path = option(
+        help="identity, keys, checkpoints, status, log (created 0700)", shown_default="~/.local/share/p2ptrain"
+    )
+    device: str = option("auto", "auto (first CUDA GPU if any, else CPU), cpu, cuda or cuda:N")
+    batch_size: int = option(8, "samples per forward/backward on this peer; lower it on out-of-memory")
+    host: str = option("0.0.0.0", "listen address; 127.0.0.1 keeps the swarm on this machine")
+    port: int = option(31337, "listen port, the one to forward in a router (fixed, so it stays valid); 0 = any free")
+    announce: tuple[str, ...] = option((), "public multiaddr to advertise instead of the listen ones (repeatable)")
+    initial_peers: tuple[str, ...] = option((), "multiaddr of a swarm member, …/p2p/<id> (repeatable)")
+    p2p: str = option("go", "libp2p daemon: go (hivemind's bundled p2pd) or py (p2ptrain-p2pd, py-libp2p)")
+    mdns: bool = option(True, "with --p2p py: find swarm peers on the LAN by mDNS, so a LAN needs no invite")
+    torch_threads: int = option(0, "CPU threads for torch; 0 = torch's default", flag="threads")
     gpu_memory_fraction: float = 1.0  # of the GPU's memory this peer may allocate (torch's allocator cap)
-    max_epochs: int = 0  # leave after this global step; 0 = train until stopped
-    checkpoint_every: int = 10  # write the local checkpoint every N global steps (and on exit)
-    validate_every: int = 5  # held-out loss every N global steps; 0 = never
-    wait_for_peers: int = 0  # before the first step, wait (≤ wait_for_peers_s) until this many peers are in the swarm
+    max_steps: int = option(0, "leave after this global step; 0 = train until stopped")
+    checkpoint_every: int = option(10, "write the local checkpoint every N global steps (and on exit)")
+    validate_every: int = option(5, "held-out loss every N global steps; 0 = never")
+    wait_for_peers: int = option(0, "before the first step, wait (≤ wait_for_peers_s) until this many peers are here")
     wait_for_peers_s: float = 600.0
     stop_grace_s: float = 3.0  # on Ctrl+C, wait this long for the current step before abandoning it
-    log_level: str = "INFO"  # INFO: what a volunteer cares about; DEBUG: everything
+    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR (INFO: what a volunteer cares about)")
     energy: EnergySettings = field(default_factory=EnergySettings)  # metering and grid carbon intensity
 
     def __post_init__(self) -> None:
@@ -60,7 +69,7 @@ class PeerSettings:
             (0 <= self.port <= 65535, f"--port must be in 0-65535, got {self.port}"),
             (self.torch_threads >= 0, "--threads must be ≥ 0"),
             (0 < self.gpu_memory_fraction <= 1, "gpu_memory_fraction must be in (0, 1]"),
-            (self.max_epochs >= 0, "--max-epochs must be ≥ 0"),
+            (self.max_steps >= 0, "--max-steps must be ≥ 0"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be ≥ 1"),
             (self.validate_every >= 0, "--validate-every must be ≥ 0"),
             (0 <= self.stop_grace_s <= 60, "stop_grace_s must be in [0, 60]"),
@@ -109,6 +118,32 @@ def _parse(name: str, kind: str, text: str) -> Any:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind}") from None
 
 
+# old names still accepted (from flags, environment and config file) for one release, with a warning
+DEPRECATED = {"max_epochs": "max_steps"}  # 0.1: "epoch" meant global step
+
+
+def _renamed(values: Mapping[str, Any], spell: Callable[[str], str]) -> dict[str, Any]:
+    """``values`` with deprecated names replaced by the new ones (a value under the new name wins)."""
+    out = dict(values)
+    for old, new in DEPRECATED.items():
+        value = out.pop(old, None)
+        if value is not None:
+            logger.warning("%s is deprecated and will be removed: use %s", spell(old), spell(new))
+            if out.get(new) is None:
+                out[new] = value
+    return out
+
+
+def _renamed_env(env: Mapping[str, str]) -> dict[str, str]:
+    out = dict(env)
+    for old, new in DEPRECATED.items():
+        old_key, new_key = ENV_PREFIX + old.upper(), ENV_PREFIX + new.upper()
+        if old_key in out:
+            logger.warning("%s is deprecated and will be removed: use %s", old_key, new_key)
+            out.setdefault(new_key, out.pop(old_key))
+    return out
+
+
 def resolve_settings(
     flags: Mapping[str, Any],
     env: Mapping[str, str],
@@ -119,7 +154,10 @@ def resolve_settings(
 
     ``flags`` may name fields of ``PeerSettings`` and of ``EnergySettings`` (``country``, ``meter``, ...).
     """
-    values: dict[str, Any] = {"data_dir": default_data_dir(env), **(base or {})}
+    env = _renamed_env(env)
+    flags = _renamed(flags, lambda name: "--" + name.replace("_", "-"))
+    base = _renamed(base or {}, lambda name: f"config key {name!r}")
+    values: dict[str, Any] = {"data_dir": default_data_dir(env), **base}
     energy_values: dict[str, Any] = dict(energy or {})
     for cls, into in ((PeerSettings, values), (EnergySettings, energy_values)):
         for f in fields(cls):

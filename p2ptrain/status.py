@@ -33,7 +33,7 @@ class PeerStatus:
     reachability: str = ""  # whether other peers can connect to this one (reachability.Reach.describe)
     network_role: str = ""  # how it takes part given that (nat.Role.describe)
     network_no_relay: bool = False  # behind NAT and no member reachable directly: nobody new can reach it
-    network_isolated: bool = False  # ... and not connected to any member either: training waits (network.NetworkWatch)
+    network_isolated: bool = False  # ... and not connected to any member either: training waits (watch.NetworkWatch)
     connections: dict[str, int] = field(default_factory=dict)  # direct / hole-punched / relayed
     param_history: list[list] = field(default_factory=list)  # [global step, peers agreeing, compared, resynced]
     resynced_at: int | None = None  # global step reached by downloading the swarm's state after parting from it

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from p2ptrain.carbon import country_average
-from p2ptrain.energy_meter import CodecarbonMeter, EnergyMeter, NoMeter
-from p2ptrain.ledger import Accountant, Ledger
-from p2ptrain.models import build_model
-from p2ptrain.training import lm_loss
+from p2ptrain.energy.carbon import country_average
+from p2ptrain.energy.ledger import Accountant, Ledger
+from p2ptrain.energy.meter import CodecarbonMeter, EnergyMeter, NoMeter
+from p2ptrain.train.models import build_model, lm_loss
 
 
 def accountant(meter: EnergyMeter, directory: Path, every_s: float) -> Accountant:

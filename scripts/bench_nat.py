@@ -38,7 +38,7 @@ from p2ptrain.local_swarm import DEMO_SWARM_FLAGS, LocalPeer, LocalSwarm  # noqa
 CONFIGS = ("flat", "nat_hole_punched", "nat_relayed", "nat_upnp")
 VOLUNTEERS = 3
 KINDS = ("direct", "hole-punched", "relayed")  # of connections, as a peer's status counts them
-PUNCH_WAIT_S = 420  # the first try, p2ptrain's after 20 s, then every 150 s (network.PunchSchedule)
+PUNCH_WAIT_S = 420  # the first try, p2ptrain's after 20 s, then every 150 s (watch.PunchSchedule)
 PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--checkpoint-every", "1000")
 
 
@@ -51,7 +51,7 @@ class Result:
     router_mb: float  # what each volunteer's router forwarded, mean (0 when flat)
     between_homes_share: float  # of it, to or from other homes' routers
     reachability: list[str]
-    connections: list[dict[str, int]]  # each volunteer's, at the end (network.connection_kinds)
+    connections: list[dict[str, int]]  # each volunteer's, at the end (watch.connection_kinds)
 
 
 def punched(peer: LocalPeer) -> int:

@@ -27,8 +27,8 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2, test_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from p2ptrain import p2p_stack  # noqa: E402
-from p2ptrain.p2p_stack import STOCK_ENV  # noqa: E402
+from p2ptrain.swarm import p2p_stack  # noqa: E402
+from p2ptrain.swarm.p2p_stack import STOCK_ENV  # noqa: E402
 
 CHUNK = 1 << 20
 KINDS = ("go", "py", "py-stock")

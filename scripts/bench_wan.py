@@ -40,14 +40,13 @@ from pathlib import Path
 
 import torch
 
-from p2ptrain.averaging import payload_bytes
-from p2ptrain.checkpoint import checkpoint_path
-from p2ptrain.codecs import Level
-from p2ptrain.data import open_corpus
 from p2ptrain.local_swarm import LocalPeer, LocalSwarm
-from p2ptrain.models import build_model, model_spec
-from p2ptrain.tokenizer import load_tokenizer
-from p2ptrain.training import evaluate, lm_loss
+from p2ptrain.train.averaging import payload_bytes
+from p2ptrain.train.checkpoint import checkpoint_path
+from p2ptrain.train.codecs import Level
+from p2ptrain.train.data import open_corpus
+from p2ptrain.train.models import build_model, evaluate, lm_loss, model_spec
+from p2ptrain.train.tokenizer import load_tokenizer
 
 MODEL, BATCH, SUBNET = "gpt2-tiny", 8, "10.77.0"
 COMM_TO_COMPUTE = 10.0  # the baseline's communication per global step ÷ its compute

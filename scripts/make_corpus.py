@@ -1,9 +1,9 @@
 """Regenerate the embedded default corpus from the Python standard library's own docstrings.
 
-The corpus ships inside the package (``p2ptrain/corpus/stdlib_docs.txt.gz``) so the demo and the
+The corpus ships inside the package (``p2ptrain/train/corpus/stdlib_docs.txt.gz``) so the demo and the
 tests train on real English/technical text with no network. Run this only to refresh it:
 
-    python scripts/make_corpus.py            # writes p2ptrain/corpus/stdlib_docs.txt.gz
+    python scripts/make_corpus.py            # writes p2ptrain/train/corpus/stdlib_docs.txt.gz
 
 The text is the Python Software Foundation's documentation strings (PSF licence).
 """
@@ -43,7 +43,8 @@ def module_docs(name: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "p2ptrain/corpus/stdlib_docs.txt.gz")
+    default = Path(__file__).parent.parent / "p2ptrain/train/corpus/stdlib_docs.txt.gz"
+    parser.add_argument("--out", type=Path, default=default)
     parser.add_argument("--max-bytes", type=int, default=1_500_000, help="stop after this much text")
     args = parser.parse_args()
     names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names and m.name not in SKIP)

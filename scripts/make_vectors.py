@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import PeerID
 
 from p2ptrain.errors import P2PTrainError
-from p2ptrain.invite import PREFIX, Invite, decode_invite
-from p2ptrain.manifest import AveragingSpec, OptimizerSpec, SwarmManifest, public_key_bytes, sign, verify
+from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
+from p2ptrain.swarm.manifest import AveragingSpec, OptimizerSpec, SwarmManifest, public_key_bytes, sign, verify
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 AUTHOR_KEY = bytes(range(32))  # the researcher's Ed25519 private key (test only, never use it for a swarm)

@@ -7,7 +7,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2ptrain.manifest import SwarmManifest, new_manifest
+from p2ptrain.swarm.manifest import SwarmManifest, new_manifest
 
 # no test reaches the Hugging Face hub (its client retried for 23 s before failing here); peers inherit this
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -29,7 +29,7 @@ def test_three_peers_converge(tmp_path, mode, codec):
         *("--target-batch-size", "96", "--matchmaking-time", "2", "--averaging-timeout", "15"),
         *("--warmup-epochs", "2", "--lr", "3e-3", "--averaging", mode, "--compression", codec),
     )
-    peer_flags = (*DEMO_PEER_FLAGS, "--max-epochs", str(EPOCHS), "--validate-every", str(EPOCHS))
+    peer_flags = (*DEMO_PEER_FLAGS, "--max-steps", str(EPOCHS), "--validate-every", str(EPOCHS))
     with LocalSwarm(tmp_path, swarm_flags=swarm_flags, peer_flags=peer_flags) as swarm:
         a = swarm.seed("a", "--wait-for-peers", "3")
         invite = swarm.invite(a)

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import uk_forecast
 
-from p2ptrain.carbon import (
+from p2ptrain.energy.carbon import (
     ForecastPeriod,
     IntensityUnavailable,
     IntensityWatcher,
@@ -18,10 +18,10 @@ from p2ptrain.carbon import (
     country_average,
     g_co2e,
 )
-from p2ptrain.energy_meter import FakeMeter
-from p2ptrain.energy_settings import EnergySettings
+from p2ptrain.energy.ledger import Accountant, Ledger, ledger_path, load_ledger
+from p2ptrain.energy.meter import FakeMeter
+from p2ptrain.energy.settings import EnergySettings
 from p2ptrain.errors import ConfigError
-from p2ptrain.ledger import Accountant, Ledger, ledger_path, load_ledger
 
 NOW = 1_795_000_000.0 - 1_795_000_000.0 % 1800 + 600  # ten minutes into a half-hour
 
@@ -104,7 +104,7 @@ def test_a_source_that_hangs_or_refuses_gives_up_within_its_timeout(grid_api):
 def test_the_watcher_falls_back_says_so_once_and_recovers(grid_api, caplog):
     grid_api.answer("/intensity/", b"oops", status=503)
     watcher = IntensityWatcher(EnergySettings(country="GB", intensity_source="uk", intensity_url=grid_api.url))
-    with caplog.at_level(logging.INFO, logger="p2ptrain.carbon"):
+    with caplog.at_level(logging.INFO, logger="p2ptrain.energy.carbon"):
         down = watcher.refresh()
         watcher.refresh()
         now = time.time()

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from p2ptrain.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from p2ptrain.errors import CheckpointError
-from p2ptrain.models import build_model
+from p2ptrain.train.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from p2ptrain.train.models import build_model
 
 
 def trained_model_and_optimizer():
@@ -61,7 +61,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 WRITER = """
 import sys, torch
 from pathlib import Path
-from p2ptrain.checkpoint import CheckpointInfo, save_checkpoint
+from p2ptrain.train.checkpoint import CheckpointInfo, save_checkpoint
 model = torch.nn.Linear(2048, 2048)  # 16 MB per write: a wide window for the kill to land in
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 path = Path(sys.argv[1])

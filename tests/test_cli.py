@@ -12,11 +12,11 @@ import msgpack
 import pytest
 from hivemind.utils import get_dht_time
 
-from p2ptrain import discovery
-from p2ptrain.cli import main
+from p2ptrain.cli.app import main
 from p2ptrain.errors import ExitCode
-from p2ptrain.invite import Invite
-from p2ptrain.manifest import sign
+from p2ptrain.swarm import discovery
+from p2ptrain.swarm.invite import Invite
+from p2ptrain.swarm.manifest import sign
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/QmSsYLSATJ1iNZWKdTPAeD8sFdXkidzkqyPwR7QeXuaxUw"
 
@@ -37,6 +37,32 @@ def test_version_and_help(capsys, tmp_path):
     assert main(["version"], env={}) == 0
     assert "hivemind 1.1.12" in capsys.readouterr().out
     assert main(["join", "--help"], env={}) == 0
+    shown = capsys.readouterr().out
+    assert "--max-steps" in shown and "--max-epochs" not in shown  # the deprecated alias is hidden
+    assert "(default: 31337)" in shown  # defaults are shown (rich once ate "[default: …]" as markup)
+
+
+@pytest.mark.parametrize("command", [["seed"], ["join"]])
+def test_every_peer_setting_declared_an_option_is_a_flag_of_the_peer_commands(capsys, command):
+    from p2ptrain.cli.options import OPTION_FIELDS
+    from p2ptrain.fields import flag_name
+
+    assert main([*command, "--help"], env={"COLUMNS": "200"}) == 0
+    shown = capsys.readouterr().out
+    assert len(OPTION_FIELDS) >= 18
+    assert not [flag_name(f) for f in OPTION_FIELDS.values() if flag_name(f) not in shown]
+
+
+def test_a_peer_flag_reaches_the_settings(tmp_path, monkeypatch):
+    from p2ptrain.cli import peer_commands
+
+    seen = {}
+    monkeypatch.setattr(peer_commands, "run_until_signalled", lambda settings, request: seen.update(s=settings))
+    argv = ["join", "--model", "gpt2-tiny", "--threads", "3", "--no-mdns", "--initial-peers", "/ip4/1.2.3.4/tcp/1"]
+    assert main([*argv, "--country", "FR", "--data-dir", str(tmp_path)], env={"HOME": str(tmp_path)}) == 0
+    settings = seen["s"]
+    assert (settings.torch_threads, settings.mdns, settings.initial_peers) == (3, False, ("/ip4/1.2.3.4/tcp/1",))
+    assert (settings.energy.country, settings.data_dir, settings.port) == ("FR", tmp_path, 31337)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +159,7 @@ def test_the_process_exits_even_with_a_thread_stuck_in_an_executor(tmp_path):
     stopped DHT; the interpreter's own exit would join them forever (seen: a SIGTERMed peer killed after 30 s)."""
     script = """if True:
         import concurrent.futures, logging, sys, threading
-        import p2ptrain.cli as cli
+        import p2ptrain.cli.app as cli
 
         logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
         never = threading.Event()

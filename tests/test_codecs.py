@@ -10,9 +10,9 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2ptrain.averaging import check_average, payload_bytes
-from p2ptrain.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
-from p2ptrain.policy import RoundReport, choose_level
+from p2ptrain.train.averaging import check_average, payload_bytes
+from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
+from p2ptrain.train.policy import RoundReport, choose_level
 
 
 @pytest.mark.parametrize(

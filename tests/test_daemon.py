@@ -17,10 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from p2ptrain.control import ControlServer, DaemonNotRunning, request
-from p2ptrain.daemon_config import build_config, load_config, set_value
 from p2ptrain.errors import ConfigError, P2PTrainError
 from p2ptrain.fileio import read_json
+from p2ptrain.volunteer.config import build_config, load_config, set_value
+from p2ptrain.volunteer.control_socket import ControlServer, DaemonNotRunning, request
 
 # -- the config file ---------------------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from p2ptrain.data import InMemoryCorpus, is_validation, open_corpus, open_hf_stream
 from p2ptrain.errors import DatasetError
-from p2ptrain.tokenizer import ByteTokenizer
+from p2ptrain.train.data import InMemoryCorpus, is_validation, open_corpus, open_hf_stream
+from p2ptrain.train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

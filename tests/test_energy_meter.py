@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from p2ptrain.energy_meter import CodecarbonMeter, EnergyReading, FakeMeter, NoMeter, open_meter
+from p2ptrain.energy.meter import CodecarbonMeter, EnergyReading, FakeMeter, NoMeter, open_meter
 from p2ptrain.errors import ConfigError
 
 
@@ -80,7 +80,7 @@ nvml.__dict__.update(
 )
 sys.modules["pynvml"] = nvml
 import json
-from p2ptrain.energy_meter import CodecarbonMeter
+from p2ptrain.energy.meter import CodecarbonMeter
 meter = CodecarbonMeter()
 info = meter.start()
 t0 = time.monotonic()

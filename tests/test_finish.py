@@ -16,9 +16,11 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from p2ptrain import end_of_run
-from p2ptrain.data import InMemoryCorpus
-from p2ptrain.end_of_run import (
+from p2ptrain.settings import PeerSettings
+from p2ptrain.status import StatusWriter
+from p2ptrain.train import end_of_run
+from p2ptrain.train.data import InMemoryCorpus
+from p2ptrain.train.end_of_run import (
     QUIET_S,
     Final,
     FinishWatch,
@@ -32,10 +34,9 @@ from p2ptrain.end_of_run import (
     swarm_finished,
     wait_for_stragglers,
 )
-from p2ptrain.settings import PeerSettings
-from p2ptrain.status import StatusWriter
-from p2ptrain.tokenizer import load_tokenizer
-from p2ptrain.training import TRACKER_OPTS, Trainer, make_optimizer, shared_params, stop_optimizer
+from p2ptrain.train.optimizers import TRACKER_OPTS, make_optimizer, stop_optimizer
+from p2ptrain.train.tokenizer import load_tokenizer
+from p2ptrain.train.trainer import Trainer
 
 RUN = "finish-test"
 KEY = f"{RUN}_progress"
@@ -188,7 +189,7 @@ def test_a_peer_averaging_as_a_client_catches_up_from_a_full_peer(nodes, manifes
         assert behind.client_mode and not full.client_mode
         assert not torch.equal(full_model.weight, client_model.weight)
         behind.load_state_from_peers()
-        assert torch.equal(shared_params(behind)[0], shared_params(full)[0])
+        assert torch.equal(behind.shared_params()[0], full.shared_params()[0])
     finally:
         behind.shutdown()
         full.shutdown()
@@ -312,7 +313,7 @@ def test_in_mode_local_a_peer_does_not_wait_for_others_to_hold_its_state(nodes):
 
 
 def shared_digest(opt) -> str:
-    return state_digest(shared_params(opt))
+    return state_digest(opt.shared_params())
 
 
 def test_peers_at_the_last_step_end_with_the_state_announced_first(nodes, manifest, tmp_path):
@@ -324,10 +325,10 @@ def test_peers_at_the_last_step_end_with_the_state_announced_first(nodes, manife
         for i, node in enumerate(nodes[:2]):
             torch.manual_seed(i)
             model = torch.nn.Linear(4, 2)  # different initial parameters
-            settings = PeerSettings(data_dir=tmp_path / f"p{i}", max_epochs=epoch, validate_every=0, batch_size=4)
+            settings = PeerSettings(data_dir=tmp_path / f"p{i}", max_steps=epoch, validate_every=0, batch_size=4)
             settings.data_dir.mkdir()
             opt = make_optimizer(node, model, manifest, settings)
-            opt.state_averager.local_epoch = epoch  # both arrived at the last step by averaging
+            opt.resume_at(epoch)  # both arrived at the last step by averaging
             opts.append(opt)
             corpus = InMemoryCorpus(texts, load_tokenizer("bytes"), 8, 0, node.peer_id.to_bytes())
             status = StatusWriter(settings.data_dir / "status.json")
@@ -345,7 +346,7 @@ def test_peers_at_the_last_step_end_with_the_state_announced_first(nodes, manife
             thread.join(60)
         assert not any(thread.is_alive() for thread in threads)
         assert shared_digest(opts[1]) == shared_digest(opts[0])
-        for mine, final in zip(trainers[1].model.parameters(), shared_params(opts[0]), strict=True):
+        for mine, final in zip(trainers[1].model.parameters(), opts[0].shared_params(), strict=True):
             assert torch.equal(mine, final)  # the model holds the downloaded state too
         assert opts[1].local_epoch == epoch and trainers[1].status.status.epoch == epoch
         assert saved.count(1) == 2, saved  # after its last step, then after the download

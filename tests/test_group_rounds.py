@@ -14,9 +14,9 @@ from hivemind.compression import Float16Compression
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
-from p2ptrain.group_rounds import GroupRounds, check_whole, with_shares
-from p2ptrain.nat import aggregates, offered_addrs
-from p2ptrain.reachability import Kind
+from p2ptrain.swarm.nat import aggregates, offered_addrs
+from p2ptrain.swarm.reachability import Kind
+from p2ptrain.train.group_rounds import GroupRounds, check_whole, with_shares
 
 D, M, N, S, U = Kind.DIRECT, Kind.MAPPED, Kind.NAT, Kind.SYMMETRIC_NAT, Kind.UNKNOWN
 

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from p2ptrain.errors import ConfigError
-from p2ptrain.identity import author_key, ensure_private_dir, lock_data_dir
+from p2ptrain.swarm.identity import author_key, ensure_private_dir, lock_data_dir
 
 
 def test_author_key_is_created_private_and_reused(tmp_path):

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from p2ptrain.carbon import ForecastPeriod, GridIntensity
+from p2ptrain.energy.carbon import ForecastPeriod, GridIntensity
 from p2ptrain.errors import ConfigError
-from p2ptrain.gate import Gate
-from p2ptrain.idle_policy import IdlePolicy, IdleSettings, Traffic, Verdict, in_schedule
-from p2ptrain.machine_sensors import FakeSensor, GpuProcess, MachineFacts, TrafficMeter, open_sensor
-from p2ptrain.volunteer import describe_policy
+from p2ptrain.gate import Gate, Verdict
+from p2ptrain.volunteer.daemon import describe_policy
+from p2ptrain.volunteer.idle_policy import IdlePolicy, IdleSettings, Traffic, in_schedule
+from p2ptrain.volunteer.sensors import FakeSensor, GpuProcess, MachineFacts, TrafficMeter, open_sensor
 
 NOON = dt.datetime(2026, 11, 23, 12, 0)
 OURS = {100, 101}
@@ -237,9 +237,9 @@ def test_carbon_aware_mode_trains_in_the_cleanest_hours_of_the_forecast():
 
 def test_the_daemon_pauses_and_resumes_the_trainer_on_a_fake_intensity_series(tmp_path):
     """The daemon's watcher step, a real Gate and a 'trainer' thread passing through it: the idle mechanism."""
-    from p2ptrain.daemon_config import build_config
     from p2ptrain.settings import PeerSettings
-    from p2ptrain.volunteer import Daemon
+    from p2ptrain.volunteer.config import build_config
+    from p2ptrain.volunteer.daemon import Daemon
 
     class Series:  # what IntensityWatcher.current() would return, one value per call
         def __init__(self, values):

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2ptrain.errors import InviteInvalid
-from p2ptrain.invite import Invite, decode_invite
+from p2ptrain.swarm.invite import Invite, decode_invite
 
 PEER = "/ip4/203.0.113.5/tcp/31337/p2p/QmSsYLSATJ1iNZWKdTPAeD8sFdXkidzkqyPwR7QeXuaxUw"
 

@@ -11,10 +11,8 @@ import time
 
 import pytest
 
-from p2ptrain.carbon import GridIntensity
-from p2ptrain.energy_meter import FakeMeter
-from p2ptrain.errors import LedgerInvalid
-from p2ptrain.ledger import (
+from p2ptrain.energy.carbon import GridIntensity
+from p2ptrain.energy.ledger import (
     MAX_HISTORY,
     Accountant,
     Ledger,
@@ -24,6 +22,8 @@ from p2ptrain.ledger import (
     open_ledger,
     save_ledger,
 )
+from p2ptrain.energy.meter import FakeMeter
+from p2ptrain.errors import LedgerInvalid
 
 KWH = 3.6e6  # J
 FRANCE = GridIntensity(50.0, "country average for France (test)", "country")
@@ -111,7 +111,7 @@ def test_the_meter_counter_resetting_counts_nothing_rather_than_negative(tmp_pat
 WRITER = """
 import sys
 from pathlib import Path
-from p2ptrain.ledger import Ledger, save_ledger
+from p2ptrain.energy.ledger import Ledger, save_ledger
 path, n = Path(sys.argv[1]), 0
 history = [[1.8e9 + i, float(i), float(i), float(i)] for i in range(200)]  # a large file: a long write
 while True:

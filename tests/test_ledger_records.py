@@ -10,9 +10,8 @@ import pytest
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
-from p2ptrain.errors import LedgerInvalid
-from p2ptrain.ledger import Ledger
-from p2ptrain.ledger_records import (
+from p2ptrain.energy.ledger import Ledger
+from p2ptrain.energy.records import (
     RECORD_HISTORY,
     LedgerValidator,
     encode_record,
@@ -24,6 +23,7 @@ from p2ptrain.ledger_records import (
     publish_ledger,
     verify_record,
 )
+from p2ptrain.errors import LedgerInvalid
 
 EXPIRES = 1_900_000_000.0
 

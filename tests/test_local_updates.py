@@ -8,9 +8,9 @@ import hivemind
 import pytest
 import torch
 
-from p2ptrain.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-from p2ptrain.local_updates import LocalUpdateOptimizer
-from p2ptrain.training import TRACKER_OPTS
+from p2ptrain.train.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from p2ptrain.train.local_updates import LocalUpdateOptimizer
+from p2ptrain.train.optimizers import TRACKER_OPTS
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2ptrain.errors import ConfigError, ManifestInvalid
-from p2ptrain.manifest import MAX_ENVELOPE_BYTES, OptimizerSpec, SwarmManifest, new_manifest, sign, verify
+from p2ptrain.swarm.manifest import MAX_ENVELOPE_BYTES, OptimizerSpec, SwarmManifest, new_manifest, sign, verify
 
 
 def test_sign_verify_round_trip(manifest, key):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from p2ptrain.errors import ConfigError
-from p2ptrain.models import REGISTRY, build_model, count_parameters, model_spec, padded_vocab
+from p2ptrain.train.models import REGISTRY, build_model, count_parameters, model_spec, padded_vocab
 
 
 def test_registry_has_the_promised_models():

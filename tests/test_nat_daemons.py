@@ -18,8 +18,8 @@ from hivemind.p2p import P2P, P2PContext, P2PDaemonError
 from hivemind.proto import runtime_pb2, test_pb2
 from multiaddr import Multiaddr
 
-from p2ptrain import p2p_stack
-from p2ptrain.go_p2pd import FLAGS_ENV
+from p2ptrain.swarm import p2p_stack
+from p2ptrain.swarm.go_p2pd import FLAGS_ENV
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from netlab import Host, NatLab, missing_tools  # noqa: E402

@@ -54,7 +54,7 @@ def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -
             if not peer.alive():
                 raise AssertionError(f"{peer.name} exited while waiting for {what}:\n{peer.log()[-3000:]}")
         time.sleep(1.0)
-    for peer in peers:  # every thread's stack into its log (cli.py: faulthandler), for what is stuck
+    for peer in peers:  # every thread's stack into its log (cli/app.py: faulthandler), for what is stuck
         if peer.alive():
             peer.proc.send_signal(signal.SIGUSR1)
     time.sleep(1.0)

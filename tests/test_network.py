@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from p2ptrain.network import PUNCH_GRACE_S, PUNCH_SPACING_S, PunchSchedule, connection_kinds, ours_to_punch
-from p2ptrain.reachability import direct_peers
+from p2ptrain.swarm.reachability import direct_peers
+from p2ptrain.swarm.watch import PUNCH_GRACE_S, PUNCH_SPACING_S, PunchSchedule, connection_kinds, ours_to_punch
 
 
 def test_a_relayed_member_is_tried_after_the_grace_then_no_sooner_than_the_spacing_and_a_bounded_number_of_times():
@@ -62,7 +62,7 @@ def test_connections_are_counted_by_kind_and_a_peer_with_one_direct_connection_i
 
 
 def test_a_peer_whose_rounds_keep_failing_while_others_train_is_told_to_rejoin():
-    from p2ptrain.training import StuckRounds
+    from p2ptrain.train.trainer import StuckRounds
 
     stuck = StuckRounds(limit=3)
     assert [stuck.after(own_update=True, peers=4) for _ in range(3)] == [False, False, True]

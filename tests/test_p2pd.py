@@ -22,8 +22,8 @@ from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.proto import runtime_pb2, test_pb2
 
-from p2ptrain import p2p_stack
 from p2ptrain.p2pd.flags import FlagError, parse, parse_duration
+from p2ptrain.swarm import p2p_stack
 
 TIMEOUT_S = 60
 

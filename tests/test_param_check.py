@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2ptrain.param_check import SKETCH_SIZE, agree, judge, positions, read_sketches, sketch
+from p2ptrain.train.param_check import SKETCH_SIZE, agree, judge, positions, read_sketches, sketch
 
 LR = 1e-3
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(bool(missing_tools(upnp=True)), reason=f"needs {
 
 def on(host: Host, call: str):
     """``call`` evaluated in a process on ``host``, with ``port_mapping`` as ``m`` (and ``t``: when it began)."""
-    code = f"import time; from p2ptrain import port_mapping as m; t = time.monotonic(); print(repr({call}))"
+    code = f"import time; from p2ptrain.swarm import port_mapping as m; t = time.monotonic(); print(repr({call}))"
     out = subprocess.run([*host.prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return ast.literal_eval(out.stdout.strip())

@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2ptrain.errors import InviteInvalid, ManifestInvalid
-from p2ptrain.invite import PREFIX, Invite, decode_invite
-from p2ptrain.manifest import AveragingSpec, OptimizerSpec, SwarmManifest, sign, verify
+from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
+from p2ptrain.swarm.manifest import AveragingSpec, OptimizerSpec, SwarmManifest, sign, verify
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 

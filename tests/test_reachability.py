@@ -8,8 +8,8 @@ from functools import partial
 import hivemind
 import pytest
 
-from p2ptrain import reachability
-from p2ptrain.reachability import Answer, Kind, ask, classify, serve
+from p2ptrain.swarm import reachability
+from p2ptrain.swarm.reachability import Answer, Kind, ask, classify, serve
 
 
 def closed_port() -> int:

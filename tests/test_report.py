@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from p2ptrain.cli import describe_status, main
+from p2ptrain.cli.app import main
+from p2ptrain.cli.status_text import describe_status
+from p2ptrain.energy.ledger import Ledger, ledger_path, save_ledger
+from p2ptrain.energy.report import Card, Datacenter, datacenter_estimate, render_markdown, render_text, series, totals
 from p2ptrain.errors import ExitCode
-from p2ptrain.ledger import Ledger, ledger_path, save_ledger
-from p2ptrain.report import Card, Datacenter, datacenter_estimate, render_markdown, render_text, series, totals
 
 KWH = 3.6e6
 
@@ -152,8 +153,8 @@ def test_status_shows_the_persistent_ledger_instead_of_this_runs_counters():
 
 def test_report_of_the_swarm_finds_it_through_the_peer_running_here(capsys, tmp_path, monkeypatch, manifest):
     """No flags: the invite of the peer running in --data-dir (its status file) reaches the swarm."""
-    from p2ptrain.invite import Invite
-    from p2ptrain.ledger_records import SwarmLedgers
+    from p2ptrain.energy.records import SwarmLedgers
+    from p2ptrain.swarm.invite import Invite
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -166,7 +167,7 @@ def test_report_of_the_swarm_finds_it_through_the_peer_running_here(capsys, tmp_
         asked.append((initial_peers, run_id))
         return SwarmLedgers(peers(), ["QmMallory…: the signature does not verify"])
 
-    monkeypatch.setattr("p2ptrain.ledger_records.gather_swarm", gather)
+    monkeypatch.setattr("p2ptrain.energy.records.gather_swarm", gather)
     code, out, _ = run_cli(capsys, tmp_path, "report", "--swarm", "--data-dir", str(data_dir))
     assert code == 0 and asked == [([address], "run")]
     assert "Peers            2" in out and "Refused 1 ledger record(s)" in out

@@ -64,7 +64,7 @@ def test_settings_record_is_json_friendly(tmp_path):
 def test_energy_settings_merge_file_then_environment_then_flags_and_hide_the_token(tmp_path):
     import json
 
-    from p2ptrain.daemon_config import build_config, describe, load_config, set_value
+    from p2ptrain.volunteer.config import build_config, describe, load_config, set_value
 
     config = build_config({"energy": {"country": "DEU", "intensity_source": "electricitymaps", "ledger_every_s": 30}})
     env = {"HOME": str(tmp_path), "P2PTRAIN_COUNTRY": "FR", "P2PTRAIN_ELECTRICITYMAPS_TOKEN": "s3cret"}
@@ -90,3 +90,14 @@ def test_energy_settings_merge_file_then_environment_then_flags_and_hide_the_tok
 def test_bad_energy_settings_name_the_setting(flags, message):
     with pytest.raises(ConfigError, match=message):
         resolve_settings(flags, {"HOME": "/tmp"})
+
+
+def test_max_epochs_is_a_deprecated_name_of_max_steps_in_every_source(caplog):
+    env = {"HOME": "/tmp"}
+    assert resolve_settings({"max_epochs": 7}, env).max_steps == 7
+    assert "--max-epochs is deprecated and will be removed: use --max-steps" in caplog.text
+    assert resolve_settings({}, {**env, "P2PTRAIN_MAX_EPOCHS": "8"}).max_steps == 8
+    assert "P2PTRAIN_MAX_EPOCHS is deprecated" in caplog.text
+    assert resolve_settings({}, env, base={"max_epochs": 9}).max_steps == 9
+    assert "config key 'max_epochs' is deprecated" in caplog.text
+    assert resolve_settings({"max_epochs": 7, "max_steps": 3}, env).max_steps == 3  # the new name wins

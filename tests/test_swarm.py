@@ -20,17 +20,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from p2ptrain.cli import main
-from p2ptrain.invite import decode_invite
-from p2ptrain.ledger import ledger_path, load_ledger
-from p2ptrain.ledger_records import LedgerValidator
+from p2ptrain.cli.app import main
+from p2ptrain.energy.ledger import ledger_path, load_ledger
+from p2ptrain.energy.records import LedgerValidator
 from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
+from p2ptrain.swarm.invite import decode_invite
 
 pytestmark = pytest.mark.slow
 
 FINAL_EPOCH = 40
 SWARM_FLAGS = (*DEMO_SWARM_FLAGS, "--average-state-every", "4")
-PEER_FLAGS = (*DEMO_PEER_FLAGS, "--checkpoint-every", "2", "--max-epochs", str(FINAL_EPOCH))
+PEER_FLAGS = (*DEMO_PEER_FLAGS, "--checkpoint-every", "2", "--max-steps", str(FINAL_EPOCH))
 
 
 def epoch_at_least(n: int):

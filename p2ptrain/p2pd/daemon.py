@@ -40,9 +40,9 @@ from p2ptrain.p2pd.unary import PersistentConn, handle_incoming
 logger = logging.getLogger("p2pd")
 
 EXIT_GRACE_S = 2.0  # after SIGTERM or the last client leaving: then the process exits regardless
-MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # set by p2ptrain.p2p_stack for --p2p py --mdns
+MDNS_ENV = "P2PTRAIN_P2PD_MDNS"  # set by p2ptrain.swarm.p2p_stack for --p2p py --mdns
 STOCK_ENV = "P2PTRAIN_P2PD_STOCK"  # set by scripts/bench_p2pd.py: "1" runs py-libp2p as released
-FLAGS_ENV = "P2PTRAIN_P2PD_FLAGS"  # set by p2ptrain.p2p_stack: flags hivemind has no parameter for
+FLAGS_ENV = "P2PTRAIN_P2PD_FLAGS"  # set by p2ptrain.swarm.p2p_stack: flags hivemind has no parameter for
 
 
 class RoundRobin:
@@ -237,7 +237,7 @@ class GologFormatter(logging.Formatter):
         )
 
 
-LOG_DIR_ENV = "P2PTRAIN_P2PD_LOG_DIR"  # as for the Go daemon (p2ptrain.go_p2pd): each daemon writes its log there
+LOG_DIR_ENV = "P2PTRAIN_P2PD_LOG_DIR"  # as for the Go daemon (p2ptrain.swarm.go_p2pd): each daemon writes its log there
 
 
 def configure_logging() -> None:

@@ -1,4 +1,5 @@
-"""Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts.
+"""Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts: every touch of py-libp2p's
+private names is here (``tests/test_layout.py`` checks), and ``install`` refuses any other py-libp2p version.
 
 Two fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``. Three speed-ups
 (``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
@@ -8,9 +9,12 @@ What goes over the network stays valid TCP/Noise/yamux.
 
 from __future__ import annotations
 
+import importlib.metadata
 import struct
 
 import trio
+
+SUPPORTED = "0.8.1"  # pyproject.toml pins it; the patches below are written against its source
 
 READ_AHEAD = 256 * 1024
 
@@ -212,7 +216,21 @@ def circuit_addrs_advertised() -> None:
     BasicHost._p2ptrain_circuits = True
 
 
+class UnsupportedVersion(RuntimeError):
+    pass
+
+
+def check_version(installed: str | None = None) -> None:
+    installed = installed or importlib.metadata.version("libp2p")
+    if installed != SUPPORTED:
+        raise UnsupportedVersion(
+            f"py-libp2p {installed} is installed; p2ptrain-p2pd supports py-libp2p {SUPPORTED} only (it patches its "
+            "internals: p2ptrain/p2pd/libp2p_patches.py). Reinstall p2ptrain: ./scripts/setup.sh"
+        )
+
+
 def install(speedups: bool = True) -> None:
+    check_version()
     atomic_frame_writes()
     circuit_addrs_advertised()
     if speedups:

@@ -3,7 +3,7 @@
 - A public peer (``-relay``, hivemind's default, and not ``-forceReachabilityPrivate``) relays for peers behind NAT
   (the hop protocol), within ``LIMITS``: slots, circuits, bytes and time per circuit, as go-libp2p's relay service
   bounds them.
-- A peer behind NAT (``-autoRelay -forceReachabilityPrivate -trustedRelays=…``, what ``p2ptrain.nat`` asks for)
+- A peer behind NAT (``-autoRelay -forceReachabilityPrivate -trustedRelays=…``, what ``p2ptrain.swarm.nat`` asks for)
   holds a slot on each trusted relay (reserved, then refreshed by py-libp2p before it expires), accepts the
   connections relayed to it (the stop protocol: Noise and yamux run inside the circuit, so hivemind's protocols
   work over it as over TCP), advertises ``<relay address>/p2p-circuit`` addresses, and dials the circuit addresses
@@ -11,7 +11,7 @@
 
 Hole punching (DCUtR) is not wired: py-libp2p's TCP transport dials from a new port each time, so the NAT in front
 of a ``--p2p py`` peer maps every connection to a new port and no hole could be punched; its peers see it as behind
-a symmetric NAT (``reachability``), and it averages as ``p2ptrain.nat`` says such a peer does.
+a symmetric NAT (``reachability``), and it averages as ``p2ptrain.swarm.nat`` says such a peer does.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from libp2p.tools.anyio_service import background_trio_service
 logger = logging.getLogger("p2pd.relay")
 
 # what this daemon's relay grants (go-libp2p's DefaultResources give 128 KiB and 2 minutes per circuit: enough to
-# find each other; p2ptrain sends no averaging data through a relay, see p2ptrain.nat)
+# find each other; p2ptrain sends no averaging data through a relay, see p2ptrain.swarm.nat)
 LIMITS = RelayLimits(duration=120, data=1 << 20, max_circuit_conns=16, max_reservations=64, reservation_ttl=3600)
 RESERVE_TIMEOUT_S = 10.0
 RESERVE_EVERY_S = 30.0  # go-libp2p's autorelay refreshes every minute; a reservation is a few hundred bytes

@@ -1,0 +1,165 @@
+"""Every touch of hivemind's private names, and the one version of hivemind they were written against.
+
+hivemind has no public hook for what p2ptrain changes in it: the codec a received tensor is decoded with, the
+libp2p daemon it launches, who aggregates which part of a round and what members receive, and what its Optimizer
+does when a gradient round succeeds or fails. Each of those is reached here, through a function or a base class
+with a public name; the rest of p2ptrain uses only those names (``tests/test_layout.py`` checks), so a hivemind
+upgrade is reviewed in this one file, and ``check_version`` refuses to start with any other version.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from importlib.resources import path as resource_path
+from typing import Any
+
+import hivemind
+import hivemind.p2p.p2p_daemon as p2p_daemon
+import torch
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.compression import CompressionBase
+from hivemind.compression import serialization as hivemind_serialization
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+from p2ptrain.errors import ConfigError
+
+SUPPORTED = "1.1.12"  # pyproject.toml pins it; the names below are read from its source
+
+
+def check_version(installed: str | None = None) -> None:
+    """Refuse to run on a hivemind whose internals this module was not written for.
+
+    Raises:
+        ConfigError: another version is installed (the message names the supported one and the fix)."""
+    installed = installed or importlib.metadata.version("hivemind")
+    if installed != SUPPORTED:
+        raise ConfigError(
+            f"hivemind {installed} is installed; p2ptrain supports hivemind {SUPPORTED} only (it changes hivemind's "
+            f"averaging from inside: p2ptrain/compat/hivemind.py). Reinstall p2ptrain: ./scripts/setup.sh"
+        )
+
+
+# -- codecs -----------------------------------------------------------------------------------------------------------
+
+
+def register_codec(compression_type: str, codec: CompressionBase) -> None:
+    """Decode every received tensor of ``compression_type`` (a ``runtime_pb2.CompressionType`` name) with ``codec``:
+    hivemind decodes by the type on the wire, with the object in its registry, not the sender's."""
+    hivemind_serialization._BASE_COMPRESSION_TYPES[compression_type] = codec
+
+
+# -- the libp2p daemon ------------------------------------------------------------------------------------------------
+
+DAEMON_FILENAME = p2p_daemon.P2PD_FILENAME
+
+
+def set_daemon_launcher(launcher: Callable[[object, str], Any] | None) -> None:
+    """hivemind finds its daemon with ``importlib.resources.path(hivemind_cli, "p2pd")``, looked up at each start
+    in its module ``p2p_daemon``; ``launcher`` (the same signature, a context manager) replaces that look-up for
+    every daemon this process starts from now on. None: hivemind's bundled Go daemon again."""
+    p2p_daemon.path = launcher or resource_path
+
+
+def daemon_launcher() -> Callable[[object, str], Any]:
+    return p2p_daemon.path
+
+
+async def disconnect(p2p: P2P, peer_id: PeerID) -> None:
+    """Close every connection to ``peer_id`` (hivemind's P2P has no public disconnect; its daemon client has)."""
+    await p2p._client.disconnect(peer_id)
+
+
+# -- averagers --------------------------------------------------------------------------------------------------------
+
+
+class AveragerHooks:
+    """Mixin for ``hivemind.averaging.DecentralizedAverager`` subclasses: public names for the two private methods
+    p2ptrain changes. Mixins that override them (``aggregate_with_group``, ``run_allreduce_inplace``) derive from
+    this class and call ``super()``; Python's method order puts this class after all of them and before hivemind's,
+    so the chain ends in hivemind's own code."""
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, *args: Any, **kwargs: Any) -> Any:
+        return await self.aggregate_with_group(group_info, *args, **kwargs)
+
+    async def aggregate_with_group(self, group_info: GroupInfo, *args: Any, **kwargs: Any) -> Any:
+        """Run one round with a formed group (hivemind: ``DecentralizedAverager._aggregate_with_group``)."""
+        return await super()._aggregate_with_group(group_info, *args, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, *args, **kwargs):
+        return await self.run_allreduce_inplace(tensors, group_info, *args, **kwargs)
+
+    async def run_allreduce_inplace(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, *args, **kwargs):
+        """All-reduce ``tensors`` in place with the group (hivemind: ``_run_allreduce_inplace_``; ``*args``: the
+        group id, which PowerSGD's averager passes for each of its two rounds)."""
+        return await super()._run_allreduce_inplace_(tensors, group_info, *args, **kwargs)
+
+
+async def allreduce_to_values(
+    averager: Any,
+    runner_type: type[AllReduceRunner],
+    tensors: Sequence[torch.Tensor],
+    group_info: GroupInfo,
+    group_id: bytes | None = None,
+    **kwargs: Any,
+) -> AllReduceRunner:
+    """hivemind's ``DecentralizedAverager._run_allreduce_inplace_`` with a runner of ``runner_type`` that yields
+    each tensor's *average* (not, as hivemind's, the difference to add): the tensors become it (or move towards it
+    by the averager's alpha). Returns the runner, finished, for the caller to check."""
+    group_id = group_info.group_id if group_id is None else group_id
+    runner = runner_type(
+        p2p=averager._p2p,
+        servicer_type=type(averager),
+        prefix=averager.prefix,
+        tensors=tensors,
+        group_id=group_id,
+        ordered_peer_ids=group_info.peer_ids,
+        **kwargs,
+    )
+    if group_id not in averager._running_groups:
+        raise AllreduceException(f"group {group_id!r} was not registered")
+    averager._running_groups[group_id].set_result(runner)
+    alpha = averager._averaging_alpha
+    if runner.modes[group_info.peer_ids.index(averager.peer_id)] != AveragingMode.AUX:
+        async for tensor, average in azip(as_aiter(*tensors), runner):
+            tensor.lerp_(average, alpha) if alpha != 1 else tensor.copy_(average)
+            averager.last_updated = get_dht_time()
+            averager._state_updated.set()
+    else:
+        async for _ in runner:
+            raise AllreduceException("aux peers should not receive averaged tensors")
+    return runner
+
+
+def input_part(container: Any, peer_index: int, part_index: int) -> tuple[torch.Tensor, Any]:
+    """The part ``part_index`` a ``TensorPartContainer`` sent to member ``peer_index``, with its ``CompressionInfo``."""
+    return container._input_parts_by_peer[peer_index][part_index]
+
+
+class Optimizer(hivemind.Optimizer):
+    """``hivemind.Optimizer`` with public names for the three private methods p2ptrain changes."""
+
+    def _make_state_averager(self, **kwargs: Any) -> Any:
+        return self.make_state_averager(**kwargs)
+
+    def make_state_averager(self, **kwargs: Any) -> Any:
+        """The ``TrainingStateAverager`` that hivemind's ``__init__`` creates (hivemind: ``_make_state_averager``)."""
+        return super()._make_state_averager(**kwargs)
+
+    def _load_local_gradients_into_optimizer(self) -> None:
+        self.use_own_gradients()
+
+    def use_own_gradients(self) -> None:
+        """The gradient round failed: this step applies this peer's own (hivemind: ``_load_local_gradients_…``)."""
+        super()._load_local_gradients_into_optimizer()
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Any) -> None:
+        self.use_averaged_gradients(maybe_step_control)
+
+    def use_averaged_gradients(self, maybe_step_control: Any) -> None:
+        """Wait for the gradient round and apply its average (hivemind: ``_average_gradients_and_load_…``); on
+        failure hivemind calls ``use_own_gradients``."""
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)

@@ -1,0 +1,13 @@
+"""The swarm: how peers find each other, prove who they are, and reach each other across NATs.
+
+- ``identity``     persistent keys: libp2p identity, manifest-signing key
+- ``manifest``     the signed swarm manifest (what all peers share) and its verification
+- ``invite``       the copy-pasteable invite string
+- ``discovery``    DHT keys and records: publishing manifests, finding swarms by model
+- ``p2p_stack``    which libp2p daemon hivemind runs: its bundled Go p2pd or ours (``p2ptrain.p2pd``, py-libp2p)
+- ``go_p2pd``      the Go daemon with flags hivemind has no parameter for (relay slots, forced reachability)
+- ``reachability`` can other peers connect to this one? (peers dial back; the verdict in the status)
+- ``nat``          the role reachability calls for: relay slots, client mode, who aggregates a share
+- ``port_mapping`` reads the mapping a home router made for us (UPnP IGD table, NAT-PMP)
+- ``network``      the DHT started in that role, and the watch that notices when it no longer fits
+"""

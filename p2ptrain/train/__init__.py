@@ -1,0 +1,18 @@
+"""Training: the step loop around hivemind's optimizers, averaging, codecs and the data.
+
+- ``trainer``       the step loop: batches, pauses, validation, the end of a run, its hooks (``StepObserver``)
+- ``optimizers``    the optimizer of the swarm's mode (hivemind's, or local updates), its averagers, its shutdown
+- ``local_updates`` local-update (DiLoCo) mode: inner AdamW, averaged pseudo-gradients, outer Nesterov
+- ``averaging``     compressed all-reduce on hivemind's averagers (codec per round, sparse via shared masks)
+- ``group_rounds``  averaging rounds that gather reachability, and fail whole when any part failed
+- ``codecs``        fp16 / int8 / random-k, the ladder of compression levels
+- ``policy``        the adaptive level every group member derives from the same reports
+- ``param_check``   after each global step, members compare sketches of their parameters; a stray resyncs
+- ``end_of_run``    ``--max-steps``: every peer stops on the same global step with the same parameters
+- ``models``        the model registry (gpt2-tiny/-small/-medium), built from configs; loss, held-out loss
+- ``tokenizer``     offline byte tokenizer; Hugging Face tokenizers from the local cache
+- ``data``          datasets (embedded ``corpus/``, local files, HF streaming), held-out split, sharding
+- ``checkpoint``    atomic safetensors checkpoints
+
+Nothing here imports ``volunteer`` or ``energy``: they reach the step loop through its hooks.
+"""

@@ -1,0 +1,144 @@
+"""hivemind averagers that compress with the ladder of ``codecs`` and, when adaptive, choose the rung per round.
+
+``CompressedAllReduce`` replaces ``aggregate_with_group`` (hivemind's, named in ``compat.hivemind``) — the code that
+runs in the averager process once a group has formed — the way hivemind's own PowerSGD averager does:
+1. read the members' reports from the group's all-gather and choose the level (``policy``), or use
+   the fixed one from the manifest;
+2. flatten the local tensors, add the error-feedback residual (gradient mode; in local mode the
+   parameters themselves carry what was not sent), keep the shared random-k coordinates;
+3. run hivemind's all-reduce on that vector with the level's codec;
+4. refuse a non-finite or absurdly large average (a bad peer), else write it back in place and
+   commit the new residual. A failed round changes nothing: hivemind then falls back to local values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.compression import CompressionInfo
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils.asyncio import enter_asynchronously
+
+from p2ptrain.compat.hivemind import AveragerHooks
+from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
+from p2ptrain.train.group_rounds import GroupRounds
+from p2ptrain.train.policy import Plan, RoundReport, plan_round
+
+logger = logging.getLogger(__name__)
+MAX_GROWTH = 1e4  # an average with a value this many times beyond ours (and beyond ±1e4) is not believed
+
+
+class RoundOutcome(dict):
+    """What ``step()`` returns: the members' gathered data, plus what this round cost."""
+
+    level: int = -1  # LADDER index when adaptive, else -1
+    codec: str = ""
+    ratio: float = 1.0  # < 1: only shared_indices(group_id, numel, ratio) were averaged; the rest are 0
+    group_id: bytes = b""
+    round_s: float = 0.0
+    bytes_sent: float = 0.0
+    group_size: int = 0
+    plan: Plan | None = None  # adaptive: the prediction the level was chosen by
+
+
+class CompressedAllReduce(AveragerHooks):
+    """Mixin for ``DecentralizedAverager`` subclasses; call ``_init_compression`` before their ``__init__``."""
+
+    def _init_compression(self, fixed: Level | None, budget: float, error_feedback: bool) -> None:
+        self._fixed, self._budget, self._error_feedback = fixed, budget, error_feedback
+        self._residual: torch.Tensor | None = None
+
+    def _choose(self, group_info: GroupInfo, user_gathered: dict, numel: int) -> tuple[Plan | None, Level]:
+        if self._fixed is not None:
+            return None, self._fixed
+        reports = [
+            RoundReport.from_wire(g.get("report") if isinstance(g, dict) else None)
+            for g in (user_gathered[p] for p in group_info.peer_ids)
+        ]
+        plan = plan_round(reports, numel, self._budget)
+        return plan, LADDER[plan.level]
+
+    async def aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> RoundOutcome:
+        try:
+            bandwidths, mode_ids, user_bytes = zip(*map(self.serializer.loads, group_info.gathered), strict=True)
+            user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_bytes), strict=True))
+            modes = tuple(map(AveragingMode, mode_ids))
+            download = [b if m != AveragingMode.CLIENT else 0.0 for b, m in zip(bandwidths, modes, strict=True)]
+            async with enter_asynchronously(self.get_tensors()) as local_tensors:
+                flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in local_tensors])
+                numel = flat.numel()
+                plan, level = self._choose(group_info, user_gathered, numel)
+                residual = self._residual.clone() if self._residual is not None else torch.zeros(numel)
+                if level.ratio >= 1.0:
+                    indices, values = None, flat.add_(residual)
+                    residual.zero_()
+                else:
+                    indices = shared_indices(group_info.group_id, numel, level.ratio)
+                    values = sparsify_(flat, residual, indices)
+                sent = values.clone()
+                fractions = await asyncio.get_event_loop().run_in_executor(
+                    None, load_balance_peers, values.numel(), download, min_vector_size
+                )
+                kwargs.update(
+                    compression=DENSE[level.codec](), tensor_infos=(CompressionInfo.from_tensor(values, key=0),)
+                )
+                started = time.perf_counter()
+                await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
+                round_s = time.perf_counter() - started
+                check_average(values, sent)
+                dense = values if indices is None else densify(values, indices, numel)
+                offset = 0
+                for tensor in local_tensors:
+                    tensor.copy_(dense[offset : offset + tensor.numel()].view_as(tensor))
+                    offset += tensor.numel()
+                if self._error_feedback:
+                    self._residual = residual
+            outcome = RoundOutcome(user_gathered)
+            outcome.level, outcome.codec, outcome.round_s = plan.level if plan else -1, level.describe(), round_s
+            outcome.plan = plan
+            outcome.group_size = len(group_info.peer_ids)
+            outcome.ratio, outcome.group_id = level.ratio, group_info.group_id
+            outcome.bytes_sent = payload_bytes(level, numel, len(group_info.peer_ids))
+            return outcome
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.warning("Averaging round failed: %r", e)
+            raise AllreduceException(f"Unable to run All-Reduce: {e!r}") from e
+
+
+def payload_bytes(level: Level, numel: int, group_size: int) -> float:
+    """Bytes one peer sends in a butterfly all-reduce: its (n-1)/n share out, averaged parts back."""
+    return 2.0 * level.bytes_for(numel) * (group_size - 1) / max(group_size, 1)
+
+
+def check_average(average: torch.Tensor, ours: torch.Tensor) -> None:
+    """A bad peer can send anything: refuse averages that are not finite or dwarf every value we sent."""
+    if not torch.isfinite(average).all():
+        raise AllreduceException("the group's average is not finite (a peer sent NaN/inf); using local values")
+    limit = MAX_GROWTH * max(1.0, float(ours.abs().max()) if ours.numel() else 0.0)
+    if average.numel() and float(average.abs().max()) > limit:
+        raise AllreduceException(f"the group's average has a value beyond ±{limit:.3g}; using local values")
+
+
+class CompressedGradientAverager(GroupRounds, CompressedAllReduce, GradientAverager):
+    """hivemind.Optimizer's gradient averager with a fixed level (int8, random-k with error feedback)."""
+
+    def __init__(self, *args: Any, level: Level, **kwargs: Any):
+        self._init_compression(level, budget=1.0, error_feedback=True)
+        super().__init__(*args, **kwargs)
+
+
+class PseudoGradientAverager(GroupRounds, CompressedAllReduce, DecentralizedAverager):
+    """Averages the local-update mode's pseudo-gradients; adaptive when ``level`` is None."""
+
+    def __init__(self, tensors: list[torch.Tensor], *, level: Level | None, budget: float, **kwargs: Any):
+        self._init_compression(level, budget, error_feedback=False)
+        super().__init__(averaged_tensors=tensors, **kwargs)

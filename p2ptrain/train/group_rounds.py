@@ -1,0 +1,171 @@
+"""Averaging rounds among peers that may sit behind NAT: who aggregates a part, and what counts as a round done.
+
+hivemind splits a group's vector into one part per member; each member aggregates its part from everybody and
+sends the average back. Two things go wrong among volunteers behind NAT routers, and this module fixes both for
+every averager p2ptrain runs (gradients, optimizer state, compressed and local-update ones), as a mixin, and
+makes the average the same on every member:
+
+1. **Who aggregates.** A member nobody can open a direct connection to cannot aggregate: every other member's
+   part for it would have to cross a relay, which is no data path (``nat.py``). Each member reports its
+   reachability kind with its bandwidth in the group's all-gather; from the same reports every member derives
+   the same shares (``nat.aggregates``): a member that cannot aggregate gets a share of 0 and only sends its part
+   and receives the average, as hivemind's client-mode peers do.
+2. **A round that lost a part is not a success.** hivemind's all-reduce does not fail when one member's exchange
+   with another fails: the sender keeps its own values for that part, the aggregator leaves the sender out, and
+   the round still returns as averaged with everybody, so members end the step with different values and nobody
+   says so. Here a member whose result is missing a part (it kept its own values for some of the vector) fails
+   the round, which hivemind then retries or reports as failed ("proceeding with local gradients"); a member
+   that had to leave a sender out of the part it aggregated says so in the log. The parameter check after each
+   global step (``param_check.py``) then finds and resynchronises any member whose parameters left the group's.
+3. **One average for all.** hivemind's aggregator sends each member the compressed *difference* between the
+   average and that member's part, which each adds to its own values: with fp16 every member ends off the average
+   by the rounding of its *own* part (for small-batch gradients, many times the average's size: measured, two
+   peers on loopback drifted a median 0.01-0.06 learning rates apart per step). Here the aggregator sends the
+   average itself, compressed, and each member, the aggregator included, takes that decompressed average: all
+   hold the same values, to a float32 rounding. Members of older versions must not be in the same group (they
+   would add an average as a difference), so p2ptrain's averagers use their own key prefix (``VERSION``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.compression import deserialize_torch_tensor
+
+from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
+from p2ptrain.swarm.nat import aggregates
+from p2ptrain.swarm.reachability import Kind
+
+logger = logging.getLogger(__name__)
+
+
+class GroupRounds(AveragerHooks):
+    """Mixin for hivemind's ``DecentralizedAverager`` subclasses (listed first among the bases).
+
+    ``reach_kind``: this peer's reachability kind (``reachability.Kind``), reported in each round's all-gather."""
+
+    def __init__(self, *args: Any, reach_kind: str = Kind.UNKNOWN, **kwargs: Any):
+        self.reach_kind = str(reach_kind)
+        if kwargs.get("prefix"):
+            kwargs["prefix"] = f"{kwargs['prefix']}_{VERSION}"
+        super().__init__(*args, **kwargs)
+
+    # hivemind gathers [bandwidth, mode, user data] from each member (averager.py step()); the bandwidth slot
+    # carries [bandwidth, reach kind] between p2ptrain's averagers, and is turned back before hivemind reads it.
+    @property
+    def bandwidth(self) -> list[Any]:
+        return [self._bandwidth, self.reach_kind]
+
+    @bandwidth.setter
+    def bandwidth(self, value: float | None) -> None:
+        self._bandwidth = value
+
+    async def aggregate_with_group(self, group_info: GroupInfo, *args: Any, **kwargs: Any) -> Any:
+        return await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
+
+    async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
+        runner = await allreduce_to_values(self, SameAverageRunner, tensors, group_info, group_id, **kw)
+        check_whole(runner, group_info)
+
+
+VERSION = "p2pt2"  # in every averager's key prefix: bumped when what members exchange in a round changes
+
+
+class SameAverageRunner(AllReduceRunner):
+    """hivemind's all-reduce, in which every member ends with the same average (point 3 of the module docstring).
+
+    Two small changes, on top of hivemind's code paths: the part reducer answers with an average from which hivemind's
+    "average minus the sender's part" is the average itself (what goes on the wire, exactly); and this member's
+    container keeps the averages it receives (and the one it aggregated itself, after the same compression) as
+    values, which ``GroupRounds`` copies into the tensors: every member's tensors become the same bits. A part
+    whose aggregator failed keeps this member's own values."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.tensor_part_reducer = _AnswerAverage(self.tensor_part_reducer)
+        own = self.ordered_peer_ids.index(self.peer_id)
+        _take_averages(self.tensor_part_container, own)
+
+
+class _Average:
+    """An averaged part for which ``average - sender_part`` is the average: hivemind computes that difference
+    (allreduce.py ``_accumulate_parts_streaming`` and the local part in ``_communicate_with_peer``) and nothing else."""
+
+    def __init__(self, average: torch.Tensor):
+        self.average = average
+
+    def __sub__(self, _sender_part: torch.Tensor) -> torch.Tensor:
+        return self.average
+
+
+class _AnswerAverage:
+    """A ``TensorPartReducer`` whose ``accumulate_part`` answers with the average itself (``_Average``)."""
+
+    def __init__(self, reducer: Any):
+        self._reducer = reducer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reducer, name)
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, **kwargs: Any):
+        return _Average(await self._reducer.accumulate_part(sender_index, part_index, tensor_part, **kwargs))
+
+
+def _take_averages(container: Any, own: int) -> None:
+    """Make ``container`` (a ``TensorPartContainer``) hold values: each average registered (this member's own part
+    after the codec the others received it through), and its own values for a failed aggregator's parts."""
+    register = container.register_processed_part
+    container.return_deltas = False  # what register_failed_reducer then keeps: the member's own values
+
+    def register_average(peer_index: int, part_index: int, average: torch.Tensor) -> None:
+        part, info = input_part(container, peer_index, part_index)
+        if peer_index == own and average is not part:  # what the other members receive: the average after the codec
+            average = deserialize_torch_tensor(container.compression.compress(average, info))
+        register(peer_index, part_index, average.to(part.dtype))
+
+    container.register_processed_part = register_average
+
+
+def with_shares(group_info: GroupInfo, serializer: Any) -> GroupInfo:
+    """``group_info`` with each member's reported [bandwidth, kind] replaced by the bandwidth hivemind shares the
+    vector by: 0 for a member that cannot aggregate (``nat.aggregates``)."""
+    entries = [serializer.loads(raw) for raw in group_info.gathered]
+    reported = [entry[0] for entry in entries]
+    if not all(isinstance(r, list) and len(r) == 2 and isinstance(r[1], str) for r in reported):
+        raise AllreduceException("a group member did not report its reachability (not a p2ptrain averager)")
+    kinds = [r[1] for r in reported]
+    chosen = aggregates(kinds)
+    gathered = tuple(
+        serializer.dumps([r[0] if ok else 0.0, *entry[1:]])
+        for r, ok, entry in zip(reported, chosen, entries, strict=True)
+    )
+    if not all(chosen):
+        logger.debug(
+            "Group %s: members %s only send (reachability %s)",
+            group_info.group_id.hex()[:8],
+            [str(p)[-6:] for p, ok in zip(group_info.peer_ids, chosen, strict=True) if not ok],
+            kinds,
+        )
+    return dataclasses.replace(group_info, gathered=gathered)
+
+
+def check_whole(runner: Any, group_info: GroupInfo) -> None:
+    """Raise if this member's result is missing a part; log the senders its own part had to leave out."""
+    container = runner.tensor_part_container
+    if runner.banned_senders:
+        logger.warning(
+            "Averaging round with %d peers: %s sent nothing in time; the part this peer aggregated averages the "
+            "others only",
+            group_info.group_size,
+            ", ".join(str(p) for p in runner.banned_senders),
+        )
+    if container.failed_size:
+        raise AllreduceException(
+            f"{container.failed_size:,} of {container.total_size:,} values came back from nobody (an aggregating peer "
+            f"failed or was unreachable): the round with {group_info.group_size} peers is incomplete"
+        )

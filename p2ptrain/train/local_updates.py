@@ -1,0 +1,345 @@
+"""Local-update mode (DiLoCo): many cheap local steps, one compressed exchange per global step.
+
+Every peer runs its inner optimizer (AdamW) on every batch. When the swarm has processed
+``target_batch_size`` samples since the last global step (hivemind's ``ProgressTracker`` — the same
+signal hivemind's Optimizer uses), each peer computes its *pseudo-gradient* Δ = θ_anchor − θ (how far
+its local steps moved it from the last agreed parameters), the group averages Δ — compressed, and
+weighted by samples — and every peer applies the average to θ_anchor with the outer optimizer
+(SGD, Nesterov momentum). Then θ = the new θ_anchor.
+
+Communication overlaps computation: the round runs in the averager process while the peer keeps
+taking local steps; when it lands, the local progress made meanwhile (θ − θ_sent) is kept on top of
+the new anchor. So a round costs no compute time unless it outlasts a whole global step; then the
+peer waits for it before the next one (so that all peers meet in the next matchmaking).
+
+Late joiners download θ_anchor, the outer momentum and the global step from a peer (the averager's
+state sharing); everything downloaded is checked against our own tensors before use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import InvalidStateError
+from typing import Any
+
+import torch
+from hivemind.averaging.control import StepControl
+from hivemind.compression import CompressionInfo
+from hivemind.dht import DHT
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from p2ptrain.train.averaging import PseudoGradientAverager, RoundOutcome
+from p2ptrain.train.codecs import Level, shared_indices
+from p2ptrain.train.policy import RoundReport
+
+logger = logging.getLogger(__name__)
+REPORT_EVERY_S = 0.5  # progress reports to the swarm, at most this often
+
+
+class LocalUpdateOptimizer:
+    """Inner/outer optimizer pair behind the interface the trainer uses (``optimizers.PeerOptimizer``)."""
+
+    def __init__(
+        self,
+        *,
+        dht: DHT,
+        run_id: str,
+        param_groups: list[dict],
+        inner: Callable[[list[dict]], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], Any],
+        outer_lr: float,
+        outer_momentum: float,
+        target_batch_size: int,
+        batch_size_per_step: int,
+        level: Level | None,
+        budget: float,
+        matchmaking_time: float,
+        averaging_timeout: float,
+        request_timeout: float,
+        tracker_opts: dict[str, float],
+        reach_kind: str = "unknown",
+    ):
+        self.params = [p for group in param_groups for p in group["params"]]
+        self.inner = inner(param_groups)
+        self.scheduler = scheduler(self.inner)
+        self.anchor = [p.detach().to("cpu", copy=True) for p in self.params]  # θ_anchor, the agreed parameters
+        self.momentum = [torch.zeros_like(a) for a in self.anchor]  # the outer optimizer's
+        self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
+        self.batch_size, self.averaging_timeout = batch_size_per_step, averaging_timeout
+        self.local_epoch = 0
+        self.samples = 0  # since the last global step
+        self.compute_s = 0.0  # between step() calls since the last round: the peer's forward/backward time
+        self.recent: list[tuple[int, float]] = []  # (level, round seconds) of the last rounds, newest last
+        self.scheduled_grads: StepControl | None = None  # the round in flight
+        self._sent: list[torch.Tensor] = []
+        self._left_step_at: float | None = None
+        self._reported_at = -math.inf
+        self._idle_s = 0.0
+        self.tracker = ProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
+        self.averager = _StateSharingAverager(
+            [torch.zeros_like(a) for a in self.anchor],
+            owner=self,
+            level=level,
+            budget=budget,
+            dht=dht,
+            prefix=f"{run_id}_outer",
+            min_matchmaking_time=matchmaking_time,
+            request_timeout=request_timeout,
+            allreduce_timeout=averaging_timeout,
+            allow_state_sharing=not dht.client_mode,  # a client cannot serve its state
+            reach_kind=reach_kind,
+            start=True,
+        )
+
+    # the interface the Trainer uses -------------------------------------------------------------
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        if self._left_step_at is not None:
+            self.compute_s += max(0.0, now - self._left_step_at - self._idle_s)
+        self._idle_s = 0.0
+        self.inner.step()
+        self.samples += self.batch_size
+        unreported = self.samples - self.tracker.local_progress.samples_accumulated
+        completes = self.tracker.global_progress.samples_accumulated + unreported >= self.tracker.target_batch_size
+        if completes or now - self._reported_at >= REPORT_EVERY_S:  # a report is a DHT store: not one per batch
+            self.tracker.report_local_progress(self.local_epoch, self.samples)
+            self._reported_at = now
+        if self.scheduled_grads is not None and self.scheduled_grads.done():
+            self._finish_round()
+        if self.tracker.ready_to_update_epoch:
+            # A round still in flight when the next is due is waited for: starting late would make us
+            # miss the others' matchmaking. The wait is not compute time, so the policy sees it.
+            self.wait_for_round(timeout=self.averaging_timeout)
+            self._begin_round()
+        self._left_step_at = time.perf_counter()
+
+    def mark_idle(self, seconds: float) -> None:
+        """The trainer paused or rested this long since the last step: not compute time for the policy."""
+        self._idle_s += seconds
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def load_state_from_peers(self) -> None:
+        loaded = self.averager.load_state_from_peers(timeout=max(30.0, self.averaging_timeout))
+        if loaded is None:
+            logger.warning("No peer sent its state; continuing from ours")
+            return
+        metadata, tensors = loaded
+        try:
+            epoch = self._check_state(metadata, tensors)
+        except ValueError as e:
+            logger.warning("Ignoring the state a peer sent: %s", e)
+            return
+        n = len(self.anchor)
+        with torch.no_grad():
+            for anchor, param, momentum, value, buffer in zip(
+                self.anchor, self.params, self._momenta(), tensors[:n], tensors[n:], strict=True
+            ):
+                anchor.copy_(value)
+                param.copy_(value)
+                momentum.copy_(buffer)
+        self.local_epoch, self.samples = epoch, 0
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.local_epoch)
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state, then one entry per parameter with its anchor and outer momentum."""
+        inner = self.inner.state_dict()
+        state = dict(inner["state"])
+        for i, (anchor, momentum) in enumerate(zip(self.anchor, self._momenta(), strict=True)):
+            state[len(self.params) + i] = {"anchor": anchor, "outer_momentum": momentum}
+        return {"state": state, "param_groups": inner["param_groups"]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        n = len(self.params)
+        state = saved["state"]
+        outer = {i - n: state[i] for i in list(state) if isinstance(i, int) and i >= n}
+        inner = {i: v for i, v in state.items() if not (isinstance(i, int) and i >= n)}
+        self.inner.load_state_dict({"state": inner, "param_groups": saved["param_groups"]})
+        if len(outer) != n:
+            raise ValueError(f"checkpoint holds {len(outer)} anchors for {n} parameters")
+        with torch.no_grad():
+            for i, (anchor, momentum) in enumerate(zip(self.anchor, self._momenta(), strict=True)):
+                anchor.copy_(outer[i]["anchor"])
+                momentum.copy_(outer[i]["outer_momentum"])
+
+    # PeerOptimizer (optimizers.py) -------------------------------------------------------------------
+
+    last_group: list[str] | None = None  # rounds average pseudo-gradients; the parameters are not compared
+
+    def resume_at(self, epoch: int) -> None:
+        self.local_epoch = epoch
+
+    def learning_rate(self) -> float:
+        return float(self.inner.param_groups[0]["lr"])
+
+    def shared_params(self) -> None:
+        return None  # members hold different parameters between outer steps
+
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        return self.inner
+
+    def own_update_at(self, epoch: int) -> bool:
+        return False
+
+    def pause(self, timeout_s: float) -> None:
+        self.wait_for_round(timeout=timeout_s)
+
+    def cancel_rounds(self, forget: bool = False) -> None:
+        control = self.scheduled_grads
+        if control is not None and not control.done():
+            control.cancel()
+
+    def offer_state_first(self, epoch: int) -> None:
+        pass  # state is shared on request, by whoever is asked first
+
+    def land_state_round(self) -> None:
+        pass  # no state averaging in the background
+
+    def shutdown(self) -> None:
+        control, self.scheduled_grads = self.scheduled_grads, None
+        if control is not None and not control.done():
+            with contextlib.suppress(InvalidStateError):  # already cancelled by the peer's shutdown
+                control.cancel()
+        self.averager.shutdown()
+        self.tracker.shutdown()
+
+    # the rounds ---------------------------------------------------------------------------------
+
+    def _begin_round(self) -> None:
+        with torch.no_grad(), self.averager.get_tensors() as buffers:
+            for buffer, anchor, param in zip(buffers, self.anchor, self.params, strict=True):
+                buffer.copy_(anchor).sub_(param.detach().cpu())
+        self._sent = [p.detach().to("cpu", copy=True) for p in self.params]
+        report = self._report()
+        self.scheduled_grads = self.averager.step(
+            gather={"report": report.to_wire()}, weight=float(self.samples), timeout=self.averaging_timeout, wait=False
+        )
+        self.compute_s, self.samples = 0.0, 0
+        self.local_epoch += 1
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.local_epoch)
+
+    def _finish_round(self) -> None:
+        control, self.scheduled_grads = self.scheduled_grads, None
+        outcome: RoundOutcome | None = None
+        try:
+            outcome = control.result(timeout=0)
+        except BaseException as e:  # noqa: BLE001 - any failure means: apply our own pseudo-gradient
+            logger.info("Global step %d: averaging failed (%s); applying our own update", self.local_epoch, e)
+        masks = self._masks(outcome)
+        with torch.no_grad(), self.averager.get_tensors() as buffers:
+            for i, (anchor, momentum, delta, param, sent) in enumerate(
+                zip(self.anchor, self.momentum, buffers, self.params, self._sent, strict=True)
+            ):
+                outer_step_(anchor, momentum, delta, self.outer_lr, self.outer_momentum, masks and masks[i])
+                new = anchor + (param.detach().cpu() - sent)  # θ = anchor + the progress made during the round
+                if masks is None:
+                    param.copy_(new)
+                else:  # elsewhere θ keeps its local progress: the next pseudo-gradient carries it
+                    param.copy_(torch.where(masks[i], new, param.detach().cpu()))
+        self.scheduler.step()
+        if outcome is not None:
+            self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
+            rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
+            plan = outcome.plan
+            why = ""
+            if plan is not None and plan.allowed_s is not None:
+                why = f" (predicted {plan.predicted_s:.2f} s, allowed {plan.allowed_s:.2f} s)"
+            logger.info(
+                "Round %d: %d peers, codec %s, %.0f kB sent, %.2f s, %.2f MB/s%s",
+                self.local_epoch,
+                outcome.group_size,
+                outcome.codec,
+                outcome.bytes_sent / 1e3,
+                outcome.round_s,
+                rate / 1e6,
+                why,
+            )
+
+    def wait_for_round(self, timeout: float) -> None:
+        """Land the round in flight, giving up on it (our own update is applied) after ``timeout`` s."""
+        if self.scheduled_grads is not None:
+            try:
+                self.scheduled_grads.result(timeout=timeout)
+            except BaseException:  # noqa: BLE001 - _finish_round reports it
+                if not self.scheduled_grads.done():
+                    self.scheduled_grads.cancel()
+            self._finish_round()
+
+    # helpers ------------------------------------------------------------------------------------
+
+    def _report(self) -> RoundReport:
+        """What the next group learns about us: our level, typical and shortest round time, compute time."""
+        if not self.recent or self.recent[-1][0] < 0:
+            return RoundReport(None, 0.0, self.compute_s)
+        level = self.recent[-1][0]
+        same_level = [t for lvl, t in self.recent[-3:] if lvl == level]
+        return RoundReport(level, statistics.median(same_level), self.compute_s, min(t for _, t in self.recent))
+
+    def _momenta(self) -> list[torch.Tensor]:
+        return self.momentum
+
+    def _masks(self, outcome: RoundOutcome | None) -> list[torch.Tensor] | None:
+        """Per-parameter boolean masks of the coordinates the round averaged; None when all were."""
+        if outcome is None or outcome.ratio >= 1.0:
+            return None
+        sizes = [a.numel() for a in self.anchor]
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        flat[shared_indices(outcome.group_id, sum(sizes), outcome.ratio)] = True
+        return [m.view_as(a) for m, a in zip(flat.split(sizes), self.anchor, strict=True)]
+
+    def current_state(self) -> tuple[dict, list[torch.Tensor]]:
+        return {"epoch": self.local_epoch}, [*self.anchor, *self._momenta()]
+
+    def _check_state(self, metadata: Any, tensors: Any) -> int:
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+            raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
+        ours = [*self.anchor, *self._momenta()]
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(ours):
+            raise ValueError(f"expected {len(ours)} tensors")
+        for i, (theirs, mine) in enumerate(zip(tensors, ours, strict=True)):
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise ValueError(f"tensor {i} does not match ours in shape/dtype")
+            if not torch.isfinite(theirs).all():
+                raise ValueError(f"tensor {i} is not finite")
+        return metadata["epoch"]
+
+
+def outer_step_(
+    anchor: torch.Tensor,
+    momentum: torch.Tensor,
+    delta: torch.Tensor,
+    lr: float,
+    mu: float,
+    mask: torch.Tensor | None,
+) -> None:
+    """Nesterov SGD on the anchor with the averaged pseudo-gradient ``delta``, only where ``mask`` is set.
+
+    Coordinates outside the mask were not averaged this round: neither they nor their momentum move.
+    """
+    if mask is None:
+        momentum.mul_(mu).add_(delta)
+        anchor.sub_(delta + mu * momentum, alpha=lr)
+        return
+    momentum[mask] = mu * momentum[mask] + delta[mask]
+    anchor[mask] -= lr * (delta[mask] + mu * momentum[mask])
+
+
+class _StateSharingAverager(PseudoGradientAverager):
+    """Serves the owner's anchor, outer momentum and global step to peers that download state."""
+
+    def __init__(self, tensors: list[torch.Tensor], *, owner: LocalUpdateOptimizer, **kwargs: Any):
+        self._owner = owner  # used in this (host) process only: get_current_state runs here
+        super().__init__(tensors, **kwargs)
+
+    def get_current_state(self):
+        metadata, tensors = self._owner.current_state()
+        return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]

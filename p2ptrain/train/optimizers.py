@@ -1,0 +1,350 @@
+"""The optimizers a peer trains with: hivemind's Optimizer in the swarm's averaging mode, its averagers, and how
+they stop.
+
+``make_optimizer`` builds from the manifest either ``SwarmOptimizer`` (hivemind.Optimizer: gradients averaged every
+global step, compressed by ``averaging.py``'s averagers) or ``LocalUpdateOptimizer`` (``local_updates.py``: local
+steps, then averaged pseudo-gradients). ``stop_optimizer`` ends either within a bounded time.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import traceback
+from functools import partial
+from typing import Any, Protocol
+
+import hivemind
+import torch
+from hivemind.averaging.control import AveragingStage
+from hivemind.compression import Float16Compression
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from p2ptrain.compat import hivemind as compat
+from p2ptrain.settings import PeerSettings
+from p2ptrain.swarm.manifest import AveragingSpec, SwarmManifest
+from p2ptrain.train.averaging import CompressedGradientAverager
+from p2ptrain.train.codecs import DENSE, Level
+from p2ptrain.train.group_rounds import GroupRounds
+from p2ptrain.train.local_updates import LocalUpdateOptimizer
+
+logger = logging.getLogger(__name__)
+
+
+class WarmupSchedule:
+    """Linear learning-rate warm-up over ``warmup`` global steps, then constant (a picklable callable)."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+
+    def __call__(self, epoch: int) -> float:
+        return 1.0 if self.warmup == 0 else min(1.0, (epoch + 1) / self.warmup)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases and LayerNorm gains are not decayed (as in GPT-2/nanoGPT)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# hivemind's tracker publishes a peer's progress only after its first sample and re-reads the swarm's
+# every ≤10 s; until it does, each peer counts itself alone and takes solo global steps. Re-reading
+# every ≤2 s (one DHT get per peer) keeps a swarm's first steps and joiners in step.
+TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_refresh_period": 1.0}
+
+
+class GradientRounds(GroupRounds, GradientAverager):
+    """hivemind's gradient averager (codecs none, fp16) with p2ptrain's group rules (``group_rounds``)."""
+
+
+class PowerSGDRounds(GroupRounds, PowerSGDGradientAverager):
+    """hivemind's PowerSGD gradient averager with p2ptrain's group rules."""
+
+
+class StateRounds(GroupRounds, TrainingStateAverager):
+    """hivemind's parameter and optimizer-state averager with p2ptrain's group rules."""
+
+
+def make_optimizer(
+    dht: hivemind.DHT,
+    model: torch.nn.Module,
+    manifest: SwarmManifest,
+    settings: PeerSettings,
+    reach_kind: str = "unknown",
+) -> PeerOptimizer:
+    """hivemind's Optimizer (mode "gradients") or our DiLoCo optimizer (mode "local"), per the manifest.
+    ``reach_kind``: this peer's reachability (``reachability.Kind``), which decides what it aggregates."""
+    spec, avg = manifest.optimizer, manifest.averaging
+    request_timeout = min(3.0, avg.matchmaking_time_s / 2)
+    inner = partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+    scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupSchedule(spec.warmup_epochs))
+    groups = param_groups(model, spec.weight_decay)
+    common = dict(  # what both optimizers take
+        dht=dht,
+        run_id=manifest.run_id,
+        target_batch_size=manifest.target_batch_size,
+        batch_size_per_step=settings.batch_size,
+        scheduler=scheduler,
+        matchmaking_time=avg.matchmaking_time_s,
+        averaging_timeout=avg.averaging_timeout_s,
+        tracker_opts=TRACKER_OPTS,
+    )
+    if avg.mode == "local":
+        return LocalUpdateOptimizer(
+            **common,
+            param_groups=groups,
+            inner=inner,
+            outer_lr=avg.outer_lr,
+            outer_momentum=avg.outer_momentum,
+            level=None if avg.compression == "adaptive" else fixed_level(avg),
+            budget=avg.comm_budget,
+            request_timeout=request_timeout,
+            reach_kind=reach_kind,
+        )
+    # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
+    # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
+    if avg.compression == "powersgd":
+        grad_averager = partial(PowerSGDRounds, averager_rank=avg.powersgd_rank)
+    elif avg.compression in ("randk", "int8"):
+        grad_averager = partial(CompressedGradientAverager, level=fixed_level(avg))
+    else:
+        grad_averager = GradientRounds
+    dense = DENSE.get(avg.compression, Float16Compression)
+    return SwarmOptimizer(
+        **common,
+        params=groups,
+        optimizer=inner,
+        average_state_every=avg.average_state_every,
+        grad_compression=dense(),
+        state_averaging_compression=dense(),
+        averager_opts={"request_timeout": request_timeout},
+        grad_averager_factory=partial(grad_averager, request_timeout=request_timeout, reach_kind=reach_kind),
+        shutdown_timeout=2.0,
+        verbose=False,
+        reach_kind=reach_kind,
+        # hivemind's default (None) is meant to follow the DHT, but its test is inverted (optimizer.py:205): the
+        # Optimizer then thinks it serves its state while its averagers, in client mode, refuse to
+        client_mode=dht.client_mode,
+    )
+
+
+class PeerOptimizer(Protocol):
+    """What the trainer and the peer use of an optimizer, in either averaging mode: ``SwarmOptimizer`` (hivemind's,
+    gradients averaged each global step) or ``LocalUpdateOptimizer`` (local steps, averaged pseudo-gradients)."""
+
+    tracker: ProgressTracker  # the swarm's progress: global step, peers, samples
+    last_group: list[str] | None  # peer ids of the last gradient round's group (None: it failed, or no such round)
+
+    @property
+    def local_epoch(self) -> int: ...  # global steps this peer has completed
+
+    def step(self) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, saved: dict) -> None: ...
+
+    def resume_at(self, epoch: int) -> None:
+        """After a checkpoint's state is loaded: this peer is at global step ``epoch``."""
+
+    def learning_rate(self) -> float: ...
+
+    def shared_params(self) -> list[torch.Tensor] | None:
+        """The parameters every member holds the same after a global step (None: the mode has none to compare)."""
+
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state lives beside the model (moved with it off and onto the GPU)."""
+
+    def own_update_at(self, epoch: int) -> bool:
+        """Did the step to ``epoch`` apply this peer's own gradients alone (its round failed)?"""
+
+    def pause(self, timeout_s: float) -> None:
+        """Before stepping aside: land the round in flight (at most ``timeout_s``) or cancel the rounds ahead."""
+
+    def mark_idle(self, seconds: float) -> None:
+        """Seconds since the last step not spent computing (paused, or resting for the duty cycle)."""
+
+    def cancel_rounds(self, forget: bool = False) -> None:
+        """Cancel the averaging rounds arranged ahead; ``forget`` them so the shutdown does not again."""
+
+    def offer_state_first(self, epoch: int) -> None:
+        """Peers downloading the state now should take ours (the one the swarm agreed on for ``epoch``)."""
+
+    def land_state_round(self) -> None:
+        """Wait for a state-averaging round running in the background to be applied."""
+
+    def load_state_from_peers(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+NO_GROUP_YET = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # an averaging round's stages
+
+
+class SwarmOptimizer(compat.Optimizer):
+    """hivemind's Optimizer, with two changes for a peer that falls behind:
+
+    - it remembers in ``local_step_epoch`` the last epoch it updated from its own gradients alone (the averaging
+      round failed): at the end of a run such a straggler takes the swarm's state instead (``Trainer.finish``);
+    - before downloading the swarm's state it drops the gradient round it scheduled if that round has not formed a
+      group yet. hivemind joins it with zero weight so as not to disturb a group already formed; but a peer that is
+      behind is usually alone in that round (the others are a step ahead), and waited the whole averaging timeout
+      before its download began (15 s at each catch-up in the swarm test; the last peers had left by then).
+    """
+
+    local_step_epoch = -1
+    last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
+
+    def __init__(self, *args: Any, reach_kind: str = "unknown", **kwargs: Any):
+        self.reach_kind = reach_kind  # read by make_state_averager, which hivemind's __init__ calls
+        super().__init__(*args, **kwargs)
+
+    def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
+        # hivemind's own (optimizer.py), with p2ptrain's group rules
+        return StateRounds(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            reach_kind=self.reach_kind,
+            **kwargs,
+        )
+
+    def use_own_gradients(self) -> None:
+        self.local_step_epoch = self.local_epoch
+        if self.tracker.global_progress.num_peers > 1:  # alone, there is nobody to average with: nothing to say
+            logger.warning(
+                "Global step %d: the gradient round failed; this step uses this peer's own gradients", self.local_epoch
+            )
+        super().use_own_gradients()
+
+    def use_averaged_gradients(self, maybe_step_control: Any) -> None:
+        self.last_group = None
+        super().use_averaged_gradients(maybe_step_control)
+        control = maybe_step_control
+        if control is not None and control.done() and not control.cancelled() and control.exception() is None:
+            self.last_group = [peer.to_base58() for peer in control.result()]
+
+    # PeerOptimizer, beyond what hivemind.Optimizer has
+    def resume_at(self, epoch: int) -> None:
+        self.state_averager.local_epoch = epoch
+
+    def learning_rate(self) -> float:
+        return float(self.param_groups[0]["lr"])
+
+    def shared_params(self) -> list[torch.Tensor]:
+        return [param for group in self.state_averager.optimizer.param_groups for param in group["params"]]
+
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        return self.state_averager.optimizer
+
+    def own_update_at(self, epoch: int) -> bool:
+        return self.local_step_epoch == epoch - 1
+
+    def pause(self, timeout_s: float) -> None:
+        self.cancel_rounds(forget=True)
+
+    def mark_idle(self, seconds: float) -> None:
+        pass  # hivemind's Optimizer measures the swarm's throughput, not this peer's compute time
+
+    def cancel_rounds(self, forget: bool = False) -> None:
+        for name in ("scheduled_grads", "scheduled_state"):
+            control = getattr(self, name)
+            if control is not None and not control.done():
+                control.cancel()
+            if forget:
+                setattr(self, name, None)
+
+    def offer_state_first(self, epoch: int) -> None:
+        if not self.state_averager.client_mode:  # a client serves no state
+            self.state_averager.state_sharing_priority = epoch + 0.5
+
+    def land_state_round(self) -> None:
+        self.state_averager.step(wait_for_delayed_updates=True)
+
+    def load_state_from_peers(self, **kwargs: Any) -> None:
+        control = self.scheduled_grads
+        if control is not None and not control.done() and control.stage in NO_GROUP_YET:
+            control.cancel()
+            self.scheduled_grads = None
+        super().load_state_from_peers(**kwargs)
+
+
+def fixed_level(avg: AveragingSpec) -> Level:
+    """The manifest's fixed codec as a ladder level (random-k values travel as int8)."""
+    if avg.compression == "randk":
+        return Level("int8", avg.sparsity)
+    return Level(avg.compression)
+
+
+GOODBYE_S = 3.0  # hivemind's graceful shutdown of the averagers, at most; then they are terminated
+
+
+def stop_optimizer(optimizer: PeerOptimizer, step_running: bool, goodbye_s: float = GOODBYE_S) -> None:
+    """Stop the optimizer's averager processes: hivemind's own shutdown (goodbye to the swarm, each averager given
+    its grace period) or, while a training step is still running inside hivemind (holding its locks, its round
+    cancelled but not returned), terminate them outright. The graceful way would race with that step: seen taking
+    6.8 s and failing with "Set changed size during iteration"; the progress record it would clear expires alone.
+
+    The goodbye gets ``goodbye_s`` in all: it first waits for a state-averaging round running in the background
+    (hivemind's ``delay_state_averaging``), up to the averaging timeout; seen taking 7.8 s of a SIGTERMed peer's
+    12.3 s. Cut short, that round fails for its group as if this peer had dropped out; this peer loses nothing (its
+    result would have been applied at the next step)."""
+    if not step_running:
+        # a round the last step arranged ahead: hivemind's shutdown would join it with zero weight and wait for
+        # it (up to the averaging timeout; seen taking > 20 s on slow links); forgotten, so not cancelled twice
+        optimizer.cancel_rounds(forget=True)
+        goodbye = threading.Thread(target=_say_goodbye, args=(optimizer,), name="goodbye", daemon=True)
+        goodbye.start()
+        goodbye.join(goodbye_s)
+        if not goodbye.is_alive():
+            return
+        logger.warning(
+            "Saying goodbye took over %.0f s (in %s): terminating the averagers", goodbye_s, _where(goodbye.ident)
+        )
+    for averager in vars(optimizer).values():
+        if isinstance(averager, multiprocessing.process.BaseProcess) and averager.is_alive():
+            averager.terminate()
+
+
+def _where(thread_id: int | None) -> str:
+    """The innermost calls of a thread outside Python's own library, e.g. ``state_averager.py:400 step``."""
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    stdlib = os.path.dirname(threading.__file__)
+    calls = [f for f in traceback.extract_stack(frame) if not f.filename.startswith(stdlib)] if frame else []
+    return " ← ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(calls[-2:])) or "?"
+
+
+def _say_goodbye(optimizer: Any) -> None:
+    try:
+        optimizer.shutdown()
+    except Exception as e:  # noqa: BLE001 - after the deadline, its averagers and DHT stop under it
+        logger.debug("Goodbye ended with %r", e)
+
+
+def abandon_round(worker: threading.Thread, optimizer: PeerOptimizer | None, grace_s: float) -> None:
+    """Give the current step ``grace_s`` to finish; then cancel its averaging round so it returns now."""
+    worker.join(grace_s)
+    if worker.is_alive() and optimizer is not None:
+        logger.info("Leaving the averaging round in progress")
+        optimizer.cancel_rounds()
+        worker.join(1.5)  # a step still blocked in hivemind after the cancel rarely returns later
+    if worker.is_alive():
+        logger.warning("The training step did not stop in time; shutting down around it")
