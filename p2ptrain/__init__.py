@@ -12,6 +12,7 @@ The layers (each package's ``__init__`` maps its files), and what may import wha
 The shared basics, here:
 
 - ``peer``        a peer's lifecycle in order: identity → DHT → swarm → model → train → shutdown
+- ``leaving``     how a stay ends: each part's stop in reverse start order, timed, failures logged
 - ``local_swarm`` several peers on this machine (the demo and the integration tests)
 - ``settings``    PeerSettings (this machine) and the one place config sources are merged
 - ``fields``      settings fields that are also command-line options (declared once, on the dataclass)

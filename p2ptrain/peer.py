@@ -27,8 +27,8 @@ import logging
 import secrets
 import signal
 import threading
-import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ from p2ptrain.energy.ledger import Accountant, ledger_path, open_ledger
 from p2ptrain.energy.meter import EnergyMeter, MeterInfo, open_meter, start_meter
 from p2ptrain.energy.records import LedgerValidator, identity_key, publish_ledger
 from p2ptrain.gate import Gate
-from p2ptrain.processes import descendants, die_with_parent, reap_children
+from p2ptrain.leaving import Leaving
+from p2ptrain.processes import die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.swarm import discovery, nat, network
@@ -105,11 +106,12 @@ def run_peer(
     announce: Callable[[str], None] = print,
     gate: Gate | None = None,
     intensity: IntensityWatcher | None = None,
+    status: StatusWriter | None = None,
 ) -> None:
     """Run one peer until ``stop`` is set or ``settings.max_steps`` is reached.
 
-    ``gate`` and ``intensity`` come from the volunteer daemon, which owns them; without, the peer always
-    trains and watches the grid intensity itself.
+    ``gate``, ``intensity`` and ``status`` come from the volunteer daemon, which owns them (it reads the status in
+    this process); without, the peer always trains, watches the grid intensity itself and keeps its own status.
 
     Raises:
         P2PTrainError: a subclass naming what is wrong with the input, the data or the network.
@@ -118,7 +120,7 @@ def run_peer(
     compat.check_version()
     data_dir = ensure_private_dir(settings.data_dir)
     with lock_data_dir(data_dir):
-        status = StatusWriter(data_dir / "status.json")
+        status = status or StatusWriter(data_dir / "status.json")
         status.update(state="starting")
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -165,154 +167,177 @@ def run_peer(
 
 
 def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) -> bool:
-    """One stay in the swarm (steps 3a-3h). True if the peer should join again (its network role changed)."""
+    """One stay in the swarm (steps 3a-3h). True if the peer should join again (its network role changed).
+
+    Each part, once started, puts its stop on ``parts``; leaving (step h) stops them in the reverse order, each
+    timed, each whatever the others did (``Leaving.timed``).
+    """
     settings, data_dir, status = run.settings, run.data_dir, run.status
     if run.stays and isinstance(request, SeedRequest):
         request = JoinRequest(request.manifest_values["model"])  # the swarm exists now: rejoin it (remembered)
     bootstrap = bootstrap_peers(settings, request)
     remembered = [] if bootstrap else recall_swarm(data_dir).get("peers", [])
-    dht = run.dht = network.start_dht(settings, data_dir, bootstrap, remembered)
-    optimizer: hivemind.Optimizer | None = None
-    trainer: Trainer | None = None
-    republisher: discovery.Republisher | None = None
-    watch: NetworkWatch | None = None
-    worker: threading.Thread | None = None
+    known = bootstrap or remembered
     leaving = threading.Event()  # this stay ends: stopped, or rejoining
-    manifest = envelope = None
-    try:
-        # b. the swarm
-        status.update(state="joining")
-        manifest, envelope = run.seeded or resolve_swarm(dht, request, data_dir)
-        validators = (LedgerValidator([manifest.run_id]),)  # nobody can store another peer's ledger
-        dht.add_validators(list(validators))
-        # c. the network role
-        known = bootstrap or remembered
-        dht, role = network.settle_role(settings, data_dir, dht, manifest.run_id, known, validators)
-        run.dht = dht
-        if run.corpus is None:
-            run.tokenizer, run.corpus = open_data(manifest, run.peer_id.to_bytes())
-        tokenizer, corpus = run.tokenizer, run.corpus
-        # d. build
-        model = build_model(
-            manifest.model,
-            tokenizer.vocab_size,
-            manifest.seq_len,
-            manifest.seed,
-            manifest.init_weights,
-            tokenizer.eos_id,
-        )
-        model.to(run.device)
-        sigint = signal.getsignal(signal.SIGINT)
-        optimizer = make_optimizer(dht, model, manifest, settings, reach_kind=role.reach.kind.value)
-        signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN here (averager.py:334)
-        # e. resume
-        path = checkpoint_path(data_dir, manifest.run_id)
-        local_steps = 0
-        if path.exists():
-            info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
-            optimizer.load_state_dict(opt_state)
-            optimizer.resume_at(info.epoch)
-            local_steps = info.local_steps
-            status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
-            logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
-
-        # f. publish: the swarm records, and this peer as a member now that it is ready to average
-        def on_network(changes: dict[str, Any]) -> None:
-            status.update(**changes)
-            if "reachability" in changes and republisher is not None:
-                republisher.refresh()  # a peer found public offers itself as a relay at once
-
-        watch = NetworkWatch(dht, role, manifest.run_id, on_network, lambda: known)
-
-        def relay_addrs() -> list[str]:
-            return nat.offered_addrs(dht.get_visible_maddrs()) if watch.reach.public else []
-
-        discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs())
-        meet_members(dht, manifest.run_id)  # connections (hole-punched behind NAT) ready for averaging
-        republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs)
-        republisher.start()
-        watch.start()
-        remember_swarm(data_dir, manifest, envelope, dht)
-        invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
-        status.update(run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite)
-        if not run.announced:
-            run.announce(describe_swarm(manifest, run.peer_id, invite, count_parameters(model)))
-            run.announced = True
-        if run.accountant is None:
-            run.accountant = start_ledger(run, manifest, model)
-            if run.own_intensity:
-                run.intensity.start()
-
-        def checkpoint() -> None:
-            save_checkpoint(
-                path,
-                model,
-                optimizer.state_dict(),
-                CheckpointInfo(optimizer.local_epoch, trainer.local_steps, manifest.hash.hex(), settings.to_record()),
+    ending = Leaving()
+    trainer: Trainer | None = None
+    watch: NetworkWatch | None = None
+    with ExitStack() as parts:
+        try:
+            parts.callback(ending.summarize)  # the last word: how long each stop took
+            # a. the DHT (and its libp2p daemon); whatever children are left at the very end are reaped
+            parts.callback(ending.timed("reap children", lambda: reap_children(known=ending.children)))
+            run.dht = network.start_dht(settings, data_dir, bootstrap, remembered)
+            parts.callback(ending.timed("stop the DHT", stop_dht, run))
+            # b. the swarm
+            status.update(state="joining")
+            manifest, envelope = run.seeded or resolve_swarm(run.dht, request, data_dir)
+            validators = (LedgerValidator([manifest.run_id]),)  # nobody can store another peer's ledger
+            run.dht.add_validators(list(validators))
+            # c. the network role (the DHT may start again in it)
+            dht, role = network.settle_role(settings, data_dir, run.dht, manifest.run_id, known, validators)
+            run.dht = dht
+            if run.corpus is None:
+                run.tokenizer, run.corpus = open_data(manifest, run.peer_id.to_bytes())
+            tokenizer, corpus = run.tokenizer, run.corpus
+            # d. build
+            model = build_model(
+                manifest.model,
+                tokenizer.vocab_size,
+                manifest.seq_len,
+                manifest.seed,
+                manifest.init_weights,
+                tokenizer.eos_id,
             )
-            status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
+            model.to(run.device)
+            sigint = signal.getsignal(signal.SIGINT)
+            optimizer = make_optimizer(dht, model, manifest, settings, reach_kind=role.reach.kind.value)
+            signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN (averager.py:334)
+            path = checkpoint_path(data_dir, manifest.run_id)
 
-        trainer = Trainer(
-            model, optimizer, corpus, manifest, settings, run.device, status, checkpoint, local_steps,
-            [g for g in (run.gate, watch.gate) if g is not None], [a for a in (run.accountant,) if a is not None],
-            on_stuck=watch.ask_rejoin,
-        )  # fmt: skip
+            def checkpoint() -> None:
+                save_checkpoint(
+                    path,
+                    model,
+                    optimizer.state_dict(),
+                    CheckpointInfo(
+                        optimizer.local_epoch, trainer.local_steps, manifest.hash.hex(), settings.to_record()
+                    ),
+                )
+                status.update(force=True, checkpoint_epoch=optimizer.local_epoch)
 
-        # g. train
-        def work() -> None:
-            try:
-                wait_for_members(dht, manifest, settings, leaving)
-                trainer.run(leaving)
-            except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
-                run.failure.append(e)
+            def last_checkpoint() -> None:
+                if trainer is not None and trainer.local_steps and not run.failure:
+                    save_unless_stepping(trainer, checkpoint)
 
-        status.update(state="training")
-        worker = threading.Thread(target=work, name="trainer", daemon=True)
-        worker.start()
-        while worker.is_alive() and not stop.wait(0.5) and not watch.rejoin.is_set():
-            pass
-    finally:
-        # h. leave, in order
-        leaving.set()
-        rejoining = watch is not None and watch.rejoin.is_set() and not stop.is_set() and not run.failure
-        status.update(state="rejoining" if rejoining else "stopping")
-        clock = ShutdownClock()
-        children = descendants()
-        if worker is not None:
-            abandon_round(worker, optimizer, settings.stop_grace_s)
-            clock.lap("finish the step")
-        if watch is not None:
-            watch.stop()
-        if not rejoining and run.accountant is not None:  # 4. while the DHT still runs: the final ledger is published
-            run.accountant.stop()
-            run.ledger_closed = True
-            clock.lap("energy ledger")
-        if republisher is not None:  # while the DHT answers promptly (see start_dht)
-            republisher.stop()
+            parts.callback(ending.timed("checkpoint", last_checkpoint))  # once the averagers have stopped
+            parts.callback(ending.timed("say goodbye, stop averagers", lambda: stop_averagers(optimizer, ending)))
+            # e. resume
+            local_steps = 0
+            if path.exists():
+                info, opt_state = load_checkpoint(path, model, manifest.hash.hex())
+                optimizer.load_state_dict(opt_state)
+                optimizer.resume_at(info.epoch)
+                local_steps = info.local_steps
+                status.update(resumed_from_epoch=info.epoch, epoch=info.epoch)
+                logger.info("Resumed from the local checkpoint at global step %d", info.epoch)
+
+            # f. publish: the swarm records, and this peer as a member now that it is ready to average
+            republisher: discovery.Republisher | None = None
+
+            def on_network(changes: dict[str, Any]) -> None:
+                status.update(**changes)
+                if "reachability" in changes and republisher is not None:
+                    republisher.refresh()  # a peer found public offers itself as a relay at once
+
+            watch = NetworkWatch(dht, role, manifest.run_id, on_network, lambda: known)
+
+            def relay_addrs() -> list[str]:
+                return nat.offered_addrs(dht.get_visible_maddrs()) if watch.reach.public else []
+
+            discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs())
+            meet_members(dht, manifest.run_id)  # connections (hole-punched behind NAT) ready for averaging
+            republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs)
+            republisher.start()
+            parts.callback(
+                ending.timed("remember peers", leave_records, republisher, data_dir, manifest, envelope, dht)
+            )
             remember_swarm(data_dir, manifest, envelope, dht)
-            clock.lap("remember peers")
-        if optimizer is not None:
-            try:
-                stop_optimizer(optimizer, step_running=worker is not None and worker.is_alive())
-            except Exception as e:  # noqa: BLE001 - the rest of the shutdown must still happen
-                logger.warning("Averagers did not stop cleanly: %r", e)
-            clock.lap("say goodbye, stop averagers")
-        if trainer is not None and trainer.local_steps and not run.failure:
-            if trainer.lock.acquire(timeout=1.0):
+            invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
+            status.update(
+                run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
+            )
+            if not run.announced:
+                run.announce(describe_swarm(manifest, run.peer_id, invite, count_parameters(model)))
+                run.announced = True
+            if run.accountant is None:
+                run.accountant = start_ledger(run, manifest, model)
+                if run.own_intensity:
+                    run.intensity.start()
+            parts.callback(ending.timed("energy ledger", close_ledger, run, ending))  # 4., while the DHT runs
+            watch.start()
+            parts.callback(ending.timed("stop the network watch", watch.stop))
+
+            trainer = Trainer(
+                model, optimizer, corpus, manifest, settings, run.device, status, checkpoint, local_steps,
+                [g for g in (run.gate, watch.gate) if g is not None], [a for a in (run.accountant,) if a is not None],
+                on_stuck=watch.ask_rejoin,
+            )  # fmt: skip
+
+            # g. train
+            def work() -> None:
                 try:
-                    checkpoint()
-                finally:
-                    trainer.lock.release()
-            else:
-                logger.warning("A step was still running at shutdown: kept the previous checkpoint")
-            clock.lap("checkpoint")
-        dht.shutdown()
+                    wait_for_members(dht, manifest, settings, leaving)
+                    trainer.run(leaving)
+                except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
+                    run.failure.append(e)
+
+            status.update(state="training")
+            worker = threading.Thread(target=work, name="trainer", daemon=True)
+            worker.start()
+            ending.worker = worker
+            parts.callback(ending.timed("finish the step", abandon_round, worker, optimizer, settings.stop_grace_s))
+            while worker.is_alive() and not stop.wait(0.5) and not watch.rejoin.is_set():
+                pass
+        finally:
+            # h. leave: ``parts`` stops what was started, in the reverse order
+            leaving.set()
+            ending.begin(watch is not None and watch.rejoin.is_set() and not stop.is_set() and not run.failure)
+            status.update(state="rejoining" if ending.rejoining else "stopping")
+    return ending.rejoining
+
+
+def stop_dht(run: Run) -> None:
+    if run.dht is not None:
+        run.dht.shutdown()
         run.dht = None
-        clock.lap("stop the DHT")
-        reap_children(known=children)
-        clock.lap("reap children")
-        logger.info("%s in %.1f s (%s)", "Left to rejoin" if rejoining else "Stopped", clock.total(), clock.summary())
-    return rejoining
+
+
+def stop_averagers(optimizer: Any, ending: Leaving) -> None:
+    stop_optimizer(optimizer, step_running=ending.worker is not None and ending.worker.is_alive())
+
+
+def leave_records(republisher: Any, data_dir: Path, manifest: Any, envelope: bytes, dht: hivemind.DHT) -> None:
+    """Stop republishing; remember the peers connected now (while the DHT still answers promptly: start_dht)."""
+    republisher.stop()
+    remember_swarm(data_dir, manifest, envelope, dht)
+
+
+def close_ledger(run: Run, ending: Leaving) -> None:
+    """The energy ledger's last write and publication, when this peer leaves for good (not to rejoin)."""
+    if not ending.rejoining and run.accountant is not None and not run.ledger_closed:
+        run.accountant.stop()
+        run.ledger_closed = True
+
+
+def save_unless_stepping(trainer: Trainer, checkpoint: Callable[[], None]) -> None:
+    if trainer.lock.acquire(timeout=1.0):
+        try:
+            checkpoint()
+        finally:
+            trainer.lock.release()
+    else:
+        logger.warning("A step was still running at shutdown: kept the previous checkpoint")
 
 
 def start_ledger(run: Run, manifest: mf.SwarmManifest, model: torch.nn.Module) -> Accountant:
@@ -347,25 +372,6 @@ def start_ledger(run: Run, manifest: mf.SwarmManifest, model: torch.nn.Module) -
 FINAL_PUBLISH_S = 2.0  # a ledger store waits at most this (the last one is part of a ≤ 10 s shutdown)
 
 
-class ShutdownClock:
-    """Times each shutdown phase, so a slow stop says which phase was slow."""
-
-    def __init__(self) -> None:
-        self._start = self._last = time.monotonic()
-        self._laps: list[tuple[str, float]] = []
-
-    def lap(self, name: str) -> None:
-        now = time.monotonic()
-        self._laps.append((name, now - self._last))
-        self._last = now
-
-    def total(self) -> float:
-        return time.monotonic() - self._start
-
-    def summary(self) -> str:
-        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self._laps)
-
-
 def resolve_swarm(dht: hivemind.DHT, request: JoinRequest, data_dir: Path) -> tuple[mf.SwarmManifest, bytes]:
     """The swarm to join; with none to be found, a fresh one."""
     found = find_swarm(dht, request, data_dir)
@@ -387,5 +393,3 @@ def fresh_swarm_values(model: str) -> dict[str, Any]:
         seq_len=min(spec.seq_len, spec.n_positions),
         target_batch_size=spec.target_batch_size,
     )
-
-

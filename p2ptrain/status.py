@@ -1,11 +1,15 @@
-"""The peer's status file (``<data_dir>/status.json``): what it is doing, for `demo`, tests and `status`.
+"""What a peer is doing: ``PeerStatus``, kept by its ``StatusWriter``.
 
-Written atomically (readers never see half a file) at most once a second, and at every state change.
+In the peer's process (the volunteer daemon's control socket) it is read as an object (``snapshot``); for other
+processes (`demo`, tests, `report`) the writer keeps ``<data_dir>/status.json``, written atomically (readers never
+see half a file) at most once a second, and at every state change.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,14 +54,24 @@ class PeerStatus:
     updated_at: float = 0.0
 
 
+HISTORIES = ("val_history", "param_history")  # long lists: in the file, not in the control socket's replies
+
+
 class StatusWriter:
     def __init__(self, path: Path, min_interval_s: float = 1.0):
         self.path, self.status, self._min_interval_s, self._last = path, PeerStatus(), min_interval_s, 0.0
+        self._lock = threading.Lock()  # the trainer, the network watch and the peer update; the daemon reads
 
     def update(self, force: bool = False, **changes: Any) -> None:
-        for key, value in changes.items():
-            setattr(self.status, key, value)
-        now = time.time()
-        if force or "state" in changes or now - self._last >= self._min_interval_s:
-            self.status.updated_at, self._last = now, now
-            atomic_write_json(self.path, asdict(self.status))
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self.status, key, value)
+            now = time.time()
+            if force or "state" in changes or now - self._last >= self._min_interval_s:
+                self.status.updated_at, self._last = now, now
+                atomic_write_json(self.path, asdict(self.status))
+
+    def snapshot(self) -> PeerStatus:
+        """A copy of the status as it is now, for a reader in this process."""
+        with self._lock:
+            return copy.deepcopy(self.status)

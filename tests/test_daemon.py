@@ -214,7 +214,8 @@ def test_daemon_start_status_game_pause_resume_stop(tmp_path):
     try:
         assert "already running" in daemon.cli("daemon", "start").stdout
         daemon.wait(lambda s: s["state"] == "training" and _peer_samples(s) > 0, 150, "training")
-        assert "Daemon" in daemon.cli("status").stdout
+        shown = daemon.cli("status").stdout
+        assert "Daemon" in shown and "Reachability: " in shown and "Network: " in shown  # the running peer's status
 
         daemon.game(os.getpid())  # a "game" appears on the GPU (any pid that is not the daemon's)
         t0 = time.monotonic()

@@ -300,6 +300,33 @@ def test_a_peer_at_the_last_step_stays_while_another_holds_a_different_state(nod
     assert took and 6 + QUIET_S <= took[0] < 6 + QUIET_S + 8, took
 
 
+def test_a_peer_at_the_last_step_stays_for_one_that_has_not_said_which_state_it_holds(nodes):
+    """Seen in the swarm test: a peer's last state-averaging round failed and retried (12 s); the others had left
+    by the time it compared states, and it kept parameters that differed from the run's final state."""
+    key = finishing_key(RUN)
+    keys = [RSAPrivateKey() for _ in nodes]
+    trackers = [
+        ProgressTracker(node, RUN, 64, start=True, private_key=k, client_mode=(i == 2), **TRACKER_OPTS)
+        for i, (node, k) in enumerate(zip(nodes, keys, strict=True))
+    ]
+    try:
+        for tracker in trackers:
+            with tracker.pause_updates():
+                tracker.update_epoch(40)
+            tracker.report_local_progress(40, 8)
+        assert wait_until(lambda: sorted(other_epochs(nodes[0], KEY)) == [40, 40])
+        announce_final(nodes[0], key, 40, "01" * 32, 60)
+        thread, took, _ = waiter(nodes[0], key, 60)
+        time.sleep(6)
+        assert not took, "left while a peer at the last step (not a client) had not announced its state"
+        announce_final(nodes[1], key, 40, "01" * 32, 60)  # its round landed (or it downloaded): the same state
+        thread.join(QUIET_S + 10)
+        assert took and 6 + QUIET_S <= took[0] < 6 + QUIET_S + 8, took  # the client (nodes[2]) was not waited for
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(5)
+
+
 def test_in_mode_local_a_peer_does_not_wait_for_others_to_hold_its_state(nodes):
     """Local updates: each peer ends with its own last progress on the shared anchor, digests differ by design
     (seen: the peers at the last step of test_three_peers_converge[local-*] waited out their 60 s bound)."""

@@ -20,7 +20,8 @@ and its last updates come from its own gradients alone. So peers say where they 
 - a peer at step N stays while another peer's progress record (hivemind's ``{run_id}_progress``) is behind N
   (at most ``timeout_s``) or another peer's record says ``done: false`` (at most ``2 × timeout_s`` in all), and
   until neither has been seen for ``QUIET_S``; a peer at N whose digest differs from the final state's counts as
-  downloading it.
+  downloading it, and so does a peer at N (not a client) that has not announced anything yet: its last
+  state-averaging round may be failing, and then it downloads the final state from a peer that must still be here.
 
 Records come from other peers: a malformed one is ignored; a lying one can make a peer wait ``2 × timeout_s``, or
 download the liar's state (hivemind's state download trusts whoever serves it, mid-run too).
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import hivemind
 import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from pydantic.v1 import ValidationError  # hivemind's progress records are pydantic v1 models
 
@@ -75,21 +77,33 @@ def finishing_key(run_id: str) -> str:
     return f"p2ptrain/v1/finishing/{run_id}"
 
 
-def other_epochs(dht: hivemind.DHT, progress_key: str) -> list[int]:
-    """The global step of every other peer with a progress record (hivemind's ProgressTracker, in the DHT).
+def other_progress(dht: hivemind.DHT, progress_key: str) -> list[LocalTrainingProgress]:
+    """Every other peer's progress record (hivemind's ProgressTracker, in the DHT): its global step, client mode.
 
     A peer that left says so with an empty record; a killed one's record expires (60 s); malformed ones are
     skipped.
     """
-    me, epochs = dht.peer_id.to_bytes(), []
+    me, found = dht.peer_id.to_bytes(), []
     for record in _records(dht, progress_key).values():
         try:
             progress = LocalTrainingProgress.parse_obj(record.value)
         except (ValidationError, TypeError, AttributeError):
             continue
         if progress.peer_id != me:
-            epochs.append(progress.epoch)
-    return epochs
+            found.append(progress)
+    return found
+
+
+def other_epochs(dht: hivemind.DHT, progress_key: str) -> list[int]:
+    """The global step of every other peer with a progress record (``other_progress``)."""
+    return [progress.epoch for progress in other_progress(dht, progress_key)]
+
+
+def _silent(others: list[LocalTrainingProgress], records: dict, epoch: int) -> int:
+    """Peers at the last step that have not said which state they hold (their last state-averaging round may still
+    be landing, or failing: then they will download the final state, from a peer that must still be here)."""
+    said = {subkey for subkey in records if isinstance(subkey, str)}
+    return sum(p.epoch >= epoch and not p.client_mode and PeerID(p.peer_id).to_base58() not in said for p in others)
 
 
 def swarm_finished(dht: hivemind.DHT, key: str, epoch: int) -> bool:
@@ -173,18 +187,21 @@ def wait_for_stragglers(
     one_state: bool = True,
 ) -> None:
     """Stay while another peer is behind ``epoch`` (at most ``timeout_s``) or downloading a final state, or holds
-    one that is not the run's (at most ``2 × timeout_s`` in all: a straggler's download can begin only after its
+    one that is not the run's, or is at ``epoch`` and has not said which state it holds (at most ``2 × timeout_s``
+    in all: a straggler's download can begin only after its
     own last, lonely averaging rounds). Without ``one_state`` (mode "local": each peer keeps its own last
     progress on the shared anchor) differing states are expected and not waited for."""
     started, me = time.monotonic(), dht.peer_id.to_base58()
     waited, quiet_since, behind, loading = False, None, 0, 0
     while not stop.is_set():
-        behind = sum(e < epoch for e in other_epochs(dht, progress_key))
+        others = other_progress(dht, progress_key)
+        behind = sum(p.epoch < epoch for p in others)
         records = _records(dht, finishing)
         announced = _finals(records, epoch)
         final = final_state(announced)
-        loading = _downloading(records, me) + one_state * sum(
-            other.peer != me and other.digest != final.digest for other in announced
+        loading = _downloading(records, me) + one_state * (
+            sum(other.peer != me and other.digest != final.digest for other in announced)
+            + _silent(others, records, epoch)
         )
         now = time.monotonic()
         if now - started >= (2 * timeout_s if loading else timeout_s):

@@ -30,15 +30,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 from p2ptrain.energy.carbon import IntensityWatcher
 from p2ptrain.energy.ledger import ledger_path, load_ledger
 from p2ptrain.errors import ConfigError, LedgerInvalid, P2PTrainError
-from p2ptrain.fileio import read_json
 from p2ptrain.gate import Gate, Verdict
 from p2ptrain.processes import descendants
 from p2ptrain.settings import PeerSettings
+from p2ptrain.status import HISTORIES, StatusWriter
 from p2ptrain.swarm.identity import ensure_private_dir, lock_data_dir
 from p2ptrain.volunteer.config import DaemonConfig, set_value
 from p2ptrain.volunteer.control_socket import ControlServer
@@ -64,6 +65,7 @@ class Daemon:
         self._deciding = threading.Lock()
         self.policy: IdlePolicy | None = None
         self.intensity: IntensityWatcher | None = None
+        self.peer_status: StatusWriter | None = None  # the running peer's, read in this process
 
     # 1-6: the lifecycle ---------------------------------------------------------------------------
 
@@ -96,8 +98,15 @@ class Daemon:
             request = JoinRequest(self.config.swarm.model, invite)
             while not self.stop.is_set():
                 try:
+                    self.peer_status = StatusWriter(data_dir / "status.json")
                     run_peer(
-                        self.settings, request, self.stop, announce=logger.info, gate=self.gate, intensity=intensity
+                        self.settings,
+                        request,
+                        self.stop,
+                        announce=logger.info,
+                        gate=self.gate,
+                        intensity=intensity,
+                        status=self.peer_status,
                     )
                     break  # stopped, or --max-steps reached
                 except ConfigError:
@@ -174,7 +183,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         verdict: Verdict = self.gate.verdict
-        peer = read_json(self.settings.data_dir / "status.json") or {}
+        peer = asdict(self.peer_status.snapshot()) if self.peer_status is not None else {}
         return {
             "daemon_pid": os.getpid(),
             "daemon_since": self.started_at,
@@ -184,31 +193,10 @@ class Daemon:
             "throttled_by": list(verdict.notes),
             "events": list(self.events),
             "restarts": self.restarts,
-            "peer": {k: peer.get(k) for k in PEER_FIELDS if k in peer},
+            "peer": {k: v for k, v in peer.items() if k not in HISTORIES},
             "ledger": ledger_summary(self.settings.data_dir, peer.get("run_id")),
             "grid": grid_summary(self.intensity),
         }
-
-
-PEER_FIELDS = (
-    "state",
-    "peer_id",
-    "run_id",
-    "model",
-    "epoch",
-    "peers",
-    "reachability",
-    "samples",
-    "local_steps",
-    "compute_s",
-    "loss",
-    "val_loss",
-    "samples_per_s",
-    "checkpoint_epoch",
-    "resumed_from_epoch",
-    "invite",
-    "error",
-)
 
 
 def ledger_summary(data_dir, run_id: Any) -> dict[str, Any] | None:
