@@ -1,7 +1,8 @@
-"""Settings fields that are also command-line options: declared once, on the settings dataclass.
+"""Settings fields: the ones that are also command-line options, and how a value written as text is read.
 
 ``cli/options.py`` turns every field made with ``option`` into a ``--flag`` of the peer commands (its type, default
-and help from the field); the config file and the ``P2PTRAIN_*`` environment read the same fields.
+and help from the field); the config file and the ``P2PTRAIN_*`` environment read the same fields, text through
+``parse_text``.
 """
 
 from __future__ import annotations
@@ -23,3 +24,25 @@ def is_option(f: Field) -> bool:
 
 def flag_name(f: Field) -> str:
     return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+BOOLEAN = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_text(kind: str, text: str) -> Any:
+    """A setting's value written as text (``P2PTRAIN_*``, `p2ptrain config set`), for a field of type ``kind``: an
+    int, a float, a bool (1/0, true/false, yes/no, on/off), a list (comma-separated), or the text (str, Path).
+
+    Raises:
+        ValueError: the text is not a ``kind``."""
+    if kind.startswith("tuple"):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind == "bool":
+        if text.lower() not in BOOLEAN:
+            raise ValueError(text)
+        return BOOLEAN[text.lower()]
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    return text

@@ -5,7 +5,7 @@ launcher, which stops the peers in order), with its own data dir and log file un
 ``LocalSwarm`` owns them: leaving its ``with`` block sends SIGTERM, waits, and kills what is left,
 process groups included.
 
-    p2ptrain demo --peers 3 --epochs 30
+    p2ptrain demo --peers 3 --steps 30
 """
 
 from __future__ import annotations
@@ -169,39 +169,39 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def run_demo(peers: int, epochs: int, base_dir: Path | None) -> int:
-    """Train gpt2-tiny with ``peers`` local peers for ``epochs`` global steps; show progress and a summary."""
+def run_demo(peers: int, steps: int, base_dir: Path | None) -> int:
+    """Train gpt2-tiny with ``peers`` local peers for ``steps`` global steps; show progress and a summary."""
     from rich.console import Console
     from rich.live import Live
 
     from p2ptrain.errors import ConfigError
 
-    if not 1 <= peers <= 16 or epochs < 1:
-        raise ConfigError(f"--peers must be 1-16 and --epochs ≥ 1 (got --peers={peers}, --epochs={epochs})")
+    if not 1 <= peers <= 16 or steps < 1:
+        raise ConfigError(f"--peers must be 1-16 and --steps ≥ 1 (got --peers={peers}, --steps={steps})")
     base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="p2ptrain-demo-"))
     console = Console(stderr=True)
-    console.print(f"Local swarm: {peers} peers training gpt2-tiny for {epochs} global steps; files in {base}")
+    console.print(f"Local swarm: {peers} peers training gpt2-tiny for {steps} global steps; files in {base}")
     started = time.monotonic()
     interrupted = False
     with LocalSwarm(base) as swarm:
-        common = ("--max-steps", str(epochs), "--wait-for-peers", str(peers))
+        common = ("--max-steps", str(steps), "--wait-for-peers", str(peers))
         first = swarm.seed("peer0", *common)
         invite = swarm.invite(first)
         for i in range(1, peers):
             swarm.join(f"peer{i}", "--invite", invite, *common)
         try:
-            with Live(_table(swarm, epochs), console=console, refresh_per_second=2) as live:
+            with Live(_table(swarm, steps), console=console, refresh_per_second=2) as live:
                 while any(p.alive() for p in swarm.peers.values()):
-                    live.update(_table(swarm, epochs))
+                    live.update(_table(swarm, steps))
                     time.sleep(0.5)
-                live.update(_table(swarm, epochs))
+                live.update(_table(swarm, steps))
         except KeyboardInterrupt:
             interrupted = True
             console.print("Ctrl+C: stopping the peers…")
     return _summary(console, swarm, time.monotonic() - started, interrupted)
 
 
-def _table(swarm: LocalSwarm, epochs: int):
+def _table(swarm: LocalSwarm, steps: int):
     from rich.table import Table
 
     table = Table(title="p2ptrain demo (Ctrl+C stops)")
@@ -213,7 +213,7 @@ def _table(swarm: LocalSwarm, epochs: int):
         table.add_row(
             peer.name,
             s.get("state", "starting"),
-            f"{s.get('epoch', 0)}/{epochs}",
+            f"{s.get('epoch', 0)}/{steps}",
             fmt(s.get("loss")),
             fmt(s.get("val_loss")),
             str(s.get("peers", 0)),

@@ -23,7 +23,7 @@ from typing import Any
 
 from p2ptrain.energy.settings import EnergySettings
 from p2ptrain.errors import ConfigError
-from p2ptrain.fields import option
+from p2ptrain.fields import option, parse_text
 
 logger = logging.getLogger(__name__)
 
@@ -101,21 +101,12 @@ class PeerSettings:
 
 def _parse(name: str, kind: str, text: str) -> Any:
     try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind == "Path":
-            return Path(text).expanduser()
-        if kind == "bool":
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes", "on")
-        if kind.startswith("tuple"):
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        return text
+        value = parse_text(kind, text)
     except ValueError:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind}") from None
+    if kind == "Path":
+        return Path(value).expanduser()
+    return tuple(value) if kind.startswith("tuple") else value
 
 
 # old names still accepted (from flags, environment and config file) for one release, with a warning

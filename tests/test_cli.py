@@ -40,6 +40,9 @@ def test_version_and_help(capsys, tmp_path):
     shown = capsys.readouterr().out
     assert "--max-steps" in shown and "--max-epochs" not in shown  # the deprecated alias is hidden
     assert "(default: 31337)" in shown  # defaults are shown (rich once ate "[default: …]" as markup)
+    assert main(["demo", "--help"], env={}) == 0
+    shown = capsys.readouterr().out
+    assert "--steps" in shown and "--epochs" not in shown
 
 
 @pytest.mark.parametrize("command", [["seed"], ["join"]])

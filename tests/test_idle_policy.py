@@ -239,7 +239,7 @@ def test_the_daemon_pauses_and_resumes_the_trainer_on_a_fake_intensity_series(tm
     """The daemon's watcher step, a real Gate and a 'trainer' thread passing through it: the idle mechanism."""
     from p2ptrain.settings import PeerSettings
     from p2ptrain.volunteer.config import build_config
-    from p2ptrain.volunteer.daemon import Daemon
+    from p2ptrain.volunteer.daemon import VolunteerDaemon
 
     class Series:  # what IntensityWatcher.current() would return, one value per call
         def __init__(self, values):
@@ -249,7 +249,7 @@ def test_the_daemon_pauses_and_resumes_the_trainer_on_a_fake_intensity_series(tm
             return grid(self.values.pop(0) if len(self.values) > 1 else self.values[0])
 
     config = build_config({"idle": {"max_grid_g_co2_per_kwh": 300.0, "gpu_sensor": f"fake:{tmp_path / 'gpu.json'}"}})
-    daemon = Daemon(config, PeerSettings(data_dir=tmp_path), threading.Event())
+    daemon = VolunteerDaemon(config, PeerSettings(data_dir=tmp_path), threading.Event())
     daemon.sensor, daemon.intensity = open_sensor(config.idle.gpu_sensor), Series([200, 350, 420, 280])
     policy = IdlePolicy(config.idle)
     calls, stop = [], threading.Event()

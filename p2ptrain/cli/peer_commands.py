@@ -126,7 +126,8 @@ def join(
 
 def demo(
     peers: Annotated[int, typer.Option(help="peers to run on this machine")] = 3,
-    epochs: Annotated[int, typer.Option(help="global steps to train")] = 30,
+    steps: Annotated[int, typer.Option(help="global steps to train")] = 30,
+    epochs: Annotated[int | None, typer.Option(hidden=True, help="old name of --steps")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the peers keep their files (default: a temp dir)")
     ] = None,
@@ -137,4 +138,7 @@ def demo(
 
     setup_logging(PeerSettings(data_dir=Path("."), log_level="DEBUG" if debug else "INFO"), log_file=False)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the peers like Ctrl+C does
-    raise typer.Exit(run_demo(peers=peers, epochs=epochs, base_dir=data_dir))
+    if epochs is not None:
+        logger.warning("--epochs is deprecated and will be removed: use --steps")
+        steps = epochs
+    raise typer.Exit(run_demo(peers=peers, steps=steps, base_dir=data_dir))

@@ -30,6 +30,7 @@ import tomli_w
 
 from p2ptrain.energy.settings import EnergySettings
 from p2ptrain.errors import ConfigError
+from p2ptrain.fields import parse_text
 from p2ptrain.fileio import atomic_write_bytes
 from p2ptrain.settings import DEPRECATED, PeerSettings, resolve_settings
 from p2ptrain.volunteer.idle_policy import IdleSettings
@@ -188,16 +189,6 @@ def _typed(table: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_text(name: str, kind: str, text: str) -> Any:
     try:
-        if kind.startswith("tuple"):
-            return [part.strip() for part in text.split(",") if part.strip()]
-        if kind == "bool":
-            if text.lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "yes", "on", "1")
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        return text
+        return parse_text(kind, text)
     except ValueError:
         raise ConfigError(f"{name}: {text!r} is not a valid {kind}") from None

@@ -51,7 +51,7 @@ RETRY_S = (10.0, 30.0, 60.0, 300.0)  # back-off between restarts of a failed pee
 MAX_EVENTS = 50
 
 
-class Daemon:
+class VolunteerDaemon:
     def __init__(self, config: DaemonConfig, settings: PeerSettings, stop: threading.Event):
         self.config, self.settings, self.stop = config, settings, stop
         self.gate = Gate()
@@ -61,7 +61,7 @@ class Daemon:
         self.started_at = time.time()
         self.restarts = 0
         self.sensor: GpuSensor | None = None
-        self.meter = TrafficMeter()
+        self.traffic = TrafficMeter()  # this peer's network rates (not the energy meter)
         self._deciding = threading.Lock()
         self.policy: IdlePolicy | None = None
         self.intensity: IntensityWatcher | None = None
@@ -147,7 +147,7 @@ class Daemon:
     def _decide_now(self, policy: IdlePolicy) -> None:
         pids = {os.getpid(), *(p.pid for p in descendants())}  # our GPU contexts: this peer and its children
         facts = self.sensor.read()
-        rates = self.meter.rates(time.monotonic(), pids) if self._caps_bandwidth() else None
+        rates = self.traffic.rates(time.monotonic(), pids) if self._caps_bandwidth() else None
         traffic = Traffic(*rates) if rates else None
         grid = self.intensity.current() if self.intensity is not None else None
         verdict = policy.decide(
@@ -276,7 +276,7 @@ def describe_policy(idle: Any) -> str:
 
 
 def run_daemon(config: DaemonConfig, flags: Mapping[str, Any], env: Mapping[str, str], stop: threading.Event) -> None:
-    Daemon(config, config.peer_settings(flags, env), stop).run()
+    VolunteerDaemon(config, config.peer_settings(flags, env), stop).run()
 
 
 def own_gpu_mb() -> float:
