@@ -7,10 +7,10 @@ import json
 import pytest
 
 from p2ptrain.cli.app import main
-from p2ptrain.cli.status_text import describe_status
 from p2ptrain.energy.ledger import Ledger, ledger_path, save_ledger
 from p2ptrain.energy.report import Card, Datacenter, datacenter_estimate, render_markdown, render_text, series, totals
 from p2ptrain.errors import ExitCode
+from p2ptrain.volunteer.status_text import describe_status
 
 KWH = 3.6e6
 

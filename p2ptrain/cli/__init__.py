@@ -5,6 +5,5 @@
 - ``session``         the environment the commands read, logging, versions, signals (``until_signalled``)
 - ``peer_commands``   ``seed``, ``join``, ``demo``
 - ``daemon_commands`` ``daemon run/start/stop/status``, ``status``, ``pause``, ``resume``, ``leave``, ``config``
-- ``status_text``     ``p2ptrain status`` as a person reads it
 - ``report_command``  ``p2ptrain report``: the report card of this peer or of the swarm
 """

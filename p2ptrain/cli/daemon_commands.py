@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,16 +14,9 @@ import typer
 from p2ptrain.cli import session
 from p2ptrain.cli.options import CleanestHours, Country, DataDir, Debug, IntensitySource, MaxGridIntensity, peer_options
 from p2ptrain.cli.session import setup_logging, until_signalled, versions
-from p2ptrain.cli.status_text import describe_status
-from p2ptrain.errors import P2PTrainError
+from p2ptrain.volunteer.status_text import describe_status
 
 logger = logging.getLogger("p2ptrain")
-
-
-START_TIMEOUT_S = 120.0
-
-
-STOP_TIMEOUT_S = 60.0
 
 
 def daemon_config():
@@ -71,55 +63,26 @@ def daemon_start(
     cleanest_hours: CleanestHours = None,
 ) -> None:
     """Start the daemon in the background and return once it answers."""
-    import subprocess
-    import time
-
     from p2ptrain.swarm.identity import ensure_private_dir
-    from p2ptrain.volunteer.control_socket import DaemonNotRunning, request
+    from p2ptrain.volunteer.background import start_in_background
 
     config = with_idle_flags(daemon_config(), max_grid_intensity, cleanest_hours)  # bad values fail here
     config.peer_settings({"country": country, "intensity_source": intensity_source}, session.env())
     directory = ensure_private_dir(daemon_dir(data_dir))
-    try:
-        reply = request(directory, "status")
-        print(f"The daemon is already running (pid {reply['daemon_pid']}): p2ptrain status")
-        return
-    except DaemonNotRunning:
-        pass
-    command = [sys.executable, "-m", "p2ptrain", "daemon", "run", "--data-dir", str(directory)]
     passed = {
         "--country": country,
         "--intensity-source": intensity_source,
         "--max-grid-intensity": max_grid_intensity,
         "--cleanest-hours": cleanest_hours,
     }
-    for flag, value in passed.items():
-        if value is not None:
-            command += [flag, str(value)]
-    out = directory / "daemon.out"
-    with open(out, "ab") as log:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=dict(session.env()),
+    flags = [text for flag, value in passed.items() if value is not None for text in (flag, str(value))]
+    started = start_in_background(directory, flags, session.env())
+    if started.already:
+        print(f"The daemon is already running (pid {started.pid}): p2ptrain status")
+    else:
+        print(
+            f"Daemon started (pid {started.pid}); its log: {directory / 'p2ptrain.log'}. See it with: p2ptrain status"
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = out.read_text(errors="replace").splitlines()[-5:]
-            raise P2PTrainError("the daemon exited at once:\n  " + "\n  ".join(tail) + f"\n(full output: {out})")
-        try:
-            request(directory, "status", timeout_s=2.0)
-            print(
-                f"Daemon started (pid {proc.pid}); its log: {directory / 'p2ptrain.log'}. See it with: p2ptrain status"
-            )
-            return
-        except DaemonNotRunning:
-            time.sleep(0.2)
-    raise P2PTrainError(f"the daemon (pid {proc.pid}) did not answer within {START_TIMEOUT_S:.0f} s; see {out}")
 
 
 def daemon_stop(data_dir: DataDir = None) -> None:
@@ -128,22 +91,10 @@ def daemon_stop(data_dir: DataDir = None) -> None:
 
 
 def stop_daemon(data_dir: Path | None, command: str) -> None:
-    import time
+    from p2ptrain.volunteer.background import stop_and_wait
 
-    import psutil
-
-    from p2ptrain.volunteer.control_socket import request
-
-    started = time.monotonic()
-    pid = request(daemon_dir(data_dir), command)["daemon_pid"]
-    try:
-        psutil.Process(pid).wait(STOP_TIMEOUT_S)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
-        raise P2PTrainError(f"the daemon (pid {pid}) has not stopped after {STOP_TIMEOUT_S:.0f} s") from None
-    done = "Left the swarm and stopped" if command == "leave" else "Stopped"
-    print(f"{done} in {time.monotonic() - started:.1f} s")
+    took = stop_and_wait(daemon_dir(data_dir), command)
+    print(f"{'Left the swarm and stopped' if command == 'leave' else 'Stopped'} in {took:.1f} s")
 
 
 def daemon_status(data_dir: DataDir = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-import logging.handlers
+import time
 from typing import Any
-
-logger = logging.getLogger("p2ptrain")
 
 
 def describe_status(reply: dict[str, Any]) -> str:
-    import time
-
     peer = reply.get("peer", {})
     state = reply["state"]
     lines = [f"Daemon {reply['daemon_pid']}: {state}"]
