@@ -231,7 +231,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
                     save_unless_stepping(trainer, checkpoint)
 
             parts.callback(ending.timed("checkpoint", last_checkpoint))  # once the averagers have stopped
-            parts.callback(ending.timed("say goodbye, stop averagers", lambda: stop_averagers(optimizer, ending)))
+            parts.callback(ending.timed("say goodbye, stop the averagers", lambda: stop_averagers(optimizer, ending)))
             # e. resume
             local_steps = 0
             if path.exists():
