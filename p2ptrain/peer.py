@@ -144,7 +144,7 @@ def run_peer(
             seeded = manifest, mf.sign(manifest, key)
             tokenizer, corpus = open_data(manifest, peer_id.to_bytes())
 
-        # 3. the energy meter (before any fork: see energy_meter.start_meter), then the stays in the swarm
+        # 3. the energy meter (before any fork: see energy.meter.start_meter), then the stays in the swarm
         meter = open_meter(settings.energy.meter, settings.energy.tracking)
         meter_info = start_meter(meter)
         die_with_parent()

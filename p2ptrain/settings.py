@@ -6,7 +6,7 @@ Configuration flows one way: CLI flags → ``resolve_settings`` → ``PeerSettin
     defaults  <  [peer] in the daemon's config file  <  P2PTRAIN_<FIELD> environment variables  <  flags
 
 (e.g. ``P2PTRAIN_DATA_DIR=/srv/p2ptrain``; list fields take comma-separated values). The energy settings
-(``energy_settings.EnergySettings``, the ``[energy]`` table) merge the same way into ``PeerSettings.energy``
+(``energy.settings.EnergySettings``, the ``[energy]`` table) merge the same way into ``PeerSettings.energy``
 (``P2PTRAIN_COUNTRY=FRA``, ``--country FRA``). Components
 take a ``PeerSettings`` and never read the environment or files. What the whole swarm shares
 (model, dataset, optimizer) is the signed ``manifest.SwarmManifest``, not this.

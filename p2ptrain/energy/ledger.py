@@ -3,7 +3,7 @@
     <data_dir>/runs/<run_id>/ledger.json      # written atomically every energy.ledger_every_s and at exit
 
 It survives restarts (a restarted peer adds to it) and is published, signed with this peer's identity
-key, as a DHT record (``ledger_records.py``) from which `p2ptrain report --swarm` adds up the swarm.
+key, as a DHT record (``records.py``) from which `p2ptrain report --swarm` adds up the swarm.
 
 The ``Accountant`` owns the bookkeeping thread. The training thread only calls ``on_step`` (add
 samples, tokens, compute seconds: a few µs under a lock) and ``set_active`` (training or paused); every

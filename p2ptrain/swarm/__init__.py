@@ -9,5 +9,7 @@
 - ``reachability`` can other peers connect to this one? (peers dial back; the verdict in the status)
 - ``nat``          the role reachability calls for: relay slots, client mode, who aggregates a share
 - ``port_mapping`` reads the mapping a home router made for us (UPnP IGD table, NAT-PMP)
-- ``network``      the DHT started in that role, and the watch that notices when it no longer fits
+- ``network``      the DHT started in that role; the port claimed once
+- ``watch``        while the peer trains: the watch that notices when that role no longer fits, hole punching
+- ``joining``      which swarm to join (seed or join, invite, remembered, advertised) and what is remembered of it
 """

@@ -11,7 +11,7 @@ at 83 °C, pause on battery). Four tables::
     [swarm]  model, invite                         what to join
     [peer]   data_dir, device, batch_size, port, … ``settings.PeerSettings`` fields
     [idle]   quiet_period_s, schedule, caps, …    ``idle_policy.IdleSettings`` fields (carbon-aware mode too)
-    [energy] country, intensity_source, meter, …  ``energy_settings.EnergySettings`` fields
+    [energy] country, intensity_source, meter, …  ``energy.settings.EnergySettings`` fields
 
 Configuration flows one way: this file → ``DaemonConfig`` (typed, validated; an unknown key is an
 error naming it) → ``PeerSettings`` / ``IdleSettings`` (environment variables and flags still win

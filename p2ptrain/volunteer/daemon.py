@@ -4,11 +4,11 @@
     p2ptrain daemon run            # the same in the foreground (what systemd / launchd run)
     p2ptrain status | pause | resume | leave | daemon stop
 
-1. read the config file (``daemon_config``): what to join, peer settings, the idle policy;
+1. read the config file (``config``): what to join, peer settings, the idle policy;
 2. take the daemon's lock on the data dir (one daemon per data dir; the peer inside takes its own);
 3. open the GPU sensor; cap the GPU's power through NVML where permitted (else the policy throttles);
    start watching the grid's carbon intensity (``carbon.IntensityWatcher``: live source or country average);
-4. start the control endpoint (``control``) and the watcher thread: every ``poll_s`` it reads the
+4. start the control endpoint (``control_socket``) and the watcher thread: every ``poll_s`` it reads the
    machine and the grid intensity, asks ``IdlePolicy`` for a verdict, sets the trainer's ``Gate``, and
    logs every pause and resume with its reasons (also kept for `status`);
 5. run the peer (``peer.run_peer`` with the gate) until stopped; a peer that fails for a reason a

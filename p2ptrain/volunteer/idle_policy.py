@@ -1,6 +1,6 @@
 """When a volunteer's machine may train, and how hard: the idle policy, a pure function of the facts.
 
-Every few seconds the daemon reads the machine (``machine_sensors.MachineFacts``), measures this
+Every few seconds the daemon reads the machine (``sensors.MachineFacts``), measures this
 peer's traffic, and asks ``IdlePolicy.decide`` for a ``Verdict``: run or pause (with every reason),
 and a duty cycle (the fraction of wall time the trainer may compute). Reasons, each on by default
 where the machine can tell:
