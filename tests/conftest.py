@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -11,6 +13,15 @@ from p2ptrain.swarm.manifest import SwarmManifest, new_manifest
 
 # no test reaches the Hugging Face hub (its client retried for 23 s before failing here); peers inherit this
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def netns(tag: int | str | None = None) -> set[str]:
+    """The network namespaces of one lab: those named with ``tag`` (netlab's ``p2pt<tag>-…``, bench_wan's
+    ``p2pt-<tag>-…``; by default this process's, as both name them), not another test session's."""
+    tag = os.getpid() % 100000 if tag is None else tag
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    return {name for name in names if re.match(rf"p2pt-?{tag}-", name)}
 
 
 @pytest.fixture

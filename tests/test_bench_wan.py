@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from bench_wan import namespaces_available  # noqa: E402
+from conftest import netns  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,18 +21,16 @@ pytestmark = [
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_wan.py"
 
 
-def netns() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
 def test_smoke_run_writes_its_figures_and_cleans_up(tmp_path):
-    before = netns()
     out = tmp_path / "wan.json"
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600
+    run = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    try:
+        stdout, stderr = (text.decode(errors="replace") for text in run.communicate(timeout=600))
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["shaped"] is True and report["link_mbit"] > 0
     for name in ("p2ptrain_adaptive",):
@@ -44,6 +43,6 @@ def test_smoke_run_writes_its_figures_and_cleans_up(tmp_path):
     assert report["configs"]["p2ptrain_adaptive"]["rounds"]  # every round logged with its codec
     assert "| p2ptrain_adaptive |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
-    assert netns() == before  # every namespace it made is gone
+    assert netns(run.pid % 100000) == set()  # every namespace it made (named after its pid) is gone
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if "p2ptrain-bench-" in " ".join(p.info["cmdline"] or [])]
     assert not leftovers

@@ -6,11 +6,11 @@ a volunteer's bare `p2ptrain join --model gpt2-tiny --p2p py` in the other.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import netns
 
 from p2ptrain.local_swarm import DEMO_SWARM_FLAGS, LocalSwarm
 
@@ -23,10 +23,6 @@ pytestmark = [
 ]
 PEER_FLAGS = ("--port", "0", "--threads", "1", "--batch-size", "8", "--validate-every", "0", "--p2p", "py")
 
-
-def netns() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def test_a_volunteer_on_the_lan_finds_the_swarm_without_an_invite(tmp_path):

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import netns
 
 from p2ptrain.local_swarm import DEMO_SWARM_FLAGS, LocalPeer, LocalSwarm
 
@@ -39,10 +40,6 @@ pytestmark = [
 PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--checkpoint-every", "2")
 PORT = 31337  # the default: every host has its own address
 
-
-def netns() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -> None:
