@@ -125,7 +125,9 @@ def read_sketches(found: object, own: str) -> dict[str, np.ndarray]:
     for peer, entry in list(records.items())[:MAX_SKETCHES]:
         value = getattr(entry, "value", None)
         if isinstance(peer, str) and peer != own and isinstance(value, bytes) and len(value) == SKETCH_BYTES:
-            out[peer] = np.frombuffer(value, dtype=np.float32)
+            sketch = np.frombuffer(value, dtype=np.float32)
+            if np.isfinite(sketch).all():  # a NaN would disagree with everybody: a broken or lying peer's
+                out[peer] = sketch
     return out
 
 

@@ -1,0 +1,157 @@
+"""Every decoder of data that comes from other peers, fed random input: it returns a value or raises its documented
+error, never anything else, and never hangs (hypothesis, a bounded number of examples each).
+
+Random bytes are refused at the first check; the structured strategies (random msgpack maps, with valid checksums
+where there is one) reach the checks behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from types import SimpleNamespace
+
+import msgpack
+import numpy as np
+import pytest
+from hivemind.proto import runtime_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2ptrain.energy.records import verify_record
+from p2ptrain.errors import InviteInvalid, LedgerInvalid, ManifestInvalid
+from p2ptrain.swarm import manifest as mf
+from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
+from p2ptrain.swarm.reachability import Message
+from p2ptrain.train import end_of_run
+from p2ptrain.train.codecs import Int8Compression
+from p2ptrain.train.param_check import read_sketches
+from p2ptrain.train.policy import RoundReport
+
+BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
+    | st.binary(max_size=80)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+def packed(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+@BOUNDED
+@given(st.text(max_size=300) | st.builds(lambda v: PREFIX + base64.urlsafe_b64encode(packed(v)).decode(), values))
+def test_invites_decode_or_are_refused(text):
+    try:
+        assert isinstance(decode_invite(text), Invite)
+    except InviteInvalid:
+        pass
+
+
+@BOUNDED
+@given(values)
+def test_invites_with_a_valid_checksum_around_any_payload_decode_or_are_refused(payload):
+    body = packed(payload)
+    text = PREFIX + base64.urlsafe_b64encode(body + hashlib.sha256(body).digest()[:4]).decode().rstrip("=")
+    try:
+        decode_invite(text)
+    except InviteInvalid:
+        pass
+
+
+@BOUNDED
+@given(
+    st.binary(max_size=400)
+    | st.builds(packed, values)
+    | st.builds(lambda m, s: packed({"manifest": packed(m), "signature": s}), values, st.binary(max_size=70))
+)
+def test_manifest_envelopes_verify_or_are_refused(envelope):
+    with pytest.raises(ManifestInvalid):
+        mf.verify(envelope)  # no random envelope carries a valid Ed25519 signature of its body
+
+
+@BOUNDED
+@given(
+    st.binary(max_size=400)
+    | values
+    | st.builds(
+        lambda p, k, s: packed({"payload": packed(p), "public_key": k, "signature": s}),
+        values,
+        st.binary(max_size=300),
+        st.binary(max_size=300),
+    ),
+    values,
+)
+def test_ledger_records_verify_or_are_refused(value, subkey):
+    with pytest.raises(LedgerInvalid):
+        verify_record(value, subkey, "run")
+
+
+@BOUNDED
+@given(values)
+def test_round_reports_parse_or_are_ignored(raw):
+    report = RoundReport.from_wire(raw)
+    assert report is None or isinstance(report, RoundReport)
+
+
+@BOUNDED
+@given(
+    st.dictionaries(
+        st.text(max_size=60) | st.integers() | st.binary(max_size=40),
+        values | st.binary(min_size=1024, max_size=1024),
+        max_size=8,
+    )
+    | values
+)
+def test_parameter_sketches_from_the_dht_are_read_or_skipped(records):
+    found = (
+        SimpleNamespace(value={k: SimpleNamespace(value=v) for k, v in records.items()})
+        if isinstance(records, dict)
+        else SimpleNamespace(value=records)
+    )
+    sketches = read_sketches(found, "me")
+    assert all(s.dtype == np.float32 and s.shape == (256,) and np.isfinite(s).all() for s in sketches.values())
+
+
+@BOUNDED
+@given(st.dictionaries(st.text(max_size=60) | st.integers(), values, max_size=8), st.integers(-5, 100))
+def test_end_of_run_records_are_read_or_skipped(raw, epoch):
+    records = {k: SimpleNamespace(value=v) for k, v in raw.items()}
+    finals = end_of_run._finals(records, epoch)
+    assert all(len(final.digest) == 64 for final in finals)
+    assert end_of_run._downloading(records, "me") >= 0
+    end_of_run._announced_final(records, "me", epoch)
+
+
+@BOUNDED
+@given(st.binary(max_size=300) | st.builds(packed, values))
+def test_reachability_messages_parse_or_raise_value_error(data):
+    try:
+        assert isinstance(Message.FromString(data), dict)
+    except ValueError:
+        pass
+
+
+@BOUNDED
+@given(
+    st.binary(max_size=2000),
+    st.lists(st.integers(0, 3000), max_size=4),  # the wire's sizes are uint32
+    st.sampled_from(["float32", "float16", "int64", "bool", ""]),
+)
+def test_int8_tensors_decode_or_raise_value_error(buffer, shape, dtype):
+    tensor = runtime_pb2.Tensor(buffer=buffer, size=shape, dtype=dtype, compression=runtime_pb2.UNIFORM_8BIT)
+    try:
+        decoded = Int8Compression().extract(tensor)
+    except ValueError:
+        return
+    assert list(decoded.shape) == shape
