@@ -59,3 +59,26 @@ def test_malformed_sketches_from_the_network_are_skipped():
     found = entry({peer: entry(value) for peer, value in records.items()})
     assert set(read_sketches(found, own="me")) == {"ok"}
     assert read_sketches(entry(["not", "a", "dict"]), own="me") == {}
+
+
+def test_a_resync_moves_the_step_loop_on_so_it_stops_at_the_last_step(tmp_path):
+    """Seen in CI: a peer resynchronised at step 5 to the swarm's last step 8, then trained one step more (9) and
+    could not take the final state ("peer's epoch is behind our local epoch")."""
+    from types import SimpleNamespace
+
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.train.trainer import StuckRounds, Trainer
+
+    opt = SimpleNamespace(
+        local_epoch=5,
+        tracker=SimpleNamespace(global_progress=SimpleNamespace(num_peers=3)),
+        own_update_at=lambda epoch: False,
+    )
+    trainer = Trainer.__new__(Trainer)  # the step bookkeeping only: no model, no swarm
+    trainer.opt, trainer._stuck, trainer._on_stuck, trainer._save = opt, StuckRounds(), None, lambda: None
+    trainer.settings = PeerSettings(data_dir=tmp_path, validate_every=0, checkpoint_every=100)
+    trainer._param_check = object()
+    trainer._compare_params = lambda epoch: setattr(opt, "local_epoch", 8)  # the check downloads the swarm's state
+    assert trainer._on_global_step(5, 4.2) == 8
+    trainer._compare_params = lambda epoch: None
+    assert trainer._on_global_step(8, 4.1) == 8

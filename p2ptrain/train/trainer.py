@@ -247,8 +247,7 @@ class Trainer:
                 peers=max(1, self.opt.tracker.global_progress.num_peers),  # 0 until the first fetch
             )
             if self.opt.local_epoch != epoch:
-                epoch = self.opt.local_epoch
-                self._on_global_step(epoch, loss_ema)
+                epoch = self._on_global_step(self.opt.local_epoch, loss_ema)
 
     # pausing for the volunteer (gate.py) ------------------------------------------------------------
 
@@ -324,9 +323,12 @@ class Trainer:
         logger.info("Resynchronised with the swarm: now at global step %d", self.opt.local_epoch)
         self.status.update(force=True, epoch=self.opt.local_epoch, resynced_at=self.opt.local_epoch)
 
-    def _on_global_step(self, epoch: int, loss: float | None) -> None:
+    def _on_global_step(self, epoch: int, loss: float | None) -> int:
+        """After reaching global step ``epoch``; returns the step this peer is at now: later, if the parameter check
+        resynchronised it from the swarm (the loop then stops at the run's last step, not one past it)."""
         if self._param_check is not None:
             self._compare_params(epoch)
+            epoch = self.opt.local_epoch
         peers = max(1, self.opt.tracker.global_progress.num_peers)
         own = self.opt.own_update_at(epoch)
         if self._stuck.after(own, peers) and self._on_stuck is not None:
@@ -340,6 +342,7 @@ class Trainer:
         logger.info(message)
         if epoch % self.settings.checkpoint_every == 0:
             self._save()
+        return epoch
 
 
 STUCK_STEPS = 6  # global steps in a row from our own gradients, with others in the swarm, before rejoining
