@@ -280,7 +280,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
 
             trainer = Trainer(
                 model, optimizer, corpus, manifest, settings, run.device, status, checkpoint, local_steps,
-                [g for g in (run.gate, watch.gate) if g is not None], [a for a in (run.accountant,) if a is not None],
+                [g for g in (run.gate, watch.gate) if g is not None], [run.accountant] if run.accountant else [],
                 on_stuck=watch.ask_rejoin,
             )  # fmt: skip
 

@@ -113,25 +113,16 @@ def _parse(name: str, kind: str, text: str) -> Any:
 DEPRECATED = {"max_epochs": "max_steps"}  # 0.1: "epoch" meant global step
 
 
-def _renamed(values: Mapping[str, Any], spell: Callable[[str], str]) -> dict[str, Any]:
-    """``values`` with deprecated names replaced by the new ones (a value under the new name wins)."""
+def _renamed(values: Mapping[str, Any], key: Callable[[str], str], spell: Callable[[str], str]) -> dict[str, Any]:
+    """``values`` with the deprecated settings' keys (``key(name)``) replaced by the new ones' (a value under the
+    new key wins); ``spell(name)`` is how the user wrote it, for the warning."""
     out = dict(values)
     for old, new in DEPRECATED.items():
-        value = out.pop(old, None)
+        value = out.pop(key(old), None)
         if value is not None:
             logger.warning("%s is deprecated and will be removed: use %s", spell(old), spell(new))
-            if out.get(new) is None:
-                out[new] = value
-    return out
-
-
-def _renamed_env(env: Mapping[str, str]) -> dict[str, str]:
-    out = dict(env)
-    for old, new in DEPRECATED.items():
-        old_key, new_key = ENV_PREFIX + old.upper(), ENV_PREFIX + new.upper()
-        if old_key in out:
-            logger.warning("%s is deprecated and will be removed: use %s", old_key, new_key)
-            out.setdefault(new_key, out.pop(old_key))
+            if out.get(key(new)) is None:
+                out[key(new)] = value
     return out
 
 
@@ -145,9 +136,11 @@ def resolve_settings(
 
     ``flags`` may name fields of ``PeerSettings`` and of ``EnergySettings`` (``country``, ``meter``, ...).
     """
-    env = _renamed_env(env)
-    flags = _renamed(flags, lambda name: "--" + name.replace("_", "-"))
-    base = _renamed(base or {}, lambda name: f"config key {name!r}")
+    same = lambda name: name  # noqa: E731
+    env_key = lambda name: ENV_PREFIX + name.upper()  # noqa: E731
+    env = _renamed(env, env_key, env_key)
+    flags = _renamed(flags, same, lambda name: "--" + name.replace("_", "-"))
+    base = _renamed(base or {}, same, lambda name: f"config key {name!r}")
     values: dict[str, Any] = {"data_dir": default_data_dir(env), **base}
     energy_values: dict[str, Any] = dict(energy or {})
     for cls, into in ((PeerSettings, values), (EnergySettings, energy_values)):

@@ -31,6 +31,7 @@ HIVEMIND_CLASSES = (
     hivemind.Optimizer, hivemind.DHT, P2P, DecentralizedAverager, GradientAverager, PowerSGDGradientAverager,
     TrainingStateAverager, AllReduceRunner, TensorPartContainer, TensorPartReducer, ProgressTracker,
 )  # fmt: skip
+FOREIGN_PRIVATE = re.compile(r"(?<![\w.])(?!self\b|cls\b)\w+(\(\))?\._[a-zA-Z]\w*")  # x._y, super()._y
 STDLIB = re.compile(r"\b(os\._exit|sys\._current_frames)\b")  # documented, underscore and all
 HIVEMIND_PRIVATE_MODULES = ("hivemind.p2p.p2p_daemon", "hivemind.compression.serialization")
 
@@ -98,7 +99,7 @@ def test_private_names_of_hivemind_and_libp2p_are_touched_only_in_the_compat_mod
             code = line.split("#", 1)[0]
             where = f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
             # another object's private attribute (ours or a library's), or a base class's private method
-            if re.search(r"(?<![\w.])(?!self\b|cls\b)\w+(\(\))?\._[a-zA-Z]\w*", code) and not STDLIB.search(code):
+            if FOREIGN_PRIVATE.search(code) and not STDLIB.search(code):
                 wrong.append(where)
             # a name hivemind's classes define privately: overriding or reading it belongs in compat/hivemind.py
             elif any(name in private for name in re.findall(r"(?:self\.|def )(_[a-zA-Z]\w*)", code)):
@@ -110,9 +111,9 @@ def test_private_names_of_hivemind_and_libp2p_are_touched_only_in_the_compat_mod
 def test_the_private_name_scan_catches_what_compat_holds():
     text = (PACKAGE / "compat" / "hivemind.py").read_text()
     assert re.search(r"averager\._running_groups", text)  # the first rule's pattern, on a line it must catch
-    assert re.search(r"(?<![\w.])(?!self\b|cls\b)\w+(\(\))?\._[a-zA-Z]\w*", "x = averager._running_groups")
-    assert re.search(r"(?<![\w.])(?!self\b|cls\b)\w+(\(\))?\._[a-zA-Z]\w*", "super()._aggregate_with_group(g)")
-    assert not re.search(r"(?<![\w.])(?!self\b|cls\b)\w+(\(\))?\._[a-zA-Z]\w*", "self._ours = 1")
+    assert FOREIGN_PRIVATE.search("x = averager._running_groups")
+    assert FOREIGN_PRIVATE.search("super()._aggregate_with_group(g)")
+    assert not FOREIGN_PRIVATE.search("self._ours = 1")
 
 
 def test_an_unsupported_hivemind_is_refused_by_name():

@@ -33,17 +33,20 @@ def test_rounding_agrees_a_peer_that_took_its_own_gradients_does_not():
     assert not agree(base, np.full_like(base, np.nan), LR)
 
 
+ME = "m"  # our peer id in these verdicts
+
+
 def test_who_resynchronises():
     rng = np.random.default_rng(1)
     swarm = rng.normal(size=SKETCH_SIZE).astype(np.float32)
     near = {p: swarm + rng.normal(scale=1e-5 * LR, size=SKETCH_SIZE).astype(np.float32) for p in "abc"}
     gone = swarm + rng.normal(scale=0.1 * LR, size=SKETCH_SIZE).astype(np.float32)
-    assert judge(gone, near, LR, 7, our_own_update=False).left  # none agrees with us, they agree among themselves
-    assert not judge(near["a"], {"b": near["b"], "x": gone}, LR, 7, False).left  # one agrees: we are fine
-    assert not judge(gone, {}, LR, 7, False).left  # alone: nothing to compare
+    assert judge(gone, near, LR, 7, False, ME).left  # none agrees with us, they agree among themselves
+    assert not judge(near["a"], {"b": near["b"], "x": gone}, LR, 7, False, ME).left  # one agrees: we are fine
+    assert not judge(gone, {}, LR, 7, False, ME).left  # alone: nothing to compare
     # two peers that disagree: the one whose last update was its own goes
-    assert judge(gone, {"a": near["a"]}, LR, 7, our_own_update=True).left
-    assert not judge(near["a"], {"x": gone}, LR, 7, our_own_update=False).left
+    assert judge(gone, {"a": near["a"]}, LR, 7, True, ME).left
+    assert not judge(near["a"], {"x": gone}, LR, 7, False, ME).left
     # everybody apart from everybody: the smallest peer id's state wins, the others take it
     apart = {p: swarm + rng.normal(scale=0.1 * LR, size=SKETCH_SIZE).astype(np.float32) for p in "de"}
     ours = judge(gone, apart, LR, 7, False, me="b")

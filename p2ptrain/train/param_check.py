@@ -99,9 +99,9 @@ class Verdict:
 
 
 def judge(
-    mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int, our_own_update: bool, me: str = ""
+    mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int, our_own_update: bool, me: str
 ) -> Verdict:
-    """Did we leave the swarm's parameters at ``epoch``? (see the module docstring)"""
+    """Did we (peer id ``me``) leave the swarm's parameters at ``epoch``? (see the module docstring)"""
     others = list(theirs.values())
     agreeing = sum(agree(mine, other, lr) for other in others)
     if agreeing or not others:
