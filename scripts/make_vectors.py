@@ -28,7 +28,7 @@ AUTHOR_KEY = bytes(range(32))  # the researcher's Ed25519 private key (test only
 PEER_KEY = bytes(range(32, 64))  # a peer's libp2p Ed25519 identity, for a real-looking peer id
 
 
-def vector_manifest(author: Ed25519PrivateKey) -> SwarmManifest:
+def vector_manifest(author: Ed25519PrivateKey, version: int) -> SwarmManifest:
     return SwarmManifest(
         run_id="vectors-demo",
         model="gpt2-tiny",
@@ -46,9 +46,13 @@ def vector_manifest(author: Ed25519PrivateKey) -> SwarmManifest:
             lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, warmup_epochs=10, clip_grad_norm=1.0
         ),
         averaging=AveragingSpec(
-            compression="fp16", matchmaking_time_s=5.0, averaging_timeout_s=30.0, average_state_every=5
+            compression="fp16",
+            matchmaking_time_s=5.0,
+            averaging_timeout_s=30.0,
+            average_state_every=5,
+            aggregation="mean" if version == 1 else "centered_clip",
         ),
-        version=1,
+        version=version,
     )
 
 
@@ -77,22 +81,31 @@ def peer_id(private_bytes: bytes) -> str:
     return PeerID(bytes.fromhex("002408011220") + public).to_base58()
 
 
-def manifest_vectors() -> tuple[dict, dict]:
+def manifest_vector(version: int) -> tuple[SwarmManifest, bytes, dict]:
+    """A signed manifest of ``version``: the manifest, its envelope, and its vector (version 1's fields without
+    the ones it did not have)."""
     author = Ed25519PrivateKey.from_private_bytes(AUTHOR_KEY)
-    manifest = vector_manifest(author)
+    manifest = vector_manifest(author, version)
     body, envelope = manifest.encode(), sign(manifest, author)
     if verify(envelope, manifest.hash) != manifest:
         raise SystemExit("the signed envelope does not verify: the encoder and decoder disagree")
-    good = {
-        "description": "A signed swarm manifest v1 (protocols/manifest.md).",
+    fields = as_json(manifest)
+    if version == 1:
+        del fields["averaging"]["aggregation"]
+    return manifest, envelope, {
+        "description": f"A signed swarm manifest v{version} (protocols/manifest.md).",
         "private_key_hex": AUTHOR_KEY.hex(),
         "public_key_hex": manifest.author_key.hex(),
-        "fields": as_json(manifest),
+        "fields": fields,
         "manifest_hex": body.hex(),
         "hash_hex": manifest.hash.hex(),
         "envelope_hex": envelope.hex(),
     }
 
+
+def manifest_vectors() -> tuple[dict, dict, dict]:
+    """Manifest v1, v1 tampered, v2."""
+    manifest, envelope, good = manifest_vector(1)
     # One letter of run_id changed ("vectors-demo" -> "vectors-dema"): still a valid manifest, badly signed.
     offset = envelope.index(b"vectors-demo") + len("vectors-dem")
     tampered = envelope[:offset] + b"a" + envelope[offset + 1 :]
@@ -110,7 +123,7 @@ def manifest_vectors() -> tuple[dict, dict]:
             lambda: verify(tampered, manifest.hash), "does not match the invite's"
         ),
     }
-    return good, bad
+    return good, bad, manifest_vector(2)[2]
 
 
 def invite_vectors(manifest_hash: bytes) -> dict:
@@ -154,9 +167,10 @@ def write(name: str, vector: dict) -> None:
 
 def main() -> None:
     VECTORS.mkdir(parents=True, exist_ok=True)
-    good, bad = manifest_vectors()
+    good, bad, newer = manifest_vectors()
     write("manifest_v1.json", good)
     write("manifest_v1_tampered.json", bad)
+    write("manifest_v2.json", newer)
     write("invite_v1.json", invite_vectors(bytes.fromhex(good["hash_hex"])))
 
 

@@ -26,39 +26,50 @@ def load(name: str) -> dict:
 
 
 def manifest_from_fields(fields: dict) -> SwarmManifest:
+    averaging = {"aggregation": "mean", **fields["averaging"]} if fields["version"] == 1 else fields["averaging"]
     return SwarmManifest(
         **{
             **fields,
             "author_key": bytes.fromhex(fields["author_key"]),
             "optimizer": OptimizerSpec(**fields["optimizer"]),
-            "averaging": AveragingSpec(**fields["averaging"]),
+            "averaging": AveragingSpec(**averaging),
         }
     )
 
 
 MANIFEST = load("manifest_v1.json")
+MANIFESTS = [MANIFEST, load("manifest_v2.json")]  # version 1 is still read: swarms and invites made before 2
 TAMPERED = load("manifest_v1_tampered.json")
 INVITE = load("invite_v1.json")
+each_version = pytest.mark.parametrize("vector", MANIFESTS, ids=lambda v: f"v{v['fields']['version']}")
 
 
-def test_manifest_fields_encode_to_the_canonical_bytes_and_hash():
-    manifest = manifest_from_fields(MANIFEST["fields"])
-    assert manifest.encode().hex() == MANIFEST["manifest_hex"]
-    assert hashlib.sha256(bytes.fromhex(MANIFEST["manifest_hex"])).hexdigest() == MANIFEST["hash_hex"]
-    assert manifest.hash.hex() == MANIFEST["hash_hex"]
+@each_version
+def test_manifest_fields_encode_to_the_canonical_bytes_and_hash(vector):
+    manifest = manifest_from_fields(vector["fields"])
+    assert manifest.encode().hex() == vector["manifest_hex"]
+    assert hashlib.sha256(bytes.fromhex(vector["manifest_hex"])).hexdigest() == vector["hash_hex"]
+    assert manifest.hash.hex() == vector["hash_hex"]
 
 
-def test_manifest_envelope_verifies_to_the_fields():
-    envelope, expected_hash = bytes.fromhex(MANIFEST["envelope_hex"]), bytes.fromhex(MANIFEST["hash_hex"])
-    assert verify(envelope, expected_hash) == manifest_from_fields(MANIFEST["fields"])
-    assert verify(envelope) == manifest_from_fields(MANIFEST["fields"])  # no invite: signature only
+@each_version
+def test_manifest_envelope_verifies_to_the_fields(vector):
+    envelope, expected_hash = bytes.fromhex(vector["envelope_hex"]), bytes.fromhex(vector["hash_hex"])
+    assert verify(envelope, expected_hash) == manifest_from_fields(vector["fields"])
+    assert verify(envelope) == manifest_from_fields(vector["fields"])  # no invite: signature only
 
 
-def test_signing_reproduces_the_envelope():
-    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(MANIFEST["private_key_hex"]))
-    manifest = manifest_from_fields(MANIFEST["fields"])
-    assert manifest.author_key.hex() == MANIFEST["public_key_hex"]
-    assert sign(manifest, key).hex() == MANIFEST["envelope_hex"]  # Ed25519 signatures are deterministic
+@each_version
+def test_signing_reproduces_the_envelope(vector):
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(vector["private_key_hex"]))
+    manifest = manifest_from_fields(vector["fields"])
+    assert manifest.author_key.hex() == vector["public_key_hex"]
+    assert sign(manifest, key).hex() == vector["envelope_hex"]  # Ed25519 signatures are deterministic
+
+
+def test_a_version_1_manifest_averages_by_mean():
+    manifest = verify(bytes.fromhex(MANIFEST["envelope_hex"]))
+    assert manifest.version == 1 and manifest.averaging.aggregation == "mean"
 
 
 def test_tampered_manifest_is_refused():

@@ -17,7 +17,7 @@ from p2ptrain.cli import session
 from p2ptrain.energy.settings import EnergySettings
 from p2ptrain.fields import flag_name, is_option
 from p2ptrain.settings import DEPRECATED, PeerSettings, resolve_settings
-from p2ptrain.swarm.manifest import COMPRESSIONS, MODES, AveragingSpec
+from p2ptrain.swarm.manifest import AGGREGATIONS, COMPRESSIONS, MODES, AveragingSpec
 
 logger = logging.getLogger("p2ptrain")
 
@@ -32,6 +32,12 @@ Mode = Enum("Mode", {name: name for name in MODES}, type=str)
 
 
 DEFAULT_MODE = Mode(AveragingSpec.mode)
+
+
+Aggregation = Enum("Aggregation", {name: name for name in AGGREGATIONS}, type=str)
+
+
+DEFAULT_AGGREGATION = Aggregation(AveragingSpec.aggregation)
 
 
 # -- the peer's options, from PeerSettings' and EnergySettings' fields (``fields.option``) ---------------------------

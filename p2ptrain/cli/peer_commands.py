@@ -11,8 +11,10 @@ from typing import Annotated, Any
 import typer
 
 from p2ptrain.cli.options import (
+    DEFAULT_AGGREGATION,
     DEFAULT_CODEC,
     DEFAULT_MODE,
+    Aggregation,
     Codec,
     Debug,
     Mode,
@@ -51,6 +53,10 @@ def seed(
         Codec, typer.Option(help="codec on the wire (adaptive: chosen per round from measured links)")
     ] = DEFAULT_CODEC,
     sparsity: Annotated[float, typer.Option(help="randk: fraction of coordinates sent")] = AveragingSpec.sparsity,
+    aggregation: Annotated[
+        Aggregation,
+        typer.Option(help="how each part's copies are combined: robust to dishonest peers unless 'mean'"),
+    ] = DEFAULT_AGGREGATION,
     outer_lr: Annotated[
         float, typer.Option(help="local mode: outer Nesterov SGD learning rate")
     ] = AveragingSpec.outer_lr,
@@ -102,6 +108,7 @@ def seed(
             matchmaking_time_s=matchmaking_time,
             averaging_timeout_s=averaging_timeout,
             average_state_every=average_state_every,
+            aggregation=aggregation.value,
         ),
     )
     run_until_signalled(settings, SeedRequest(values))

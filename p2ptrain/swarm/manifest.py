@@ -28,11 +28,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2ptrain.errors import ConfigError, ManifestInvalid
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2 added averaging.aggregation; version 1 manifests are still read (their rule: "mean")
+READABLE_VERSIONS = (1, 2)
 MAX_ENVELOPE_BYTES = 16 * 1024  # a manifest is a few hundred bytes; anything larger is refused unread
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 COMPRESSIONS = ("none", "fp16", "int8", "powersgd", "randk", "adaptive")  # protocols/averaging.md
 MODES = ("gradients", "local")
+AGGREGATIONS = ("centered_clip", "trimmed_mean", "median", "mean")  # train/robust.py
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class AveragingSpec:
     #   the log says "Proceeding with local gradients" while others are alive
     averaging_timeout_s: float = 30.0  # give up on a round (and use local gradients) after this
     average_state_every: int = 5  # also average parameters/optimizer state every N global steps
+    aggregation: str = "centered_clip"  # how the peer that aggregates a part reduces the members' copies of it:
+    #   one of AGGREGATIONS (train/robust.py); absent from version 1 manifests, which averaged by "mean"
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,12 @@ class SwarmManifest:
         _validate(self)
 
     def encode(self) -> bytes:
-        """Canonical bytes: msgpack of the fields with sorted keys, so equal manifests hash equally."""
-        return msgpack.packb(_sorted(asdict(self)), use_bin_type=True)
+        """Canonical bytes: msgpack of the fields with sorted keys, so equal manifests hash equally. A version 1
+        manifest is written without the fields version 1 did not have, so its bytes (and hash) stay as signed."""
+        values = asdict(self)
+        if self.version == 1:
+            del values["averaging"]["aggregation"]
+        return msgpack.packb(_sorted(values), use_bin_type=True)
 
     @property
     def hash(self) -> bytes:
@@ -103,12 +111,15 @@ class SwarmManifest:
         raw = _unpack(data, "manifest")
         if not isinstance(raw, dict):
             raise ManifestInvalid("manifest is not a map")
-        if raw.get("version") != MANIFEST_VERSION:
+        if raw.get("version") not in READABLE_VERSIONS:
             raise ManifestInvalid(
-                f"manifest version {raw.get('version')!r} is not supported (this p2ptrain reads version "
-                f"{MANIFEST_VERSION}). Upgrade p2ptrain, or ask the researcher for a compatible swarm."
+                f"manifest version {raw.get('version')!r} is not supported (this p2ptrain reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}). Upgrade p2ptrain, or ask the researcher for a compatible "
+                f"swarm."
             )
         try:
+            if raw["version"] == 1 and isinstance(raw.get("averaging"), dict) and "aggregation" not in raw["averaging"]:
+                raw["averaging"] = {**raw["averaging"], "aggregation": "mean"}
             raw["optimizer"] = _build(OptimizerSpec, raw.get("optimizer"))
             raw["averaging"] = _build(AveragingSpec, raw.get("averaging"))
             return _build(cls, raw)
@@ -191,6 +202,9 @@ def _validate(m: SwarmManifest) -> None:
         (0.1 <= m.averaging.matchmaking_time_s <= 600, "matchmaking_time_s must be in [0.1, 600]"),
         (0.5 <= m.averaging.averaging_timeout_s <= 3600, "averaging_timeout_s must be in [0.5, 3600]"),
         (1 <= m.averaging.average_state_every <= 10**6, "average_state_every must be ≥ 1"),
+        (m.averaging.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}"),
+        (m.version in READABLE_VERSIONS, f"version must be one of {READABLE_VERSIONS}"),
+        (m.version > 1 or m.averaging.aggregation == "mean", "a version 1 manifest averages by mean"),
     ]
     for ok, message in checks:
         if not ok:

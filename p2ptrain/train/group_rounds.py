@@ -40,6 +40,7 @@ from hivemind.compression import deserialize_torch_tensor
 from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
 from p2ptrain.swarm.nat import aggregates
 from p2ptrain.swarm.reachability import Kind
+from p2ptrain.train.robust import RobustPartReducer
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,13 @@ logger = logging.getLogger(__name__)
 class GroupRounds(AveragerHooks):
     """Mixin for hivemind's ``DecentralizedAverager`` subclasses (listed first among the bases).
 
-    ``reach_kind``: this peer's reachability kind (``reachability.Kind``), reported in each round's all-gather."""
+    ``reach_kind``: this peer's reachability kind (``reachability.Kind``), reported in each round's all-gather;
+    ``aggregation``: how the parts this peer aggregates are checked and reduced (``robust.AGGREGATIONS``, from the
+    manifest: every member of a swarm uses the same rule)."""
 
-    def __init__(self, *args: Any, reach_kind: str = Kind.UNKNOWN, **kwargs: Any):
+    def __init__(self, *args: Any, reach_kind: str = Kind.UNKNOWN, aggregation: str = "centered_clip", **kwargs: Any):
         self.reach_kind = str(reach_kind)
+        self.aggregation = aggregation
         if kwargs.get("prefix"):
             kwargs["prefix"] = f"{kwargs['prefix']}_{VERSION}"
         super().__init__(*args, **kwargs)
@@ -69,7 +73,9 @@ class GroupRounds(AveragerHooks):
         return await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
 
     async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
-        runner = await allreduce_to_values(self, SameAverageRunner, tensors, group_info, group_id, **kw)
+        runner = await allreduce_to_values(
+            self, SameAverageRunner, tensors, group_info, group_id, aggregation=self.aggregation, **kw
+        )
         check_whole(runner, group_info)
 
 
@@ -83,11 +89,15 @@ class SameAverageRunner(AllReduceRunner):
     "average minus the sender's part" is the average itself (what goes on the wire, exactly); and this member's
     container keeps the averages it receives (and the one it aggregated itself, after the same compression) as
     values, which ``GroupRounds`` copies into the tensors: every member's tensors become the same bits. A part
-    whose aggregator failed keeps this member's own values."""
+    whose aggregator failed keeps this member's own values. The parts this member aggregates are checked and
+    reduced by ``aggregation`` (``robust.RobustPartReducer``) instead of hivemind's plain mean."""
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, *, aggregation: str, **kwargs: Any):
         super().__init__(**kwargs)
-        self.tensor_part_reducer = _AnswerAverage(self.tensor_part_reducer)
+        shapes = tuple(part.shape for part in self.parts_for_local_averaging)
+        where = f"{self.group_id.hex()[:8]} ({len(self.ordered_peer_ids)} peers)"
+        reducer = RobustPartReducer(shapes, self.sender_peer_ids, aggregation, where)
+        self.tensor_part_reducer = _AnswerAverage(reducer)
         own = self.ordered_peer_ids.index(self.peer_id)
         _take_averages(self.tensor_part_container, own)
 

@@ -63,6 +63,7 @@ class LocalUpdateOptimizer:
         request_timeout: float,
         tracker_opts: dict[str, float],
         reach_kind: str = "unknown",
+        aggregation: str = "centered_clip",
     ):
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
@@ -93,6 +94,7 @@ class LocalUpdateOptimizer:
             allreduce_timeout=averaging_timeout,
             allow_state_sharing=not dht.client_mode,  # a client cannot serve its state
             reach_kind=reach_kind,
+            aggregation=aggregation,
             start=True,
         )
 

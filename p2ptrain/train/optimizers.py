@@ -107,6 +107,7 @@ def make_optimizer(
             budget=avg.comm_budget,
             request_timeout=request_timeout,
             reach_kind=reach_kind,
+            aggregation=avg.aggregation,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
@@ -125,10 +126,13 @@ def make_optimizer(
         grad_compression=dense(),
         state_averaging_compression=dense(),
         averager_opts={"request_timeout": request_timeout},
-        grad_averager_factory=partial(grad_averager, request_timeout=request_timeout, reach_kind=reach_kind),
+        grad_averager_factory=partial(
+            grad_averager, request_timeout=request_timeout, reach_kind=reach_kind, aggregation=avg.aggregation
+        ),
         shutdown_timeout=2.0,
         verbose=False,
         reach_kind=reach_kind,
+        aggregation=avg.aggregation,
         # hivemind's default (None) is meant to follow the DHT, but its test is inverted (optimizer.py:205): the
         # Optimizer then thinks it serves its state while its averagers, in client mode, refuse to
         client_mode=dht.client_mode,
@@ -204,8 +208,9 @@ class SwarmOptimizer(compat.Optimizer):
     local_step_epoch = -1
     last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
 
-    def __init__(self, *args: Any, reach_kind: str = "unknown", **kwargs: Any):
-        self.reach_kind = reach_kind  # read by make_state_averager, which hivemind's __init__ calls
+    def __init__(self, *args: Any, reach_kind: str = "unknown", aggregation: str = "centered_clip", **kwargs: Any):
+        self.reach_kind = reach_kind  # both read by make_state_averager, which hivemind's __init__ calls
+        self.aggregation = aggregation
         super().__init__(*args, **kwargs)
 
     def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
@@ -224,6 +229,7 @@ class SwarmOptimizer(compat.Optimizer):
             auxiliary=self.auxiliary,
             start=True,
             reach_kind=self.reach_kind,
+            aggregation=self.aggregation,
             **kwargs,
         )
 
