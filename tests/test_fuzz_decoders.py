@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import socket
 from types import SimpleNamespace
 
 import msgpack
 import numpy as np
 import pytest
+import torch
+from hivemind.averaging.allreduce import AllreduceException
 from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,8 +29,11 @@ from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
 from p2ptrain.swarm.reachability import Message
 from p2ptrain.train import end_of_run
 from p2ptrain.train.codecs import Int8Compression
+from p2ptrain.train.local_updates import check_state
 from p2ptrain.train.param_check import read_sketches
 from p2ptrain.train.policy import RoundReport
+from p2ptrain.train.robust import AGGREGATIONS, check_contributions, reduce_parts
+from p2ptrain.volunteer.control_socket import COMMANDS, MAX_MESSAGE, ControlServer
 
 BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -155,3 +162,71 @@ def test_int8_tensors_decode_or_raise_value_error(buffer, shape, dtype):
     except ValueError:
         return
     assert list(decoded.shape) == shape
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+part_shapes = st.sampled_from([(6,), (5,), (2, 3), (6, 1), ()])
+parts = st.builds(
+    lambda shape, dtype, fill: (
+        torch.tensor((fill * 6)[: int(np.prod(shape))], dtype=torch.float64).reshape(shape).to(dtype)
+    ),
+    part_shapes,
+    st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+    st.lists(floats.filter(lambda x: x == x) | st.just(float("nan")), min_size=1, max_size=6),
+)
+
+
+@BOUNDED
+@given(
+    st.lists(st.tuples(parts, floats | st.integers(-3, 10**9)), min_size=1, max_size=6), st.sampled_from(AGGREGATIONS)
+)
+def test_averaging_contributions_are_reduced_or_refused(contributions, rule):
+    """What members send for a part (after hivemind decoded it): any shape, dtype, values and claimed weight."""
+    tensors, weights = [c[0] for c in contributions], [float(c[1]) for c in contributions]
+    kept, refused = check_contributions(tensors, weights, torch.Size([6]))
+    assert sorted(kept + [r.sender for r in refused]) == list(range(len(tensors)))
+    try:
+        result = reduce_parts([tensors[i] for i in kept], [weights[i] for i in kept], rule)
+    except AllreduceException:
+        assert not kept
+        return
+    assert result.shape == (6,) and torch.isfinite(result).all()
+
+
+@BOUNDED
+@given(values, st.lists(st.none() | parts | st.builds(torch.zeros, st.integers(0, 7)), max_size=4))
+def test_state_downloads_are_checked_or_refused(metadata, tensors):
+    ours = [torch.zeros(6), torch.zeros(2, 3)]
+    try:
+        assert check_state(metadata, tensors, ours) >= 0
+    except ValueError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def control_server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("control")
+    server = ControlServer(data_dir, lambda request: {"ok": True, "command": request["command"]})
+    yield server
+    server.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.binary(max_size=400)
+    | st.builds(lambda v: json.dumps(v, default=repr).encode(), values)
+    | st.builds(
+        lambda c, r: json.dumps({"command": c, "reason": r}, default=repr).encode(), st.sampled_from(COMMANDS), values
+    )
+    | st.just(b"x" * (MAX_MESSAGE + 10))
+)
+def test_control_requests_get_a_reply_and_the_server_goes_on(control_server, line):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(control_server.path))
+        sock.sendall(line.replace(b"\n", b" ") + b"\n")
+        reply = json.loads(sock.makefile("rb").readline())
+    assert isinstance(reply, dict) and isinstance(reply["ok"], bool)
+    assert reply["ok"] or isinstance(reply["error"], str)

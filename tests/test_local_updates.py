@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from p2ptrain.train.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-from p2ptrain.train.local_updates import LocalUpdateOptimizer
+from p2ptrain.train.local_updates import LocalUpdateOptimizer, check_state
 from p2ptrain.train.optimizers import TRACKER_OPTS
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,11 +97,10 @@ def test_checkpoint_round_trip_keeps_anchor_and_outer_momentum(dht, dht2, tmp_pa
     restored.shutdown()
 
 
-def test_state_from_a_peer_is_checked_before_use(dht):
-    model = torch.nn.Linear(3, 2)
-    opt = make(dht, model)
-    good = [*(a.clone() for a in opt.anchor), *(m.clone() for m in opt._momenta())]
-    assert opt._check_state({"epoch": 3}, good) == 3
+def test_state_from_a_peer_is_checked_before_use():
+    ours = [torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 3), torch.zeros(2)]  # anchors, then momenta
+    good = [t.clone() + 1 for t in ours]
+    assert check_state({"epoch": 3}, good, ours) == 3
     bad_cases = [
         ({"epoch": -1}, good, "metadata"),
         ({"epoch": "3"}, good, "metadata"),
@@ -112,5 +111,4 @@ def test_state_from_a_peer_is_checked_before_use(dht):
     ]
     for metadata, tensors, message in bad_cases:
         with pytest.raises(ValueError, match=message):
-            opt._check_state(metadata, tensors)
-    opt.shutdown()
+            check_state(metadata, tensors, ours)

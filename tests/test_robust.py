@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
 import torch
 
+from p2ptrain.train.bans import Bans
 from p2ptrain.train.robust import AGGREGATIONS, NORM_BOUND, RobustPartReducer, check_contributions, reduce_parts
 
 SHAPE = torch.Size([1000])
@@ -108,3 +110,135 @@ def test_a_sender_that_fails_mid_round_is_no_longer_waited_for():
         return first
 
     assert torch.allclose(asyncio.run(round_()), torch.full(SHAPE, 0.5))
+
+
+@pytest.mark.parametrize(("liar", "rule"), [("shifted", "centered_clip"), ("nan", "centered_clip"), ("nan", "mean")])
+def test_a_compressed_sparse_round_leaves_the_liar_out(liar, rule):
+    """A real round of the local mode's averager (random-k at half the coordinates, int8 on the wire), 4 members,
+    one of them lying: every member ends with the honest members' values, not the liar's. The shifted liar passes
+    every check (its norm is 3× the others'): only the rule bounds it (the plain mean would be off by 1)."""
+    from functools import partial
+
+    from test_group_rounds import average_once
+
+    from p2ptrain.train.averaging import PseudoGradientAverager
+    from p2ptrain.train.codecs import Level
+
+    parts = honest(3, noise=0.1)
+    lie = parts[0] + 4.0 if liar == "shifted" else torch.full(SHAPE, float("nan"))
+    averager = partial(PseudoGradientAverager, level=Level("int8", 0.5), budget=1.0, aggregation=rule)
+    results = average_once(averager, [*parts, lie])
+    honest_mean = torch.stack(parts).mean(0)
+    sent = results[0] != 0  # the shared random-k coordinates; the rest come back as 0
+    assert 0.3 < sent.float().mean() < 0.5
+    for result in results:
+        assert torch.equal(result, results[0])  # one average for all, the liar included
+    error = (results[0][sent] - honest_mean[sent]).abs().mean()
+    assert error < 0.1, error  # int8 rounding of values about ±3, and the spread of honest members (0.1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_repeated_refusals_ban_a_peer_for_a_cooling_off_time(caplog):
+    clock = Clock()
+    bans = Bans(strikes=3, window_s=100, cooling_off_s=50, clock=clock)
+    assert not bans.strike("QmLiar", b"r1", "nan")
+    assert not bans.strike("QmLiar", b"r1", "nan")  # several refused parts of one round are one strike
+    clock.now = 10
+    assert not bans.strike("QmLiar", b"r2", "nan")
+    assert not bans.banned("QmLiar")
+    clock.now = 20
+    with caplog.at_level(logging.WARNING):
+        assert bans.strike("QmLiar", b"r3", "norm 847, beyond 10× the members' median")
+    assert bans.banned("QmLiar") and bans.banned_peers() == ["QmLiar"] and not bans.banned("QmHonest")
+    assert "Banned peer QmLiar for 50 s: its contributions were refused in 3 rounds" in caplog.text
+    clock.now = 71  # cooling-off over: welcome back, with a clean record
+    assert not bans.banned("QmLiar") and bans.banned_peers() == []
+    assert not bans.strike("QmLiar", b"r4", "nan")
+
+
+def test_strikes_spread_wider_than_the_window_do_not_ban():
+    clock = Clock()
+    bans = Bans(strikes=2, window_s=100, cooling_off_s=50, clock=clock)
+    for i in range(5):
+        clock.now = i * 150.0
+        assert not bans.strike("QmSometimes", bytes([i]), "nan")
+
+
+def test_a_banned_sender_is_left_out_unchecked():
+    bans = Bans(strikes=1, cooling_off_s=60)
+    bans.strike("QmLiar", b"earlier", "nan")
+
+    async def round_() -> torch.Tensor:
+        reducer = RobustPartReducer([SHAPE], ["QmA", "QmB", "QmLiar"], "mean", "g3", bans, b"now")
+        assert reducer.refused == {2: "banned"}
+        sent = [torch.zeros(SHAPE), torch.full(SHAPE, 2.0), torch.full(SHAPE, 5.0)]  # the liar's passes the checks
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(reducer.accumulate_part(i, 0, sent[i]) for i in range(3))), 10
+        )
+        return answers[0]
+
+    assert torch.allclose(asyncio.run(round_()), torch.full(SHAPE, 1.0))
+
+
+@pytest.mark.slow
+def test_a_banned_liar_is_left_out_even_when_its_copy_would_pass():
+    """Real averagers, 3 honest and a liar (behind a symmetric NAT, so it aggregates nothing and every part is
+    judged by an honest member). The liar sends NaN for 2 rounds, is refused, and banned; then it sends copies that
+    pass every check (the others' values + 0.5): the honest leaders no longer let it join, and where it is still in
+    a group its copy is left out, so the honest members get their own mean (with the liar's copy in it, the result
+    would be 0.1 or more off)."""
+    import hivemind
+    from hivemind.compression import Float16Compression
+    from test_group_rounds import Rounds
+
+    size = 3 * 2**18  # hivemind's parts are 2**19 bytes, 2**18 fp16 values: one part per honest member
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [first] + [
+        hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        for _ in range(3)
+    ]
+    averagers = [
+        Rounds([torch.zeros(size)], dht=dht, prefix="bans", target_group_size=4, min_matchmaking_time=1.0,
+               request_timeout=0.5, allreduce_timeout=10.0, next_chunk_timeout=3.0, compression=Float16Compression(),
+               bans=Bans(strikes=2, cooling_off_s=600), reach_kind="symmetric-nat" if i == 3 else "direct",
+               start=True)
+        for i, dht in enumerate(dhts)
+    ]  # fmt: skip
+    checked_after_ban, group_sizes = 0, []
+    try:
+        for round_ in range(6):
+            values = [torch.randn(size, generator=torch.Generator().manual_seed(round_ * 4 + i)) for i in range(3)]
+            mean = torch.stack(values).mean(0)
+            lie = torch.full((size,), float("nan")) if round_ < 2 else values[0] + 0.5
+            for averager, value in zip(averagers, [*values, lie], strict=True):
+                with averager.get_tensors() as (tensor,):
+                    tensor.copy_(value)
+            controls = [a.step(wait=False, timeout=15 if i < 3 else 6) for i, a in enumerate(averagers)]
+            sizes = []
+            for control in controls[:3]:
+                try:
+                    sizes.append(len(control.result(timeout=30)))
+                except Exception:  # noqa: BLE001 - a failed round: the member keeps its values
+                    sizes.append(None)
+            with contextlib.suppress(Exception):
+                controls[3].result(timeout=30)
+            group_sizes.append(sizes)
+            if round_ >= 2 and None not in sizes:
+                for averager in averagers[:3]:
+                    with averager.get_tensors() as (tensor,):
+                        assert (tensor - mean).abs().mean() < 0.01, group_sizes  # fp16 of values about ±3
+                checked_after_ban += 1
+        assert checked_after_ban >= 2, group_sizes
+        assert any(4 in sizes for sizes in group_sizes[:2]), group_sizes  # the liar took part before its ban
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()

@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, AsyncIterator  # noqa: UP035 - hivemind reads handlers' stream types from typing's only
 
 import torch
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 
 from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
 from p2ptrain.swarm.nat import aggregates
 from p2ptrain.swarm.reachability import Kind
+from p2ptrain.train.bans import Bans
 from p2ptrain.train.robust import RobustPartReducer
 
 logger = logging.getLogger(__name__)
@@ -52,9 +55,17 @@ class GroupRounds(AveragerHooks):
     ``aggregation``: how the parts this peer aggregates are checked and reduced (``robust.AGGREGATIONS``, from the
     manifest: every member of a swarm uses the same rule)."""
 
-    def __init__(self, *args: Any, reach_kind: str = Kind.UNKNOWN, aggregation: str = "centered_clip", **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        reach_kind: str = Kind.UNKNOWN,
+        aggregation: str = "centered_clip",
+        bans: Bans | None = None,
+        **kwargs: Any,
+    ):
         self.reach_kind = str(reach_kind)
         self.aggregation = aggregation
+        self.bans = bans or Bans()  # used in the averager's process, where rounds and handlers run
         if kwargs.get("prefix"):
             kwargs["prefix"] = f"{kwargs['prefix']}_{VERSION}"
         super().__init__(*args, **kwargs)
@@ -74,9 +85,30 @@ class GroupRounds(AveragerHooks):
 
     async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
         runner = await allreduce_to_values(
-            self, SameAverageRunner, tensors, group_info, group_id, aggregation=self.aggregation, **kw
+            self, SameAverageRunner, tensors, group_info, group_id, aggregation=self.aggregation, bans=self.bans, **kw
         )
         check_whole(runner, group_info)
+
+    # hivemind's handlers: a banned peer may not join a group this peer leads, nor download its state. In a group
+    # that another member leads it stays a member (leaving would fail the round for everybody); the parts it sends
+    # are left out by the reducer.
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if self.bans.banned(context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+            return
+        async for message in super().rpc_join_group(request, context):
+            yield message
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if self.bans.banned(context.remote_id):
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
 
 
 VERSION = "p2pt2"  # in every averager's key prefix: bumped when what members exchange in a round changes
@@ -92,11 +124,12 @@ class SameAverageRunner(AllReduceRunner):
     whose aggregator failed keeps this member's own values. The parts this member aggregates are checked and
     reduced by ``aggregation`` (``robust.RobustPartReducer``) instead of hivemind's plain mean."""
 
-    def __init__(self, *, aggregation: str, **kwargs: Any):
+    def __init__(self, *, aggregation: str, bans: Bans | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
         where = f"{self.group_id.hex()[:8]} ({len(self.ordered_peer_ids)} peers)"
-        reducer = RobustPartReducer(shapes, self.sender_peer_ids, aggregation, where)
+        reducer = RobustPartReducer(shapes, self.sender_peer_ids, aggregation, where, bans, self.group_id)
+        self.tensor_part_reducer.finished.set()  # hivemind's own, unused: finished, it leaves without a warning
         self.tensor_part_reducer = _AnswerAverage(reducer)
         own = self.ordered_peer_ids.index(self.peer_id)
         _take_averages(self.tensor_part_container, own)

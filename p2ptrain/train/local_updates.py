@@ -135,7 +135,7 @@ class LocalUpdateOptimizer:
             return
         metadata, tensors = loaded
         try:
-            epoch = self._check_state(metadata, tensors)
+            epoch = check_state(metadata, tensors, [*self.anchor, *self._momenta()])
         except ValueError as e:
             logger.warning("Ignoring the state a peer sent: %s", e)
             return
@@ -301,18 +301,23 @@ class LocalUpdateOptimizer:
     def current_state(self) -> tuple[dict, list[torch.Tensor]]:
         return {"epoch": self.local_epoch}, [*self.anchor, *self._momenta()]
 
-    def _check_state(self, metadata: Any, tensors: Any) -> int:
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
-            raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
-        ours = [*self.anchor, *self._momenta()]
-        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(ours):
-            raise ValueError(f"expected {len(ours)} tensors")
-        for i, (theirs, mine) in enumerate(zip(tensors, ours, strict=True)):
-            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
-                raise ValueError(f"tensor {i} does not match ours in shape/dtype")
-            if not torch.isfinite(theirs).all():
-                raise ValueError(f"tensor {i} is not finite")
-        return metadata["epoch"]
+
+def check_state(metadata: Any, tensors: Any, ours: list[torch.Tensor]) -> int:
+    """The global step of a state another peer sent (``current_state``'s form), if it can replace ``ours``.
+
+    Raises:
+        ValueError: metadata without a non-negative int epoch, another number of tensors, a shape or dtype unlike
+            ours, or a non-finite value."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+        raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(ours):
+        raise ValueError(f"expected {len(ours)} tensors")
+    for i, (theirs, mine) in enumerate(zip(tensors, ours, strict=True)):
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            raise ValueError(f"tensor {i} does not match ours in shape/dtype")
+        if not torch.isfinite(theirs).all():
+            raise ValueError(f"tensor {i} is not finite")
+    return metadata["epoch"]
 
 
 def outer_step_(

@@ -35,10 +35,12 @@ import torch
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 
 from p2ptrain.swarm.manifest import AGGREGATIONS
+from p2ptrain.train.bans import Bans
 
 logger = logging.getLogger(__name__)
 
 NORM_BOUND = 10.0  # a contribution whose norm exceeds this many times the members' median norm is refused
+CLIP_RADIUS = 2.0  # CenteredClip's τ: this many times the members' median distance from the coordinate-wise median
 CLIP_ITERATIONS = 20  # CenteredClip stops earlier once the result moves by less than CLIP_TOLERANCE of its norm
 CLIP_TOLERANCE = 1e-5
 
@@ -103,7 +105,7 @@ def reduce_parts(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: 
 def centered_clip(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """CenteredClip of the rows of ``stacked`` (n, d) with ``weights`` (n,), from the coordinate-wise median."""
     v = stacked.median(dim=0).values if len(stacked) % 2 else stacked.quantile(0.5, dim=0)
-    tau = float((stacked - v).norm(dim=1).median())
+    tau = CLIP_RADIUS * float((stacked - v).norm(dim=1).median())
     if tau == 0.0:
         return v
     w = weights / weights.sum()
@@ -121,13 +123,26 @@ class RobustPartReducer(TensorPartReducer):
     """hivemind's ``TensorPartReducer`` that checks and robustly reduces each part (the module docstring).
 
     ``sender_ids``: the round's senders in hivemind's order, for the log; ``rule``: one of ``AGGREGATIONS``;
-    ``where``: names the round in the log (e.g. the group id)."""
+    ``where``: names the round in the log (e.g. the group id); ``bans``: this averager's, which count each refused
+    sender's strike for ``round_id`` and whose banned senders are left out unchecked."""
 
-    def __init__(self, part_shapes: Sequence[torch.Size], sender_ids: Sequence[object], rule: str, where: str = ""):
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        sender_ids: Sequence[object],
+        rule: str,
+        where: str = "",
+        bans: Bans | None = None,
+        round_id: bytes = b"",
+    ):
         if rule not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {rule!r}; one of {AGGREGATIONS}")
         self.sender_ids, self.rule, self.where = list(sender_ids), rule, where
-        self.refused: dict[int, str] = {}  # sender index → why its contributions are left out of this round
+        self.bans, self.round_id = bans, round_id
+        # sender index → why its contributions are left out of this round
+        self.refused: dict[int, str] = {
+            i: "banned" for i, peer in enumerate(self.sender_ids) if bans is not None and bans.banned(peer)
+        }
         self.contributions: dict[int, tuple[torch.Tensor, float]] = {}
         self.reducing = False
         super().__init__(part_shapes, len(self.sender_ids))
@@ -202,6 +217,8 @@ class RobustPartReducer(TensorPartReducer):
 
     def _refuse(self, sender: int, part_index: int, reason: str) -> None:
         self.refused[sender] = reason
+        if self.bans is not None:
+            self.bans.strike(self.sender_ids[sender], self.round_id, reason)
         logger.warning(
             "Averaging round %s: refused the contribution of peer %s to part %d (%s); it is left out of this "
             "round's parts that this peer aggregates",
