@@ -30,6 +30,7 @@ from p2ptrain.swarm.reachability import Message
 from p2ptrain.train import end_of_run
 from p2ptrain.train.codecs import Int8Compression
 from p2ptrain.train.local_updates import check_state
+from p2ptrain.train.optimizers import check_downloaded_state
 from p2ptrain.train.param_check import read_sketches
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.robust import AGGREGATIONS, check_contributions, reduce_parts
@@ -230,3 +231,12 @@ def test_control_requests_get_a_reply_and_the_server_goes_on(control_server, lin
         reply = json.loads(sock.makefile("rb").readline())
     assert isinstance(reply, dict) and isinstance(reply["ok"], bool)
     assert reply["ok"] or isinstance(reply["error"], str)
+
+
+@BOUNDED
+@given(values, st.lists(st.none() | parts | st.builds(torch.zeros, st.integers(0, 7)), max_size=4))
+def test_gradient_mode_state_downloads_are_checked_or_refused(metadata, tensors):
+    try:
+        check_downloaded_state(metadata, tensors, [torch.zeros(6)])
+    except ValueError:
+        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import hivemind
@@ -112,3 +113,46 @@ def test_state_from_a_peer_is_checked_before_use():
     for metadata, tensors, message in bad_cases:
         with pytest.raises(ValueError, match=message):
             check_state(metadata, tensors, ours)
+
+
+@pytest.mark.parametrize("poison", ["nan", "shape", None])
+def test_a_late_joiner_in_gradient_mode_refuses_a_poisoned_state(dht, poison, caplog):
+    """A peer serves its state (a liar runs the same code with other values); a late joiner downloads it. A NaN in
+    it, or a parameter of another shape (hivemind would broadcast a (1,) tensor into every value), is refused: the
+    joiner keeps its own parameters. An honest state is loaded."""
+    from p2ptrain.train.optimizers import StateRounds
+
+    served = [torch.nn.Parameter(torch.full((2, 3), 0.5)), torch.nn.Parameter(torch.zeros(2))]
+    if poison == "nan":
+        served[0].data[0, 0] = float("nan")
+    if poison == "shape":
+        served[0] = torch.nn.Parameter(torch.ones(1))
+    server = StateRounds(
+        dht=dht, optimizer=partial(torch.optim.SGD, lr=0.1), params=served, prefix="poison", start=True
+    )
+    server.local_epoch = 5
+    joiner_dht = hivemind.DHT(start=True, initial_peers=dht.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    own = torch.nn.Linear(3, 2)
+    before = own.weight.detach().clone()
+    joiner = StateRounds(
+        dht=joiner_dht, optimizer=partial(torch.optim.SGD, lr=0.1), params=own.parameters(), prefix="poison", start=True
+    )
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:  # until the server has declared its state in the DHT and was asked
+            joiner.load_state_from_peers(timeout=5)
+            if joiner.local_epoch == 5 or "Ignoring the state a peer sent" in caplog.text:
+                break
+            time.sleep(0.5)
+        if poison is None:
+            assert torch.equal(own.weight, torch.full((2, 3), 0.5)) and joiner.local_epoch == 5
+        else:
+            assert torch.equal(own.weight, before) and joiner.local_epoch == 0
+            assert (
+                "Ignoring the state a peer sent: " + ("tensor 0 is not finite" if poison == "nan" else "parameter 0")
+                in caplog.text
+            )
+    finally:
+        joiner.shutdown()
+        server.shutdown()
+        joiner_dht.shutdown()

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import hivemind
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
@@ -68,8 +69,47 @@ class PowerSGDRounds(GroupRounds, PowerSGDGradientAverager):
     """hivemind's PowerSGD gradient averager with p2ptrain's group rules."""
 
 
-class StateRounds(GroupRounds, TrainingStateAverager):
-    """hivemind's parameter and optimizer-state averager with p2ptrain's group rules."""
+class CheckedStateDownload(DecentralizedAverager):
+    """hivemind's state download (a late joiner's), checked before ``TrainingStateAverager`` applies it: in
+    ``StateRounds`` this class comes between the two in the method order, so hivemind's ``load_state_from_peers``
+    gets the downloaded state from here. A state that fails ``check_downloaded_state`` is refused with a warning and
+    the joiner keeps its own (hivemind would copy a NaN or broadcast a scalar into every parameter, or fail on
+    metadata that is not a map)."""
+
+    def load_state_from_peers(self, **kwargs: Any) -> tuple[Any, Any] | None:
+        loaded = super().load_state_from_peers(**kwargs)
+        if loaded is None:
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]] + list(self.extra_tensors)
+        try:
+            check_downloaded_state(*loaded, params)
+        except ValueError as e:
+            logger.warning("Ignoring the state a peer sent: %s", e)
+            return None
+        return loaded
+
+
+def check_downloaded_state(metadata: Any, tensors: Any, params: list[torch.Tensor]) -> None:
+    """Raise ValueError unless ``metadata`` and ``tensors`` are the shape of ``TrainingStateAverager``'s state for
+    ``params``: metadata a map with a non-negative int epoch and optimizer metadata; the parameters first, each with
+    its own shape and dtype; every floating-point value finite."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+        raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
+    if "optimizer_metadata" not in metadata:
+        raise ValueError("metadata without the optimizer's")
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < len(params):
+        raise ValueError(f"expected at least {len(params)} tensors")
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"item {i} is not a tensor")
+        if i < len(params) and (tensor.shape != params[i].shape or tensor.dtype != params[i].dtype):
+            raise ValueError(f"parameter {i} does not match ours in shape/dtype")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"tensor {i} is not finite")
+
+
+class StateRounds(GroupRounds, TrainingStateAverager, CheckedStateDownload):
+    """hivemind's parameter and optimizer-state averager with p2ptrain's group rules and checked downloads."""
 
 
 def make_optimizer(
