@@ -5,6 +5,8 @@
 - ``local_updates`` local-update (DiLoCo) mode: inner AdamW, averaged pseudo-gradients, outer Nesterov
 - ``averaging``     compressed all-reduce on hivemind's averagers (codec per round, sparse via shared masks)
 - ``group_rounds``  averaging rounds that gather reachability, and fail whole when any part failed
+- ``robust``        each part's aggregator checks the members' copies and reduces them robustly (CenteredClip, …)
+- ``bans``          a peer whose copies keep being refused is left out for a cooling-off time
 - ``codecs``        fp16 / int8 / random-k, the ladder of compression levels
 - ``policy``        the adaptive level every group member derives from the same reports
 - ``param_check``   after each global step, members compare sketches of their parameters; a stray resyncs
