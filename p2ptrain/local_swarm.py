@@ -43,6 +43,18 @@ DEMO_PEER_FLAGS = (
 )  # fmt: skip
 
 
+def loopback_dhts(n: int) -> list[Any]:
+    """``n`` hivemind DHT nodes on 127.0.0.1 (random ports), the others bootstrapped from the first: the in-process
+    swarm of the tests and benchmarks that drive averagers directly. The caller shuts them down."""
+    import hivemind
+
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    return [first] + [
+        hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        for _ in range(n - 1)
+    ]
+
+
 @dataclass
 class LocalPeer:
     name: str

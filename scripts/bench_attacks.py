@@ -44,6 +44,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import Float16Compression
 
+from p2ptrain.local_swarm import loopback_dhts
 from p2ptrain.swarm.manifest import AGGREGATIONS
 from p2ptrain.train.data import open_corpus
 from p2ptrain.train.group_rounds import GroupRounds
@@ -127,11 +128,7 @@ def train(peers: int, byzantine: int, attack: str | None, rule: str, steps: int,
     numel = sum(p.numel() for p in models[0].parameters())
     liars = range(peers - byzantine, peers) if attack else ()
     attackers = {i: Attacker(attack, seed=1000 + i, history=deque(maxlen=STALE_BY + 1)) for i in liars}
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [first] + [
-        hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        for _ in range(peers - 1)
-    ]
+    dhts = loopback_dhts(peers)
     averagers = [make_averager(rule, numel, dht, f"attacks_{attack}_{rule}", peers) for dht in dhts]
     failed_rounds, started = 0, time.perf_counter()
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from bench_attacks import ATTACKS, BAR, main, train  # noqa: E402
+from bench_attacks import ATTACKS, BAR, BASELINE, main, train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,8 @@ def check_report(report: dict, attacks: list[str], rules: list[str]) -> None:
     for name, result in report["attacks"].items():
         if "centered_clip" in rules:
             assert result["robust_final_loss"] <= honest * (1 + BAR), name
-        if "mean" in rules:
-            assert result["mean_final_loss"] > 0
+        if BASELINE in rules:  # hivemind's plain mean: a loss, or null where its parameters became NaN
+            assert result["mean_final_loss"] is None or result["mean_final_loss"] > 0
 
 
 def test_one_liar_in_four_is_contained_by_the_default_rule(tmp_path):
@@ -63,5 +63,6 @@ def test_two_colluding_liars_in_five_do_not_stop_training():
 @pytest.mark.extended
 def test_every_attack_side_by_side(tmp_path):
     code, report = run_harness(tmp_path)
-    check_report(report, list(ATTACKS), ["centered_clip", "mean"])
+    check_report(report, list(ATTACKS), ["centered_clip", "mean", BASELINE])
+    assert report["attacks"]["nan"]["mean_final_loss"] is None  # the damage the issue asks the table to show
     assert code == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -14,6 +13,7 @@ from hivemind.compression import Float16Compression
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
+from p2ptrain.local_swarm import loopback_dhts
 from p2ptrain.swarm.nat import aggregates, offered_addrs
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.group_rounds import GroupRounds, check_whole, with_shares
@@ -87,11 +87,7 @@ class Rounds(GroupRounds, DecentralizedAverager):
 
 def average_once(cls, vectors: list[torch.Tensor], kinds=None) -> list[torch.Tensor]:
     """One real averaging round of ``cls`` averagers (one per vector, fp16 on the wire); each member's result."""
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [first] + [
-        hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        for _ in vectors[1:]
-    ]
+    dhts = loopback_dhts(len(vectors))
     extra = [{} if kinds is None else {"reach_kind": kind} for kind in (kinds or vectors)]
     averagers = [
         cls([v.clone()], dht=dht, prefix="test", target_group_size=len(vectors), min_matchmaking_time=2.0,

@@ -71,6 +71,3 @@ class Bans:
         del self._until[key]
         logger.info("The ban of peer %s has ended", key)
         return False
-
-    def banned_peers(self) -> list[str]:
-        return [peer for peer in list(self._until) if self.banned(peer)]

@@ -33,7 +33,7 @@ from p2ptrain.swarm.manifest import AveragingSpec, SwarmManifest
 from p2ptrain.train.averaging import CompressedGradientAverager
 from p2ptrain.train.codecs import DENSE, Level
 from p2ptrain.train.group_rounds import GroupRounds
-from p2ptrain.train.local_updates import LocalUpdateOptimizer
+from p2ptrain.train.local_updates import LocalUpdateOptimizer, check_state
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +93,14 @@ def check_downloaded_state(metadata: Any, tensors: Any, params: list[torch.Tenso
     """Raise ValueError unless ``metadata`` and ``tensors`` are the shape of ``TrainingStateAverager``'s state for
     ``params``: metadata a map with a non-negative int epoch and optimizer metadata; the parameters first, each with
     its own shape and dtype; every floating-point value finite."""
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
-        raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
-    if "optimizer_metadata" not in metadata:
-        raise ValueError("metadata without the optimizer's")
     if not isinstance(tensors, (list, tuple)) or len(tensors) < len(params):
         raise ValueError(f"expected at least {len(params)} tensors")
-    for i, tensor in enumerate(tensors):
+    check_state(metadata, tensors[: len(params)], params)  # the local mode's check, for the parameters
+    if "optimizer_metadata" not in metadata:
+        raise ValueError("metadata without the optimizer's")
+    for i, tensor in enumerate(tensors[len(params) :], start=len(params)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"item {i} is not a tensor")
-        if i < len(params) and (tensor.shape != params[i].shape or tensor.dtype != params[i].dtype):
-            raise ValueError(f"parameter {i} does not match ours in shape/dtype")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"tensor {i} is not finite")
 

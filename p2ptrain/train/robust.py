@@ -45,6 +45,15 @@ CLIP_ITERATIONS = 20  # CenteredClip stops earlier once the result moves by less
 CLIP_TOLERANCE = 1e-5
 
 
+def median(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The median along ``dim``, the mean of the middle two when their number is even (torch's ``median`` takes the
+    lower one, which would favour the lower of two camps; ``quantile`` refuses tensors over 2**24 values)."""
+    n = x.shape[dim]
+    ordered = x.sort(dim=dim).values
+    middle = ordered.narrow(dim, (n - 1) // 2, 2 - n % 2)
+    return middle.mean(dim=dim)
+
+
 @dataclass(frozen=True)
 class Refusal:
     sender: int  # index among the round's senders
@@ -71,7 +80,7 @@ def check_contributions(
             kept.append(i)
     if len(kept) >= 3:  # with two, nobody can say which one is off
         norms = torch.stack([parts[i].float().norm() for i in kept])
-        limit = NORM_BOUND * float(norms.median() if len(kept) % 2 else norms.quantile(0.5))
+        limit = NORM_BOUND * float(median(norms))
         for i, norm in zip(list(kept), norms.tolist(), strict=True):
             if norm > limit and norm > 0:
                 kept.remove(i)
@@ -86,11 +95,11 @@ def reduce_parts(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: 
     stacked = torch.stack([p.float().reshape(-1) for p in parts])  # (n, d)
     shape = parts[0].shape
     w = torch.tensor(weights, dtype=torch.float32)
-    w = torch.minimum(w, w.median() if len(w) % 2 else w.quantile(0.5))
+    w = torch.minimum(w, median(w))
     if rule == "mean" or len(parts) == 1:
         result = (w[:, None] * stacked).sum(0) / w.sum()
     elif rule == "median":
-        result = stacked.quantile(0.5, dim=0) if len(parts) % 2 == 0 else stacked.median(dim=0).values
+        result = median(stacked)
     elif rule == "trimmed_mean":
         trim = max(len(parts) // 4, 1 if len(parts) >= 3 else 0)
         ordered = stacked.sort(dim=0).values
@@ -104,8 +113,8 @@ def reduce_parts(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: 
 
 def centered_clip(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """CenteredClip of the rows of ``stacked`` (n, d) with ``weights`` (n,), from the coordinate-wise median."""
-    v = stacked.median(dim=0).values if len(stacked) % 2 else stacked.quantile(0.5, dim=0)
-    tau = CLIP_RADIUS * float((stacked - v).norm(dim=1).median())
+    v = median(stacked)
+    tau = CLIP_RADIUS * float(median((stacked - v).norm(dim=1)))
     if tau == 0.0:
         return v
     w = weights / weights.sum()
@@ -145,6 +154,7 @@ class RobustPartReducer(TensorPartReducer):
         }
         self.contributions: dict[int, tuple[torch.Tensor, float]] = {}
         self.reducing = False
+        self.reduction: asyncio.Future | None = None  # the part being reduced in a worker thread
         super().__init__(part_shapes, len(self.sender_ids))
 
     def reset_accumulators(self) -> None:
@@ -187,7 +197,7 @@ class RobustPartReducer(TensorPartReducer):
         if self.reducing or self.current_part_accumulated_from < self.num_current_senders:
             return
         self.reducing = True
-        asyncio.ensure_future(self._reduce_current())
+        self.reduction = asyncio.ensure_future(self._reduce_current())  # referenced: a bare task may be collected
 
     async def _reduce_current(self) -> None:
         future, index = self.current_part_future, self.current_part_index
