@@ -54,11 +54,13 @@ from p2ptrain.swarm.invite import Invite
 from p2ptrain.swarm.joining import (
     JoinRequest,
     SeedRequest,
+    admit,
     bootstrap_peers,
     describe_swarm,
     find_swarm,
     recall_swarm,
     remember_swarm,
+    revocations_path,
     wait_for_members,
 )
 from p2ptrain.swarm.network import claim_port
@@ -192,6 +194,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             # b. the swarm
             status.update(state="joining")
             manifest, envelope = run.seeded or resolve_swarm(run.dht, request, data_dir)
+            admission, token = admit(manifest, run.peer_id, data_dir, request)  # a private swarm's pass, or None
             validators = (LedgerValidator([manifest.run_id]),)  # nobody can store another peer's ledger
             run.dht.add_validators(list(validators))
             # c. the network role (the DHT may start again in it)
@@ -211,7 +214,8 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             )
             model.to(run.device)
             sigint = signal.getsignal(signal.SIGINT)
-            optimizer = make_optimizer(dht, model, manifest, settings, reach_kind=role.reach.kind.value)
+            discovery.read_revocations(dht, admission, revocations_path(data_dir, manifest.run_id))
+            optimizer = make_optimizer(dht, model, manifest, settings, role.reach.kind.value, admission)
             signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN (averager.py:334)
             path = checkpoint_path(data_dir, manifest.run_id)
 
@@ -255,20 +259,21 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             def relay_addrs() -> list[str]:
                 return nat.offered_addrs(dht.get_visible_maddrs()) if watch.reach.public else []
 
-            discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs())
+            discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs(), admission=admission)
             meet_members(dht, manifest.run_id)  # connections (hole-punched behind NAT) ready for averaging
-            republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs)
+            revocations = revocations_path(data_dir, manifest.run_id)
+            republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs, admission, revocations)
             republisher.start()
             parts.callback(
                 ending.timed("remember peers", leave_records, republisher, data_dir, manifest, envelope, dht)
             )
             remember_swarm(data_dir, manifest, envelope, dht)
-            invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht))).encode()
+            invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht)), token).encode()
             status.update(
                 run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
             )
             if not run.announced:
-                run.announce(describe_swarm(manifest, run.peer_id, invite, count_parameters(model)))
+                run.announce(describe_swarm(manifest, run.peer_id, invite, count_parameters(model), token))
                 run.announced = True
             if run.accountant is None:
                 run.accountant = start_ledger(run, manifest, model)

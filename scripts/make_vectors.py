@@ -21,7 +21,15 @@ from hivemind.p2p import PeerID
 
 from p2ptrain.errors import P2PTrainError
 from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
-from p2ptrain.swarm.manifest import AveragingSpec, OptimizerSpec, SwarmManifest, public_key_bytes, sign, verify
+from p2ptrain.swarm.manifest import (
+    ADDED_IN,
+    AveragingSpec,
+    OptimizerSpec,
+    SwarmManifest,
+    public_key_bytes,
+    sign,
+    verify,
+)
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 AUTHOR_KEY = bytes(range(32))  # the researcher's Ed25519 private key (test only, never use it for a swarm)
@@ -52,6 +60,7 @@ def vector_manifest(author: Ed25519PrivateKey, version: int) -> SwarmManifest:
             average_state_every=5,
             aggregation="mean" if version == 1 else "centered_clip",
         ),
+        admission="token" if version >= 3 else "open",
         version=version,
     )
 
@@ -82,16 +91,17 @@ def peer_id(private_bytes: bytes) -> str:
 
 
 def manifest_vector(version: int) -> tuple[SwarmManifest, bytes, dict]:
-    """A signed manifest of ``version``: the manifest, its envelope, and its vector (version 1's fields without
-    the ones it did not have)."""
+    """A signed manifest of ``version``: the manifest, its envelope, and its vector (an older version's fields
+    without the ones it did not have)."""
     author = Ed25519PrivateKey.from_private_bytes(AUTHOR_KEY)
     manifest = vector_manifest(author, version)
     body, envelope = manifest.encode(), sign(manifest, author)
     if verify(envelope, manifest.hash) != manifest:
         raise SystemExit("the signed envelope does not verify: the encoder and decoder disagree")
     fields = as_json(manifest)
-    if version == 1:
-        del fields["averaging"]["aggregation"]
+    for added, section, name, _ in ADDED_IN:
+        if version < added:
+            del (fields[section] if section else fields)[name]
     return manifest, envelope, {
         "description": f"A signed swarm manifest v{version} (protocols/manifest.md).",
         "private_key_hex": AUTHOR_KEY.hex(),
@@ -103,8 +113,8 @@ def manifest_vector(version: int) -> tuple[SwarmManifest, bytes, dict]:
     }
 
 
-def manifest_vectors() -> tuple[dict, dict, dict]:
-    """Manifest v1, v1 tampered, v2."""
+def manifest_vectors() -> tuple[dict, dict, dict, dict]:
+    """Manifest v1, v1 tampered, v2, v3 (a private swarm's)."""
     manifest, envelope, good = manifest_vector(1)
     # One letter of run_id changed ("vectors-demo" -> "vectors-dema"): still a valid manifest, badly signed.
     offset = envelope.index(b"vectors-demo") + len("vectors-dem")
@@ -123,7 +133,7 @@ def manifest_vectors() -> tuple[dict, dict, dict]:
             lambda: verify(tampered, manifest.hash), "does not match the invite's"
         ),
     }
-    return good, bad, manifest_vector(2)[2]
+    return good, bad, manifest_vector(2)[2], manifest_vector(3)[2]
 
 
 def invite_vectors(manifest_hash: bytes) -> dict:
@@ -167,10 +177,11 @@ def write(name: str, vector: dict) -> None:
 
 def main() -> None:
     VECTORS.mkdir(parents=True, exist_ok=True)
-    good, bad, newer = manifest_vectors()
+    good, bad, v2, v3 = manifest_vectors()
     write("manifest_v1.json", good)
     write("manifest_v1_tampered.json", bad)
-    write("manifest_v2.json", newer)
+    write("manifest_v2.json", v2)
+    write("manifest_v3.json", v3)
     write("invite_v1.json", invite_vectors(bytes.fromhex(good["hash_hex"])))
 
 

@@ -25,15 +25,16 @@ from hypothesis import strategies as st
 from p2ptrain.energy.records import verify_record
 from p2ptrain.errors import InviteInvalid, LedgerInvalid, ManifestInvalid
 from p2ptrain.swarm import manifest as mf
+from p2ptrain.swarm.admission import Admission, NotAdmitted
 from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
 from p2ptrain.swarm.reachability import Message
 from p2ptrain.train import end_of_run
 from p2ptrain.train.codecs import Int8Compression
 from p2ptrain.train.local_updates import check_state
-from p2ptrain.train.optimizers import check_downloaded_state
 from p2ptrain.train.param_check import read_sketches
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.robust import AGGREGATIONS, check_contributions, reduce_parts
+from p2ptrain.train.state_download import check_downloaded_state
 from p2ptrain.volunteer.control_socket import COMMANDS, MAX_MESSAGE, ControlServer
 
 BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -239,4 +240,38 @@ def test_gradient_mode_state_downloads_are_checked_or_refused(metadata, tensors)
     try:
         check_downloaded_state(metadata, tensors, [torch.zeros(6)])
     except ValueError:
+        pass
+
+
+grants = st.fixed_dictionaries(
+    {"run": st.text(max_size=12), "key": st.binary(min_size=32, max_size=32), "id": st.binary(min_size=8, max_size=8),
+     "expires": st.integers(-(2**40), 2**40), "invite": st.booleans()}
+).map(packed) | st.builds(packed, values)  # fmt: skip
+links = st.lists(st.tuples(grants, st.binary(min_size=64, max_size=64)).map(list) | values, max_size=3)
+ADMISSION = Admission("fuzz-run", bytes(32), b"")
+
+
+@BOUNDED
+@given(st.builds(packed, st.tuples(links, st.binary(min_size=64, max_size=64)).map(list)) | st.builds(packed, values))
+def test_passes_are_admitted_or_refused(shown):
+    try:
+        ADMISSION.check(b"\x00\x24" + bytes(36), shown)
+    except NotAdmitted:
+        pass
+
+
+@BOUNDED
+@given(st.builds(packed, st.fixed_dictionaries({"payload": st.builds(packed, values), "signature": values})) | values)
+def test_revocation_records_are_adopted_or_ignored(record):
+    assert ADMISSION.take_revocations(record) in (True, False)
+
+
+@BOUNDED
+@given(st.fixed_dictionaries({"c": links, "s": st.binary(min_size=32, max_size=32)}) | values)
+def test_join_tokens_in_invites_decode_or_are_refused(token):
+    body = packed({"h": bytes(32), "m": "gpt2-tiny", "p": ["/ip4/203.0.113.1/tcp/1/p2p/QmX"], "a": token})
+    text = PREFIX + base64.urlsafe_b64encode(body + hashlib.sha256(body).digest()[:4]).decode().rstrip("=")
+    try:
+        decode_invite(text)
+    except InviteInvalid:
         pass

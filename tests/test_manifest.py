@@ -55,7 +55,7 @@ def test_signing_with_a_key_that_is_not_the_author_is_refused(manifest):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(version=3), "version 3 is not supported"),
+        (lambda d: d.update(version=4), "version 4 is not supported"),
         (lambda d: d["averaging"].update(aggregation="mode"), "aggregation must be one of"),
         (lambda d: d["averaging"].pop("aggregation"), r"lacks fields \['aggregation'\]"),
         (lambda d: d.update(extra="x"), "unknown fields"),

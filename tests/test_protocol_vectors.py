@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2ptrain.errors import InviteInvalid, ManifestInvalid
 from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
-from p2ptrain.swarm.manifest import AveragingSpec, OptimizerSpec, SwarmManifest, sign, verify
+from p2ptrain.swarm.manifest import ADDED_IN, AveragingSpec, OptimizerSpec, SwarmManifest, sign, verify
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 
@@ -26,19 +26,22 @@ def load(name: str) -> dict:
 
 
 def manifest_from_fields(fields: dict) -> SwarmManifest:
-    averaging = {"aggregation": "mean", **fields["averaging"]} if fields["version"] == 1 else fields["averaging"]
+    fields = {**fields, "averaging": dict(fields["averaging"])}
+    for version, section, name, old in ADDED_IN:  # what an older version's manifest means by the fields it lacks
+        if fields["version"] < version:
+            (fields[section] if section else fields).setdefault(name, old)
     return SwarmManifest(
         **{
             **fields,
             "author_key": bytes.fromhex(fields["author_key"]),
             "optimizer": OptimizerSpec(**fields["optimizer"]),
-            "averaging": AveragingSpec(**averaging),
+            "averaging": AveragingSpec(**fields["averaging"]),
         }
     )
 
 
 MANIFEST = load("manifest_v1.json")
-MANIFESTS = [MANIFEST, load("manifest_v2.json")]  # version 1 is still read: swarms and invites made before 2
+MANIFESTS = [MANIFEST, load("manifest_v2.json"), load("manifest_v3.json")]  # older versions are still read
 TAMPERED = load("manifest_v1_tampered.json")
 INVITE = load("invite_v1.json")
 each_version = pytest.mark.parametrize("vector", MANIFESTS, ids=lambda v: f"v{v['fields']['version']}")

@@ -3,6 +3,7 @@
     p2ptrain demo                                   # a local swarm of 3 peers training gpt2-tiny
     p2ptrain seed --model gpt2-small --dataset ./texts/   # start a swarm; prints an invite
     p2ptrain join --model gpt2-small --invite p2pt1-…     # volunteer in it
+    p2ptrain invite --days 3                        # another invite to a swarm seeded with --private
     p2ptrain report --swarm                         # tokens, GPU-hours, kWh, CO2e of the whole swarm
 
 Only ``main`` installs signal handlers: SIGINT/SIGTERM set a stop event and the peer shuts down in
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 
 import typer
 
-from p2ptrain.cli import daemon_commands, peer_commands, report_command, session
+from p2ptrain.cli import daemon_commands, invite_command, peer_commands, report_command, session
 from p2ptrain.compat.typer import ClickException
 from p2ptrain.errors import ExitCode, P2PTrainError
 
@@ -40,6 +41,7 @@ app.add_typer(config_app, name="config")
 app.command()(peer_commands.seed)
 app.command()(peer_commands.join)
 app.command()(peer_commands.demo)
+app.command()(invite_command.invite)
 app.command()(version)
 app.command()(daemon_commands.status)
 app.command()(daemon_commands.pause)

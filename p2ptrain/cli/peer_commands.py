@@ -22,6 +22,7 @@ from p2ptrain.cli.options import (
     peer_settings,
 )
 from p2ptrain.cli.session import run_until_signalled, setup_logging
+from p2ptrain.errors import ConfigError
 from p2ptrain.settings import PeerSettings
 from p2ptrain.swarm.manifest import AveragingSpec, OptimizerSpec
 
@@ -77,6 +78,12 @@ def seed(
         str, typer.Option(help="local dir / HF cache name of safetensors weights; empty = random init")
     ] = "",
     random_seed: Annotated[int, typer.Option("--seed", help="random init and data order")] = 0,
+    private: Annotated[
+        bool, typer.Option("--private", help="only peers with an invite (a join token signed by you) may take part")
+    ] = False,
+    invite_days: Annotated[
+        float, typer.Option(help="--private: days the printed invite stays valid (more: p2ptrain invite)")
+    ] = 7.0,
     debug: Debug = False,
     flags: dict[str, Any] | None = None,
 ) -> None:
@@ -110,8 +117,11 @@ def seed(
             average_state_every=average_state_every,
             aggregation=aggregation.value,
         ),
+        admission="token" if private else "open",
     )
-    run_until_signalled(settings, SeedRequest(values))
+    if not 0 < invite_days <= 3650:
+        raise ConfigError(f"--invite-days {invite_days} must be in (0, 3650]")
+    run_until_signalled(settings, SeedRequest(values, invite_lifetime_s=invite_days * 86400))
 
 
 @peer_options()

@@ -3,6 +3,7 @@
 - ``identity``     persistent keys: libp2p identity, manifest-signing key
 - ``manifest``     the signed swarm manifest (what all peers share) and its verification
 - ``invite``       the copy-pasteable invite string
+- ``admission``    private swarms: join tokens signed by the author, passes bound to a peer id, revocations
 - ``discovery``    DHT keys and records: publishing manifests, finding swarms by model
 - ``p2p_stack``    which libp2p daemon hivemind runs: its bundled Go p2pd or ours (``p2ptrain.p2pd``, py-libp2p)
 - ``go_p2pd``      the Go daemon with flags hivemind has no parameter for (relay slots, forced reachability)

@@ -8,6 +8,9 @@
   (hivemind's own progress records appear only once a peer has trained a step).
 - ``p2ptrain/v1/relays/<run_id>``, subkey ``<peer id>`` → a list of that peer's public multiaddrs: members that
   others can reach directly, which relay for members behind NAT (``nat.py``).
+- private swarms only (``admission.py``): ``p2ptrain/v1/passes/<run_id>``, subkey ``<peer id>`` → that peer's pass,
+  which members check before serving it their state; ``p2ptrain/v1/revoked/<run_id>`` → the author's signed list
+  of revoked join tokens, which every member republishes verbatim.
 
 Records expire after ``RECORD_TTL_S``; every member refreshes them every ``REPUBLISH_EVERY_S``.
 """
@@ -19,12 +22,14 @@ import ipaddress
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import hivemind
 from hivemind.utils import get_dht_time
 
 from p2ptrain.errors import ManifestInvalid, PeerUnreachable
 from p2ptrain.swarm import manifest as mf
+from p2ptrain.swarm.admission import Admission
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,14 @@ def relays_key(run_id: str) -> str:
     return f"p2ptrain/v1/relays/{run_id}"
 
 
+def passes_key(run_id: str) -> str:
+    return f"p2ptrain/v1/passes/{run_id}"
+
+
+def revoked_key(run_id: str) -> str:
+    return f"p2ptrain/v1/revoked/{run_id}"
+
+
 MAX_RELAY_ADDRS = 4  # per relay record
 MAX_RELAYS = 16  # read per swarm
 MAX_MADDR_CHARS = 256
@@ -71,9 +84,11 @@ def publish(
     envelope: bytes,
     ttl_s: float = RECORD_TTL_S,
     relay_addrs: list[str] = (),
+    admission: Admission | None = None,
 ) -> bool:
     """Store (or refresh) the manifest, the swarm index entry and this peer's membership, and its relay record if
-    it has public addresses to offer. True if all succeeded."""
+    it has public addresses to offer; in a private swarm, this peer's pass and the newest revocations it holds. True
+    if all succeeded."""
     expiration = get_dht_time() + ttl_s
     peer_id = dht.peer_id.to_base58()
     futures = [
@@ -84,7 +99,25 @@ def publish(
     if relay_addrs:
         addrs = [a for a in relay_addrs if len(a) <= MAX_MADDR_CHARS][:MAX_RELAY_ADDRS]
         futures.append(dht.store(relays_key(manifest.run_id), addrs, expiration, subkey=peer_id, return_future=True))
+    if admission is not None:
+        key = passes_key(manifest.run_id)
+        futures.append(dht.store(key, admission.own_pass, expiration, subkey=peer_id, return_future=True))
+        if admission.revocation_record is not None:
+            record = admission.revocation_record
+            futures.append(dht.store(revoked_key(manifest.run_id), record, expiration, return_future=True))
     return all(bool(bounded(f)) for f in futures)
+
+
+def read_revocations(dht: hivemind.DHT, admission: Admission | None, file: Path | None = None) -> None:
+    """Adopt the author's newest revocation record, from ``file`` (the author's own) or the DHT
+    (``admission.take_revocations`` checks it). Nothing to do in an open swarm (``admission`` None)."""
+    if admission is None:
+        return
+    if file is not None and file.exists():
+        admission.take_revocations(file.read_bytes())
+    found = bounded(dht.get(revoked_key(admission.run), latest=True, return_future=True))
+    if found is not None:
+        admission.take_revocations(found.value)
 
 
 def find_relays(dht: hivemind.DHT, run_id: str) -> list[str]:
@@ -173,8 +206,13 @@ class Republisher:
         manifest: mf.SwarmManifest,
         envelope: bytes,
         relay_addrs=lambda: [],  # noqa: ANN001
+        admission: Admission | None = None,
+        revocations: Path | None = None,
     ):
+        """``admission``: a private swarm's; ``revocations``: the author's file of them (``revocations_path``), which
+        ``p2ptrain invite --revoke`` writes while the seeder runs: published at the next refresh."""
         self._dht, self._manifest, self._envelope, self._relay_addrs = dht, manifest, envelope, relay_addrs
+        self._admission, self._revocations = admission, revocations
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="republisher", daemon=True)
 
@@ -184,7 +222,15 @@ class Republisher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if not publish(self._dht, self._manifest, self._envelope, relay_addrs=self._relay_addrs()):
+                if self._admission is not None:
+                    read_revocations(self._dht, self._admission, self._revocations)
+                if not publish(
+                    self._dht,
+                    self._manifest,
+                    self._envelope,
+                    relay_addrs=self._relay_addrs(),
+                    admission=self._admission,
+                ):
                     logger.debug("Could not refresh the swarm records in the DHT (no reachable peers?)")
             except (RuntimeError, OSError, TimeoutError) as e:  # the DHT is shutting down or unreachable
                 logger.debug("Republishing failed: %s", e)

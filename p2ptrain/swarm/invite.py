@@ -3,7 +3,8 @@
 Format (``protocols/invite.md``): ``p2pt1-`` + base64url(msgpack payload + 4-byte checksum), where
 payload = {"h": manifest SHA-256 (32 bytes), "m": model name, "p": [bootstrap multiaddr, ...]} and
 checksum = SHA-256(payload)[:4]. The hash is the trust anchor: the manifest fetched from the DHT
-must hash to it. The checksum only catches copy-paste damage early with a clear message.
+must hash to it. The checksum only catches copy-paste damage early with a clear message. An invite to a
+private swarm also holds "a": its join token (``admission.Token``), which makes the invite a secret.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import msgpack
 
 from p2ptrain.errors import InviteInvalid
+from p2ptrain.swarm.admission import Token
 
 PREFIX = "p2pt1-"
 MAX_INVITE_CHARS = 4096
@@ -30,9 +32,13 @@ class Invite:
     manifest_hash: bytes  # SHA-256 of the canonical manifest
     model: str  # model name, so `join --model X --invite ...` can refuse a mismatch early
     peers: tuple[str, ...]  # bootstrap multiaddrs ending in /p2p/<peer id>
+    token: Token | None = None  # a private swarm's join token
 
     def encode(self) -> str:
-        payload = msgpack.packb({"h": self.manifest_hash, "m": self.model, "p": list(self.peers)}, use_bin_type=True)
+        fields = {"h": self.manifest_hash, "m": self.model, "p": list(self.peers)}
+        if self.token is not None:
+            fields["a"] = self.token.to_wire()
+        payload = msgpack.packb(fields, use_bin_type=True)
         checksum = hashlib.sha256(payload).digest()[:4]
         return PREFIX + base64.urlsafe_b64encode(payload + checksum).decode().rstrip("=")
 
@@ -68,8 +74,8 @@ def decode_invite(text: str) -> Invite:
         fields = msgpack.unpackb(payload, raw=False)  # size already bounded by MAX_INVITE_CHARS
     except (ValueError, msgpack.UnpackException):
         raise InviteInvalid("invite payload is not valid msgpack") from None
-    if not isinstance(fields, dict) or set(fields) != {"h", "m", "p"}:
-        raise InviteInvalid("invite payload must hold exactly h, m, p")
+    if not isinstance(fields, dict) or not {"h", "m", "p"} <= set(fields) <= {"h", "m", "p", "a"}:
+        raise InviteInvalid("invite payload must hold h, m, p (and a, a join token)")
     h, model, peers = fields["h"], fields["m"], fields["p"]
     if not (isinstance(h, bytes) and len(h) == 32 and isinstance(model, str) and 0 < len(model) <= 64):
         raise InviteInvalid("invite has a malformed manifest hash or model name")
@@ -78,4 +84,5 @@ def decode_invite(text: str) -> Invite:
     for p in peers:
         if not (isinstance(p, str) and p.startswith("/") and "/p2p/" in p and len(p) <= MAX_MADDR_CHARS):
             raise InviteInvalid(f"invite peer {str(p)[:60]!r} is not a multiaddr ending in /p2p/<peer id>")
-    return Invite(manifest_hash=h, model=model, peers=tuple(peers))
+    token = Token.from_wire(fields["a"]) if "a" in fields else None
+    return Invite(manifest_hash=h, model=model, peers=tuple(peers), token=token)

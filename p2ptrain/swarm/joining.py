@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import hivemind
+import msgpack
 from hivemind.p2p import PeerID
 
 from p2ptrain.errors import ConfigError, ManifestInvalid, PeerUnreachable
-from p2ptrain.fileio import atomic_write_json, read_json
+from p2ptrain.fileio import atomic_write_bytes, atomic_write_json, read_json
 from p2ptrain.settings import PeerSettings
 from p2ptrain.swarm import discovery
 from p2ptrain.swarm import manifest as mf
+from p2ptrain.swarm.admission import Admission, NotAdmitted, Token, grant, make_pass
+from p2ptrain.swarm.identity import author_key
 from p2ptrain.swarm.invite import Invite
 
 logger = logging.getLogger(__name__)
@@ -28,9 +31,11 @@ MAX_REMEMBERED_PEERS = 16
 
 @dataclass(frozen=True)
 class SeedRequest:
-    """Start a new swarm: the manifest fields chosen by the researcher (author and time are added)."""
+    """Start a new swarm: the manifest fields chosen by the researcher (author and time are added). A private swarm
+    (``admission="token"``) prints an invite whose join token lasts ``invite_lifetime_s``."""
 
     manifest_values: dict[str, Any]
+    invite_lifetime_s: float = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -89,13 +94,76 @@ def fetch_with_retry(dht: hivemind.DHT, manifest_hash: bytes, attempts: int = 5)
     raise AssertionError("unreachable")
 
 
-def describe_swarm(manifest: mf.SwarmManifest, peer_id: PeerID, invite: str, n_params: int) -> str:
-    return (
+def admit(
+    manifest: mf.SwarmManifest,
+    peer_id: PeerID,
+    data_dir: Path,
+    request: SeedRequest | JoinRequest,
+) -> tuple[Admission | None, Token | None]:
+    """This peer's admission to a private swarm (None, None for an open one): its rules and pass, and the join token
+    its invite shares. The author signs its own pass, and at its first start a token for the invite it prints;
+    anyone else needs the token of an invite (this one, or the last one it joined this swarm with, kept in the data
+    directory).
+
+    Raises:
+        ConfigError: the swarm is private and this peer has no valid join token."""
+    if manifest.admission == "open":
+        return None, None
+    path = token_path(data_dir, manifest.run_id)
+    token = request.invite.token if isinstance(request, JoinRequest) and request.invite is not None else None
+    if token is None and path.exists():
+        token = Token.from_wire(msgpack.unpackb(path.read_bytes(), raw=False))
+    key = author_key(data_dir)
+    if mf.public_key_bytes(key) == manifest.author_key:
+        if token is None or token.grants[-1].expires <= time.time():
+            lifetime = (
+                request.invite_lifetime_s if isinstance(request, SeedRequest) else SeedRequest({}).invite_lifetime_s
+            )
+            token = grant(key, manifest.run_id, lifetime, invite=False)
+        own_pass = make_pass(manifest.run_id, peer_id.to_bytes(), author=key)
+    elif token is None:
+        raise ConfigError(
+            f"swarm {manifest.run_id} is private: only peers invited by its seeder may join. Ask the seeder for an "
+            f"invite, then: p2ptrain join --model {manifest.model} --invite p2pt1-…"
+        )
+    else:
+        own_pass = make_pass(manifest.run_id, peer_id.to_bytes(), token=token)
+    admission = Admission(manifest.run_id, manifest.author_key, own_pass)
+    try:
+        admission.check(peer_id.to_bytes(), own_pass)
+    except NotAdmitted as e:
+        reason = str(e).replace("its ", "your invite's ", 1)
+        message = f"cannot join private swarm {manifest.run_id}: {reason}. Ask the seeder for a new invite"
+        raise ConfigError(message) from None
+    atomic_write_bytes(path, msgpack.packb(token.to_wire(), use_bin_type=True), mode=0o600)
+    return admission, token
+
+
+def token_path(data_dir: Path, run_id: str) -> Path:
+    """The join token this peer uses in swarm ``run_id``: a secret, as the invite that carried it."""
+    return data_dir / f"token-{run_id}.bin"
+
+
+def revocations_path(data_dir: Path, run_id: str) -> Path:
+    """The author's signed list of revoked join tokens (``p2ptrain invite --revoke``), which its peer publishes."""
+    return data_dir / f"revoked-{run_id}.bin"
+
+
+def describe_swarm(
+    manifest: mf.SwarmManifest, peer_id: PeerID, invite: str, n_params: int, token: Token | None = None
+) -> str:
+    text = (
         f"Swarm {manifest.run_id}: {manifest.model} ({n_params / 1e6:.1f}M parameters) on {manifest.dataset!r}, "
         f"manifest {manifest.hash.hex()[:16]}…, this peer {peer_id.to_base58()}\n"
         f"Invite: {invite}\n"
         f"Others join with:\n  p2ptrain join --model {manifest.model} --invite {invite}"
     )
+    if token is not None:
+        text += (
+            f"\nThis swarm is private: the invite holds {token.describe()}. Keep it secret; more invites: "
+            f"p2ptrain invite; revoke this one: p2ptrain invite --revoke {token.grants[-1].id.hex()}"
+        )
+    return text
 
 
 # -- memory of the last swarm, so a restarted peer rejoins with no flags --------------------------

@@ -28,13 +28,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2ptrain.errors import ConfigError, ManifestInvalid
 
-MANIFEST_VERSION = 2  # 2 added averaging.aggregation; version 1 manifests are still read (their rule: "mean")
-READABLE_VERSIONS = (1, 2)
+MANIFEST_VERSION = 3  # 2 added averaging.aggregation, 3 admission; older manifests are still read (ADDED_IN)
+READABLE_VERSIONS = (1, 2, 3)
 MAX_ENVELOPE_BYTES = 16 * 1024  # a manifest is a few hundred bytes; anything larger is refused unread
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 COMPRESSIONS = ("none", "fp16", "int8", "powersgd", "randk", "adaptive")  # protocols/averaging.md
 MODES = ("gradients", "local")
 AGGREGATIONS = ("centered_clip", "trimmed_mean", "median", "mean")  # train/robust.py
+ADMISSIONS = ("open", "token")  # swarm/admission.py
+# fields that later versions added: (version, section or None for the top level, name, its value in older manifests)
+ADDED_IN = ((2, "averaging", "aggregation", "mean"), (3, None, "admission", "open"))
 
 
 @dataclass(frozen=True)
@@ -89,17 +92,20 @@ class SwarmManifest:
     seed: int = 0  # random init and data order derive from it, so peers start from identical weights
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
+    admission: str = "open"  # "open": anyone may take part; "token": only peers with a join token signed by the
+    #   author (``p2ptrain seed --private``; swarm/admission.py)
     version: int = MANIFEST_VERSION
 
     def __post_init__(self) -> None:
         _validate(self)
 
     def encode(self) -> bytes:
-        """Canonical bytes: msgpack of the fields with sorted keys, so equal manifests hash equally. A version 1
-        manifest is written without the fields version 1 did not have, so its bytes (and hash) stay as signed."""
+        """Canonical bytes: msgpack of the fields with sorted keys, so equal manifests hash equally. An older
+        manifest is written without the fields its version did not have, so its bytes (and hash) stay as signed."""
         values = asdict(self)
-        if self.version == 1:
-            del values["averaging"]["aggregation"]
+        for version, section, name, _ in ADDED_IN:
+            if self.version < version:
+                del (values[section] if section else values)[name]
         return msgpack.packb(_sorted(values), use_bin_type=True)
 
     @property
@@ -118,8 +124,11 @@ class SwarmManifest:
                 f"swarm."
             )
         try:
-            if raw["version"] == 1 and isinstance(raw.get("averaging"), dict) and "aggregation" not in raw["averaging"]:
-                raw["averaging"] = {**raw["averaging"], "aggregation": "mean"}
+            for version, section, name, old in ADDED_IN:
+                where = raw.get(section) if section else raw
+                if raw["version"] < version and isinstance(where, dict) and name not in where:
+                    where = {**where, name: old}
+                    raw = {**raw, section: where} if section else where
             raw["optimizer"] = _build(OptimizerSpec, raw.get("optimizer"))
             raw["averaging"] = _build(AveragingSpec, raw.get("averaging"))
             return _build(cls, raw)
@@ -205,6 +214,8 @@ def _validate(m: SwarmManifest) -> None:
         (m.averaging.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}"),
         (m.version in READABLE_VERSIONS, f"version must be one of {READABLE_VERSIONS}"),
         (m.version > 1 or m.averaging.aggregation == "mean", "a version 1 manifest averages by mean"),
+        (m.admission in ADMISSIONS, f"admission must be one of {ADMISSIONS}"),
+        (m.version > 2 or m.admission == "open", "a version 1 or 2 manifest is open to all"),
     ]
     for ok, message in checks:
         if not ok:

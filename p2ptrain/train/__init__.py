@@ -7,6 +7,7 @@
 - ``group_rounds``  averaging rounds that gather reachability, and fail whole when any part failed
 - ``robust``        each part's aggregator checks the members' copies and reduces them robustly (CenteredClip, …)
 - ``bans``          a peer whose copies keep being refused is left out for a cooling-off time
+- ``state_download`` a late joiner's downloaded state, checked before hivemind applies it
 - ``codecs``        fp16 / int8 / random-k, the ladder of compression levels
 - ``policy``        the adaptive level every group member derives from the same reports
 - ``param_check``   after each global step, members compare sketches of their parameters; a stray resyncs

@@ -28,8 +28,10 @@ makes the average the same on every member:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any, AsyncIterator  # noqa: UP035 - hivemind reads handlers' stream types from typing's only
 
 import torch
@@ -40,6 +42,8 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
+from p2ptrain.swarm.admission import Admission, NotAdmitted
+from p2ptrain.swarm.discovery import passes_key, revoked_key
 from p2ptrain.swarm.nat import aggregates
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.bans import Bans
@@ -53,7 +57,9 @@ class GroupRounds(AveragerHooks):
 
     ``reach_kind``: this peer's reachability kind (``reachability.Kind``), reported in each round's all-gather;
     ``aggregation``: how the parts this peer aggregates are checked and reduced (``robust.AGGREGATIONS``, from the
-    manifest: every member of a swarm uses the same rule)."""
+    manifest: every member of a swarm uses the same rule); ``admission``: a private swarm's rules (None: open), by
+    which every member's pass is checked when it asks to join a group, when a group begins, and before it may
+    download this peer's state."""
 
     def __init__(
         self,
@@ -61,11 +67,19 @@ class GroupRounds(AveragerHooks):
         reach_kind: str = Kind.UNKNOWN,
         aggregation: str = "centered_clip",
         bans: Bans | None = None,
+        admission: Admission | None = None,
         **kwargs: Any,
     ):
         self.reach_kind = str(reach_kind)
         self.aggregation = aggregation
         self.bans = bans or Bans()  # used in the averager's process, where rounds and handlers run
+        self.admission = admission
+        self._admitted: dict[str, float] = {}  # peer id → when its pass last checked out (bounded: _remember)
+        self._refused_logged: dict[str, float] = {}
+        self._revocations_read = -float("inf")
+        self._tasks: set[asyncio.Task] = set()
+        if admission is not None:  # hivemind's state download opens its streams with ``self.get_stub`` (and nothing
+            self.get_stub = self._stub_of_admitted  # else does): a private swarm's peer downloads from members only
         if kwargs.get("prefix"):
             kwargs["prefix"] = f"{kwargs['prefix']}_{VERSION}"
         super().__init__(*args, **kwargs)
@@ -74,6 +88,8 @@ class GroupRounds(AveragerHooks):
     # carries [bandwidth, reach kind] between p2ptrain's averagers, and is turned back before hivemind reads it.
     @property
     def bandwidth(self) -> list[Any]:
+        if self.admission is not None:  # a private swarm's members also show their pass
+            return [self._bandwidth, self.reach_kind, self.admission.own_pass]
         return [self._bandwidth, self.reach_kind]
 
     @bandwidth.setter
@@ -81,6 +97,11 @@ class GroupRounds(AveragerHooks):
         self._bandwidth = value
 
     async def aggregate_with_group(self, group_info: GroupInfo, *args: Any, **kwargs: Any) -> Any:
+        if self.admission is not None:
+            for peer_id, raw in zip(group_info.peer_ids, group_info.gathered, strict=True):
+                reason = self._refusal(peer_id, _shown_pass(self.serializer, raw))
+                if reason:
+                    raise AllreduceException(f"group member {peer_id} is not admitted to this private swarm: {reason}")
         return await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
 
     async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
@@ -99,6 +120,10 @@ class GroupRounds(AveragerHooks):
         if self.bans.banned(context.remote_id):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
             return
+        shown = _shown_pass(self.serializer, request.gather)
+        if self.admission is not None and self._refusal(context.remote_id, shown):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         async for message in super().rpc_join_group(request, context):
             yield message
 
@@ -107,8 +132,104 @@ class GroupRounds(AveragerHooks):
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         if self.bans.banned(context.remote_id):
             return
+        if self.admission is not None and not await self._admits(context.remote_id):
+            return
         async for message in super().rpc_download_state(request, context):
             yield message
+
+    # a private swarm's admission (``swarm/admission.py``), checked in this averager's process
+
+    def _refusal(self, peer_id: Any, shown: object) -> str:
+        """Why ``peer_id``, showing pass ``shown``, may not take part ("" if it may); each refusal is logged at
+        WARNING (at most once a minute per peer)."""
+        self._read_revocations()
+        try:
+            self.admission.check(peer_id.to_bytes(), shown)
+        except NotAdmitted as e:
+            now, key = time.monotonic(), str(peer_id)
+            if now - self._refused_logged.get(key, -float("inf")) > 60:
+                self._refused_logged = _remember(self._refused_logged, key, now)
+                logger.warning("Refused peer %s in private swarm %s: %s", key, self.admission.run, e)
+            return str(e)
+        self._admitted = _remember(self._admitted, str(peer_id), time.monotonic())
+        return ""
+
+    async def _admits(self, peer_id: Any) -> bool:
+        """Whether this peer may exchange state with ``peer_id`` (serve it, or download from it): its pass checked out
+        in a group lately, or the pass it published in the DHT checks out."""
+        if time.monotonic() - self._admitted.get(str(peer_id), -float("inf")) < ADMITTED_FOR_S:
+            self._read_revocations()
+            return True
+        found = await _bounded_get(self.dht, passes_key(self.admission.run), DHT_WAIT_S)
+        entry = found.value.get(peer_id.to_base58()) if found is not None and isinstance(found.value, dict) else None
+        return not self._refusal(peer_id, getattr(entry, "value", None))
+
+    def _stub_of_admitted(self, p2p: Any, peer: Any, **kwargs: Any) -> Any:
+        return _AdmittedOnly(type(self).get_stub(p2p, peer, **kwargs), lambda: self._admits(peer))
+
+    def _read_revocations(self) -> None:
+        """Start reading the author's revocations from the DHT, at most once a minute (in the background)."""
+        now = time.monotonic()
+        if now - self._revocations_read < REVOCATIONS_EVERY_S:
+            return
+        self._revocations_read = now
+
+        async def read() -> None:
+            found = await _bounded_get(self.dht, revoked_key(self.admission.run), DHT_WAIT_S)
+            if found is not None:
+                self.admission.take_revocations(found.value)
+
+        task = asyncio.get_running_loop().create_task(read())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _AdmittedOnly:
+    """A stub to a peer that serves its state only if ``admitted()`` (an empty download otherwise, which hivemind
+    skips: "did not send its state")."""
+
+    def __init__(self, stub: Any, admitted: Any):
+        self._stub, self._admitted = stub, admitted
+
+    async def rpc_download_state(self, request: Any) -> Any:
+        if not await self._admitted():
+            return _nothing()
+        return await self._stub.rpc_download_state(request)
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield
+
+
+ADMITTED_FOR_S = 600.0  # a pass seen in a group admits its peer's state downloads this long
+REVOCATIONS_EVERY_S = 60.0
+DHT_WAIT_S = 5.0
+MAX_REMEMBERED = 1024
+
+
+def _shown_pass(serializer: Any, gathered: bytes) -> object:
+    """The pass a member put in its all-gather entry ([[bandwidth, kind, pass], mode, user data]), or None."""
+    try:
+        entry = serializer.loads(gathered)
+        reported = entry[0]
+        return reported[2] if isinstance(reported, list) and len(reported) == 3 else None
+    except Exception:  # noqa: BLE001 - a stranger's bytes: any failure means "no pass"
+        return None
+
+
+def _remember(seen: dict[str, float], key: str, now: float) -> dict[str, float]:
+    seen[key] = now
+    if len(seen) > MAX_REMEMBERED:
+        seen = dict(sorted(seen.items(), key=lambda item: item[1])[-MAX_REMEMBERED // 2 :])
+    return seen
+
+
+async def _bounded_get(dht: Any, key: str, timeout_s: float) -> Any:
+    try:
+        return await asyncio.wait_for(dht.get(key, latest=True, return_future=True), timeout_s)
+    except (asyncio.TimeoutError, RuntimeError, OSError):
+        return None
 
 
 VERSION = "p2pt2"  # in every averager's key prefix: bumped when what members exchange in a round changes
@@ -178,7 +299,7 @@ def with_shares(group_info: GroupInfo, serializer: Any) -> GroupInfo:
     """``group_info`` with each member's reported [bandwidth, kind] replaced by the bandwidth hivemind shares the
     vector by: 0 for a member that cannot aggregate (``nat.aggregates``)."""
     entries = [serializer.loads(raw) for raw in group_info.gathered]
-    reported = [entry[0] for entry in entries]
+    reported = [entry[0][:2] if isinstance(entry[0], list) else entry[0] for entry in entries]  # pass left out
     if not all(isinstance(r, list) and len(r) == 2 and isinstance(r[1], str) for r in reported):
         raise AllreduceException("a group member did not report its reachability (not a p2ptrain averager)")
     kinds = [r[1] for r in reported]

@@ -33,6 +33,7 @@ from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
 from hivemind.optim.progress_tracker import ProgressTracker
 
+from p2ptrain.swarm.admission import Admission
 from p2ptrain.train.averaging import PseudoGradientAverager, RoundOutcome
 from p2ptrain.train.codecs import Level, shared_indices
 from p2ptrain.train.policy import RoundReport
@@ -64,6 +65,7 @@ class LocalUpdateOptimizer:
         tracker_opts: dict[str, float],
         reach_kind: str = "unknown",
         aggregation: str = "centered_clip",
+        admission: Admission | None = None,
     ):
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
@@ -95,6 +97,7 @@ class LocalUpdateOptimizer:
             allow_state_sharing=not dht.client_mode,  # a client cannot serve its state
             reach_kind=reach_kind,
             aggregation=aggregation,
+            admission=admission,
             start=True,
         )
 

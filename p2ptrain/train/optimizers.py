@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
@@ -29,11 +28,13 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from p2ptrain.compat import hivemind as compat
 from p2ptrain.settings import PeerSettings
+from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.manifest import AveragingSpec, SwarmManifest
 from p2ptrain.train.averaging import CompressedGradientAverager
 from p2ptrain.train.codecs import DENSE, Level
 from p2ptrain.train.group_rounds import GroupRounds
-from p2ptrain.train.local_updates import LocalUpdateOptimizer, check_state
+from p2ptrain.train.local_updates import LocalUpdateOptimizer
+from p2ptrain.train.state_download import CheckedStateDownload
 
 logger = logging.getLogger(__name__)
 
@@ -69,42 +70,6 @@ class PowerSGDRounds(GroupRounds, PowerSGDGradientAverager):
     """hivemind's PowerSGD gradient averager with p2ptrain's group rules."""
 
 
-class CheckedStateDownload(DecentralizedAverager):
-    """hivemind's state download (a late joiner's), checked before ``TrainingStateAverager`` applies it: in
-    ``StateRounds`` this class comes between the two in the method order, so hivemind's ``load_state_from_peers``
-    gets the downloaded state from here. A state that fails ``check_downloaded_state`` is refused with a warning and
-    the joiner keeps its own (hivemind would copy a NaN or broadcast a scalar into every parameter, or fail on
-    metadata that is not a map)."""
-
-    def load_state_from_peers(self, **kwargs: Any) -> tuple[Any, Any] | None:
-        loaded = super().load_state_from_peers(**kwargs)
-        if loaded is None:
-            return None
-        params = [p for group in self.optimizer.param_groups for p in group["params"]] + list(self.extra_tensors)
-        try:
-            check_downloaded_state(*loaded, params)
-        except ValueError as e:
-            logger.warning("Ignoring the state a peer sent: %s", e)
-            return None
-        return loaded
-
-
-def check_downloaded_state(metadata: Any, tensors: Any, params: list[torch.Tensor]) -> None:
-    """Raise ValueError unless ``metadata`` and ``tensors`` are the shape of ``TrainingStateAverager``'s state for
-    ``params``: metadata a map with a non-negative int epoch and optimizer metadata; the parameters first, each with
-    its own shape and dtype; every floating-point value finite."""
-    if not isinstance(tensors, (list, tuple)) or len(tensors) < len(params):
-        raise ValueError(f"expected at least {len(params)} tensors")
-    check_state(metadata, tensors[: len(params)], params)  # the local mode's check, for the parameters
-    if "optimizer_metadata" not in metadata:
-        raise ValueError("metadata without the optimizer's")
-    for i, tensor in enumerate(tensors[len(params) :], start=len(params)):
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"item {i} is not a tensor")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"tensor {i} is not finite")
-
-
 class StateRounds(GroupRounds, TrainingStateAverager, CheckedStateDownload):
     """hivemind's parameter and optimizer-state averager with p2ptrain's group rules and checked downloads."""
 
@@ -115,9 +80,11 @@ def make_optimizer(
     manifest: SwarmManifest,
     settings: PeerSettings,
     reach_kind: str = "unknown",
+    admission: Admission | None = None,
 ) -> PeerOptimizer:
     """hivemind's Optimizer (mode "gradients") or our DiLoCo optimizer (mode "local"), per the manifest.
-    ``reach_kind``: this peer's reachability (``reachability.Kind``), which decides what it aggregates."""
+    ``reach_kind``: this peer's reachability (``reachability.Kind``), which decides what it aggregates;
+    ``admission``: a private swarm's, which every averager applies to its group's members."""
     spec, avg = manifest.optimizer, manifest.averaging
     request_timeout = min(3.0, avg.matchmaking_time_s / 2)
     inner = partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
@@ -145,6 +112,7 @@ def make_optimizer(
             request_timeout=request_timeout,
             reach_kind=reach_kind,
             aggregation=avg.aggregation,
+            admission=admission,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
@@ -164,12 +132,17 @@ def make_optimizer(
         state_averaging_compression=dense(),
         averager_opts={"request_timeout": request_timeout},
         grad_averager_factory=partial(
-            grad_averager, request_timeout=request_timeout, reach_kind=reach_kind, aggregation=avg.aggregation
+            grad_averager,
+            request_timeout=request_timeout,
+            reach_kind=reach_kind,
+            aggregation=avg.aggregation,
+            admission=admission,
         ),
         shutdown_timeout=2.0,
         verbose=False,
         reach_kind=reach_kind,
         aggregation=avg.aggregation,
+        admission=admission,
         # hivemind's default (None) is meant to follow the DHT, but its test is inverted (optimizer.py:205): the
         # Optimizer then thinks it serves its state while its averagers, in client mode, refuse to
         client_mode=dht.client_mode,
@@ -245,9 +218,17 @@ class SwarmOptimizer(compat.Optimizer):
     local_step_epoch = -1
     last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
 
-    def __init__(self, *args: Any, reach_kind: str = "unknown", aggregation: str = "centered_clip", **kwargs: Any):
-        self.reach_kind = reach_kind  # both read by make_state_averager, which hivemind's __init__ calls
+    def __init__(
+        self,
+        *args: Any,
+        reach_kind: str = "unknown",
+        aggregation: str = "centered_clip",
+        admission: Admission | None = None,
+        **kwargs: Any,
+    ):
+        self.reach_kind = reach_kind  # all three read by make_state_averager, which hivemind's __init__ calls
         self.aggregation = aggregation
+        self.admission = admission
         super().__init__(*args, **kwargs)
 
     def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
@@ -267,6 +248,7 @@ class SwarmOptimizer(compat.Optimizer):
             start=True,
             reach_kind=self.reach_kind,
             aggregation=self.aggregation,
+            admission=self.admission,
             **kwargs,
         )
 
