@@ -41,7 +41,7 @@ from p2ptrain.compat import hivemind as compat
 from p2ptrain.energy.carbon import IntensityWatcher, alpha3
 from p2ptrain.energy.ledger import Accountant, ledger_path, open_ledger
 from p2ptrain.energy.meter import EnergyMeter, MeterInfo, open_meter, start_meter
-from p2ptrain.energy.records import LedgerValidator, identity_key, publish_ledger
+from p2ptrain.energy.records import LedgerValidator, publish_ledger
 from p2ptrain.gate import Gate
 from p2ptrain.leaving import Leaving
 from p2ptrain.processes import die_with_parent, reap_children
@@ -49,7 +49,7 @@ from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.swarm import discovery, nat, network
 from p2ptrain.swarm import manifest as mf
-from p2ptrain.swarm.identity import author_key, ensure_identity, ensure_private_dir, lock_data_dir
+from p2ptrain.swarm.identity import author_key, ensure_identity, ensure_private_dir, identity_key, lock_data_dir
 from p2ptrain.swarm.invite import Invite
 from p2ptrain.swarm.joining import (
     JoinRequest,
@@ -63,7 +63,7 @@ from p2ptrain.swarm.joining import (
     revocations_path,
     wait_for_members,
 )
-from p2ptrain.swarm.network import claim_port
+from p2ptrain.swarm.signed_records import PeerRecords
 from p2ptrain.swarm.watch import NetworkWatch, meet_members
 from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.train.data import Corpus, open_data
@@ -129,7 +129,7 @@ def run_peer(
         device = pick_device(settings.device)
         if device.type == "cuda" and settings.gpu_memory_fraction < 1.0:
             torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, device)
-        settings = replace(settings, port=claim_port(settings.host, settings.port))  # the same one every stay
+        settings = replace(settings, port=network.claim_port(settings.host, settings.port))  # the same one every stay
         peer_id = ensure_identity(data_dir)
         own_intensity = intensity is None
         intensity = intensity or IntensityWatcher(settings.energy)  # a bad country fails here, before the network
@@ -195,7 +195,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             status.update(state="joining")
             manifest, envelope = run.seeded or resolve_swarm(run.dht, request, data_dir)
             admission, token = admit(manifest, run.peer_id, data_dir, request)  # a private swarm's pass, or None
-            validators = (LedgerValidator([manifest.run_id]),)  # nobody can store another peer's ledger
+            validators = (LedgerValidator([manifest.run_id]), PeerRecords([manifest.run_id], identity_key(data_dir)))
             run.dht.add_validators(list(validators))
             # c. the network role (the DHT may start again in it)
             dht, role = network.settle_role(settings, data_dir, run.dht, manifest.run_id, known, validators)

@@ -18,6 +18,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
+from p2ptrain.swarm.discovery import finishing_key
 from p2ptrain.train import end_of_run
 from p2ptrain.train.data import InMemoryCorpus
 from p2ptrain.train.end_of_run import (
@@ -28,7 +29,6 @@ from p2ptrain.train.end_of_run import (
     announced_download,
     final_state,
     finals,
-    finishing_key,
     other_epochs,
     state_digest,
     swarm_finished,

@@ -16,14 +16,12 @@ from p2ptrain.energy.records import (
     LedgerValidator,
     encode_record,
     fetch_ledgers,
-    identity_key,
     ledger_key,
-    peer_id_of,
-    public_key_der,
     publish_ledger,
     verify_record,
 )
 from p2ptrain.errors import LedgerInvalid
+from p2ptrain.swarm.identity import identity_key, peer_id_of, public_key_der
 
 EXPIRES = 1_900_000_000.0
 

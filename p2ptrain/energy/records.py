@@ -15,12 +15,10 @@ hivemind's DHT, so honest nodes refuse to store a forged record at all. Spec: ``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import hivemind
@@ -28,17 +26,15 @@ import msgpack
 import psutil
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.p2p import PeerID
-from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 
 from p2ptrain.energy.ledger import Ledger
-from p2ptrain.errors import ConfigError, LedgerInvalid, PeerUnreachable
+from p2ptrain.errors import LedgerInvalid, PeerUnreachable
 from p2ptrain.swarm.discovery import DHT_TIMEOUT_S, bounded
-from p2ptrain.swarm.identity import p2p_identity_path
+from p2ptrain.swarm.identity import PSS, peer_id_of, public_key_der
 
 logger = logging.getLogger(__name__)
 LEDGER_TTL_S = 7 * 24 * 3600.0  # a record outlives its peer by a week (as long as DHT nodes holding it stay up)
@@ -46,35 +42,11 @@ MAX_RECORD_BYTES = 8192
 MAX_LEDGERS_READ = 1024  # subkeys a reader looks at
 RECORD_HISTORY = 48  # history points carried in a record (the file keeps more)
 DOMAIN = b"p2ptrain/v1/ledger\x00"  # signed before the payload: a ledger signature is never valid for anything else
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _UNPACK_LIMITS = dict(max_bin_len=MAX_RECORD_BYTES, max_str_len=MAX_RECORD_BYTES, max_array_len=1024, max_map_len=64)
 
 
 def ledger_key(run_id: str) -> str:
     return f"p2ptrain/v1/ledger/{run_id}"
-
-
-def identity_key(data_dir: Path) -> rsa.RSAPrivateKey:
-    """This peer's libp2p identity key (``identity.key``: a protobuf PrivateKey holding a DER RSA key)."""
-    path = p2p_identity_path(data_dir)
-    try:
-        der = crypto_pb2.PrivateKey.FromString(path.read_bytes()).data
-        key = serialization.load_der_private_key(der, password=None)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the identity key {path}: {e}") from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise ConfigError(f"{path} does not hold an RSA key")
-    return key
-
-
-def public_key_der(key: rsa.RSAPrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def peer_id_of(public_der: bytes) -> str:
-    """The libp2p peer id of an RSA public key (as ``PeerID.from_identity`` computes it)."""
-    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der).SerializeToString()
-    return PeerID(b"\x12\x20" + hashlib.sha256(encoded).digest()).to_base58()  # multihash: sha2-256, 32 bytes
 
 
 def record_fields(ledger: Ledger) -> dict[str, Any]:
@@ -89,7 +61,7 @@ def record_fields(ledger: Ledger) -> dict[str, Any]:
 
 def encode_record(ledger: Ledger, key: rsa.RSAPrivateKey, expiration: float) -> bytes:
     payload = msgpack.packb({"ledger": record_fields(ledger), "expiration": expiration}, use_bin_type=True)
-    signature = key.sign(DOMAIN + payload, _PSS, hashes.SHA256())
+    signature = key.sign(DOMAIN + payload, PSS, hashes.SHA256())
     return msgpack.packb(
         {"payload": payload, "public_key": public_key_der(key), "signature": signature}, use_bin_type=True
     )
@@ -118,7 +90,7 @@ def verify_record(value: Any, subkey: Any, run_id: str, expiration: float | None
         public_key = serialization.load_der_public_key(public_der)
         if not isinstance(public_key, rsa.RSAPublicKey) or not 2048 <= public_key.key_size <= 4096:
             raise LedgerInvalid("the record's key is not a 2048-4096 bit RSA key")
-        public_key.verify(signature, DOMAIN + payload, _PSS, hashes.SHA256())
+        public_key.verify(signature, DOMAIN + payload, PSS, hashes.SHA256())
     except (ValueError, InvalidSignature):
         raise LedgerInvalid(f"the signature of peer {subkey[:20]}…'s ledger does not verify") from None
     body = _unpack(payload, "ledger payload")
@@ -141,11 +113,11 @@ class LedgerValidator(RecordValidatorBase):
     def __init__(self, run_ids: Iterable[str]):
         self._keys = {DHTID.generate(source=ledger_key(r)).to_bytes(): r for r in run_ids}
 
-
     @property
     def keys(self) -> dict:
         """The DHT keys (of the runs) this validator checks."""
         return self._keys
+
     def validate(self, record: DHTRecord) -> bool:
         run_id = self._keys.get(record.key)
         if run_id is None:

@@ -5,6 +5,7 @@
 - ``invite``       the copy-pasteable invite string
 - ``admission``    private swarms: join tokens signed by the author, passes bound to a peer id, revocations
 - ``discovery``    DHT keys and records: publishing manifests, finding swarms by model
+- ``signed_records`` the records a peer keeps under its own id, signed by it inside hivemind's DHT
 - ``p2p_stack``    which libp2p daemon hivemind runs: its bundled Go p2pd or ours (``p2ptrain.p2pd``, py-libp2p)
 - ``go_p2pd``      the Go daemon with flags hivemind has no parameter for (relay slots, forced reachability)
 - ``reachability`` can other peers connect to this one? (peers dial back; the verdict in the status)

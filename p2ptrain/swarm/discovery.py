@@ -65,6 +65,10 @@ def relays_key(run_id: str) -> str:
     return f"p2ptrain/v1/relays/{run_id}"
 
 
+def finishing_key(run_id: str) -> str:
+    return f"p2ptrain/v1/finishing/{run_id}"
+
+
 def passes_key(run_id: str) -> str:
     return f"p2ptrain/v1/passes/{run_id}"
 

@@ -73,10 +73,6 @@ def state_digest(tensors: Iterable[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def finishing_key(run_id: str) -> str:
-    return f"p2ptrain/v1/finishing/{run_id}"
-
-
 def other_progress(dht: hivemind.DHT, progress_key: str) -> list[LocalTrainingProgress]:
     """Every other peer's progress record (hivemind's ProgressTracker, in the DHT): its global step, client mode.
 

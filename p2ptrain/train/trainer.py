@@ -22,6 +22,7 @@ import torch
 from p2ptrain.gate import Gate, Verdict
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
+from p2ptrain.swarm import discovery
 from p2ptrain.swarm.manifest import SwarmManifest
 from p2ptrain.train import end_of_run
 from p2ptrain.train.data import Corpus
@@ -72,7 +73,7 @@ class Trainer:
         self._autocast = autocast_for(device) or nullcontext
         self.lock = threading.Lock()  # held while parameters change; the checkpoint writer takes it
         # another peer announced the run's last step (--max-steps): we are behind, finish() takes the swarm's state
-        key = end_of_run.finishing_key(manifest.run_id)
+        key = discovery.finishing_key(manifest.run_id)
         self._finished = end_of_run.FinishWatch(optimizer.tracker.dht, key, settings.max_steps or 0)
         # peers that average their parameters check after each global step that they still hold the same ones
         comparable = optimizer.shared_params() is not None
@@ -125,7 +126,7 @@ class Trainer:
         """The run's last global step is reached: end with the swarm's final parameters, and help stragglers do the
         same (end_of_run.py says how)."""
         tracker, epoch = self.opt.tracker, self.settings.max_steps
-        dht, finishing = tracker.dht, end_of_run.finishing_key(self.manifest.run_id)
+        dht, finishing = tracker.dht, discovery.finishing_key(self.manifest.run_id)
         self.status.update(force=True, state="finishing")
         comparable = self.opt.shared_params() is not None
         if self.opt.local_epoch < epoch:
