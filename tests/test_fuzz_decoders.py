@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 from hivemind.averaging.allreduce import AllreduceException
-from hivemind.proto import runtime_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import MSGPackSerializer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,7 @@ from p2ptrain.train.local_updates import check_state
 from p2ptrain.train.param_check import read_sketches
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.robust import AGGREGATIONS, check_contributions, reduce_parts
-from p2ptrain.train.state_download import check_downloaded_state
+from p2ptrain.train.state_download import check_downloaded_state, decode_download
 from p2ptrain.volunteer.control_socket import COMMANDS, MAX_MESSAGE, ControlServer
 
 BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -274,4 +275,29 @@ def test_join_tokens_in_invites_decode_or_are_refused(token):
     try:
         decode_invite(text)
     except InviteInvalid:
+        pass
+
+
+tensor_parts = st.builds(
+    runtime_pb2.Tensor,
+    buffer=st.binary(max_size=64),
+    size=st.lists(st.integers(0, 8), max_size=3),
+    dtype=st.sampled_from(["", "float32", "float16", "int64", "bool", "complex", "x"]),
+    compression=st.sampled_from(list(runtime_pb2.CompressionType.values())),
+    chunks=st.integers(0, 3),
+)
+
+
+download_messages = st.builds(
+    averaging_pb2.DownloadData, tensor_part=tensor_parts, metadata=st.builds(packed, values) | st.binary(max_size=20)
+)
+
+
+@BOUNDED
+@given(st.lists(download_messages, max_size=5), st.integers(1, 3))
+def test_served_states_decode_or_are_refused(messages, count):
+    try:
+        metadata, tensors = decode_download(messages, MSGPackSerializer, count)
+        assert isinstance(metadata, dict) and len(tensors) == count
+    except ValueError:
         pass

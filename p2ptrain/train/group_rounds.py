@@ -40,6 +40,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 
 from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
 from p2ptrain.swarm.admission import Admission, NotAdmitted
@@ -78,8 +79,8 @@ class GroupRounds(AveragerHooks):
         self._refused_logged: dict[str, float] = {}
         self._revocations_read = -float("inf")
         self._tasks: set[asyncio.Task] = set()
-        if admission is not None:  # hivemind's state download opens its streams with ``self.get_stub`` (and nothing
-            self.get_stub = self._stub_of_admitted  # else does): a private swarm's peer downloads from members only
+        if admission is not None or hasattr(self, "check_served_state"):  # hivemind's state download opens its
+            self.get_stub = self._download_stub  # streams with ``self.get_stub``, and nothing else does
         if kwargs.get("prefix"):
             kwargs["prefix"] = f"{kwargs['prefix']}_{VERSION}"
         super().__init__(*args, **kwargs)
@@ -164,8 +165,8 @@ class GroupRounds(AveragerHooks):
         entry = found.value.get(peer_id.to_base58()) if found is not None and isinstance(found.value, dict) else None
         return not self._refusal(peer_id, getattr(entry, "value", None))
 
-    def _stub_of_admitted(self, p2p: Any, peer: Any, **kwargs: Any) -> Any:
-        return _AdmittedOnly(type(self).get_stub(p2p, peer, **kwargs), lambda: self._admits(peer))
+    def _download_stub(self, p2p: Any, peer: Any, **kwargs: Any) -> Any:
+        return _CheckedDownload(type(self).get_stub(p2p, peer, **kwargs), peer, self)
 
     def _read_revocations(self) -> None:
         """Start reading the author's revocations from the DHT, at most once a minute (in the background)."""
@@ -184,17 +185,27 @@ class GroupRounds(AveragerHooks):
         task.add_done_callback(self._tasks.discard)
 
 
-class _AdmittedOnly:
-    """A stub to a peer that serves its state only if ``admitted()`` (an empty download otherwise, which hivemind
-    skips: "did not send its state")."""
+class _CheckedDownload:
+    """A stub for downloading ``peer``'s state: in a private swarm, only from an admitted peer; and, where the
+    averager checks served states (``state_download.CheckedStateDownload``), only a state that passes. Otherwise the
+    download is empty, which hivemind skips ("did not send its state") for the next peer."""
 
-    def __init__(self, stub: Any, admitted: Any):
-        self._stub, self._admitted = stub, admitted
+    def __init__(self, stub: Any, peer: Any, owner: GroupRounds):
+        self._stub, self._peer, self._owner = stub, peer, owner
 
     async def rpc_download_state(self, request: Any) -> Any:
-        if not await self._admitted():
+        owner, check = self._owner, getattr(self._owner, "check_served_state", None)
+        if owner.admission is not None and not await owner._admits(self._peer):
             return _nothing()
-        return await self._stub.rpc_download_state(request)
+        stream = await self._stub.rpc_download_state(request)
+        if check is None:
+            return stream
+        try:
+            messages = [m async for m in aiter_with_timeout(stream, owner.next_chunk_timeout or owner.request_timeout)]
+        except asyncio.TimeoutError:
+            logger.info("Peer %s stopped sending its state", self._peer)
+            return _nothing()
+        return as_aiter(*messages) if await check(self._peer, messages) else _nothing()
 
 
 async def _nothing() -> AsyncIterator[Any]:

@@ -249,6 +249,7 @@ class SwarmOptimizer(compat.Optimizer):
             reach_kind=self.reach_kind,
             aggregation=self.aggregation,
             admission=self.admission,
+            run_id=self.run_id,  # served states are checked against the members' parameter sketches
             **kwargs,
         )
 

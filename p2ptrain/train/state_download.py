@@ -1,20 +1,39 @@
 """A late joiner's state download, checked before hivemind applies it.
 
 A peer that downloads the swarm's state takes whatever the serving peer sends: hivemind would copy a NaN or
-broadcast a scalar into every parameter, or fail on metadata that is not a map. Here the download is checked for the
-shape of ``TrainingStateAverager``'s state first. (Checking it against the digests other members announce, so that
-one liar cannot hand a joiner finite but poisoned parameters, is not built yet.)
+broadcast a scalar into every parameter, or fail on metadata that is not a map. Two checks stand in between:
+
+1. **Against the other members** (``check_served_state``, in the averager's process, for each peer hivemind asks in
+   turn): after each global step every member publishes a sketch of its parameters (``param_check``). The state a
+   peer serves, at its global step N, must agree with at least half of the sketches that the *other* members
+   published for N; one that does not is refused and logged, and hivemind asks the next peer. A liar cannot vouch
+   for itself, and finite but poisoned parameters (scaled, flipped, shifted, random) disagree with every honest
+   member's. When no other member published step N within ``SKETCH_WAIT_S`` (a swarm of two, or the server's step
+   is newer than anyone's sketch) the state is taken unchecked, and the log says so. Sketches are not signed: in an
+   open swarm, a liar with many peer ids could vouch for itself through them.
+2. **Its shape** (``CheckedStateDownload``, in the peer's process): metadata, every tensor's shape and dtype, finite.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
+import numpy as np
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.utils.streaming import combine_from_streaming
 
 from p2ptrain.train.local_updates import check_state
+from p2ptrain.train.param_check import params_key, read_sketches, sketch
+
+SKETCH_WAIT_S = 5.0  # how long a joiner waits for other members' sketches of the served step
+AGREE_RELATIVE = 0.05  # a served coordinate agrees with a member's within 5 % (+ AGREE_ABSOLUTE): room for the
+AGREE_ABSOLUTE = 1e-4  #   fp16 state averaging some members took and others not yet
+AGREE_SHARE = 0.9  # ... on this share of the sketch's coordinates
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +44,42 @@ class CheckedStateDownload(DecentralizedAverager):
     gets the downloaded state from here. A state that fails ``check_downloaded_state`` is refused with a warning and
     the joiner keeps its own (hivemind would copy a NaN or broadcast a scalar into every parameter, or fail on
     metadata that is not a map)."""
+
+    def __init__(self, *args: Any, run_id: str = "", **kwargs: Any):
+        self.run_id = run_id  # whose parameter sketches a served state is checked against ("": not checked)
+        super().__init__(*args, **kwargs)
+
+    async def check_served_state(self, peer: Any, messages: list[Any]) -> bool:
+        """Whether the state ``peer`` served (``messages``, hivemind's download stream) agrees with the other
+        members' sketches of its step (module docstring, 1); logs a refusal."""
+        if not self.run_id:
+            return True
+        try:
+            metadata, tensors = decode_download(messages, self.serializer, len(self.main_parameters))
+            epoch = metadata["epoch"]
+            served = sketch(tensors, self.run_id, epoch)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            logger.warning("Refused the state peer %s served: undecodable (%s)", peer, e)
+            return False
+        theirs, deadline = {}, time.monotonic() + SKETCH_WAIT_S
+        while True:
+            found = await _get(self.dht, params_key(self.run_id, epoch))
+            theirs = {p: v for p, v in read_sketches(found, str(self.peer_id)).items() if p != str(peer)}
+            if theirs or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        agreeing = sum(close(served, other) for other in theirs.values())
+        if not theirs:
+            logger.info("Took the state of peer %s (global step %d) unchecked: no other member published that step's "
+                        "parameters", peer, epoch)  # fmt: skip
+            return True
+        if 2 * agreeing >= len(theirs):
+            return True
+        logger.warning(
+            "Refused the state peer %s served (global step %d): it agrees with %d of %d other members' parameters",
+            peer, epoch, agreeing, len(theirs),
+        )  # fmt: skip
+        return False
 
     def load_state_from_peers(self, **kwargs: Any) -> tuple[Any, Any] | None:
         loaded = super().load_state_from_peers(**kwargs)
@@ -53,3 +108,49 @@ def check_downloaded_state(metadata: Any, tensors: Any, params: list[torch.Tenso
             raise ValueError(f"item {i} is not a tensor")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"tensor {i} is not finite")
+
+
+def decode_download(messages: list[Any], serializer: Any, count: int) -> tuple[dict, list[torch.Tensor]]:
+    """The metadata and the first ``count`` tensors of a download stream (as hivemind's ``_load_state_from_peers``
+    decodes it: a part with a dtype starts a new tensor)."""
+    metadata, tensors, parts = None, [], []
+    for message in messages:
+        if message.metadata:
+            try:
+                metadata = serializer.loads(message.metadata)
+            except Exception as e:  # noqa: BLE001 - a peer's bytes
+                raise ValueError(f"undecodable metadata ({type(e).__name__})") from None
+        if message.tensor_part.dtype and parts:
+            tensors.append(_tensor(parts))
+            parts = []
+            if len(tensors) == count:
+                break
+        parts.append(message.tensor_part)
+    if parts and len(tensors) < count:
+        tensors.append(_tensor(parts))
+    if not isinstance(metadata, dict) or type(metadata.get("epoch")) is not int or len(tensors) < count:
+        raise ValueError("no metadata with an int epoch, or fewer tensors than parameters")
+    return metadata, tensors
+
+
+def _tensor(parts: list[Any]) -> torch.Tensor:
+    try:
+        return deserialize_torch_tensor(combine_from_streaming(parts))
+    except Exception as e:  # noqa: BLE001 - a peer's bytes: hivemind's decoders raise anything (ImportError included)
+        raise ValueError(f"undecodable tensor ({type(e).__name__})") from None
+
+
+def close(served: np.ndarray, member: np.ndarray) -> bool:
+    """A served sketch agrees with a member's (module docstring, 1)."""
+    if served.shape != member.shape or not np.isfinite(served).all():
+        return False
+    a, b = served.astype(np.float64), member.astype(np.float64)
+    near = np.abs(a - b) <= AGREE_RELATIVE * np.abs(b) + AGREE_ABSOLUTE
+    return bool(near.mean() >= AGREE_SHARE)
+
+
+async def _get(dht: Any, key: str) -> Any:
+    try:
+        return await asyncio.wait_for(dht.get(key, latest=True, return_future=True), 5.0)
+    except (asyncio.TimeoutError, RuntimeError, OSError):
+        return None
