@@ -20,7 +20,7 @@ EPOCHS = 8
     [
         ("gradients", "randk"),
         ("gradients", "powersgd"),
-        ("local", "randk"),
+        pytest.param("local", "randk", marks=pytest.mark.extended),  # local-adaptive runs the same path, and more
         ("local", "adaptive"),
     ],
 )
