@@ -16,6 +16,7 @@ import torch
 from p2ptrain import peer
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
+from p2ptrain.swarm.identity import ensure_identity
 from p2ptrain.swarm.joining import JoinRequest
 from p2ptrain.train.tokenizer import load_tokenizer
 
@@ -79,6 +80,7 @@ def stay_parts(monkeypatch, manifest, tmp_path):
     monkeypatch.setattr(peer, "NetworkWatch", Watch)
     monkeypatch.setattr(peer, "reap_children", lambda known: stopped.append("reap"))
     settings = PeerSettings(data_dir=tmp_path)
+    ensure_identity(tmp_path)  # run_peer makes it before any stay; its key signs the peer's DHT records
     status = StatusWriter(tmp_path / "status.json")
     tokenizer = load_tokenizer("bytes")
     run = peer.Run(

@@ -45,12 +45,12 @@ class PeerRecords(RecordValidatorBase):
     reader only) and refuses anyone's unsigned or forged ones."""
 
     def __init__(self, run_ids: Iterable[str], identity: rsa.RSAPrivateKey | None = None):
-        self._keys = {DHTID.generate(source=key(run)).to_bytes() for run in run_ids for key in PEER_KEYS}
+        self.keys = {DHTID.generate(source=key(run)).to_bytes() for run in run_ids for key in PEER_KEYS}
         self._private_der = None if identity is None else identity.private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )  # fmt: skip
         self._public_der = None if identity is None else public_key_der(identity)
-        self._own_subkey = None if identity is None else MSGPackSerializer.dumps(peer_id_of(self._public_der))
+        self.own_subkey = None if identity is None else MSGPackSerializer.dumps(peer_id_of(self._public_der))
         self._identity = identity
 
     def __getstate__(self) -> dict:  # hivemind sends validators to its DHT process; a key object does not pickle
@@ -62,13 +62,13 @@ class PeerRecords(RecordValidatorBase):
         return self._identity
 
     def sign_value(self, record: DHTRecord) -> bytes:
-        if record.key not in self._keys or self._own_subkey is None or record.subkey != self._own_subkey:
+        if record.key not in self.keys or self.own_subkey is None or record.subkey != self.own_subkey:
             return record.value
         signature = self._key().sign(_signed_bytes(record), PSS, hashes.SHA256())
         return msgpack.packb({"v": record.value, "k": self._public_der, "s": signature}, use_bin_type=True)
 
     def validate(self, record: DHTRecord) -> bool:
-        if record.key not in self._keys:
+        if record.key not in self.keys:
             return True  # not a per-peer record of a swarm this node knows
         try:
             value, public_der, signature = _open(record.value)
@@ -86,7 +86,7 @@ class PeerRecords(RecordValidatorBase):
         return True
 
     def strip_value(self, record: DHTRecord) -> bytes:
-        if record.key not in self._keys:
+        if record.key not in self.keys:
             return record.value
         try:
             return _open(record.value)[0]
@@ -98,9 +98,9 @@ class PeerRecords(RecordValidatorBase):
         return 10  # as hivemind's signature validator: before any validator that reads the value
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
-        if not isinstance(other, PeerRecords) or other._own_subkey not in (None, self._own_subkey):
+        if not isinstance(other, PeerRecords) or other.own_subkey not in (None, self.own_subkey):
             return False
-        self._keys |= other._keys
+        self.keys |= other.keys
         return True
 
 

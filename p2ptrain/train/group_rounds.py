@@ -133,7 +133,7 @@ class GroupRounds(AveragerHooks):
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         if self.bans.banned(context.remote_id):
             return
-        if self.admission is not None and not await self._admits(context.remote_id):
+        if self.admission is not None and not await self.admits(context.remote_id):
             return
         async for message in super().rpc_download_state(request, context):
             yield message
@@ -155,13 +155,13 @@ class GroupRounds(AveragerHooks):
         self._admitted = _remember(self._admitted, str(peer_id), time.monotonic())
         return ""
 
-    async def _admits(self, peer_id: Any) -> bool:
+    async def admits(self, peer_id: Any) -> bool:
         """Whether this peer may exchange state with ``peer_id`` (serve it, or download from it): its pass checked out
         in a group lately, or the pass it published in the DHT checks out."""
         if time.monotonic() - self._admitted.get(str(peer_id), -float("inf")) < ADMITTED_FOR_S:
             self._read_revocations()
             return True
-        found = await _bounded_get(self.dht, passes_key(self.admission.run), DHT_WAIT_S)
+        found = await dht_get(self.dht, passes_key(self.admission.run), DHT_WAIT_S)
         entry = found.value.get(peer_id.to_base58()) if found is not None and isinstance(found.value, dict) else None
         return not self._refusal(peer_id, getattr(entry, "value", None))
 
@@ -176,7 +176,7 @@ class GroupRounds(AveragerHooks):
         self._revocations_read = now
 
         async def read() -> None:
-            found = await _bounded_get(self.dht, revoked_key(self.admission.run), DHT_WAIT_S)
+            found = await dht_get(self.dht, revoked_key(self.admission.run), DHT_WAIT_S)
             if found is not None:
                 self.admission.take_revocations(found.value)
 
@@ -195,7 +195,7 @@ class _CheckedDownload:
 
     async def rpc_download_state(self, request: Any) -> Any:
         owner, check = self._owner, getattr(self._owner, "check_served_state", None)
-        if owner.admission is not None and not await owner._admits(self._peer):
+        if owner.admission is not None and not await owner.admits(self._peer):
             return _nothing()
         stream = await self._stub.rpc_download_state(request)
         if check is None:
@@ -236,7 +236,8 @@ def _remember(seen: dict[str, float], key: str, now: float) -> dict[str, float]:
     return seen
 
 
-async def _bounded_get(dht: Any, key: str, timeout_s: float) -> Any:
+async def dht_get(dht: Any, key: str, timeout_s: float = 5.0) -> Any:
+    """``dht.get(key, latest=True)`` from an averager's event loop; None if it fails or takes over ``timeout_s``."""
     try:
         return await asyncio.wait_for(dht.get(key, latest=True, return_future=True), timeout_s)
     except (asyncio.TimeoutError, RuntimeError, OSError):

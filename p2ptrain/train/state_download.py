@@ -8,17 +8,16 @@ broadcast a scalar into every parameter, or fail on metadata that is not a map. 
    peer serves, at its global step N, must agree with at least half of the sketches that the *other* members
    published for N; one that does not is refused and logged, and hivemind asks the next peer. A liar cannot vouch
    for itself, and finite but poisoned parameters (scaled, flipped, shifted, random) disagree with every honest
-   member's. When no other member published step N within ``SKETCH_WAIT_S`` (a swarm of two, or the server's step
-   is newer than anyone's sketch) the state is taken unchecked, and the log says so. Sketches are not signed: in an
-   open swarm, a liar with many peer ids could vouch for itself through them.
+   member's. When no other member has published step N (a swarm of two, or the server's step is newer than anyone
+   else's sketch) the state is taken unchecked, at once (waiting would hold the joiner back while the swarm steps
+   on), and the log says so. Sketches are not signed: in an open swarm, a liar with many peer ids could vouch for
+   itself through them.
 2. **Its shape** (``CheckedStateDownload``, in the peer's process): metadata, every tensor's shape and dtype, finite.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -27,10 +26,10 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.utils.streaming import combine_from_streaming
 
+from p2ptrain.train.group_rounds import dht_get
 from p2ptrain.train.local_updates import check_state
 from p2ptrain.train.param_check import params_key, read_sketches, sketch
 
-SKETCH_WAIT_S = 5.0  # how long a joiner waits for other members' sketches of the served step
 AGREE_RELATIVE = 0.05  # a served coordinate agrees with a member's within 5 % (+ AGREE_ABSOLUTE): room for the
 AGREE_ABSOLUTE = 1e-4  #   fp16 state averaging some members took and others not yet
 AGREE_SHARE = 0.9  # ... on this share of the sketch's coordinates
@@ -61,13 +60,8 @@ class CheckedStateDownload(DecentralizedAverager):
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
             logger.warning("Refused the state peer %s served: undecodable (%s)", peer, e)
             return False
-        theirs, deadline = {}, time.monotonic() + SKETCH_WAIT_S
-        while True:
-            found = await _get(self.dht, params_key(self.run_id, epoch))
-            theirs = {p: v for p, v in read_sketches(found, str(self.peer_id)).items() if p != str(peer)}
-            if theirs or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(1.0)
+        found = await dht_get(self.dht, params_key(self.run_id, epoch))
+        theirs = {p: v for p, v in read_sketches(found, str(self.peer_id)).items() if p != str(peer)}
         agreeing = sum(close(served, other) for other in theirs.values())
         if not theirs:
             logger.info("Took the state of peer %s (global step %d) unchecked: no other member published that step's "
@@ -147,10 +141,3 @@ def close(served: np.ndarray, member: np.ndarray) -> bool:
     a, b = served.astype(np.float64), member.astype(np.float64)
     near = np.abs(a - b) <= AGREE_RELATIVE * np.abs(b) + AGREE_ABSOLUTE
     return bool(near.mean() >= AGREE_SHARE)
-
-
-async def _get(dht: Any, key: str) -> Any:
-    try:
-        return await asyncio.wait_for(dht.get(key, latest=True, return_future=True), 5.0)
-    except (asyncio.TimeoutError, RuntimeError, OSError):
-        return None

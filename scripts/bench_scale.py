@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Scale benchmark: real hivemind peers (DHT + p2ptrain's averager on a small vector, no model) at N = 4 … 32.
+
+Every peer runs in its own network namespace on one bridge (``bench_wan.Namespaces``), as its own process with its
+own DHT node and libp2p daemon, so the bytes it sends are counted on its own link. All peers start averaging rounds
+at the same wall-clock times (one every ``--period`` seconds), with p2ptrain's ``GroupRounds`` averager and the
+group size p2ptrain uses today (hivemind's default: unbounded, every peer tries to join one group). After
+``--churn-after`` rounds, 10 % of the peers (at least one) are killed (SIGKILL) and replaced by fresh ones.
+
+Per N it reports: peers that formed a group and the time it took (from the round's start to the all-reduce), the
+round success rate (a round counts for a peer when its step returned averaged values), the group sizes, DHT find
+RPCs per lookup (one ``get`` of an absent key per peer per round, the longest kind of lookup; hivemind asks several
+nodes per hop, so this counts RPCs, not hops), the lookup's latency, and bytes sent per peer per round (its link's
+tx counter). JSON + Markdown + a PNG plot.
+
+    .venv/bin/python scripts/bench_scale.py --out bench/scale.json          # ~15 min on 2 cores, as root
+    .venv/bin/python scripts/bench_scale.py --sizes 4 --rounds 3 --out /tmp/scale.json   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_wan import Namespaces, namespaces_available  # noqa: E402
+
+VECTOR = 100_000  # float32 values per peer: 400 kB, a small model's worth of a part
+PORT = 31800
+
+
+# -- a peer (run in its namespace) ------------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One peer: a DHT node and an averager; rounds at the shared start times; one JSON line per round."""
+    import hivemind
+    import torch
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.averaging.control import AveragingStage
+    from hivemind.dht.protocol import DHTProtocol
+
+    from p2ptrain.train.group_rounds import GroupRounds
+
+    class Rounds(GroupRounds, DecentralizedAverager):
+        pass
+
+    finds = [0]
+    call_find = DHTProtocol.call_find
+
+    async def counted(self, *a, **kw):  # the lookups' RPCs, counted in the DHT process (forked after this patch)
+        finds[0] += 1
+        return await call_find(self, *a, **kw)
+
+    DHTProtocol.call_find = counted
+    initial = [line for line in Path(args.bootstrap).read_text().split()] if args.bootstrap else []
+    dht = hivemind.DHT(
+        start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{PORT}"], initial_peers=initial, wait_timeout=30
+    )
+    if args.announce:
+        Path(args.announce).write_text("\n".join(str(a) for a in dht.get_visible_maddrs()))
+    torch.manual_seed(args.index)
+    averager = Rounds(
+        [torch.randn(VECTOR)], dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
+        target_group_size=args.group_size, start=True,
+    )  # fmt: skip
+
+    async def probe(_dht, node):
+        before = finds[0]
+        started = time.perf_counter()
+        await node.get("scale_probe_key", latest=True)
+        return finds[0] - before, time.perf_counter() - started
+
+    out = open(args.results, "a", buffering=1)  # noqa: SIM115 - one line per round, flushed
+    for r in range(args.first_round, args.rounds):
+        start = args.t0 + r * args.period
+        time.sleep(max(0.0, start - time.time()))
+        control = averager.step(wait=False, timeout=args.period - 4, allow_retries=False)
+        grouped_at, ok, size = None, False, 0
+        while not control.done() and time.time() < start + args.period - 2:
+            if grouped_at is None and control.stage in (AveragingStage.RUNNING_ALLREDUCE, AveragingStage.FINISHED):
+                grouped_at = time.time() - start
+            time.sleep(0.05)
+        try:
+            size, ok = len(control.result(timeout=1)), True
+        except Exception:  # noqa: BLE001 - a failed round is a data point
+            pass
+        rpcs, lookup_s = dht.run_coroutine(probe)
+        row = {"round": r, "peer": args.index, "ok": ok, "group": size, "grouped_s": grouped_at, "end_s": time.time()
+               - start, "find_rpcs": rpcs, "lookup_s": lookup_s}  # fmt: skip
+        out.write(json.dumps(row) + "\n")
+    averager.shutdown()
+    dht.shutdown()
+
+
+# -- the driver -------------------------------------------------------------------------------------------------
+
+
+def run_size(n: int, args: argparse.Namespace, work: Path) -> dict:
+    net = Namespaces(n)
+    procs: dict[int, subprocess.Popen] = {}
+    results = work / f"rounds-{n}.jsonl"
+    bootstrap = work / f"bootstrap-{n}.txt"
+    t0 = time.time() + 20 + 3.0 * n  # every peer has started and joined the DHT by then (imports: ~3 s of CPU each)
+
+    def start(i: int, first_round: int) -> None:
+        command = [*net.prefix(i), sys.executable, __file__, "--worker", "--index", str(i), "--host", net.host(i),
+                   "--t0", str(t0), "--period", str(args.period), "--rounds", str(args.rounds), "--first-round",
+                   str(first_round), "--results", str(results), "--matchmaking", str(args.matchmaking)]  # fmt: skip
+        if args.group_size:
+            command += ["--group-size", str(args.group_size)]
+        command += ["--announce", str(bootstrap)] if i == 0 and first_round == 0 else ["--bootstrap", str(bootstrap)]
+        log = open(work / f"peer-{n}-{i}.log", "ab")  # noqa: SIM115 - closed with the process
+        procs[i] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    try:
+        start(0, 0)
+        deadline = time.time() + 60
+        while not bootstrap.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        for i in range(1, n):
+            start(i, 0)
+        tx0 = [net.tx_bytes(i) for i in range(n)]
+        churned = max(1, math.ceil(0.1 * n))
+        churn_at = t0 + args.churn_after * args.period + args.period / 2
+        time.sleep(max(0.0, churn_at - time.time()))
+        for i in range(n - churned, n):  # killed mid-round, replaced at once (a new identity, the same address)
+            os.killpg(procs[i].pid, signal.SIGKILL)
+            procs[i].wait(10)
+            start(i, args.churn_after + 2)
+        for proc in procs.values():
+            proc.wait(timeout=args.rounds * args.period + 120)
+        sent = [net.tx_bytes(i) - tx0[i] for i in range(n)]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        net.remove()
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    return summarize(n, rows, sent, args, churned)
+
+
+def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespace, churned: int) -> dict:
+    grouped = [r["grouped_s"] for r in rows if r["grouped_s"] is not None]
+    rpcs = [r["find_rpcs"] for r in rows]
+    return {
+        "peers": n,
+        "rounds": args.rounds,
+        "churned_peers": churned,
+        "peer_rounds": len(rows),
+        "success_rate": sum(r["ok"] for r in rows) / max(1, len(rows)),  # of the rounds peers lived to report
+        "missing_peer_rounds": n * args.rounds - len(rows),  # killed mid-round, or not yet replaced
+        "group_formation_s_median": statistics.median(grouped) if grouped else None,
+        "group_formation_s_p90": sorted(grouped)[int(0.9 * (len(grouped) - 1))] if grouped else None,
+        "group_sizes": sorted({r["group"] for r in rows if r["ok"]}),
+        "find_rpcs_per_lookup_median": statistics.median(rpcs) if rpcs else None,
+        "find_rpcs_per_lookup_max": max(rpcs) if rpcs else None,
+        "lookup_s_median": statistics.median(r["lookup_s"] for r in rows) if rows else None,
+        "bytes_sent_per_peer_per_round": statistics.mean(sent) / args.rounds if sent else None,
+        "vector_bytes": VECTOR * 4,
+    }
+
+
+def table(report: dict) -> str:
+    lines = [
+        f"# Scale benchmark: real peers, {report['rounds']} rounds each, one every {report['period_s']:.0f} s, "
+        f"{report['vector_bytes'] // 1000} kB vector, 10 % churn after round {report['churn_after']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| peers | success | group formation median / p90 (s) | group sizes | find RPCs per lookup (median / max) "
+        "| lookup (s) | bytes sent per peer per round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in report["sizes"]:
+        formation = (f"{s['group_formation_s_median']:.1f} / {s['group_formation_s_p90']:.1f}"
+                     if s["group_formation_s_median"] is not None else "—")  # fmt: skip
+        lines.append(
+            f"| {s['peers']} | {100 * s['success_rate']:.0f} % | {formation} | {s['group_sizes']} | "
+            f"{s['find_rpcs_per_lookup_median']} / {s['find_rpcs_per_lookup_max']} | {s['lookup_s_median']:.2f} | "
+            f"{s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = report["sizes"]
+    peers = [s["peers"] for s in sizes]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    axes[0].plot(peers, [100 * s["success_rate"] for s in sizes], "o-")
+    axes[0].set(title="round success (%)", xlabel="peers", ylim=(0, 105))
+    axes[1].plot(peers, [s["group_formation_s_median"] or 0 for s in sizes], "o-", label="median")
+    axes[1].plot(peers, [s["group_formation_s_p90"] or 0 for s in sizes], "s--", label="p90")
+    axes[1].set(title="group formation (s)", xlabel="peers")
+    axes[1].legend()
+    axes[2].plot(peers, [s["bytes_sent_per_peer_per_round"] / 1e6 for s in sizes], "o-")
+    axes[2].set(title="MB sent per peer per round", xlabel="peers")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(peers, [str(p) for p in peers])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="4,8,16,32")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--period", type=float, default=20.0, help="seconds between rounds")
+    parser.add_argument("--churn-after", type=int, default=2, help="kill and replace 10%% of peers after this round")
+    parser.add_argument("--matchmaking", type=float, default=5.0, help="min matchmaking time (the manifest default)")
+    parser.add_argument("--group-size", type=int, default=None, help="target group size (default: unbounded)")
+    parser.add_argument("--out", type=Path, default=Path("bench/scale.json"))
+    # the worker's own flags
+    for flag in ("--worker",):
+        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag, kind in (("--index", int), ("--host", str), ("--t0", float), ("--first-round", int),
+                       ("--results", str), ("--bootstrap", str), ("--announce", str)):  # fmt: skip
+        parser.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if not namespaces_available():
+        print("bench_scale needs root and `ip netns` (each peer in its own namespace)", file=sys.stderr)
+        return 2
+    report = {
+        "command": " ".join(["scripts/bench_scale.py", *(argv if argv is not None else sys.argv[1:])]),
+        "rounds": args.rounds, "period_s": args.period, "churn_after": args.churn_after,
+        "vector_bytes": VECTOR * 4, "group_size": args.group_size, "sizes": [],
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="p2ptrain-scale-") as work:
+        for n in (int(x) for x in args.sizes.split(",")):
+            print(f"N = {n} …", flush=True)
+            report["sizes"].append(run_size(n, args, Path(work)))
+            print(json.dumps(report["sizes"][-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table(report))
+    plot(report, args.out.with_suffix(".png"))
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
