@@ -54,11 +54,10 @@ def worker(args: argparse.Namespace) -> None:
     class Rounds(GroupRounds, DecentralizedAverager):
         pass
 
-    finds = [0]
     call_find = DHTProtocol.call_find
 
     async def counted(self, *a, **kw):  # the lookups' RPCs, counted in the DHT process (forked after this patch)
-        finds[0] += 1
+        FINDS[0] += 1
         return await call_find(self, *a, **kw)
 
     DHTProtocol.call_find = counted
@@ -73,12 +72,6 @@ def worker(args: argparse.Namespace) -> None:
         [torch.randn(VECTOR)], dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
         target_group_size=args.group_size, start=True,
     )  # fmt: skip
-
-    async def probe(_dht, node):
-        before = finds[0]
-        started = time.perf_counter()
-        await node.get("scale_probe_key", latest=True)
-        return finds[0] - before, time.perf_counter() - started
 
     out = open(args.results, "a", buffering=1)  # noqa: SIM115 - one line per round, flushed
     for r in range(args.first_round, args.rounds):
@@ -100,6 +93,16 @@ def worker(args: argparse.Namespace) -> None:
         out.write(json.dumps(row) + "\n")
     averager.shutdown()
     dht.shutdown()
+
+
+FINDS = [0]  # find RPCs this peer's DHT node has sent (in its DHT process)
+
+
+async def probe(_dht, node) -> tuple[int, float]:
+    """One lookup of an absent key in the DHT process: the find RPCs it took, and its time."""
+    before, started = FINDS[0], time.perf_counter()
+    await node.get("scale_probe_key", latest=True)
+    return FINDS[0] - before, time.perf_counter() - started
 
 
 # -- the driver -------------------------------------------------------------------------------------------------
@@ -243,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds, "period_s": args.period, "churn_after": args.churn_after,
         "vector_bytes": VECTOR * 4, "group_size": args.group_size, "sizes": [],
     }  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="p2ptrain-scale-") as work:
-        for n in (int(x) for x in args.sizes.split(",")):
-            print(f"N = {n} …", flush=True)
-            report["sizes"].append(run_size(n, args, Path(work)))
-            print(json.dumps(report["sizes"][-1]), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="p2ptrain-scale-"))
+    print(f"Peer logs and rounds: {work}", flush=True)
+    for n in (int(x) for x in args.sizes.split(",")):
+        print(f"N = {n} …", flush=True)
+        report["sizes"].append(run_size(n, args, work))
+        print(json.dumps(report["sizes"][-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(report))
