@@ -8,9 +8,10 @@ broadcast a scalar into every parameter, or fail on metadata that is not a map. 
    peer serves, at its global step N, must agree with at least half of the sketches that the *other* members
    published for N; one that does not is refused and logged, and hivemind asks the next peer. A liar cannot vouch
    for itself, and finite but poisoned parameters (scaled, flipped, shifted, random) disagree with every honest
-   member's. When no other member has published step N (a swarm of two, or the server's step is newer than anyone
-   else's sketch) the state is taken unchecked, at once (waiting would hold the joiner back while the swarm steps
-   on), and the log says so. Sketches are not signed: in an open swarm, a liar with many peer ids could vouch for
+   member's. With fewer than two other members' sketches for step N the state is taken unchecked, at once, and the
+   log says so: one sketch against the server's state cannot tell which of the two is wrong (and one stray member,
+   itself about to resynchronise, would veto every honest server), and waiting for more would hold the joiner back
+   while the swarm steps on. Sketches are not signed: in an open swarm, a liar with many peer ids could vouch for
    itself through them.
 2. **Its shape** (``CheckedStateDownload``, in the peer's process): metadata, every tensor's shape and dtype, finite.
 """
@@ -63,9 +64,9 @@ class CheckedStateDownload(DecentralizedAverager):
         found = await dht_get(self.dht, params_key(self.run_id, epoch))
         theirs = {p: v for p, v in read_sketches(found, str(self.peer_id)).items() if p != str(peer)}
         agreeing = sum(close(served, other) for other in theirs.values())
-        if not theirs:
-            logger.info("Took the state of peer %s (global step %d) unchecked: no other member published that step's "
-                        "parameters", peer, epoch)  # fmt: skip
+        if len(theirs) < 2:  # one other sketch against the server's word: nothing tells which of the two is wrong
+            logger.info("Took the state of peer %s (global step %d) unchecked: %d other member(s) published that "
+                        "step's parameters, fewer than two", peer, epoch, len(theirs))  # fmt: skip
             return True
         if 2 * agreeing >= len(theirs):
             return True
