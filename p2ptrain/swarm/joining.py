@@ -27,6 +27,7 @@ from p2ptrain.swarm.invite import Invite
 
 logger = logging.getLogger(__name__)
 MAX_REMEMBERED_PEERS = 16
+INVITE_LIFETIME_S = 7 * 86400  # a private swarm's first invite, unless `seed --invite-days` says otherwise
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class SeedRequest:
     (``admission="token"``) prints an invite whose join token lasts ``invite_lifetime_s``."""
 
     manifest_values: dict[str, Any]
-    invite_lifetime_s: float = 7 * 86400
+    invite_lifetime_s: float = 0.0  # 0: INVITE_LIFETIME_S
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,10 @@ def admit(
     token = request.invite.token if isinstance(request, JoinRequest) and request.invite is not None else None
     if token is None and path.exists():
         token = Token.from_wire(msgpack.unpackb(path.read_bytes(), raw=False))
-    key = author_key(data_dir)
-    if mf.public_key_bytes(key) == manifest.author_key:
+    key = author_key(data_dir) if (data_dir / "author.key").exists() else None  # a joiner has none: none is made
+    if key is not None and mf.public_key_bytes(key) == manifest.author_key:
         if token is None or token.grants[-1].expires <= time.time():
-            lifetime = (
-                request.invite_lifetime_s if isinstance(request, SeedRequest) else SeedRequest({}).invite_lifetime_s
-            )
+            lifetime = getattr(request, "invite_lifetime_s", 0.0) or INVITE_LIFETIME_S
             token = grant(key, manifest.run_id, lifetime, invite=False)
         own_pass = make_pass(manifest.run_id, peer_id.to_bytes(), author=key)
     elif token is None:
