@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def worker(args: argparse.Namespace) -> None:
     from hivemind.averaging import DecentralizedAverager
     from hivemind.averaging.control import AveragingStage
     from hivemind.dht.protocol import DHTProtocol
+    from hivemind.utils import get_dht_time
 
+    from p2ptrain.swarm.discovery import member_ids, members_key
+    from p2ptrain.swarm.grouping import clusters, group
+    from p2ptrain.swarm.proximity import Prober
     from p2ptrain.train.group_rounds import GroupRounds
 
     class Rounds(GroupRounds, DecentralizedAverager):
@@ -62,39 +67,73 @@ def worker(args: argparse.Namespace) -> None:
 
     DHTProtocol.call_find = counted
     initial = [line for line in Path(args.bootstrap).read_text().split()] if args.bootstrap else []
-    dht = hivemind.DHT(
-        start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{PORT}"], initial_peers=initial, wait_timeout=30
-    )
+    dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{PORT}"], initial_peers=initial, wait_timeout=30)
     if args.announce:
         Path(args.announce).write_text("\n".join(str(a) for a in dht.get_visible_maddrs()))
-    torch.manual_seed(args.index)
+    me = dht.peer_id.to_base58()
+    vector = torch.full((VECTOR,), float(args.index))  # every peer its own value: the swarm's mean is known
     averager = Rounds(
-        [torch.randn(VECTOR)], dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
+        [vector], dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
         target_group_size=args.group_size, start=True,
     )  # fmt: skip
+    prober = None
+    if args.grouping == "locality":
+        prober = Prober(dht, RUN, every_s=args.probe_every)
+        dht.store(members_key(RUN), b"member", get_dht_time() + 3600, subkey=me)
+        prober.start()
 
     out = open(args.results, "a", buffering=1)  # noqa: SIM115 - one line per round, flushed
     for r in range(args.first_round, args.rounds):
         start = args.t0 + r * args.period
         time.sleep(max(0.0, start - time.time()))
+        level, expected = None, None
+        if prober is not None:  # the peer's group this round, from the near records it has read
+            found = clusters(prober.records, [*member_ids(dht, RUN), me], args.group_size)
+            mine = group(me, found, args.group_size, r)
+            level, expected = mine.level, list(mine.members)
+            if len(mine.members) < 2:
+                out.write(json.dumps({"round": r, "peer": args.index, "me": me, "ok": False, "alone": True,
+                                      "group": 1, "level": level, "grouped_s": None, "end_s": 0.0, "find_rpcs": 0,
+                                      "lookup_s": 0.0, "value": _value(averager)}) + "\n")  # fmt: skip
+                continue
+            averager.set_group_bits(mine.key_bits)
         control = averager.step(wait=False, timeout=args.period - 4, allow_retries=False)
-        grouped_at, ok, size = None, False, 0
+        grouped_at, ok, size, members = None, False, 0, []
         while not control.done() and time.time() < start + args.period - 2:
             if grouped_at is None and control.stage in (AveragingStage.RUNNING_ALLREDUCE, AveragingStage.FINISHED):
                 grouped_at = time.time() - start
             time.sleep(0.05)
         try:
-            size, ok = len(control.result(timeout=1)), True
+            gathered = control.result(timeout=1)
+            size, ok, members = len(gathered), True, sorted(p.to_base58() for p in gathered)
         except Exception:  # noqa: BLE001 - a failed round is a data point
             pass
         rpcs, lookup_s = dht.run_coroutine(probe)
-        row = {"round": r, "peer": args.index, "ok": ok, "group": size, "grouped_s": grouped_at, "end_s": time.time()
-               - start, "find_rpcs": rpcs, "lookup_s": lookup_s}  # fmt: skip
+        row = {"round": r, "peer": args.index, "me": me, "ok": ok, "group": size, "members": members, "level": level,
+               "expected": expected, "grouped_s": grouped_at, "end_s": time.time() - start, "find_rpcs": rpcs,
+               "lookup_s": lookup_s, "value": _value(averager)}  # fmt: skip
         out.write(json.dumps(row) + "\n")
-    averager.shutdown()
-    dht.shutdown()
+    out.close()
+
+    def shut_down() -> None:
+        if prober is not None:
+            prober.stop()
+        averager.shutdown()
+        dht.shutdown()
+
+    stopping = threading.Thread(target=shut_down, daemon=True)
+    stopping.start()
+    stopping.join(15)  # the results are written: a shutdown that hangs must not hold the benchmark
+    os._exit(0)
 
 
+def _value(averager) -> float:  # noqa: ANN001
+    """The peer's value now: the mean of its vector (all its entries are equal)."""
+    with averager.get_tensors() as tensors:
+        return float(tensors[0].mean())
+
+
+RUN = "scale"  # the run id the workers' membership and near records use
 FINDS = [0]  # find RPCs this peer's DHT node has sent (in its DHT process)
 
 
@@ -121,6 +160,7 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict:
                    str(first_round), "--results", str(results), "--matchmaking", str(args.matchmaking)]  # fmt: skip
         if args.group_size:
             command += ["--group-size", str(args.group_size)]
+        command += ["--grouping", args.grouping, "--probe-every", str(args.probe_every)]
         command += ["--announce", str(bootstrap)] if i == 0 and first_round == 0 else ["--bootstrap", str(bootstrap)]
         log = open(work / f"peer-{n}-{i}.log", "ab")  # noqa: SIM115 - closed with the process
         procs[i] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -169,20 +209,33 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
         "find_rpcs_per_lookup_max": max(rpcs) if rpcs else None,
         "lookup_s_median": statistics.median(r["lookup_s"] for r in rows) if rows else None,
         "bytes_sent_per_peer_per_round": statistics.mean(sent) / args.rounds if sent else None,
+        "alone_peer_rounds": sum(bool(r.get("alone")) for r in rows),  # locality: no other peer in its group
+        "consensus_by_round": consensus(rows, args.rounds),
         "vector_bytes": VECTOR * 4,
     }
+
+
+def consensus(rows: list[dict], rounds: int) -> list[float | None]:
+    """After each round, the spread (population standard deviation) of the peers' values: 0 when all agree. Peers
+    start at their index, so it begins at ~N/3.5; churn brings new peers in at their own index again."""
+    spread = []
+    for r in range(rounds):
+        values = [row["value"] for row in rows if row["round"] == r]
+        spread.append(statistics.pstdev(values) if len(values) > 1 else None)
+    return spread
 
 
 def table(report: dict) -> str:
     lines = [
         f"# Scale benchmark: real peers, {report['rounds']} rounds each, one every {report['period_s']:.0f} s, "
-        f"{report['vector_bytes'] // 1000} kB vector, 10 % churn after round {report['churn_after']}",
+        f"{report['vector_bytes'] // 1000} kB vector, 10 % churn after round {report['churn_after']}, groups: "
+        f"{report.get('grouping', 'swarm')}, group size {report['group_size'] or 'unbounded'}",
         "",
         f"Command: `{report['command']}`",
         "",
         "| peers | success | group formation median / p90 (s) | group sizes | find RPCs per lookup (median / max) "
-        "| lookup (s) | bytes sent per peer per round |",
-        "|---|---|---|---|---|---|---|",
+        "| lookup (s) | bytes sent per peer per round | spread of values after the last round |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sizes"]:
         formation = (f"{s['group_formation_s_median']:.1f} / {s['group_formation_s_p90']:.1f}"
@@ -190,9 +243,14 @@ def table(report: dict) -> str:
         lines.append(
             f"| {s['peers']} | {100 * s['success_rate']:.0f} % | {formation} | {s['group_sizes']} | "
             f"{s['find_rpcs_per_lookup_median']} / {s['find_rpcs_per_lookup_max']} | {s['lookup_s_median']:.2f} | "
-            f"{s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB |"
+            f"{s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB | {_spread(s)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _spread(size: dict) -> str:
+    last = [v for v in size.get("consensus_by_round", []) if v is not None]
+    return f"{last[-1]:.3g}" if last else "—"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -227,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-after", type=int, default=2, help="kill and replace 10%% of peers after this round")
     parser.add_argument("--matchmaking", type=float, default=5.0, help="min matchmaking time (the manifest default)")
     parser.add_argument("--group-size", type=int, default=None, help="target group size (default: unbounded)")
+    parser.add_argument("--grouping", choices=("swarm", "locality"), default="swarm",
+                        help="swarm: hivemind's one key for all; locality: p2ptrain's groups of nearby peers "
+                             "(swarm/grouping.py; needs --group-size)")  # fmt: skip
+    parser.add_argument("--probe-every", type=float, default=5.0, help="locality: seconds between probe cycles")
     parser.add_argument("--out", type=Path, default=Path("bench/scale.json"))
     # the worker's own flags
     for flag in ("--worker",):
@@ -235,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("--results", str), ("--bootstrap", str), ("--announce", str)):  # fmt: skip
         parser.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.grouping == "locality" and not args.group_size:
+        parser.error("--grouping locality needs --group-size")
     if args.worker:
         worker(args)
         return 0
@@ -244,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": " ".join(["scripts/bench_scale.py", *(argv if argv is not None else sys.argv[1:])]),
         "rounds": args.rounds, "period_s": args.period, "churn_after": args.churn_after,
-        "vector_bytes": VECTOR * 4, "group_size": args.group_size, "sizes": [],
+        "vector_bytes": VECTOR * 4, "group_size": args.group_size, "grouping": args.grouping, "sizes": [],
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="p2ptrain-scale-"))
     print(f"Peer logs and rounds: {work}", flush=True)

@@ -29,6 +29,12 @@ NAT kinds (``home(kind=...)``):
   address other peers observe is useless for a direct connection and only a relay gets through.
 Both drop unsolicited inbound connections (no port forwarding) unless ``upnp=True`` starts miniupnpd on the
 router, which lets hosts map a port (UPnP IGD) as a home router's UPnP does.
+
+Distance (``region(name, rtt_ms, inside_ms)``): public hosts far from the others. A region is a namespace with a
+bridge of its own, joined to the internet bridge by a long cable (``scripts/wire.py``: a user-space process that
+holds every frame for half of ``rtt_ms`` each way, since netem is not available), and each of its hosts joined to
+that bridge by a cable of half ``inside_ms`` round trip. Two regions of 75 ms each are 150 ms apart; hosts of one
+region are ``inside_ms`` apart. Region hosts keep public addresses on the one internet subnet.
 """
 
 from __future__ import annotations
@@ -114,6 +120,35 @@ class Home:
         return host
 
 
+@dataclass
+class Region:
+    """Public hosts far from the rest of the internet (see the module docstring): ``rtt_ms`` from the region's
+    bridge to the internet bridge, ``inside_ms`` between two of its hosts (round trips)."""
+
+    lab: NatLab
+    name: str
+    ns: str
+    rtt_ms: float
+    inside_ms: float
+    hosts: list[Host] = field(default_factory=list)
+
+    def host(self, name: str) -> Host:
+        host = Host(name, self.lab._ns(name), self.lab._public_ip())
+        self.lab._namespace(host.ns)
+        far = f"h{len(self.hosts)}"
+        self.lab._link(host.ns, "eth0", self.ns, far)
+        sh("ip", "-n", host.ns, "addr", "add", f"{host.ip}/{INTERNET.prefixlen}", "dev", "eth0")
+        if self.inside_ms > 0:
+            port = self.lab._link(self.ns, f"{far}w", self.ns, f"{far}b")
+            self.lab._wire(self.ns, far, port, self.inside_ms / 2)  # two hosts: inside_ms apart
+            sh("ip", "-n", self.ns, "link", "set", f"{far}b", "master", "rbr")
+        else:
+            sh("ip", "-n", self.ns, "link", "set", far, "master", "rbr")
+        self.lab._access += [(host.ns, "eth0"), (self.ns, far)]
+        self.hosts.append(host)
+        return host
+
+
 class DhtNode:
     """A plain hivemind DHT node (``hivemind-dht``) on a host, as a researcher runs to bootstrap a swarm; its
     identity is made here so that its address is known before it starts. ``stop`` kills it with its p2p daemon."""
@@ -147,6 +182,8 @@ class NatLab:
         self.namespaces: list[str] = []
         self.public_hosts: list[Host] = []
         self.homes: list[Home] = []
+        self.regions: list[Region] = []
+        self._wires: list[subprocess.Popen] = []
         self._next_ip = FIRST_PUBLIC
         self._links = 0
         self._access: list[tuple[str, str]] = []  # (namespace, device): both ends of every link to the internet
@@ -180,6 +217,30 @@ class NatLab:
             sh("ip", "-n", ns, "link", "set", tmp_dev, "name", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
         return dev_a
+
+    def _wire(self, ns: str, dev_a: str, dev_b: str, rtt_ms: float) -> None:
+        """A user-space cable (``scripts/wire.py``) between two interfaces of ``ns``: ``rtt_ms`` there and back.
+        It runs in ``ns``, so ``remove`` stops it with the namespace's other processes."""
+        import sys
+
+        wire = Path(__file__).with_name("wire.py")
+        pair = f"{dev_a}:{dev_b}:{rtt_ms / 2}"
+        self._wires.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(wire), "--pair", pair]))
+
+    def region(self, name: str, rtt_ms: float, inside_ms: float = 0.0) -> Region:
+        """Public hosts ``rtt_ms`` (round trip) away from the internet bridge, ``inside_ms`` from each other's
+        bridge: see the module docstring."""
+        region = Region(self, name, self._ns(f"{name}-rg"), rtt_ms, inside_ms)
+        self._namespace(region.ns)
+        sh("ip", "-n", region.ns, "link", "add", "rbr", "type", "bridge")
+        sh("ip", "-n", region.ns, "link", "set", "rbr", "up")
+        core = self._link(self.internet, f"g{len(self.regions)}", region.ns, "core")
+        sh("ip", "-n", self.internet, "link", "set", core, "master", "br0")
+        self._link(region.ns, "inner", region.ns, "rbrp")
+        sh("ip", "-n", region.ns, "link", "set", "rbrp", "master", "rbr")
+        self._wire(region.ns, "core", "inner", rtt_ms)
+        self.regions.append(region)
+        return region
 
     def _public_ip(self) -> str:
         ip = INTERNET.network_address + self._next_ip
@@ -352,6 +413,14 @@ table ip lab {{
                     home.miniupnpd.wait(3)
                 except subprocess.TimeoutExpired:
                     home.miniupnpd.kill()
+        for wire in self._wires:
+            wire.terminate()
+        for wire in self._wires:
+            try:
+                wire.wait(3)
+            except subprocess.TimeoutExpired:
+                wire.kill()
+        self._wires.clear()
         for ns in reversed(self.namespaces):
             for pid in self.pids(ns):
                 try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import socket
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ import torch
 from hivemind.averaging.allreduce import AllreduceException
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MSGPackSerializer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from p2ptrain.energy.records import verify_record
@@ -28,6 +29,7 @@ from p2ptrain.errors import InviteInvalid, LedgerInvalid, ManifestInvalid
 from p2ptrain.swarm import manifest as mf
 from p2ptrain.swarm.admission import Admission, NotAdmitted
 from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
+from p2ptrain.swarm.proximity import decode_near
 from p2ptrain.swarm.reachability import Message
 from p2ptrain.train import end_of_run
 from p2ptrain.train.codecs import Int8Compression
@@ -301,3 +303,29 @@ def test_served_states_decode_or_are_refused(messages, count):
         assert isinstance(metadata, dict) and len(tensors) == count
     except ValueError:
         pass
+
+
+@BOUNDED
+@given(
+    st.fixed_dictionaries(
+        {
+            "c": st.tuples(st.floats(-2e5, 2e5), st.floats(), st.floats(-1, 2e5), st.floats(-0.5, 1.5)).map(list)
+            | st.lists(scalars, max_size=5),
+            "n": st.lists(
+                st.tuples(st.text(max_size=70), st.floats(-10, 7e4), st.none() | st.floats(-1, 2e6)).map(list)
+                | st.lists(scalars, max_size=4),
+                max_size=9,
+            ),
+        }
+    )
+    | values
+)
+def test_near_records_decode_or_raise_value_error(value):
+    try:
+        near = decode_near(value)
+    except ValueError:
+        event("refused")
+        return
+    event("decoded")
+    assert all(math.isfinite(v) for v in (near.coord.x, near.coord.y, near.coord.height, near.coord.error))
+    assert len(near.neighbours) <= 8

@@ -14,6 +14,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from p2ptrain.swarm.discovery import count_members, members_key, publish
 from p2ptrain.swarm.identity import ensure_identity, identity_key
+from p2ptrain.swarm.proximity import near_key
 from p2ptrain.swarm.signed_records import PeerRecords
 
 RUN = "signed-run"
@@ -65,6 +66,9 @@ def test_a_peer_signs_its_own_records_and_every_node_checks_them(keys):
     moved = dataclasses.replace(signed, key=DHTID.generate(source=f"p2ptrain/v1/relays/{RUN}").to_bytes())
     assert not reader.validate(moved)
     assert not reader.validate(dataclasses.replace(signed, value=b"\xc1"))
+    unsigned_near = record(near_key(RUN), alice, b"coordinates")  # proximity records: signed like the others
+    assert not reader.validate(unsigned_near)
+    assert reader.validate(dataclasses.replace(unsigned_near, value=signer.sign_value(unsigned_near)))
 
 
 def test_forged_membership_is_not_counted_in_a_real_dht(tmp_path):

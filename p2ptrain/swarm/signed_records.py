@@ -1,8 +1,9 @@
 """The records a peer keeps in the DHT under its own peer id, signed by that peer, inside hivemind's DHT.
 
-Membership, relay addresses, passes and end-of-run records (``protocols/dht-records.md``) are stored under a swarm's
-key with the writer's peer id as subkey. Unsigned, any DHT node could write one under any peer id: count members
-that are not there, or announce a final state in another peer's name. ``PeerRecords`` is a hivemind record validator
+Membership, relay addresses, passes, end-of-run and proximity (near) records (``protocols/dht-records.md``) are
+stored under a swarm's key with the writer's peer id as subkey. Unsigned, any DHT node could write one under any
+peer id: count members that are not there, announce a final state in another peer's name, or place itself next to
+anybody. ``PeerRecords`` is a hivemind record validator
 (hivemind's ``RSASignatureValidator`` does the same for keys that embed a public key): in the writer's DHT it signs
 each such record whose subkey is its own peer id with its libp2p identity key; every node that knows the swarm
 refuses to store, and every reader refuses to read, one whose signature does not verify, whose key does not hash to
@@ -31,13 +32,14 @@ from hivemind.utils import MSGPackSerializer
 
 from p2ptrain.swarm.discovery import finishing_key, members_key, passes_key, relays_key
 from p2ptrain.swarm.identity import PSS, peer_id_of, public_key_der
+from p2ptrain.swarm.proximity import near_key
 
 logger = logging.getLogger(__name__)
 DOMAIN = b"p2ptrain/v1/peer-record\x00"
 MAX_SIGNED_BYTES = 16 * 1024
 
 
-PEER_KEYS: tuple[Callable[[str], str], ...] = (members_key, relays_key, passes_key, finishing_key)
+PEER_KEYS: tuple[Callable[[str], str], ...] = (members_key, relays_key, passes_key, finishing_key, near_key)
 
 
 class PeerRecords(RecordValidatorBase):

@@ -1,0 +1,279 @@
+"""How far other peers are: round trips and throughput measured to the peers this one talks to, and a network
+coordinate that lets any peer estimate the distance between two peers it never measured.
+
+- ``Neighbours``: the last measurements to at most ``MAX_NEIGHBOURS`` peers (least recently seen dropped first):
+  round-trip time from light probes (a DHT ping, the smaller of two so that a fresh connection's handshake does not
+  count) and achieved throughput from real averaging rounds.
+- ``Vivaldi``: a network coordinate (Dabek et al., SIGCOMM 2004; the height variant that Serf and Consul use): two
+  dimensions plus a height, in milliseconds, moved a little towards agreement with each round trip measured to a
+  peer whose coordinate is known. The distance between two coordinates estimates their round trip.
+- The record ``p2ptrain/v1/near/<run_id>``, subkey ``<peer id>`` (signed by its peer: ``signed_records.py``): this
+  peer's coordinate and its nearest measured neighbours, ``{"c": [x, y, height, error], "n": [[peer id, rtt ms,
+  Mbit/s or None], ...]}``. ``read_near`` checks every field before anyone uses it; ``Prober`` refreshes it.
+
+Memory and traffic per peer do not grow with the swarm: at most ``MAX_NEIGHBOURS`` measurements, ``PROBES`` pings
+per ``PROBE_EVERY_S``, and one record of at most ``PUBLISHED_NEIGHBOURS`` neighbours.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import hivemind
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+
+from p2ptrain.swarm.discovery import RECORD_TTL_S, bounded, member_ids
+
+logger = logging.getLogger(__name__)
+
+MAX_NEIGHBOURS = 64
+PUBLISHED_NEIGHBOURS = 8
+PROBES = 4  # pings per probe cycle, peers never measured first
+PROBE_EVERY_S = 30.0
+MAX_COORD_MS = 100_000.0  # farther than any place on earth: a coordinate beyond it is refused
+MAX_RTT_MS = 60_000.0
+
+
+def near_key(run_id: str) -> str:
+    return f"p2ptrain/v1/near/{run_id}"
+
+
+@dataclass
+class Measured:
+    rtt_ms: float | None = None  # smoothed (EWMA 0.3)
+    mbit_s: float | None = None  # smoothed (EWMA 0.3)
+    seen: float = 0.0  # time.monotonic() of the last measurement
+
+
+class Neighbours:
+    """The latest measurements to at most ``capacity`` peers; the least recently measured one goes first."""
+
+    def __init__(self, capacity: int = MAX_NEIGHBOURS):
+        self.capacity = capacity
+        self._peers: OrderedDict[str, Measured] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _entry(self, peer: str) -> Measured:
+        entry = self._peers.pop(peer, None) or Measured()
+        self._peers[peer] = entry
+        while len(self._peers) > self.capacity:
+            self._peers.popitem(last=False)
+        entry.seen = time.monotonic()
+        return entry
+
+    def rtt(self, peer: str, rtt_ms: float) -> None:
+        with self._lock:
+            entry = self._entry(peer)
+            entry.rtt_ms = rtt_ms if entry.rtt_ms is None else 0.7 * entry.rtt_ms + 0.3 * rtt_ms
+
+    def throughput(self, peer: str, nbytes: float, seconds: float) -> None:
+        if seconds <= 0 or nbytes <= 0:
+            return
+        mbit_s = nbytes * 8 / seconds / 1e6
+        with self._lock:
+            entry = self._entry(peer)
+            entry.mbit_s = mbit_s if entry.mbit_s is None else 0.7 * entry.mbit_s + 0.3 * mbit_s
+
+    def get(self, peer: str) -> Measured | None:
+        with self._lock:
+            return self._peers.get(peer)
+
+    def nearest(self, count: int = PUBLISHED_NEIGHBOURS) -> list[tuple[str, Measured]]:
+        with self._lock:
+            timed = [(p, m) for p, m in self._peers.items() if m.rtt_ms is not None]
+        return sorted(timed, key=lambda pm: (pm[1].rtt_ms, pm[0]))[:count]
+
+    def __contains__(self, peer: str) -> bool:
+        with self._lock:
+            return peer in self._peers
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._peers)
+
+
+@dataclass(frozen=True)
+class Coord:
+    """A point in Vivaldi's space (milliseconds): ``x``, ``y``, a ``height`` (the access link's own delay, added to
+    every distance) and ``error``, the owner's confidence in it (1: none yet)."""
+
+    x: float = 0.0
+    y: float = 0.0
+    height: float = 0.0
+    error: float = 1.0
+
+    def distance(self, other: Coord) -> float:
+        """Estimated round trip between the two owners, ms."""
+        return math.hypot(self.x - other.x, self.y - other.y) + self.height + other.height
+
+
+MIN_HEIGHT_MS = 0.01
+
+
+class Vivaldi:
+    """This peer's coordinate, moved by each measured round trip (``ce``, ``cc``: the paper's constants)."""
+
+    def __init__(self, seed: str = "", ce: float = 0.25, cc: float = 0.25):
+        self.coord = Coord(height=MIN_HEIGHT_MS)
+        self.ce, self.cc = ce, cc
+        self._random = random.Random(seed)
+
+    def observe(self, rtt_ms: float, remote: Coord) -> Coord:
+        own = self.coord
+        rtt_ms = max(rtt_ms, 0.01)
+        weight = own.error / max(own.error + remote.error, 1e-6)
+        estimate = own.distance(remote)
+        sample_error = abs(estimate - rtt_ms) / rtt_ms
+        error = min(1.0, sample_error * self.ce * weight + own.error * (1 - self.ce * weight))
+        force = self.cc * weight * (rtt_ms - estimate)
+        dx, dy = own.x - remote.x, own.y - remote.y
+        magnitude = math.hypot(dx, dy)
+        if magnitude < 1e-6:  # the same point: push apart in a random direction
+            angle = self._random.uniform(0, 2 * math.pi)
+            dx, dy, magnitude = math.cos(angle), math.sin(angle), 1.0
+        x, y = own.x + force * dx / magnitude, own.y + force * dy / magnitude
+        height = own.height
+        if magnitude > 1e-6:
+            height = max(MIN_HEIGHT_MS, own.height + force * (own.height + remote.height) / (magnitude + 1e-9))
+        clamp = functools.partial(_clamp, MAX_COORD_MS)
+        self.coord = Coord(clamp(x), clamp(y), min(height, MAX_COORD_MS), error)
+        return self.coord
+
+
+def _clamp(limit: float, value: float) -> float:
+    return max(-limit, min(limit, value))
+
+
+@dataclass(frozen=True)
+class Near:
+    """A peer's published record: its coordinate and its measured neighbours (peer id → (rtt ms, Mbit/s))."""
+
+    coord: Coord
+    neighbours: dict[str, tuple[float, float | None]]
+
+
+def encode_near(coord: Coord, nearest: list[tuple[str, Measured]]) -> dict:
+    rounded = [round(v, 2) for v in (coord.x, coord.y, coord.height, coord.error)]
+    rows = [[p, round(m.rtt_ms, 2), None if m.mbit_s is None else round(m.mbit_s, 2)] for p, m in nearest]
+    return {"c": rounded, "n": rows[:PUBLISHED_NEIGHBOURS]}
+
+
+def decode_near(value: object) -> Near:
+    """A near record's value, checked. Raises ValueError for anything but what ``encode_near`` writes."""
+    if not isinstance(value, dict) or set(value) != {"c", "n"}:
+        raise ValueError("not a near record")
+    c, rows = value["c"], value["n"]
+    if not isinstance(c, list) or len(c) != 4 or not all(_number(v, MAX_COORD_MS) for v in c):
+        raise ValueError("bad coordinate")
+    if c[2] < 0 or not 0 <= c[3] <= 1:
+        raise ValueError("bad height or error")
+    if not isinstance(rows, list) or len(rows) > PUBLISHED_NEIGHBOURS:
+        raise ValueError("bad neighbours")
+    neighbours: dict[str, tuple[float, float | None]] = {}
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and len(row[0]) <= 64):
+            raise ValueError("bad neighbour")
+        if not _number(row[1], MAX_RTT_MS) or row[1] < 0:
+            raise ValueError("bad round trip")
+        if row[2] is not None and (not _number(row[2], 1e6) or row[2] < 0):
+            raise ValueError("bad throughput")
+        neighbours[row[0]] = (float(row[1]), None if row[2] is None else float(row[2]))
+    return Near(Coord(*(float(v) for v in c)), neighbours)
+
+
+def _number(value: object, limit: float) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value) and abs(value) <= limit
+
+
+def read_near(dht: hivemind.DHT, run_id: str) -> dict[str, Near]:
+    """Every member's near record that checks out (peer id → ``Near``); malformed ones are skipped."""
+    found = bounded(dht.get(near_key(run_id), latest=True, return_future=True))
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records: dict[str, Near] = {}
+    for peer, entry in found.value.items():
+        try:
+            if isinstance(peer, str):
+                records[peer] = decode_near(getattr(entry, "value", None))
+        except ValueError as e:
+            logger.debug("Ignoring the near record of %s: %s", peer, e)
+    return records
+
+
+async def _ping(peers: list[str], _dht: hivemind.DHT, node: hivemind.DHTNode) -> dict[str, float]:
+    """In the DHT's process: the smaller of two DHT pings to each peer (ms); peers that did not answer left out."""
+    times: dict[str, float] = {}
+    for peer in peers:
+        best = None
+        for _ in range(2):
+            start = time.perf_counter()
+            if await node.protocol.call_ping(PeerID.from_base58(peer)) is None:
+                break
+            elapsed = (time.perf_counter() - start) * 1000
+            best = elapsed if best is None else min(best, elapsed)
+        if best is not None:
+            times[peer] = best
+    return times
+
+
+class Prober:
+    """Measures round trips to a few members every ``every_s``, moves this peer's coordinate, and publishes the
+    near record (owned and stopped by the peer)."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, every_s: float = PROBE_EVERY_S, probes: int = PROBES):
+        self.dht, self.run_id, self.every_s, self.probes = dht, run_id, every_s, probes
+        self.me = dht.peer_id.to_base58()
+        self.neighbours = Neighbours()
+        self.vivaldi = Vivaldi(seed=self.me)
+        self.records: dict[str, Near] = {}  # the last read of everybody's near records
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
+        self._random = random.Random()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.probe_once()
+            except (RuntimeError, OSError, TimeoutError) as e:  # the DHT is shutting down or unreachable
+                logger.debug("Probing failed: %s", e)
+            self._stop.wait(self.every_s * self._random.uniform(0.8, 1.2))
+
+    def probe_once(self) -> None:
+        """Ping up to ``probes`` members (never measured ones first), then read and publish near records."""
+        members = [p for p in member_ids(self.dht, self.run_id) if p != self.me]
+        fresh = [p for p in members if p not in self.neighbours]
+        known = [p for p in members if p in self.neighbours]
+        self._random.shuffle(fresh)
+        self._random.shuffle(known)
+        chosen = (fresh + known)[: self.probes]
+        times = self.dht.run_coroutine(functools.partial(_ping, chosen)) if chosen else {}
+        self.records = read_near(self.dht, self.run_id)
+        for peer, rtt_ms in times.items():
+            self.neighbours.rtt(peer, rtt_ms)
+            remote = self.records.get(peer)
+            if remote is not None:
+                self.vivaldi.observe(rtt_ms, remote.coord)
+        self.publish()
+
+    def publish(self) -> bool:
+        value = encode_near(self.vivaldi.coord, self.neighbours.nearest())
+        expiration = get_dht_time() + RECORD_TTL_S
+        future = self.dht.store(near_key(self.run_id), value, expiration, subkey=self.me, return_future=True)
+        return bool(bounded(future))

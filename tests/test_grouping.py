@@ -1,0 +1,171 @@
+"""Proximity (Vivaldi coordinates, neighbour table, near records) and the groups derived from them."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+
+from p2ptrain.swarm.grouping import clusters, group, levels
+from p2ptrain.swarm.proximity import (
+    MAX_COORD_MS,
+    Coord,
+    Measured,
+    Near,
+    Neighbours,
+    Vivaldi,
+    decode_near,
+    encode_near,
+)
+
+
+def two_regions(per_region: int, inside_ms: float = 5.0, between_ms: float = 150.0):
+    peers = [f"peer-{r}-{i:02d}" for r in "ab" for i in range(per_region)]
+
+    def rtt(p: str, q: str) -> float:
+        return inside_ms if p.split("-")[1] == q.split("-")[1] else between_ms
+
+    return peers, rtt
+
+
+def settle(peers, rtt, rounds: int = 60, seed: int = 0) -> dict[str, Coord]:
+    """Vivaldi as the prober runs it: each peer measures a few random others per round."""
+    rng = random.Random(seed)
+    nodes = {p: Vivaldi(seed=p) for p in peers}
+    for _ in range(rounds):
+        for p in peers:
+            for q in rng.sample([o for o in peers if o != p], 3):
+                jitter = rng.uniform(0.9, 1.1)
+                nodes[p].observe(rtt(p, q) * jitter, nodes[q].coord)
+    return {p: n.coord for p, n in nodes.items()}
+
+
+def test_vivaldi_coordinates_estimate_round_trips_between_and_inside_regions():
+    peers, rtt = two_regions(6)
+    coords = settle(peers, rtt)
+    between = [coords[p].distance(coords[q]) for p in peers for q in peers if rtt(p, q) > 100]
+    inside = [coords[p].distance(coords[q]) for p in peers for q in peers if p != q and rtt(p, q) < 100]
+    assert 120 < statistics.median(between) < 180, statistics.median(between)
+    assert statistics.median(inside) < 25, statistics.median(inside)
+    assert all(c.error < 0.5 for c in coords.values())
+
+
+def test_vivaldi_stays_bounded_on_absurd_samples():
+    node = Vivaldi(seed="x")
+    for rtt in (1e9, 0.0, 1e-9, 5e8):
+        node.observe(rtt, Coord(1.0, 2.0, 3.0, 0.5))
+    c = node.coord
+    assert all(math.isfinite(v) and abs(v) <= MAX_COORD_MS for v in (c.x, c.y, c.height)) and 0 <= c.error <= 1
+
+
+def test_neighbours_are_bounded_and_forget_the_least_recent_first():
+    table = Neighbours(capacity=3)
+    for i in range(5):
+        table.rtt(f"p{i}", 10.0 + i)
+    assert len(table) == 3 and "p0" not in table and "p4" in table
+    table.rtt("p2", 20.0)  # smoothed, and now the most recent
+    assert table.get("p2").rtt_ms == pytest.approx(0.7 * 12 + 0.3 * 20)
+    table.throughput("p3", 1_250_000, 1.0)
+    assert table.get("p3").mbit_s == pytest.approx(10.0)
+    assert [p for p, _ in table.nearest(2)] == ["p3", "p4"]
+
+
+def test_near_records_round_trip_and_refuse_anything_else():
+    record = encode_near(Coord(1.234, -5.0, 0.5, 0.25), [("peer-x", Measured(12.345, 80.0)), ("peer-y", Measured(3.0))])
+    near = decode_near(record)
+    assert near.coord == Coord(1.23, -5.0, 0.5, 0.25)
+    assert near.neighbours == {"peer-x": (12.35, 80.0), "peer-y": (3.0, None)}
+    bad = [
+        None, [], {"c": [0, 0, 0, 0]}, {**record, "extra": 1}, {**record, "c": [0, 0, 0]},
+        {**record, "c": [math.nan, 0, 0, 0]}, {**record, "c": [1e9, 0, 0, 0]}, {**record, "c": [0, 0, -1, 0.5]},
+        {**record, "c": [0, 0, 0, 2]}, {**record, "c": [True, 0, 0, 0]}, {**record, "n": [["p", -1, None]]},
+        {**record, "n": [["p", 1.0, math.inf]]}, {**record, "n": [["p" * 100, 1.0, None]]},
+        {**record, "n": [["p", 1.0, None]] * 9}, {**record, "n": [[1, 1.0, None]]},
+    ]  # fmt: skip
+    for value in bad:
+        with pytest.raises(ValueError):
+            decode_near(value)
+
+
+def records_from(coords: dict[str, Coord], measured: dict[str, dict[str, float]] | None = None) -> dict[str, Near]:
+    measured = measured or {}
+    return {p: Near(c, {q: (ms, None) for q, ms in measured.get(p, {}).items()}) for p, c in coords.items()}
+
+
+def region_of(peer: str) -> str:
+    return peer.split("-")[1]
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 6])
+def test_clusters_keep_regions_together_within_the_size_bound(size):
+    peers, rtt = two_regions(6)
+    records = records_from(settle(peers, rtt))
+    found = clusters(records, list(reversed(peers)), size)
+    assert sorted(p for g in found for p in g) == sorted(peers)
+    assert all(len(g) <= size for g in found) and len(found) == math.ceil(len(peers) / size)
+    mixed = [g for g in found if len({region_of(p) for p in g}) > 1]
+    assert len(mixed) == (0 if 6 % size == 0 else 1), found  # 6 peers a region: only a size that divides 6 fits
+
+
+def test_measured_round_trips_decide_before_coordinates_settle():
+    """Fresh coordinates (all at the origin) say nothing; the round trips the peers measured still split them."""
+    peers, rtt = two_regions(2)
+    measured = {p: {q: rtt(p, q) for q in peers if q != p} for p in peers}
+    found = clusters(records_from({p: Coord() for p in peers}, measured), peers, 2)
+    assert sorted(sorted(g) for g in found) == [["peer-a-00", "peer-a-01"], ["peer-b-00", "peer-b-01"]]
+
+
+def test_clusters_are_the_same_for_every_view_order_and_one_cluster_when_small():
+    peers, rtt = two_regions(5)
+    records = records_from(settle(peers, rtt))
+    shuffled = peers[:]
+    random.Random(1).shuffle(shuffled)
+    assert clusters(records, peers, 4) == clusters(records, shuffled, 4)
+    assert clusters(records, peers, 16) == [sorted(peers)]
+    assert clusters(records, [], 4) == []
+
+
+def test_two_regions_average_inside_then_across_and_reach_the_exact_mean():
+    peers, rtt = two_regions(2)
+    records = records_from(settle(peers, rtt))
+    found = clusters(records, peers, 2)
+    values = {p: float(i) for i, p in enumerate(peers)}
+    mean = statistics.fmean(values.values())
+    for step in range(levels(len(found), 2)):
+        groups = {group(p, found, 2, step) for p in peers}
+        for g in groups:
+            regions = {region_of(p) for p in g.members}
+            assert len(regions) == (1 if g.level == 0 else 2), g  # level 0 inside a region, level 1 across
+            average = statistics.fmean(values[p] for p in g.members)
+            values.update({p: average for p in g.members})
+    assert all(v == pytest.approx(mean) for v in values.values())
+
+
+@pytest.mark.parametrize("peer_count, size", [(100, 8), (300, 8), (64, 4)])
+def test_groups_are_bounded_partitions_and_mix_the_whole_swarm(peer_count, size):
+    rng = random.Random(peer_count)
+    centres = [(rng.uniform(-100, 100), rng.uniform(-100, 100)) for _ in range(5)]
+    coords = {}
+    for i in range(peer_count):
+        cx, cy = centres[i % 5]
+        coords[f"p{i:04d}"] = Coord(cx + rng.gauss(0, 3), cy + rng.gauss(0, 3), rng.uniform(0.5, 5), 0.2)
+    peers = list(coords)
+    found = clusters(records_from(coords), peers, size)
+    level_count = levels(len(found), size)
+    values = {p: rng.gauss(0, 1) for p in peers}
+    mean, spread = statistics.fmean(values.values()), statistics.pstdev(values.values())
+    for step in range(level_count):
+        groups = {group(p, found, size, step) for p in peers}
+        assert sorted(p for g in groups for p in g.members) == sorted(peers)  # every peer in exactly one group
+        assert all(len(g.members) <= size for g in groups)
+        assert len({g.key_bits for g in groups}) == len(groups)  # one key per group
+        for g in groups:
+            average = statistics.fmean(values[p] for p in g.members)
+            values.update({p: average for p in g.members})
+    assert statistics.fmean(values.values()) == pytest.approx(mean)
+    assert statistics.pstdev(values.values()) < spread / 10  # one pass over the levels mixes the swarm
+    inside = [g for g in {group(p, found, size, 0) for p in peers}]
+    near = sum(max(coords[a].distance(coords[b]) for a in g.members for b in g.members) < 40 for g in inside)
+    assert near >= 0.8 * len(inside)  # level-0 groups are nearby peers
