@@ -51,8 +51,8 @@ def worker(args: argparse.Namespace) -> None:
     from hivemind.dht.protocol import DHTProtocol
     from hivemind.utils import get_dht_time
 
-    from p2ptrain.swarm.discovery import member_ids, members_key
-    from p2ptrain.swarm.grouping import clusters, group
+    from p2ptrain.swarm.discovery import members_key
+    from p2ptrain.swarm.grouping import Regrouping
     from p2ptrain.swarm.proximity import Prober
     from p2ptrain.train.group_rounds import GroupRounds
 
@@ -78,9 +78,10 @@ def worker(args: argparse.Namespace) -> None:
     )  # fmt: skip
     prober = None
     if args.grouping == "locality":
-        prober = Prober(dht, RUN, every_s=args.probe_every)
+        prober = Prober(dht, RUN, every_s=args.probe_every, read_every_s=args.period)
         dht.store(members_key(RUN), b"member", get_dht_time() + 3600, subkey=me)
         prober.start()
+        regrouping = Regrouping(me, args.group_size)
 
     out = open(args.results, "a", buffering=1)  # noqa: SIM115 - one line per round, flushed
     for r in range(args.first_round, args.rounds):
@@ -88,13 +89,12 @@ def worker(args: argparse.Namespace) -> None:
         time.sleep(max(0.0, start - time.time()))
         level, expected = None, None
         if prober is not None:  # the peer's group this round, from the near records it has read
-            found = clusters(prober.records, [*member_ids(dht, RUN), me], args.group_size)
-            mine = group(me, found, args.group_size, r)
+            mine = regrouping.at(r, prober.records, prober.members)
             level, expected = mine.level, list(mine.members)
             if len(mine.members) < 2:
                 out.write(json.dumps({"round": r, "peer": args.index, "me": me, "ok": False, "alone": True,
                                       "group": 1, "level": level, "grouped_s": None, "end_s": 0.0, "find_rpcs": 0,
-                                      "lookup_s": 0.0, "value": _value(averager)}) + "\n")  # fmt: skip
+                                      "lookup_s": 0.0, "value": _value(vector)}) + "\n")  # fmt: skip
                 continue
             averager.set_group_bits(mine.key_bits)
         control = averager.step(wait=False, timeout=args.period - 4, allow_retries=False)
@@ -111,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
         rpcs, lookup_s = dht.run_coroutine(probe)
         row = {"round": r, "peer": args.index, "me": me, "ok": ok, "group": size, "members": members, "level": level,
                "expected": expected, "grouped_s": grouped_at, "end_s": time.time() - start, "find_rpcs": rpcs,
-               "lookup_s": lookup_s, "value": _value(averager)}  # fmt: skip
+               "lookup_s": lookup_s, "value": _value(vector)}  # fmt: skip
         out.write(json.dumps(row) + "\n")
     out.close()
 
@@ -127,10 +127,10 @@ def worker(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
-def _value(averager) -> float:  # noqa: ANN001
-    """The peer's value now: the mean of its vector (all its entries are equal)."""
-    with averager.get_tensors() as tensors:
-        return float(tensors[0].mean())
+def _value(vector) -> float:  # noqa: ANN001
+    """The peer's value now: the mean of its vector (all its entries are equal). Read without the averager's lock
+    (a round that has not given up yet holds it): hivemind averages in place, in this tensor's shared memory."""
+    return float(vector.mean())
 
 
 RUN = "scale"  # the run id the workers' membership and near records use
@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"N = {n} …", flush=True)
         report["sizes"].append(run_size(n, args, work))
         print(json.dumps(report["sizes"][-1]), flush=True)
+    report["real"] = {str(size["peers"]): size for size in report["sizes"]}  # simulate_swarm.py adds "simulated"
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.exists():  # keep what the simulation wrote there
+        report = {**{k: v for k, v in json.loads(args.out.read_text()).items() if k.startswith("simulat")}, **report}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(report))
     plot(report, args.out.with_suffix(".png"))

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from p2ptrain.swarm.grouping import clusters, group, levels
+from p2ptrain.swarm.grouping import Regrouping, clusters, group, levels
 from p2ptrain.swarm.proximity import (
     MAX_COORD_MS,
     Coord,
@@ -169,3 +169,17 @@ def test_groups_are_bounded_partitions_and_mix_the_whole_swarm(peer_count, size)
     inside = [g for g in {group(p, found, size, 0) for p in peers}]
     near = sum(max(coords[a].distance(coords[b]) for a in g.members for b in g.members) < 40 for g in inside)
     assert near >= 0.8 * len(inside)  # level-0 groups are nearby peers
+
+
+def test_a_peer_regroups_only_when_a_pass_over_the_levels_begins():
+    peers, rtt = two_regions(2)
+    records = records_from(settle(peers, rtt))
+    me = peers[0]
+    regrouping = Regrouping(me, 2)
+    first = regrouping.at(0, records, peers[1:])
+    assert first.level == 0 and first.members == ("peer-a-00", "peer-a-01")
+    newcomer = records_from({"peer-a-99": Coord()})
+    later = regrouping.at(1, {**records, **newcomer}, [*peers[1:], "peer-a-99"])  # mid-pass: same clusters
+    assert later.level == 1 and "peer-a-99" not in later.members
+    regrouping.at(2, {**records, **newcomer}, [*peers[1:], "peer-a-99"])  # a new pass: the newcomer is placed
+    assert any("peer-a-99" in g for g in regrouping.clusters)

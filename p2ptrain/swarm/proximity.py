@@ -11,8 +11,9 @@ coordinate that lets any peer estimate the distance between two peers it never m
   peer's coordinate and its nearest measured neighbours, ``{"c": [x, y, height, error], "n": [[peer id, rtt ms,
   Mbit/s or None], ...]}``. ``read_near`` checks every field before anyone uses it; ``Prober`` refreshes it.
 
-Memory and traffic per peer do not grow with the swarm: at most ``MAX_NEIGHBOURS`` measurements, ``PROBES`` pings
-per ``PROBE_EVERY_S``, and one record of at most ``PUBLISHED_NEIGHBOURS`` neighbours.
+Memory and traffic per peer for the measurements do not grow with the swarm: at most ``MAX_NEIGHBOURS``
+measurements, ``PROBES`` pings per ``PROBE_EVERY_S``, one record of at most ``PUBLISHED_NEIGHBOURS`` neighbours.
+Reading everybody's records (to derive the groups) costs ~300 bytes per member, once per ``READ_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MAX_NEIGHBOURS = 64
 PUBLISHED_NEIGHBOURS = 8
 PROBES = 4  # pings per probe cycle, peers never measured first
 PROBE_EVERY_S = 30.0
+READ_EVERY_S = 120.0  # everybody's records, for the groups: once per regrouping is enough
 MAX_COORD_MS = 100_000.0  # farther than any place on earth: a coordinate beyond it is refused
 MAX_RTT_MS = 60_000.0
 
@@ -228,14 +230,24 @@ async def _ping(peers: list[str], _dht: hivemind.DHT, node: hivemind.DHTNode) ->
 
 class Prober:
     """Measures round trips to a few members every ``every_s``, moves this peer's coordinate, and publishes the
-    near record (owned and stopped by the peer)."""
+    near record (owned and stopped by the peer). Reads the members' and their near records every
+    ``read_every_s`` only: those reads cost O(N) bytes (every member's record), the pings O(1)."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, every_s: float = PROBE_EVERY_S, probes: int = PROBES):
-        self.dht, self.run_id, self.every_s, self.probes = dht, run_id, every_s, probes
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        every_s: float = PROBE_EVERY_S,
+        probes: int = PROBES,
+        read_every_s: float = READ_EVERY_S,
+    ):
+        self.dht, self.run_id, self.every_s, self.probes, self.read_every_s = dht, run_id, every_s, probes, read_every_s
         self.me = dht.peer_id.to_base58()
         self.neighbours = Neighbours()
         self.vivaldi = Vivaldi(seed=self.me)
+        self.members: list[str] = []  # the last read of the swarm's members (this peer excluded)
         self.records: dict[str, Near] = {}  # the last read of everybody's near records
+        self._read_at = -math.inf
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
         self._random = random.Random()
@@ -256,15 +268,19 @@ class Prober:
             self._stop.wait(self.every_s * self._random.uniform(0.8, 1.2))
 
     def probe_once(self) -> None:
-        """Ping up to ``probes`` members (never measured ones first), then read and publish near records."""
-        members = [p for p in member_ids(self.dht, self.run_id) if p != self.me]
-        fresh = [p for p in members if p not in self.neighbours]
-        known = [p for p in members if p in self.neighbours]
+        """Ping up to ``probes`` members (never measured ones first), move the coordinate, publish it; read the
+        members and their near records first if the last read is ``read_every_s`` old."""
+        since = time.monotonic() - self._read_at
+        if since >= self.read_every_s or (not self.members and since >= self.every_s):  # or nobody seen yet
+            self.members = [p for p in member_ids(self.dht, self.run_id) if p != self.me]
+            self.records = read_near(self.dht, self.run_id)
+            self._read_at = time.monotonic()
+        fresh = [p for p in self.members if p not in self.neighbours]
+        known = [p for p in self.members if p in self.neighbours]
         self._random.shuffle(fresh)
         self._random.shuffle(known)
         chosen = (fresh + known)[: self.probes]
         times = self.dht.run_coroutine(functools.partial(_ping, chosen)) if chosen else {}
-        self.records = read_near(self.dht, self.run_id)
         for peer, rtt_ms in times.items():
             self.neighbours.rtt(peer, rtt_ms)
             remote = self.records.get(peer)
