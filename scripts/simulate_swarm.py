@@ -66,6 +66,7 @@ class World:
     inside_ms: float  # spread of peers around their region's centre
     mbit_s: float  # every peer's link, each way
     cores: int | None  # the lab: all peers share this many cores; None: a machine each
+    loss: float = 0.0  # packet loss on long paths: a TCP flow gets at most Mathis' MSS * 1.22 / (RTT * sqrt(loss))
 
 
 LAB = World([("lab", 0.0, 0.0)], inside_ms=0.1, mbit_s=1000.0, cores=2)
@@ -81,6 +82,7 @@ EARTH = World(  # centres placed so that distances approximate public inter-cont
     inside_ms=8.0,
     mbit_s=100.0,
     cores=None,
+    loss=1e-4,  # an assumption (no measurement here): 0.01 % on any path, so long paths carry less per flow
 )
 
 
@@ -137,7 +139,7 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
     swarm = Swarm(n, world, seed=n)
     rng = random.Random(n + 1)
     grouping_size = args.group_size if args.grouping == "locality" else None
-    target = args.group_size  # hivemind's target group size (None: unbounded)
+    target = args.group_size or None  # hivemind's target group size (0, None: unbounded)
     ttl_rounds = max(1, round(300 / args.period))
     kills = {r: [] for r in range(args.rounds)}
     churned = max(1, math.ceil(args.churn * n)) if args.churn else 0
@@ -176,7 +178,10 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
             dying.add(victim.name)
         groups = []
         for members in keys.values():
-            members.sort(key=lambda p: p.name)
+            if grouping_size:
+                members.sort(key=lambda p: p.name)
+            else:  # one key for all: hivemind's leaders take followers in no order p2ptrain controls
+                rng.shuffle(members)
             size = target or len(members)
             groups += [members[k : k + size] for k in range(0, len(members), size)]
         busy = sum(len(g) * 2 * (len(g) - 1) for g in groups if len(g) > 1) * model.part_cpu_s  # CPU-seconds
@@ -187,7 +192,9 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
                 rows.append({"ok": False, "group": 1, "time_s": None, "bytes": _bytes(0, lookup, 0, args, model)})
                 continue
             far = max(swarm.rtt(a, b) for a in g for b in g) / 1000
-            link = min(world.mbit_s, world.mbit_s) * 1e6 / 8
+            link = world.mbit_s * 1e6 / 8
+            if world.loss:  # each member talks to size - 1 others at once, each flow capped by its round trip
+                link = min(link, (size - 1) * 1460 * 1.22 / (max(far, 1e-4) * math.sqrt(world.loss)))
             payload = 2 * (size - 1) / size * args.vector_bytes
             filled = target is not None and size >= target
             formation = (model.join_s if filled else model.min_matchmaking_s) + math.log2(len(alive)) * (
@@ -199,7 +206,7 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
             allreduce = payload / link + (2 + size / 8) * far + cpu
             total = formation + allreduce
             killed = any(p.name in dying for p in g) and total > args.period / 2  # peers are killed mid-period
-            ok = total < model.timeout_s and not killed
+            ok = total < (args.timeout or model.timeout_s) and not killed
             reads = len(swarm.peers) if grouping_size and views and views[0][1] == r else 0
             row = {"ok": ok, "group": size, "formation_s": formation, "time_s": total,
                    "bytes": _bytes(payload, lookup, reads, args, model)}  # fmt: skip
@@ -245,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--period", type=float, default=20.0)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8, help="0: unbounded (with --grouping swarm)")
     parser.add_argument("--grouping", choices=("swarm", "locality"), default="locality")
     parser.add_argument("--churn", type=float, default=0.1, help="fraction of peers killed and replaced in the run")
     parser.add_argument("--churn-after", type=int, default=2)
     parser.add_argument("--views", type=int, default=3, help="distinct views of the swarm's records per cycle")
     parser.add_argument("--vector-bytes", type=float, default=400_000)
+    parser.add_argument("--timeout", type=float, default=None, help="averaging timeout (default: the bench's 16 s)")
     parser.add_argument("--lab", action="store_true", help="the lab's network and 2 shared cores (calibration)")
     parser.add_argument("--calibrate", action="store_true", help="N = 4..32 in the lab, next to bench/scale*.json")
     parser.add_argument("--out", type=Path, default=None, help="merge the results into this JSON (as 'simulated')")
@@ -268,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             results[str(n)] = simulate(n, args, world, model)
             print(json.dumps({k: v for k, v in results[str(n)].items() if k != "consensus_by_round"}), flush=True)
         print(projection_table(results, args))
-        report.setdefault("simulated", {}).update(results)
+        key = "simulated" if args.grouping == "locality" else f"simulated_{args.grouping}"  # the issue's name first
+        report.setdefault(key, {}).update(results)
         report["simulation"] = {"model": asdict(model), "world": asdict(world), "args": vars(args) | {"out": None}}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -317,7 +326,7 @@ def projection_table(results: dict[str, dict], args: argparse.Namespace) -> str:
         spread = r["consensus_by_round"]
         pick = " / ".join(f"{spread[i]:.3f}" for i in (0, 1, len(spread) - 1) if i < len(spread))
         lines.append(
-            f"| {n} | {args.grouping}, {args.group_size if args.grouping == 'locality' else 'unbounded'} | "
+            f"| {n} | {args.grouping}, {args.group_size or 'unbounded'} | "
             f"{r['levels']} | {100 * r['success_rate']:.0f} % | {_f(r['round_s_median'])} / {_f(r['round_s_p90'])} | "
             f"{r['bytes_sent_per_peer_per_round'] / 1e6:.2f} | {r['find_rpcs_per_lookup']:.0f} | {pick} |"
         )
