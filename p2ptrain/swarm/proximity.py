@@ -216,10 +216,14 @@ async def _ping(peers: list[str], _dht: hivemind.DHT, node: hivemind.DHTNode) ->
     """In the DHT's process: the smaller of two DHT pings to each peer (ms); peers that did not answer left out."""
     times: dict[str, float] = {}
     for peer in peers:
+        try:
+            peer_id = PeerID.from_base58(peer)  # member ids come from the DHT: anything
+        except Exception:  # noqa: BLE001 - base58's and multihash's errors differ
+            continue
         best = None
         for _ in range(2):
             start = time.perf_counter()
-            if await node.protocol.call_ping(PeerID.from_base58(peer)) is None:
+            if await node.protocol.call_ping(peer_id) is None:
                 break
             elapsed = (time.perf_counter() - start) * 1000
             best = elapsed if best is None else min(best, elapsed)
@@ -257,7 +261,8 @@ class Prober:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -272,7 +277,7 @@ class Prober:
         members and their near records first if the last read is ``read_every_s`` old."""
         since = time.monotonic() - self._read_at
         if since >= self.read_every_s or (not self.members and since >= self.every_s):  # or nobody seen yet
-            self.members = [p for p in member_ids(self.dht, self.run_id) if p != self.me]
+            self.members = [p for p in member_ids(self.dht, self.run_id) if p != self.me and len(p) <= 64]
             self.records = read_near(self.dht, self.run_id)
             self._read_at = time.monotonic()
         fresh = [p for p in self.members if p not in self.neighbours]
