@@ -8,7 +8,7 @@ from hivemind.utils import get_dht_time
 
 from p2ptrain.swarm.discovery import members_key
 from p2ptrain.swarm.identity import ensure_identity, identity_key
-from p2ptrain.swarm.proximity import Coord, Prober, encode_near, near_key, read_near
+from p2ptrain.swarm.proximity import Coord, Prober, encode_near, near_key, read_near, shard_of
 from p2ptrain.swarm.signed_records import PeerRecords
 
 RUN = "near-run"
@@ -51,7 +51,7 @@ def test_probers_measure_each_other_and_publish_signed_records(tmp_path):
                               initial_peers=nodes[0].get_visible_maddrs())  # fmt: skip
         nodes.append(forger)
         fake = encode_near(Coord(1e4, 1e4, 0.0, 0.0), [])
-        forger.store(near_key(RUN), fake, get_dht_time() + 60, subkey=ids[2])
+        forger.store(near_key(RUN, shard_of(ids[2])), fake, get_dht_time() + 60, subkey=ids[2])
         assert read_near(nodes[1], RUN)[ids[2]].coord != Coord(1e4, 1e4, 0.0, 0.0)
     finally:
         for prober in probers:

@@ -66,7 +66,7 @@ def test_a_peer_signs_its_own_records_and_every_node_checks_them(keys):
     moved = dataclasses.replace(signed, key=DHTID.generate(source=f"p2ptrain/v1/relays/{RUN}").to_bytes())
     assert not reader.validate(moved)
     assert not reader.validate(dataclasses.replace(signed, value=b"\xc1"))
-    unsigned_near = record(near_key(RUN), alice, b"coordinates")  # proximity records: signed like the others
+    unsigned_near = record(near_key(RUN, 7), alice, b"coordinates")  # proximity records: signed like the others
     assert not reader.validate(unsigned_near)
     assert reader.validate(dataclasses.replace(unsigned_near, value=signer.sign_value(unsigned_near)))
 

@@ -7,9 +7,12 @@ coordinate that lets any peer estimate the distance between two peers it never m
 - ``Vivaldi``: a network coordinate (Dabek et al., SIGCOMM 2004; the height variant that Serf and Consul use): two
   dimensions plus a height, in milliseconds, moved a little towards agreement with each round trip measured to a
   peer whose coordinate is known. The distance between two coordinates estimates their round trip.
-- The record ``p2ptrain/v1/near/<run_id>``, subkey ``<peer id>`` (signed by its peer: ``signed_records.py``): this
-  peer's coordinate and its nearest measured neighbours, ``{"c": [x, y, height, error], "n": [[peer id, rtt ms,
-  Mbit/s or None], ...]}``. ``read_near`` checks every field before anyone uses it; ``Prober`` refreshes it.
+- The record ``p2ptrain/v1/near/<run_id>/<shard>``, subkey ``<peer id>`` (signed by its peer:
+  ``signed_records.py``): this peer's coordinate and its nearest measured neighbours, ``{"c": [x, y, height,
+  error], "n": [[peer id, rtt ms, Mbit/s or None], ...]}``. ``read_near`` checks every field before anyone uses it;
+  ``Prober`` refreshes it. The shard is the first byte of sha256(peer id) mod ``SHARDS``: in hivemind's DHT every
+  node answering the lookup that precedes a ``store`` sends back the whole value it holds for the key, so one
+  dictionary of all members would make each peer's refresh cost O(N) bytes; a shard holds ~N / 16.
 
 Memory and traffic per peer for the measurements do not grow with the swarm: at most ``MAX_NEIGHBOURS``
 measurements, ``PROBES`` pings per ``PROBE_EVERY_S``, one record of at most ``PUBLISHED_NEIGHBOURS`` neighbours.
@@ -19,6 +22,7 @@ Reading everybody's records (to derive the groups) costs ~300 bytes per member, 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import random
@@ -44,8 +48,19 @@ MAX_COORD_MS = 100_000.0  # farther than any place on earth: a coordinate beyond
 MAX_RTT_MS = 60_000.0
 
 
-def near_key(run_id: str) -> str:
-    return f"p2ptrain/v1/near/{run_id}"
+SHARDS = 16  # the near records are spread over this many keys (see the module docstring)
+
+
+def near_key(run_id: str, shard: int = 0) -> str:
+    return f"p2ptrain/v1/near/{run_id}/{shard}"
+
+
+def near_keys(run_id: str) -> list[str]:
+    return [near_key(run_id, shard) for shard in range(SHARDS)]
+
+
+def shard_of(peer: str) -> int:
+    return hashlib.sha256(peer.encode()).digest()[0] % SHARDS
 
 
 @dataclass
@@ -198,17 +213,20 @@ def _number(value: object, limit: float) -> bool:
 
 
 def read_near(dht: hivemind.DHT, run_id: str) -> dict[str, Near]:
-    """Every member's near record that checks out (peer id → ``Near``); malformed ones are skipped."""
-    found = bounded(dht.get(near_key(run_id), latest=True, return_future=True))
-    if found is None or not isinstance(found.value, dict):
-        return {}
+    """Every member's near record that checks out (peer id → ``Near``), from every shard; malformed ones, and ones
+    in another peer's shard, are skipped."""
+    futures = [dht.get(key, latest=True, return_future=True) for key in near_keys(run_id)]
     records: dict[str, Near] = {}
-    for peer, entry in found.value.items():
-        try:
-            if isinstance(peer, str):
-                records[peer] = decode_near(getattr(entry, "value", None))
-        except ValueError as e:
-            logger.debug("Ignoring the near record of %s: %s", peer, e)
+    for shard, future in enumerate(futures):
+        found = bounded(future)
+        if found is None or not isinstance(found.value, dict):
+            continue
+        for peer, entry in found.value.items():
+            try:
+                if isinstance(peer, str) and shard_of(peer) == shard:
+                    records[peer] = decode_near(getattr(entry, "value", None))
+            except ValueError as e:
+                logger.debug("Ignoring the near record of %s: %s", peer, e)
     return records
 
 
@@ -296,5 +314,6 @@ class Prober:
     def publish(self) -> bool:
         value = encode_near(self.vivaldi.coord, self.neighbours.nearest())
         expiration = get_dht_time() + RECORD_TTL_S
-        future = self.dht.store(near_key(self.run_id), value, expiration, subkey=self.me, return_future=True)
+        key = near_key(self.run_id, shard_of(self.me))
+        future = self.dht.store(key, value, expiration, subkey=self.me, return_future=True)
         return bool(bounded(future))

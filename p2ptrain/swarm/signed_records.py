@@ -19,6 +19,7 @@ not known in advance. Manifest, ledger and revocation records carry signatures o
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 
@@ -32,14 +33,20 @@ from hivemind.utils import MSGPackSerializer
 
 from p2ptrain.swarm.discovery import finishing_key, members_key, passes_key, relays_key
 from p2ptrain.swarm.identity import PSS, peer_id_of, public_key_der
-from p2ptrain.swarm.proximity import near_key
+from p2ptrain.swarm.proximity import SHARDS, near_key
 
 logger = logging.getLogger(__name__)
 DOMAIN = b"p2ptrain/v1/peer-record\x00"
 MAX_SIGNED_BYTES = 16 * 1024
 
 
-PEER_KEYS: tuple[Callable[[str], str], ...] = (members_key, relays_key, passes_key, finishing_key, near_key)
+PEER_KEYS: tuple[Callable[[str], str], ...] = (
+    members_key,
+    relays_key,
+    passes_key,
+    finishing_key,
+    *(functools.partial(near_key, shard=shard) for shard in range(SHARDS)),
+)
 
 
 class PeerRecords(RecordValidatorBase):
