@@ -39,6 +39,7 @@ class PeerStatus:
     network_no_relay: bool = False  # behind NAT and no member reachable directly: nobody new can reach it
     network_isolated: bool = False  # ... and not connected to any member either: training waits (watch.NetworkWatch)
     connections: dict[str, int] = field(default_factory=dict)  # direct / hole-punched / relayed
+    nearest: list[list] = field(default_factory=list)  # [peer id, round trip ms] of the nearest measured members
     param_history: list[list] = field(default_factory=list)  # [global step, peers agreeing, compared, resynced]
     resynced_at: int | None = None  # global step reached by downloading the swarm's state after parting from it
     samples_per_s: float = 0.0

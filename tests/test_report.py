@@ -181,3 +181,10 @@ def test_status_says_how_a_peer_behind_nat_is_connected():
     assert "Network: reachable through 2 relay(s); connections: 3 direct, 1 hole-punched, 0 relayed" in text
     text = describe_status({"daemon_pid": 7, "state": "training", "peer": peer | {"network_isolated": True}})
     assert "no member reachable: training waits for a relay" in text
+
+
+def test_status_names_the_nearest_members_and_their_round_trips():
+    nearest = [["12D3KooWAbcdefXYZ123", 4.26], ["12D3KooWQqq999", 151.0]]
+    peer = {"run_id": "run", "model": "gpt2-tiny", "nearest": nearest}
+    text = describe_status({"daemon_pid": 7, "state": "training", "peer": peer, "ledger": None})
+    assert "Nearest members: …XYZ123 4 ms, …Qqq999 151 ms" in text

@@ -114,6 +114,9 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, monkeypatch, c
         after_kill = max(a.status()["epoch"], d.status()["epoch"])
         for peer in (a, d):
             swarm.wait_for(peer, epoch_at_least(min(after_kill + 2, FINAL_EPOCH - 4)), 180, "steps after the kill")
+        # the network watch's prober has measured round trips to members (swarm/proximity.py)
+        near = swarm.wait_for(a, lambda s: bool(s.get("nearest")), 60, "round trips to the nearest members")
+        assert all(peer != near["peer_id"] and 0 < ms < 1000 for peer, ms in near["nearest"]), near["nearest"]
 
         # SIGTERM: leaves within 10 s, exit code 0, no child process left, checkpoint written
         b_children = descendants(b.proc.pid)

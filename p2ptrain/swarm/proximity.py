@@ -29,6 +29,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import hivemind
@@ -262,8 +263,11 @@ class Prober:
         every_s: float = PROBE_EVERY_S,
         probes: int = PROBES,
         read_every_s: float = READ_EVERY_S,
+        on_probe: Callable[[list[tuple[str, Measured]]], None] = lambda nearest: None,
     ):
+        """``on_probe`` gets the nearest measured members after each cycle (for the status)."""
         self.dht, self.run_id, self.every_s, self.probes, self.read_every_s = dht, run_id, every_s, probes, read_every_s
+        self.on_probe = on_probe
         self.me = dht.peer_id.to_base58()
         self.neighbours = Neighbours()
         self.vivaldi = Vivaldi(seed=self.me)
@@ -310,6 +314,7 @@ class Prober:
             if remote is not None:
                 self.vivaldi.observe(rtt_ms, remote.coord)
         self.publish()
+        self.on_probe(self.neighbours.nearest())
 
     def publish(self) -> bool:
         value = encode_near(self.vivaldi.coord, self.neighbours.nearest())

@@ -28,6 +28,7 @@ import hivemind
 from p2ptrain.compat.hivemind import disconnect
 from p2ptrain.gate import Gate, Verdict
 from p2ptrain.swarm import discovery, nat, reachability
+from p2ptrain.swarm.proximity import Measured, Prober
 from p2ptrain.swarm.reachability import relayed
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ NO_RELAY = (
 ISOLATED = "no member of the swarm can be reached (no relay): waiting for one to return; progress is kept"
 MEET_AT_MOST = 16  # members a peer opens connections to ahead of averaging
 MEET_EVERY_LOOKS = 3  # the network watch meets new members every third look (30 s)
+NEAREST_SHOWN = 3  # nearest measured members in the status
 
 
 async def _meet(_dht: hivemind.DHT, node: Any, peer_ids: list[str]) -> int:
@@ -190,6 +192,7 @@ class NetworkWatch:
         self._looks = 0
         self._stop = threading.Event()
         self._checker = reachability.Checker(dht, self._on_reach, first=role.reach)
+        self.prober = Prober(dht, run_id, on_probe=self._on_probe)
         self._thread = threading.Thread(target=self._run, name="network-watch", daemon=True)
 
     def start(self) -> None:
@@ -202,6 +205,7 @@ class NetworkWatch:
             )
         )
         self._checker.start()
+        self.prober.start()
         self._thread.start()
 
     def ask_rejoin(self, reason: str) -> None:
@@ -296,7 +300,12 @@ class NetworkWatch:
             self.gate.set(Verdict(True))
         self._on_status(dict(network_isolated=isolated))
 
+    def _on_probe(self, nearest: list[tuple[str, Measured]]) -> None:
+        """The nearest measured members, for the status (the near record carries the same)."""
+        self._on_status(dict(nearest=[[peer, round(m.rtt_ms, 1)] for peer, m in nearest[:NEAREST_SHOWN]]))
+
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
         self._checker.stop(timeout)
+        self.prober.stop(timeout)
         self._thread.join(timeout)

@@ -23,6 +23,9 @@ def describe_status(reply: dict[str, Any]) -> str:
             lines.append(f"Reachability: {peer['reachability']}")
         if peer.get("network_role"):
             lines.append(f"Network: {peer['network_role']}{describe_connections(peer)}")
+        if peer.get("nearest"):
+            near = ", ".join(f"…{p[-6:]} {ms:.0f} ms" for p, ms in peer["nearest"])
+            lines.append(f"Nearest members: {near}")
         lines.append(describe_ledger(reply.get("ledger")))
     elif peer.get("state"):
         lines.append(f"Peer: {peer['state']}")
