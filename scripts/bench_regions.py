@@ -42,6 +42,8 @@ def counter(ns: str, dev: str, kind: str) -> int:
 
 
 def run(grouping: str, args: argparse.Namespace, work: Path) -> dict:
+    """One configuration in a fresh lab (removed after): the summary, with every peer's rows (``rows``: one per
+    round, as ``bench_scale.py``'s worker writes them) and exit codes (``exit_codes``)."""
     lab = NatLab()
     procs: list[subprocess.Popen] = []
     results, bootstrap = work / f"rounds-{grouping}.jsonl", work / f"bootstrap-{grouping}.txt"
@@ -74,7 +76,7 @@ def run(grouping: str, args: argparse.Namespace, work: Path) -> dict:
         sent0 = [counter(h.ns, "eth0", "tx") for h in hosts]
         cross0 = counter(eu.ns, "core", "tx") + counter(eu.ns, "core", "rx")
         for proc in procs:
-            proc.wait(timeout=args.rounds * args.period + 90)
+            proc.wait(timeout=max(1.0, t0 - time.time()) + args.rounds * args.period + 60)
         sent = [counter(h.ns, "eth0", "tx") - s for h, s in zip(hosts, sent0, strict=True)]
         cross = counter(eu.ns, "core", "tx") + counter(eu.ns, "core", "rx") - cross0
     finally:
@@ -104,6 +106,8 @@ def run(grouping: str, args: argparse.Namespace, work: Path) -> dict:
         "bytes_sent_per_peer_per_round": statistics.fmean(sent) / args.rounds,
         "bytes_between_regions_per_round": cross / args.rounds,
         "spread_by_round": spread,
+        "exit_codes": [proc.returncode for proc in procs],
+        "rows": rows,
     }
 
 
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": " ".join(["scripts/bench_regions.py", *(argv if argv is not None else sys.argv[1:])]),
               "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}  # fmt: skip
     for grouping in ("swarm", "locality"):
-        report["runs"].append(run(grouping, args, work))
+        report["runs"].append({k: v for k, v in run(grouping, args, work).items() if k != "rows"})
         print(json.dumps(report["runs"][-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

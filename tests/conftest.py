@@ -1,10 +1,11 @@
-"""Shared test helpers: a signing key and a valid manifest for gpt2-tiny."""
+"""Shared test helpers: a signing key, a valid manifest for gpt2-tiny, the lab's namespaces, a swarm's DHT node."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -121,3 +122,19 @@ def uk_forecast(start: float, values: list[float], actual: float | None = None) 
             }
         )
     return {"data": rows}
+
+
+def swarm_node(directory: Path, run_id: str, initial: list | None = None):  # noqa: ANN201 - hivemind.DHT
+    """A loopback DHT node as a member of swarm ``run_id`` runs it: its own libp2p identity (kept in ``directory``)
+    and the swarm's validator of signed per-peer records."""
+    import hivemind
+
+    from p2ptrain.swarm.identity import ensure_identity, identity_key
+    from p2ptrain.swarm.signed_records import PeerRecords
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ensure_identity(directory)
+    return hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(directory / "identity.key"),
+        initial_peers=initial or [], record_validators=[PeerRecords([run_id], identity_key(directory))],
+    )  # fmt: skip

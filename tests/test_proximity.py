@@ -4,12 +4,11 @@ record that other members read; a node that does not sign cannot place a record 
 from __future__ import annotations
 
 import hivemind
+from conftest import swarm_node
 from hivemind.utils import get_dht_time
 
 from p2ptrain.swarm.discovery import members_key
-from p2ptrain.swarm.identity import ensure_identity, identity_key
 from p2ptrain.swarm.proximity import Coord, Prober, encode_near, near_key, read_near, shard_of
-from p2ptrain.swarm.signed_records import PeerRecords
 
 RUN = "near-run"
 
@@ -19,16 +18,7 @@ def test_probers_measure_each_other_and_publish_signed_records(tmp_path):
     probers: list[Prober] = []
     try:
         for name in ("a", "b", "c"):
-            directory = tmp_path / name
-            directory.mkdir()
-            ensure_identity(directory)
-            nodes.append(
-                hivemind.DHT(
-                    start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(directory / "identity.key"),
-                    initial_peers=nodes[0].get_visible_maddrs() if nodes else [],
-                    record_validators=[PeerRecords([RUN], identity_key(directory))],
-                )
-            )  # fmt: skip
+            nodes.append(swarm_node(tmp_path / name, RUN, nodes[0].get_visible_maddrs() if nodes else []))
         ids = [node.peer_id.to_base58() for node in nodes]
         for node, peer in zip(nodes, ids, strict=True):
             assert node.store(members_key(RUN), b"m", get_dht_time() + 60, subkey=peer)

@@ -7,6 +7,7 @@ import dataclasses
 import hivemind
 import msgpack
 import pytest
+from conftest import swarm_node
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
@@ -85,16 +86,7 @@ def test_forged_membership_is_not_counted_in_a_real_dht(tmp_path):
     nodes = []
     try:
         for name in ("honest", "reader"):  # each signs with its own libp2p identity, as a peer does
-            directory = tmp_path / name
-            directory.mkdir()
-            ensure_identity(directory)
-            nodes.append(
-                hivemind.DHT(
-                    start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(directory / "identity.key"),
-                    initial_peers=nodes[0].get_visible_maddrs() if nodes else [],
-                    record_validators=[PeerRecords([RUN], identity_key(directory))],
-                )
-            )  # fmt: skip
+            nodes.append(swarm_node(tmp_path / name, RUN, nodes[0].get_visible_maddrs() if nodes else []))
         forger = hivemind.DHT(
             start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=nodes[0].get_visible_maddrs()
         )
