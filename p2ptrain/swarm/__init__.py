@@ -13,5 +13,7 @@
 - ``port_mapping`` reads the mapping a home router made for us (UPnP IGD table, NAT-PMP)
 - ``network``      the DHT started in that role; the port claimed once
 - ``watch``        while the peer trains: the watch that notices when that role no longer fits, hole punching
+- ``proximity``    how far other peers are: measured round trips, a Vivaldi coordinate, the signed near record
+- ``grouping``     who averages with whom: clusters of nearby peers and Moshpit levels across them (not yet used)
 - ``joining``      which swarm to join (seed or join, invite, remembered, advertised) and what is remembered of it
 """
