@@ -161,7 +161,7 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
             for v in range(args.views):
                 missing = set(random.Random(r * 31 + v).sample(recent, len(recent) // 2)) if v else set()
                 views.append((clusters(records, [p for p in listed if p not in missing], grouping_size), r))
-            cycle_length = max(1, _levels(views[0][0], grouping_size))
+            cycle_length = levels(len(views[0][0]), grouping_size)
         # every alive peer's key this round
         keys: dict[str, list[Peer]] = {}
         placed = [all_groups(found, grouping_size, r) for found, _ in views] if grouping_size else []
@@ -236,10 +236,6 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
         "consensus_by_round": spread,
         "levels": cycle_length,
     }
-
-
-def _levels(found: list[list[str]], size: int) -> int:
-    return levels(len(found), size)
 
 
 def _bytes(payload: float, lookup: float, reads: int, args: argparse.Namespace, model: Model) -> float:

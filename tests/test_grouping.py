@@ -67,16 +67,15 @@ def test_neighbours_are_bounded_and_forget_the_least_recent_first():
     assert len(table) == 3 and "p0" not in table and "p4" in table
     table.rtt("p2", 20.0)  # smoothed, and now the most recent
     assert table.get("p2").rtt_ms == pytest.approx(0.7 * 12 + 0.3 * 20)
-    table.throughput("p3", 1_250_000, 1.0)
-    assert table.get("p3").mbit_s == pytest.approx(10.0)
     assert [p for p, _ in table.nearest(2)] == ["p3", "p4"]
 
 
 def test_near_records_round_trip_and_refuse_anything_else():
-    record = encode_near(Coord(1.234, -5.0, 0.5, 0.25), [("peer-x", Measured(12.345, 80.0)), ("peer-y", Measured(3.0))])
+    record = encode_near(Coord(1.234, -5.0, 0.5, 0.25), [("peer-x", Measured(12.345)), ("peer-y", Measured(3.0))])
     near = decode_near(record)
     assert near.coord == Coord(1.23, -5.0, 0.5, 0.25)
-    assert near.neighbours == {"peer-x": (12.35, 80.0), "peer-y": (3.0, None)}
+    assert near.neighbours == {"peer-x": (12.35, None), "peer-y": (3.0, None)}
+    assert decode_near({**record, "n": [["peer-z", 5.0, 80.0]]}).neighbours == {"peer-z": (5.0, 80.0)}
     bad = [
         None, [], {"c": [0, 0, 0, 0]}, {**record, "extra": 1}, {**record, "c": [0, 0, 0]},
         {**record, "c": [math.nan, 0, 0, 0]}, {**record, "c": [1e9, 0, 0, 0]}, {**record, "c": [0, 0, -1, 0.5]},

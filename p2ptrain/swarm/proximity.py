@@ -3,7 +3,7 @@ coordinate that lets any peer estimate the distance between two peers it never m
 
 - ``Neighbours``: the last measurements to at most ``MAX_NEIGHBOURS`` peers (least recently seen dropped first):
   round-trip time from light probes (a DHT ping, the smaller of two so that a fresh connection's handshake does not
-  count) and achieved throughput from real averaging rounds.
+  count). Achieved throughput has a column in the record but nothing measures it yet: it is always null.
 - ``Vivaldi``: a network coordinate (Dabek et al., SIGCOMM 2004; the height variant that Serf and Consul use): two
   dimensions plus a height, in milliseconds, moved a little towards agreement with each round trip measured to a
   peer whose coordinate is known. The distance between two coordinates estimates their round trip.
@@ -67,8 +67,6 @@ def shard_of(peer: str) -> int:
 @dataclass
 class Measured:
     rtt_ms: float | None = None  # smoothed (EWMA 0.3)
-    mbit_s: float | None = None  # smoothed (EWMA 0.3)
-    seen: float = 0.0  # time.monotonic() of the last measurement
 
 
 class Neighbours:
@@ -84,21 +82,12 @@ class Neighbours:
         self._peers[peer] = entry
         while len(self._peers) > self.capacity:
             self._peers.popitem(last=False)
-        entry.seen = time.monotonic()
         return entry
 
     def rtt(self, peer: str, rtt_ms: float) -> None:
         with self._lock:
             entry = self._entry(peer)
             entry.rtt_ms = rtt_ms if entry.rtt_ms is None else 0.7 * entry.rtt_ms + 0.3 * rtt_ms
-
-    def throughput(self, peer: str, nbytes: float, seconds: float) -> None:
-        if seconds <= 0 or nbytes <= 0:
-            return
-        mbit_s = nbytes * 8 / seconds / 1e6
-        with self._lock:
-            entry = self._entry(peer)
-            entry.mbit_s = mbit_s if entry.mbit_s is None else 0.7 * entry.mbit_s + 0.3 * mbit_s
 
     def get(self, peer: str) -> Measured | None:
         with self._lock:
@@ -161,13 +150,12 @@ class Vivaldi:
         height = own.height
         if magnitude > 1e-6:
             height = max(MIN_HEIGHT_MS, own.height + force * (own.height + remote.height) / (magnitude + 1e-9))
-        clamp = functools.partial(_clamp, MAX_COORD_MS)
-        self.coord = Coord(clamp(x), clamp(y), min(height, MAX_COORD_MS), error)
+        self.coord = Coord(_clamp(x), _clamp(y), min(height, MAX_COORD_MS), error)
         return self.coord
 
 
-def _clamp(limit: float, value: float) -> float:
-    return max(-limit, min(limit, value))
+def _clamp(value: float) -> float:
+    return max(-MAX_COORD_MS, min(MAX_COORD_MS, value))
 
 
 @dataclass(frozen=True)
@@ -180,7 +168,7 @@ class Near:
 
 def encode_near(coord: Coord, nearest: list[tuple[str, Measured]]) -> dict:
     rounded = [round(v, 2) for v in (coord.x, coord.y, coord.height, coord.error)]
-    rows = [[p, round(m.rtt_ms, 2), None if m.mbit_s is None else round(m.mbit_s, 2)] for p, m in nearest]
+    rows = [[p, round(m.rtt_ms, 2), None] for p, m in nearest]  # throughput: not measured yet
     return {"c": rounded, "n": rows[:PUBLISHED_NEIGHBOURS]}
 
 
