@@ -14,6 +14,17 @@ from p2ptrain.swarm.manifest import SwarmManifest, new_manifest
 
 # no test reaches the Hugging Face hub (its client retried for 23 s before failing here); peers inherit this
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one torch thread each, or both crawl
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_itemcollected(item) -> None:
+    """Swarm tests (``slow``) run one after another on one xdist worker (``--dist loadgroup``): each trains on about
+    1.5 of this machine's cores, and two at once stretch their rounds past the averaging timeouts."""
+    if item.get_closest_marker("slow"):
+        item.add_marker(pytest.mark.xdist_group("swarm"))
 
 
 def netns(tag: int | str | None = None) -> set[str]:
