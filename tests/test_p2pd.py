@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from contextlib import AsyncExitStack
 
 import hivemind
+import hivemind.p2p.p2p_daemon as p2p_daemon
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,37 @@ def test_identity_file_gives_hivemind_peer_id(tmp_path):
             assert addrs and all(str(a).endswith(f"/p2p/{p2p.peer_id}") for a in addrs)
 
     run(main())
+
+
+def test_signed_peer_records_carry_the_rsa_key_type(tmp_path):
+    """A Python daemon's peer record (sent in every identify) names its key's type even for RSA, whose type is 0 and
+    which py-libp2p's proto3 message leaves out; without it a Go daemon refuses the record and logs an ERROR at each
+    identify (libp2p_patches.envelope_key_type_sent). hivemind logs what its daemon prints."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            key_file = tmp_path / "rsa.key"
+            P2P.generate_identity(str(key_file))
+            py = await start("py", stack, identity_path=str(key_file))
+            go = await start("go", stack, initial_peers=await py.get_visible_maddrs())
+            await py.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            request = test_pb2.TestRequest(number=2)
+            assert (await go.call_protobuf_handler(py.peer_id, "double", request, test_pb2.TestResponse)).number == 4
+            await asyncio.sleep(2.0)  # identify and its push
+
+    daemon_log = logging.getLogger(p2p_daemon.__name__)
+    handler = Keep(logging.ERROR)
+    daemon_log.addHandler(handler)
+    try:
+        run(main())
+    finally:
+        daemon_log.removeHandler(handler)
+    assert not [line for line in seen if "peer record" in line], seen
 
 
 @pytest.mark.parametrize("kinds", [("py", "py"), ("py", "go"), ("go", "py")])

@@ -1,8 +1,8 @@
 """Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts: every touch of py-libp2p's
 private names is here (``tests/test_layout.py`` checks), and ``install`` refuses any other py-libp2p version.
 
-Two fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``. Three speed-ups
-(``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
+Three fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``.
+Three speed-ups (``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
 ``buffer_tcp_reads``, ``window_updates_like_go``, ``wait_for_credit_without_polling``.
 What goes over the network stays valid TCP/Noise/yamux.
 """
@@ -216,6 +216,41 @@ def circuit_addrs_advertised() -> None:
     BasicHost._p2ptrain_circuits = True
 
 
+def envelope_key_type_sent() -> None:
+    """Signed envelopes (the peer record in every identify) carry their public key's type, also for RSA.
+
+    py-libp2p writes the envelope's key with a proto3 message, which leaves out a field at its zero value; RSA's
+    key type is 0, so an RSA key (hivemind's identities) goes out without the type, which crypto.proto (proto2)
+    requires: go-libp2p refuses the record and logs an ERROR at every identify of a Python peer. Here the key is
+    written with py-libp2p's proto2 message (``libp2p.crypto.pb``), which writes the type always; the other fields,
+    and so the signed bytes, are unchanged.
+    """
+    from libp2p.crypto.pb import crypto_pb2
+    from libp2p.peer.envelope import Envelope
+    from libp2p.peer.pb import envelope_pb2
+
+    if getattr(Envelope, "_p2ptrain_key_type", False):
+        return
+
+    def marshal_envelope(self: Envelope) -> bytes:
+        key = crypto_pb2.PublicKey(key_type=self.public_key.get_type().value, data=self.public_key.to_bytes())
+        rest = envelope_pb2.Envelope(payload_type=self.payload_type, payload=self.raw_payload, signature=self.signature)
+        encoded = key.SerializeToString()
+        return b"\x0a" + _varint(len(encoded)) + encoded + rest.SerializeToString()  # field 1, length-delimited
+
+    Envelope.marshal_envelope = marshal_envelope
+    Envelope._p2ptrain_key_type = True
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 class UnsupportedVersion(RuntimeError):
     pass
 
@@ -233,6 +268,7 @@ def install(speedups: bool = True) -> None:
     check_version()
     atomic_frame_writes()
     circuit_addrs_advertised()
+    envelope_key_type_sent()
     if speedups:
         buffer_tcp_reads()
         window_updates_like_go()
