@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2ptrain.train.param_check import SKETCH_SIZE, agree, judge, positions, read_sketches, sketch
+from p2ptrain.train.param_check import SKETCH_SIZE, agree, encode_sketch, judge, positions, read_sketches, sketch
 
 LR = 1e-3
 
@@ -56,12 +56,13 @@ def test_who_resynchronises():
 
 
 def test_malformed_sketches_from_the_network_are_skipped():
-    good = np.zeros(SKETCH_SIZE, dtype=np.float32).tobytes()
+    good = encode_sketch(23, np.zeros(SKETCH_SIZE, dtype=np.float32))
     entry = lambda value: type("E", (), {"value": value})()  # noqa: E731 - hivemind's ValueWithExpiration
-    records = {"me": good, "ok": good, "short": b"\x00" * 8, "text": "x", 3: good}
+    records = {"me": good, "ok": good, "short": b"\x00" * 8, "text": "x", 3: good, "bare": good[8:]}
+    records["older"] = encode_sketch(7, np.zeros(SKETCH_SIZE, dtype=np.float32))  # the same key, 16 steps before
     found = entry({peer: entry(value) for peer, value in records.items()})
-    assert set(read_sketches(found, own="me")) == {"ok"}
-    assert read_sketches(entry(["not", "a", "dict"]), own="me") == {}
+    assert set(read_sketches(found, own="me", epoch=23)) == {"ok"}
+    assert read_sketches(entry(["not", "a", "dict"]), own="me", epoch=7) == {}
 
 
 def test_a_resync_moves_the_step_loop_on_so_it_stops_at_the_last_step(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from p2ptrain.train.optimizers import StateRounds
-from p2ptrain.train.param_check import params_key, sketch
+from p2ptrain.train.param_check import encode_sketch, sketch, sketch_key
 from p2ptrain.train.state_download import close
 
 RUN = "served-state"
@@ -44,7 +44,7 @@ def test_a_late_joiner_refuses_a_liars_state_and_takes_the_members(tmp_path):
         server = make(dht=dht, params=[torch.nn.Parameter(value.clone())])
         server.local_epoch = EPOCH
         dht.store(
-            params_key(RUN, EPOCH), sketch([value], RUN, EPOCH).tobytes(), get_dht_time() + 60,
+            sketch_key(RUN, EPOCH), encode_sketch(EPOCH, sketch([value], RUN, EPOCH)), get_dht_time() + 60,
             subkey=dht.peer_id.to_base58(),
         )  # fmt: skip
         servers.append(server)

@@ -143,6 +143,9 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, monkeypatch, c
 
     finals = {p.name: p.status() for p in (a, d, b2)}
     assert all(s["epoch"] == FINAL_EPOCH and s["checkpoint_epoch"] == FINAL_EPOCH for s in finals.values()), finals
+    # peers compared their parameters with others' signed sketches after global steps, and found them equal
+    compared = [c for s in finals.values() for c in s["param_history"] if c[2] > 0]
+    assert compared and any(agreeing == others for _, agreeing, others, _ in compared), finals
 
     # the swarm's report card, from the DHT alone (every peer has left), is the sum of the peers' ledgers
     argv = ["report", "--swarm", "--run-id", run_id, "--initial-peers", str(observer.get_visible_maddrs()[0])]

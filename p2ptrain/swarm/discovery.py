@@ -73,6 +73,14 @@ def passes_key(run_id: str) -> str:
     return f"p2ptrain/v1/passes/{run_id}"
 
 
+PARAM_SLOTS = 16  # parameter sketches rotate over this many keys, so that the signature validator knows them all
+
+
+def params_key(run_id: str, slot: int) -> str:
+    """The parameter sketches of global steps N with N % PARAM_SLOTS == slot (``train/param_check.py``)."""
+    return f"p2ptrain/v1/params/{run_id}/{slot}"
+
+
 def revoked_key(run_id: str) -> str:
     return f"p2ptrain/v1/revoked/{run_id}"
 

@@ -31,7 +31,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 
-from p2ptrain.swarm.discovery import finishing_key, members_key, passes_key, relays_key
+from p2ptrain.swarm.discovery import PARAM_SLOTS, finishing_key, members_key, params_key, passes_key, relays_key
 from p2ptrain.swarm.identity import PSS, peer_id_of, public_key_der
 from p2ptrain.swarm.proximity import SHARDS, near_key
 
@@ -46,6 +46,7 @@ PEER_KEYS: tuple[Callable[[str], str], ...] = (
     passes_key,
     finishing_key,
     *(functools.partial(near_key, shard=shard) for shard in range(SHARDS)),
+    *(functools.partial(params_key, slot=slot) for slot in range(PARAM_SLOTS)),
 )
 
 

@@ -9,11 +9,13 @@ member would train on alone, and hivemind's state averaging pulls it back only i
 it with the others.
 
 So each peer publishes, at global step N, a **sketch** of its parameters: ``SKETCH_SIZE`` coordinates chosen by a
-generator seeded with the run id and N (every peer picks the same), under
-``p2ptrain/v1/params/<run_id>/<N>`` (subkey: peer id; protocols/dht-records.md). At its next step it reads the
-others' sketches for N. Two sketches **agree** when at most ``DIFFER_SHARE`` of their coordinates are more than
-``TOLERANCE`` × the learning rate apart (room for float rounding on different hardware; a member that took its own
-gradients for a part of the vector moves those coordinates by about a tenth of the learning rate, AdamW).
+generator seeded with the run id and N (every peer picks the same), with N in front, under
+``p2ptrain/v1/params/<run_id>/<N mod 16>`` (subkey: peer id, signed by its key: ``swarm/signed_records.py``, which
+must know every key in advance, hence 16 keys in turn and not one per step; protocols/dht-records.md). At its
+next step it reads the others' sketches for N. Two sketches **agree** when at most ``DIFFER_SHARE`` of their
+coordinates are more than ``TOLERANCE`` × the learning rate apart (room for float rounding on different hardware; a
+member that took its own gradients for a part of the vector moves those coordinates by about a tenth of the learning
+rate, AdamW).
 
 Measured on a 4-peer gpt2-tiny swarm on loopback (fp16, 19 steps, the numbers are in the ``--log-level DEBUG``
 log): every pair of peers at every step, bit for bit equal. Before one average for all: a median 0.01-0.06
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 from hivemind.utils import get_dht_time
 
-from p2ptrain.swarm.discovery import DHT_TIMEOUT_S
+from p2ptrain.swarm.discovery import DHT_TIMEOUT_S, PARAM_SLOTS, params_key
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +55,15 @@ DIFFER_SHARE = 0.01  # sketches with more differing coordinates than this disagr
 RECORD_TTL_S = 120.0
 MAX_SKETCHES = 64  # read per step
 SKETCH_BYTES = SKETCH_SIZE * 4
+STEP = struct.Struct("<Q")  # the global step, before the sketch
 
 
-def params_key(run_id: str, epoch: int) -> str:
-    return f"p2ptrain/v1/params/{run_id}/{epoch}"
+def sketch_key(run_id: str, epoch: int) -> str:
+    return params_key(run_id, epoch % PARAM_SLOTS)
+
+
+def encode_sketch(epoch: int, values: np.ndarray) -> bytes:
+    return STEP.pack(epoch) + values.astype("<f4").tobytes()
 
 
 def positions(run_id: str, epoch: int, total: int, size: int = SKETCH_SIZE) -> np.ndarray:
@@ -116,16 +124,18 @@ def judge(
     return Verdict(epoch, len(others), 0, left=not lead, apart=True, lead=lead)
 
 
-def read_sketches(found: object, own: str) -> dict[str, np.ndarray]:
-    """The others' sketches in a DHT answer; malformed entries skipped."""
+def read_sketches(found: object, own: str, epoch: int) -> dict[str, np.ndarray]:
+    """The others' sketches of global step ``epoch`` in a DHT answer; malformed ones and other steps' skipped."""
     records = getattr(found, "value", None)
     if not isinstance(records, dict):
         return {}
     out = {}
     for peer, entry in list(records.items())[:MAX_SKETCHES]:
         value = getattr(entry, "value", None)
-        if isinstance(peer, str) and peer != own and isinstance(value, bytes) and len(value) == SKETCH_BYTES:
-            sketch = np.frombuffer(value, dtype=np.float32)
+        if not (isinstance(value, bytes) and len(value) == STEP.size + SKETCH_BYTES):
+            continue
+        if isinstance(peer, str) and peer != own and STEP.unpack_from(value)[0] == epoch:
+            sketch = np.frombuffer(value, dtype="<f4", offset=STEP.size)
             if np.isfinite(sketch).all():  # a NaN would disagree with everybody: a broken or lying peer's
                 out[peer] = sketch
     return out
@@ -154,8 +164,8 @@ class ParamCheck:
         self._mine = {e: v for e, v in self._mine.items() if e >= epoch - 2}
         self._mine[epoch] = (mine, lr, own_update, None if group is None else frozenset(group))
         self.dht.store(
-            params_key(self.run_id, epoch), mine.tobytes(), get_dht_time() + RECORD_TTL_S, subkey=self.own,
-            return_future=True,
+            sketch_key(self.run_id, epoch), encode_sketch(epoch, mine), get_dht_time() + RECORD_TTL_S,
+            subkey=self.own, return_future=True,
         )  # fmt: skip
         return self.poll(epoch - 1)
 
@@ -164,7 +174,7 @@ class ParamCheck:
         now = time.monotonic()
         if self._pending is None:
             if epoch in self._mine:
-                future = self.dht.get(params_key(self.run_id, epoch), latest=True, return_future=True)
+                future = self.dht.get(sketch_key(self.run_id, epoch), latest=True, return_future=True)
                 self._pending = (epoch, future, now)
             return None
         pending_epoch, future, started = self._pending
@@ -182,7 +192,7 @@ class ParamCheck:
         mine, lr, own_update, group = self._mine.get(pending_epoch, (None, 0.0, False, None))
         if mine is None:
             return None
-        theirs = read_sketches(found, self.own)
+        theirs = read_sketches(found, self.own, pending_epoch)
         if group is not None:
             theirs = {peer: value for peer, value in theirs.items() if peer in group}
         self.last = judge(mine, theirs, lr, pending_epoch, own_update, self.own)

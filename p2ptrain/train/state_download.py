@@ -29,7 +29,7 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from p2ptrain.train.group_rounds import dht_get
 from p2ptrain.train.local_updates import check_state
-from p2ptrain.train.param_check import params_key, read_sketches, sketch
+from p2ptrain.train.param_check import read_sketches, sketch, sketch_key
 
 AGREE_RELATIVE = 0.05  # a served coordinate agrees with a member's within 5 % (+ AGREE_ABSOLUTE): room for the
 AGREE_ABSOLUTE = 1e-4  #   fp16 state averaging some members took and others not yet
@@ -61,8 +61,8 @@ class CheckedStateDownload(DecentralizedAverager):
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
             logger.warning("Refused the state peer %s served: undecodable (%s)", peer, e)
             return False
-        found = await dht_get(self.dht, params_key(self.run_id, epoch))
-        theirs = {p: v for p, v in read_sketches(found, str(self.peer_id)).items() if p != str(peer)}
+        found = await dht_get(self.dht, sketch_key(self.run_id, epoch))
+        theirs = {p: v for p, v in read_sketches(found, str(self.peer_id), epoch).items() if p != str(peer)}
         agreeing = sum(close(served, other) for other in theirs.values())
         if len(theirs) < 2:  # one other sketch against the server's word: nothing tells which of the two is wrong
             logger.info("Took the state of peer %s (global step %d) unchecked: %d other member(s) published that "
