@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
 from p2ptrain.local_swarm import loopback_dhts
-from p2ptrain.swarm.nat import aggregates, offered_addrs
+from p2ptrain.swarm.nat import aggregates, cannot_average, offered_addrs
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.group_rounds import GroupRounds, check_whole, with_shares
 
@@ -33,6 +34,12 @@ D, M, N, S, U = Kind.DIRECT, Kind.MAPPED, Kind.NAT, Kind.SYMMETRIC_NAT, Kind.UNK
 )
 def test_who_aggregates(kinds, expected):
     assert aggregates(kinds) == expected
+
+
+def test_a_group_behind_two_kinds_of_nat_with_nobody_public_cannot_average():
+    assert cannot_average([N, S]) and cannot_average([N, N, S]) and cannot_average([S, N, S])
+    assert not cannot_average([D, N, S]) and not cannot_average([U, N, S])  # a public member aggregates
+    assert not cannot_average([S, S]) and not cannot_average([N, N])  # one LAN, or hole punching: they may
 
 
 def test_every_member_derives_the_same_shares_from_the_gathered_reports():
@@ -85,7 +92,7 @@ class Rounds(GroupRounds, DecentralizedAverager):
     pass
 
 
-def average_once(cls, vectors: list[torch.Tensor], kinds=None) -> list[torch.Tensor]:
+def average_once(cls, vectors: list[torch.Tensor], kinds=None, timeout: float = 30) -> list[torch.Tensor]:
     """One real averaging round of ``cls`` averagers (one per vector, fp16 on the wire); each member's result."""
     dhts = loopback_dhts(len(vectors))
     extra = [{} if kinds is None else {"reach_kind": kind} for kind in (kinds or vectors)]
@@ -95,7 +102,7 @@ def average_once(cls, vectors: list[torch.Tensor], kinds=None) -> list[torch.Ten
         for v, dht, more in zip(vectors, dhts, extra, strict=True)
     ]  # fmt: skip
     try:
-        controls = [a.step(wait=False, timeout=30) for a in averagers]
+        controls = [a.step(wait=False, timeout=timeout) for a in averagers]
         for control in controls:
             assert len(control.result(timeout=60)) == len(vectors)
         results = []
@@ -125,3 +132,17 @@ def test_every_member_ends_with_the_same_average():
     assert spread(ours) == 0.0  # one average, bit for bit
     # the average itself is the mean of what crossed the wire: the inputs' fp16 rounding (2^-11 of |values| ≤ 5)
     assert float((ours[0] - mean).abs().max()) < 5 * 2**-11
+
+
+def test_two_peers_behind_different_kinds_of_nat_do_not_wait_out_a_round_they_cannot_average(tmp_path):
+    """On the internet neither could open a direct connection to the other; here, on loopback, they could (and did,
+    before): every member fails such a group as soon as it forms, says why, and looks for another."""
+    log = logging.FileHandler(tmp_path / "averagers.log")  # the averagers log in processes forked with it
+    logging.getLogger("hivemind.averaging.averager").addHandler(log)
+    try:
+        with pytest.raises(AllreduceException, match="could not find a group"):
+            average_once(Rounds, [torch.zeros(1000), torch.ones(1000)], kinds=[N, S], timeout=8)
+    finally:
+        logging.getLogger("hivemind.averaging.averager").removeHandler(log)
+    said = (tmp_path / "averagers.log").read_text()
+    assert "no member of this group of 2 can be reached directly by all the others" in said, said[-2000:]

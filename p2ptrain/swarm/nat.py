@@ -146,11 +146,25 @@ def wait_for_reservation(dht: hivemind.DHT, timeout_s: float = RESERVATION_WAIT_
         time.sleep(0.5)
 
 
+def cannot_average(kinds: Sequence[str]) -> bool:
+    """Whether a group (by its members' reachability kinds) has no member that every other can open a direct
+    connection to, because some sit behind a port-keeping NAT and others behind a symmetric one: then they are behind
+    different routers, and the symmetric one reaches the others only through a relay, which carries no averaging
+    parts (a Go relay cuts a circuit after 128 KiB). Such a round would wait out its timeout and fail; members
+    behind one kind of NAT only may share a LAN, and are left to try."""
+    return any(k == Kind.NAT for k in kinds) and not any(aggregates_strictly(kinds))
+
+
+def aggregates_strictly(kinds: Sequence[str]) -> list[bool]:
+    symmetric = any(k == Kind.SYMMETRIC_NAT for k in kinds)
+    return [k != Kind.SYMMETRIC_NAT and not (k == Kind.NAT and symmetric) for k in kinds]
+
+
 def aggregates(kinds: Sequence[str]) -> list[bool]:
     """Which members of a group (by their reachability kinds, in group order) aggregate a part of its vector: never
     one behind a symmetric NAT; one behind a port-keeping NAT if no member is behind a symmetric one (it could not
-    reach it); every other (public, or not checked yet: the first peer of a swarm, a LAN). If that leaves nobody,
-    everybody: the round then fails or not as it would have."""
-    symmetric = any(k == Kind.SYMMETRIC_NAT for k in kinds)
-    chosen = [k != Kind.SYMMETRIC_NAT and not (k == Kind.NAT and symmetric) for k in kinds]
+    reach it); every other (public, or not checked yet: the first peer of a swarm, a LAN). If that leaves nobody
+    (members all behind symmetric NATs, perhaps one LAN's: ``cannot_average`` refuses the other such groups),
+    everybody: the round then succeeds or fails as it would have."""
+    chosen = aggregates_strictly(kinds)
     return chosen if any(chosen) else [True] * len(kinds)

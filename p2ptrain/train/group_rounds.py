@@ -45,7 +45,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
 from p2ptrain.swarm.admission import Admission, NotAdmitted
 from p2ptrain.swarm.discovery import passes_key, revoked_key
-from p2ptrain.swarm.nat import aggregates
+from p2ptrain.swarm.nat import aggregates, cannot_average
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.bans import Bans
 from p2ptrain.train.robust import RobustPartReducer
@@ -71,7 +71,7 @@ class GroupRounds(AveragerHooks):
         admission: Admission | None = None,
         **kwargs: Any,
     ):
-        self.reach_kind = str(reach_kind)
+        self.reach_kind = Kind(reach_kind).value  # the plain string on the wire, never "Kind.NAT"
         self.aggregation = aggregation
         self.bans = bans or Bans()  # used in the averager's process, where rounds and handlers run
         self.admission = admission
@@ -315,6 +315,11 @@ def with_shares(group_info: GroupInfo, serializer: Any) -> GroupInfo:
     if not all(isinstance(r, list) and len(r) == 2 and isinstance(r[1], str) for r in reported):
         raise AllreduceException("a group member did not report its reachability (not a p2ptrain averager)")
     kinds = [r[1] for r in reported]
+    if cannot_average(kinds):
+        raise AllreduceException(
+            f"no member of this group of {len(kinds)} can be reached directly by all the others (reachability "
+            f"{', '.join(kinds)}): looking for another group"
+        )
     chosen = aggregates(kinds)
     gathered = tuple(
         serializer.dumps([r[0] if ok else 0.0, *entry[1:]])
