@@ -258,9 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lab", action="store_true", help="the lab's network and 2 shared cores (calibration)")
     parser.add_argument("--calibrate", action="store_true", help="N = 4..32 in the lab, next to bench/scale*.json")
     parser.add_argument("--out", type=Path, default=None, help="merge the results into this JSON (as 'simulated')")
+    parser.add_argument("--plot-only", action="store_true", help="only draw --out's simulated results (a PNG beside)")
     args = parser.parse_args(argv)
     model = Model()
     report = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    if args.plot_only:
+        if not report.get("simulated"):
+            parser.error("--plot-only needs --out with simulated results (run the simulation first)")
+        print(f"wrote {plot(report, args.out.with_name(f'{args.out.stem}-simulated.png'))}")
+        return 0
     if args.calibrate:
         rows = calibrate(args, model)
         print(calibration_table(rows))
@@ -277,7 +283,43 @@ def main(argv: list[str] | None = None) -> int:
         report["simulation"] = {"model": asdict(model), "world": asdict(world), "args": vars(args) | {"out": None}}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+        if report.get("simulated"):
+            plot(report, args.out.with_name(f"{args.out.stem}-simulated.png"))
     return 0
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Convergence (consensus distance by round) and the cost of a round against the swarm's size, for p2ptrain's
+    groups of nearby peers and, where simulated, hivemind's groups of whoever answers first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {
+        "nearby peers (p2ptrain)": report.get("simulated", {}),
+        "whoever answers (hivemind)": report.get("simulated_swarm", {}),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for (label, results), style in zip(runs.items(), ("-", "--"), strict=True):
+        for n, result in sorted(results.items(), key=lambda item: int(item[0])):
+            distances = [max(d, 1e-9) for d in result["consensus_by_round"]]
+            axes[0].plot(range(1, len(distances) + 1), distances, style, label=f"{n} peers, {label}")
+        sizes = sorted(results, key=int)
+        if sizes:
+            peers = [int(n) for n in sizes]
+            axes[1].plot(peers, [results[n]["round_s_median"] for n in sizes], "o" + style, label=label)
+            axes[2].plot(peers, [results[n]["bytes_sent_per_peer_per_round"] / 1e6 for n in sizes], "o" + style,
+                         label=label)  # fmt: skip
+    axes[0].set(title="consensus distance", xlabel="round", yscale="log")
+    axes[1].set(title="median round (s)", xlabel="peers", xscale="log")
+    axes[2].set(title="MB sent per peer per round", xlabel="peers", xscale="log")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def calibrate(args: argparse.Namespace, model: Model) -> list[dict]:

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import simulate_swarm as sim  # noqa: E402
 
@@ -36,3 +38,14 @@ def test_one_group_for_all_fails_where_the_lab_did():
     unbounded = options(grouping="swarm", group_size=0, rounds=3, churn=0.0)
     assert sim.simulate(32, unbounded, sim.LAB, sim.Model())["success_rate"] == 0.0  # measured: 11 %
     assert sim.simulate(16, unbounded, sim.LAB, sim.Model())["success_rate"] == 1.0  # measured: 100 %
+
+
+def test_a_run_merges_into_the_report_and_draws_its_figure(tmp_path):
+    out = tmp_path / "scale.json"
+    assert sim.main(["--sizes", "24", "--rounds", "3", "--group-size", "4", "--out", str(out)]) == 0
+    figure = tmp_path / "scale-simulated.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure.unlink()
+    assert sim.main(["--out", str(out), "--plot-only"]) == 0 and figure.exists()
+    with pytest.raises(SystemExit):  # nothing simulated to draw
+        sim.main(["--out", str(tmp_path / "empty.json"), "--plot-only"])
