@@ -262,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = Model()
     report = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    figure = args.out.with_name(f"{args.out.stem}-simulated.png") if args.out else None
     if args.plot_only:
         if not report.get("simulated"):
             parser.error("--plot-only needs --out with simulated results (run the simulation first)")
-        print(f"wrote {plot(report, args.out.with_name(f'{args.out.stem}-simulated.png'))}")
+        print(f"wrote {plot(report, figure)}")
         return 0
     if args.calibrate:
         rows = calibrate(args, model)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         if report.get("simulated"):
-            plot(report, args.out.with_name(f"{args.out.stem}-simulated.png"))
+            plot(report, figure)
     return 0
 
 

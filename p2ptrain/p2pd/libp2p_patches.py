@@ -228,6 +228,7 @@ def envelope_key_type_sent() -> None:
     from libp2p.crypto.pb import crypto_pb2
     from libp2p.peer.envelope import Envelope
     from libp2p.peer.pb import envelope_pb2
+    from libp2p.utils.varint import encode_varint_prefixed
 
     if getattr(Envelope, "_p2ptrain_key_type", False):
         return
@@ -235,20 +236,11 @@ def envelope_key_type_sent() -> None:
     def marshal_envelope(self: Envelope) -> bytes:
         key = crypto_pb2.PublicKey(key_type=self.public_key.get_type().value, data=self.public_key.to_bytes())
         rest = envelope_pb2.Envelope(payload_type=self.payload_type, payload=self.raw_payload, signature=self.signature)
-        encoded = key.SerializeToString()
-        return b"\x0a" + _varint(len(encoded)) + encoded + rest.SerializeToString()  # field 1, length-delimited
+        field_1 = b"\x0a" + encode_varint_prefixed(key.SerializeToString())  # public_key, length-delimited
+        return field_1 + rest.SerializeToString()
 
     Envelope.marshal_envelope = marshal_envelope
     Envelope._p2ptrain_key_type = True
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class UnsupportedVersion(RuntimeError):

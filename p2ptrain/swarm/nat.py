@@ -152,10 +152,10 @@ def cannot_average(kinds: Sequence[str]) -> bool:
     different routers, and the symmetric one reaches the others only through a relay, which carries no averaging
     parts (a Go relay cuts a circuit after 128 KiB). Such a round would wait out its timeout and fail; members
     behind one kind of NAT only may share a LAN, and are left to try."""
-    return any(k == Kind.NAT for k in kinds) and not any(aggregates_strictly(kinds))
+    return any(k == Kind.NAT for k in kinds) and not any(_reached_by_all(kinds))
 
 
-def aggregates_strictly(kinds: Sequence[str]) -> list[bool]:
+def _reached_by_all(kinds: Sequence[str]) -> list[bool]:
     symmetric = any(k == Kind.SYMMETRIC_NAT for k in kinds)
     return [k != Kind.SYMMETRIC_NAT and not (k == Kind.NAT and symmetric) for k in kinds]
 
@@ -166,5 +166,5 @@ def aggregates(kinds: Sequence[str]) -> list[bool]:
     reach it); every other (public, or not checked yet: the first peer of a swarm, a LAN). If that leaves nobody
     (members all behind symmetric NATs, perhaps one LAN's: ``cannot_average`` refuses the other such groups),
     everybody: the round then succeeds or fails as it would have."""
-    chosen = aggregates_strictly(kinds)
+    chosen = _reached_by_all(kinds)
     return chosen if any(chosen) else [True] * len(kinds)
