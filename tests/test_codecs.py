@@ -10,7 +10,7 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2ptrain.train.averaging import check_average, payload_bytes
+from p2ptrain.train.averaging import payload_bytes
 from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
 from p2ptrain.train.policy import RoundReport, choose_level
 
@@ -83,14 +83,6 @@ def test_payload_of_a_butterfly_all_reduce():
     assert payload_bytes(Level("fp16"), 1000, 1) == 0
     assert payload_bytes(Level("fp16"), 1000, 2) == 2000  # half out, half back, 2 bytes each
     assert payload_bytes(Level("int8", 0.1), 1000, 4) == pytest.approx(2 * 100 * 3 / 4)
-
-
-def test_a_bad_average_is_refused():
-    ours = torch.ones(10)
-    check_average(ours * 2, ours)
-    for bad in (torch.full((10,), float("nan")), torch.full((10,), float("inf")), ours * 1e9):
-        with pytest.raises(Exception, match="not finite|beyond"):
-            check_average(bad, ours)
 
 
 # -- the adaptive policy ----------------------------------------------------------------------------

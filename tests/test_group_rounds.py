@@ -92,8 +92,9 @@ class Rounds(GroupRounds, DecentralizedAverager):
     pass
 
 
-def average_once(cls, vectors: list[torch.Tensor], kinds=None, timeout: float = 30) -> list[torch.Tensor]:
-    """One real averaging round of ``cls`` averagers (one per vector, fp16 on the wire); each member's result."""
+def average_once(cls, vectors: list[torch.Tensor], kinds=None, timeout: float = 30, failing=()) -> list[torch.Tensor]:
+    """One real averaging round of ``cls`` averagers (one per vector, fp16 on the wire); each member's result. The
+    members at the indices ``failing`` must fail the round, the others succeed."""
     dhts = loopback_dhts(len(vectors))
     extra = [{} if kinds is None else {"reach_kind": kind} for kind in (kinds or vectors)]
     averagers = [
@@ -103,8 +104,12 @@ def average_once(cls, vectors: list[torch.Tensor], kinds=None, timeout: float = 
     ]  # fmt: skip
     try:
         controls = [a.step(wait=False, timeout=timeout) for a in averagers]
-        for control in controls:
-            assert len(control.result(timeout=60)) == len(vectors)
+        for i, control in enumerate(controls):
+            if i in failing:
+                with pytest.raises(AllreduceException):
+                    control.result(timeout=60)
+            else:
+                assert len(control.result(timeout=60)) == len(vectors)
         results = []
         for averager in averagers:
             with averager.get_tensors() as (tensor,):

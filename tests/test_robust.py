@@ -14,6 +14,7 @@ from p2ptrain.train.bans import Bans
 from p2ptrain.train.robust import (
     AGGREGATIONS,
     NORM_BOUND,
+    AverageBound,
     RobustPartReducer,
     check_contributions,
     median,
@@ -84,8 +85,36 @@ def test_the_checks_refuse_what_cannot_be_averaged():
     for weight in (0.0, -1.0, float("nan"), float("inf")):
         kept, refused = check_contributions(parts, [1.0, 1.0, 1.0, weight], SHAPE)
         assert kept == [0, 1, 2] and "weight" in refused[0].reason
-    # two members: nobody can say which one is off, so the norm is not judged
-    assert check_contributions([parts[0], parts[0] * 1e6], [1.0, 1.0], SHAPE)[0] == [0, 1]
+    # an even number: the bound comes from the lower middle norm, so two huge copies cannot set it themselves
+    assert check_contributions([parts[0], parts[0] * 1e6], [1.0, 1.0], SHAPE)[0] == [0]
+    assert check_contributions([parts[0], parts[1], parts[0] * 1e6, parts[1] * 1e6], [1.0] * 4, SHAPE)[0] == [0, 1]
+
+
+def test_a_member_refuses_an_average_far_off_its_own_values():
+    big, small = torch.full((100,), 3.0), torch.zeros(4)  # an own tensor of zeros: bounded by its share of the whole
+    bound = AverageBound([big, small])
+    assert bound.refusal(0, big * 9) == "" and bound.refusal(1, torch.full((4,), 5.0)) == ""
+    assert "beyond 10×" in bound.refusal(0, big * 11) and "beyond" in bound.refusal(1, torch.full((4,), 40.0))
+    assert "not finite" in bound.refusal(0, big.clone().index_fill_(0, torch.tensor([3]), float("nan")))
+    assert AverageBound([torch.zeros(4)]).refusal(0, torch.full((4,), 1e9)) == ""  # nothing to measure against
+
+
+def test_a_member_outnumbered_by_liars_keeps_its_own_values(tmp_path):
+    """Two liars in a group of three set every aggregator's bound and median themselves, so the average is theirs:
+    the honest member refuses it, says so, and ends the round with its own values (a real round)."""
+    from test_group_rounds import Rounds, average_once
+
+    log = logging.FileHandler(tmp_path / "averagers.log")  # the averagers log in processes forked with it
+    logging.getLogger("p2ptrain.train.robust").addHandler(log)
+    try:
+        h = honest(1)[0]
+        results = average_once(Rounds, [h, h * 1000, h * 1000], timeout=8, failing={0})
+    finally:
+        logging.getLogger("p2ptrain.train.robust").removeHandler(log)
+    assert torch.equal(results[0], h)
+    assert float(results[1].norm()) > 500 * float(h.norm())  # what the liars made of the round
+    said = (tmp_path / "averagers.log").read_text()
+    assert "Refused an averaging round with" in said and "keeping this peer's values" in said, said[-2000:]
 
 
 def test_the_reducer_answers_every_sender_with_the_checked_reduction(caplog):

@@ -23,7 +23,7 @@ from hivemind.compression import CompressionBase
 from hivemind.compression import serialization as hivemind_serialization
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.asyncio import aenumerate, as_aiter, azip
 
 from p2ptrain.errors import ConfigError
 
@@ -104,11 +104,16 @@ async def allreduce_to_values(
     tensors: Sequence[torch.Tensor],
     group_info: GroupInfo,
     group_id: bytes | None = None,
+    refusal: Callable[[int, torch.Tensor], str] | None = None,
     **kwargs: Any,
 ) -> AllReduceRunner:
     """hivemind's ``DecentralizedAverager._run_allreduce_inplace_`` with a runner of ``runner_type`` that yields
     each tensor's *average* (not, as hivemind's, the difference to add): the tensors become it (or move towards it
-    by the averager's alpha). Returns the runner, finished, for the caller to check."""
+    by the averager's alpha). Returns the runner, finished, for the caller to check.
+
+    ``refusal(index, average)``: why tensor ``index``'s average must not be taken ("" if it may); from the first
+    refused one on, the tensors keep their values, the round runs to its end (this member still serves the parts it
+    aggregates) and then raises."""
     group_id = group_info.group_id if group_id is None else group_id
     runner = runner_type(
         p2p=averager._p2p,
@@ -124,10 +129,16 @@ async def allreduce_to_values(
     averager._running_groups[group_id].set_result(runner)
     alpha = averager._averaging_alpha
     if runner.modes[group_info.peer_ids.index(averager.peer_id)] != AveragingMode.AUX:
-        async for tensor, average in azip(as_aiter(*tensors), runner):
+        refused = ""
+        async for index, (tensor, average) in aenumerate(azip(as_aiter(*tensors), runner)):
+            refused = refused or (refusal(index, average) if refusal is not None else "")
+            if refused:
+                continue
             tensor.lerp_(average, alpha) if alpha != 1 else tensor.copy_(average)
             averager.last_updated = get_dht_time()
             averager._state_updated.set()
+        if refused:
+            raise AllreduceException(refused)
     else:
         async for _ in runner:
             raise AllreduceException("aux peers should not receive averaged tensors")

@@ -48,7 +48,7 @@ from p2ptrain.swarm.discovery import passes_key, revoked_key
 from p2ptrain.swarm.nat import aggregates, cannot_average
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.bans import Bans
-from p2ptrain.train.robust import RobustPartReducer
+from p2ptrain.train.robust import AverageBound, RobustPartReducer
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,11 @@ class GroupRounds(AveragerHooks):
         return await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
 
     async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
+        bound = AverageBound(tensors, where=", ".join(map(str, group_info.peer_ids)))
         runner = await allreduce_to_values(
-            self, SameAverageRunner, tensors, group_info, group_id, aggregation=self.aggregation, bans=self.bans, **kw
-        )
+            self, SameAverageRunner, tensors, group_info, group_id, refusal=bound.refusal,
+            aggregation=self.aggregation, bans=self.bans, **kw,
+        )  # fmt: skip
         check_whole(runner, group_info)
 
     # hivemind's handlers: a banned peer may not join a group this peer leads, nor download its state. In a group

@@ -19,6 +19,11 @@ is logged with its peer id. The rest are reduced by the swarm's rule (``AGGREGAT
 Weights (hivemind's sample counts, sent by each member) are capped at the members' median weight, so a member
 cannot outweigh the others by claiming a huge batch; the coordinate-wise rules do not weight at all.
 
+An aggregator can only protect its parts while honest members are the majority of the group. Where they are not
+(two liars in a group of three), each member still refuses an average far off its own values (``AverageBound``):
+a member trusts its own contribution, so an average whose norm exceeds ``NORM_BOUND`` times it fails the round for
+that member, which then goes on with its own values as after any failed round.
+
 ``RobustPartReducer`` is hivemind's ``TensorPartReducer`` with this in place of its running sum: it keeps the
 part's contributions until all current senders have sent it, then reduces them in a worker thread (so the
 averager's event loop goes on serving the other parts meanwhile).
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,7 +72,10 @@ def check_contributions(
     """Which contributions to one part may be reduced: indices of those kept, and why the others were refused.
 
     The norm bound is relative to the median norm of the contributions that passed the other checks, so it holds
-    whatever the scale of what is averaged (gradients, pseudo-gradients, parameters)."""
+    whatever the scale of what is averaged (gradients, pseudo-gradients, parameters). With an even number of them
+    it is the lower of the middle two: two liars sending huge vectors in a group of four (or one in two) would
+    otherwise set the bound themselves. Zero contributions (an honest member's gradient can be zero on a part) do
+    not count towards the median."""
     kept, refused = [], []
     for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
         if not isinstance(part, torch.Tensor) or part.shape != shape or not part.is_floating_point():
@@ -78,11 +87,11 @@ def check_contributions(
             refused.append(Refusal(i, f"weight {weight!r}, not a finite positive number"))
         else:
             kept.append(i)
-    if len(kept) >= 3:  # with two, nobody can say which one is off
-        norms = torch.stack([parts[i].float().norm() for i in kept])
-        limit = NORM_BOUND * float(median(norms))
+    norms = torch.stack([parts[i].float().norm() for i in kept]) if kept else torch.zeros(0)
+    if int((norms > 0).sum()) >= 2:
+        limit = NORM_BOUND * float(norms[norms > 0].median())  # the lower middle: large norms are what do harm
         for i, norm in zip(list(kept), norms.tolist(), strict=True):
-            if norm > limit and norm > 0:
+            if norm > limit:
                 kept.remove(i)
                 refused.append(Refusal(i, f"norm {norm:.3g}, beyond {NORM_BOUND:g}× the members' median"))
     return kept, refused
@@ -126,6 +135,38 @@ def centered_clip(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if float(step.norm()) <= CLIP_TOLERANCE * float(v.norm()):
             break
     return v
+
+
+class AverageBound:
+    """What a member accepts back from a round, tensor by tensor: finite values, with a norm at most ``NORM_BOUND``
+    times that of its own tensor (or of the tensor's share of its whole vector's norm, if larger: an honest member's
+    own tensor may be near zero where the others' are not). Made from the member's tensors before the round;
+    ``where`` names the group in the log line of a refusal."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], where: str = ""):
+        self.where = where
+        norms = [float(t.detach().float().norm()) for t in tensors]
+        total, numel = math.sqrt(sum(n * n for n in norms)), sum(t.numel() for t in tensors)
+        trusted = math.isfinite(total) and total > 0  # nothing to measure against: only finiteness is checked
+        self.limits = [
+            NORM_BOUND * max(n, total * math.sqrt(t.numel() / numel)) if trusted else math.inf
+            for n, t in zip(norms, tensors, strict=True)
+        ]
+
+    def refusal(self, index: int, average: torch.Tensor) -> str:
+        """Why the average of tensor ``index`` is refused ("" if it is not); a refusal is logged at WARNING."""
+        reason = ""
+        if not torch.isfinite(average).all():
+            reason = f"the group's average of tensor {index} is not finite (a member sent NaN/inf)"
+        elif (norm := float(average.float().norm())) > self.limits[index]:
+            reason = (
+                f"the group's average of tensor {index} has norm {norm:.3g}, beyond {NORM_BOUND:g}× this peer's own "
+                f"({self.limits[index] / NORM_BOUND:.3g}): members sending values far off the others' outnumbered "
+                "the honest ones in this group"
+            )
+        if reason:
+            logger.warning("Refused an averaging round with %s: %s; keeping this peer's values", self.where, reason)
+        return reason
 
 
 class RobustPartReducer(TensorPartReducer):
