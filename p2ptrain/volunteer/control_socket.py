@@ -79,6 +79,11 @@ class ControlServer:
                     reply = {"ok": False, "error": f"internal error: {e}"}
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(reply).encode() + b"\n")
+                    # read what the client sent until it closes: closing with its request unread (a refused
+                    # client's) would reset the connection, and the client could lose the reply
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(4096):
+                        pass
 
     def _answer(self, conn: socket.socket) -> dict[str, Any]:
         uid = peer_uid(conn)
