@@ -1,10 +1,11 @@
 """Every touch of hivemind's private names, and the one version of hivemind they were written against.
 
 hivemind has no public hook for what p2ptrain changes in it: the codec a received tensor is decoded with, the
-libp2p daemon it launches, who aggregates which part of a round and what members receive, and what its Optimizer
-does when a gradient round succeeds or fails. Each of those is reached here, through a function or a base class
-with a public name; the rest of p2ptrain uses only those names (``tests/test_layout.py`` checks), so a hivemind
-upgrade is reviewed in this one file, and ``check_version`` refuses to start with any other version.
+libp2p daemon it launches, who aggregates which part of a round and what members receive, how the swarm's progress
+records are read, and what its Optimizer does when a gradient round succeeds or fails. Each of those is reached
+here, through a function or a base class with a public name; the rest of p2ptrain uses only those names
+(``tests/test_layout.py`` checks), so a hivemind upgrade is reviewed in this one file, and ``check_version`` refuses
+to start with any other version.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from importlib.resources import path as resource_path
 from typing import Any
 
 import hivemind
+import hivemind.optim.progress_tracker as progress_tracker
 import hivemind.p2p.p2p_daemon as p2p_daemon
 import torch
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
@@ -150,8 +152,26 @@ def input_part(container: Any, peer_index: int, part_index: int) -> tuple[torch.
     return container._input_parts_by_peer[peer_index][part_index]
 
 
+class ProgressTracker(progress_tracker.ProgressTracker):
+    """hivemind's ``ProgressTracker`` with a public name for how it reads the swarm's progress records."""
+
+    def _parse_swarm_progress_data(self, metadata: Any) -> progress_tracker.GlobalTrainingProgress:
+        return self.swarm_progress(metadata)
+
+    def swarm_progress(self, metadata: Any) -> progress_tracker.GlobalTrainingProgress:
+        """The swarm's progress from the records read under ``<run>_progress`` (hivemind: ``_parse_swarm_…``)."""
+        return super()._parse_swarm_progress_data(metadata)
+
+
 class Optimizer(hivemind.Optimizer):
-    """``hivemind.Optimizer`` with public names for the three private methods p2ptrain changes."""
+    """``hivemind.Optimizer`` with public names for the four private methods p2ptrain changes."""
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> Any:
+        return self.make_progress_tracker(target_batch_size, **kwargs)
+
+    def make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> Any:
+        """The ``ProgressTracker`` that hivemind's ``__init__`` creates (hivemind: ``_make_progress_tracker``)."""
+        return super()._make_progress_tracker(target_batch_size, **kwargs)
 
     def _make_state_averager(self, **kwargs: Any) -> Any:
         return self.make_state_averager(**kwargs)

@@ -13,8 +13,8 @@ value as written: the signature is stripped below them.
     signed value = msgpack {"v": value bytes, "k": DER RSA public key, "s": RSA-PSS/SHA-256 signature}
     signature over DOMAIN + msgpack [key id, subkey bytes, value bytes, expiration]
 
-The parameter sketches (``p2ptrain/v1/params/<run>/<N>``, one key per global step) are not covered: their keys are
-not known in advance. Manifest, ledger and revocation records carry signatures of their own.
+The parameter sketches rotate over ``PARAM_SLOTS`` keys (``p2ptrain/v1/params/<run>/<N mod 16>``) so that their keys,
+too, are known in advance and covered. Manifest, ledger and revocation records carry signatures of their own.
 """
 
 from __future__ import annotations

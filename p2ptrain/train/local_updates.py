@@ -31,12 +31,12 @@ import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
-from hivemind.optim.progress_tracker import ProgressTracker
 
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.train.averaging import PseudoGradientAverager, RoundOutcome
 from p2ptrain.train.codecs import Level, shared_indices
 from p2ptrain.train.policy import RoundReport
+from p2ptrain.train.progress import CheckedProgressTracker
 
 logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5  # progress reports to the swarm, at most this often
@@ -83,7 +83,7 @@ class LocalUpdateOptimizer:
         self._left_step_at: float | None = None
         self._reported_at = -math.inf
         self._idle_s = 0.0
-        self.tracker = ProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
+        self.tracker = CheckedProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
         self.averager = _StateSharingAverager(
             [torch.zeros_like(a) for a in self.anchor],
             owner=self,

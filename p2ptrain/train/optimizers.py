@@ -34,6 +34,7 @@ from p2ptrain.train.averaging import CompressedGradientAverager
 from p2ptrain.train.codecs import DENSE, Level
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
+from p2ptrain.train.progress import CheckedProgressTracker
 from p2ptrain.train.state_download import CheckedStateDownload
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ NO_GROUP_YET = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # an ave
 
 
 class SwarmOptimizer(compat.Optimizer):
-    """hivemind's Optimizer, with two changes for a peer that falls behind:
+    """hivemind's Optimizer, reading the swarm's progress through ``progress.plausible``, with two changes for a peer
+    that falls behind:
 
     - it remembers in ``local_step_epoch`` the last epoch it updated from its own gradients alone (the averaging
       round failed): at the end of a run such a straggler takes the swarm's state instead (``Trainer.finish``);
@@ -230,6 +232,18 @@ class SwarmOptimizer(compat.Optimizer):
         self.aggregation = aggregation
         self.admission = admission
         super().__init__(*args, **kwargs)
+
+    def make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> CheckedProgressTracker:
+        # hivemind's own (optimizer.py), reading the swarm's progress through progress.plausible
+        return CheckedProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
 
     def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
         # hivemind's own (optimizer.py), with p2ptrain's group rules
