@@ -94,14 +94,24 @@ def circuit(addrs) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("relay", "behind_nat", "caller"),
-    [("go", "py", "go"), ("py", "go", "go"), ("go", "go", "py"), ("py", "py", "py")],
+    ("relay", "behind_nat", "caller", "caller_at"),
+    [
+        ("go", "py", "go", "public"),
+        ("py", "go", "go", "public"),
+        ("go", "go", "py", "public"),
+        ("py", "py", "py", "public"),
+        ("py", "go", "py", "home"),
+    ],
 )
-def test_a_peer_behind_nat_is_reached_through_a_relay(lab, tmp_path, relay, behind_nat, caller):
+def test_a_peer_behind_nat_is_reached_through_a_relay(lab, tmp_path, relay, behind_nat, caller, caller_at):
     """s relays; a sits behind a NAT router with the flags p2ptrain gives a peer behind NAT (a slot on s, reachability
-    forced private); b, on the internet, knows only s and calls a by its peer id: its daemon finds a's circuit address
-    in the DHT and dials it through s. Every mix of the two daemons, as relay, relayed and caller."""
-    s_host, b_host = lab.public("s"), lab.public("b")
+    forced private); b knows only s and calls a by its peer id: its daemon finds a's circuit address in the DHT and
+    dials it through s. Every mix of the two daemons, as relay, relayed and caller; and a Python caller behind a NAT
+    of its own (with a slot on s too) calling a Go peer through a Python relay, as volunteers do: such a caller knows
+    the Go peer only by its LAN address (the Go peer's circuit address does not reach the Python relay's peerstore),
+    and gets through s as a trusted relay (before: 0 of 20 calls, each one waiting out the dial timeout)."""
+    s_host = lab.public("s")
+    b_host = lab.public("b") if caller_at == "public" else lab.home("b", kind="cone").host("b")
     a_host = lab.home("a", kind="symmetric").host("a")  # no hole punching: the relay is the only way in
 
     async def scenario() -> None:
@@ -120,8 +130,9 @@ def test_a_peer_behind_nat_is_reached_through_a_relay(lab, tmp_path, relay, behi
                 await a.get_visible_maddrs()
             )
             await a.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            b_flags = {} if caller_at == "public" else dict(flags=("-relayDiscovery=0",), **nat_flags)
             b = await start_on(
-                b_host, caller, stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4001"], initial_peers=s_at
+                b_host, caller, stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4001"], initial_peers=s_at, **b_flags
             )
             # s learns a's circuit address from a's identify push in moments; a Go relay that finds itself public
             # starts a new relay service and forgets the slot, and a takes it again (p2pd.relay.RESERVE_EVERY_S: 30 s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from p2ptrain.p2pd.flags import Options
 logger = logging.getLogger("p2pd.host")
 
 DIAL_TIMEOUT_S = 15.0
+DIRECT_FIRST_S = 4.0  # a direct dial, before the relay is tried (when there is one)
 ADDRESS_TTL_S = 120  # as py-libp2p's host.connect
 ANNOUNCE_TIMEOUT_S = 10.0
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -139,14 +141,24 @@ class Node:
         return any(not conn.is_closed for conn in self.host.get_network().get_connections(peer_id))
 
     async def _dial(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
-        """Directly if it has a direct address that answers, else through a relay (its circuit addresses)."""
+        """Directly if it has a direct address that answers, else through a relay: its circuit addresses, or else
+        the trusted relays (the swarm's peers behind NAT hold their slots there; a Go peer's circuit addresses do
+        not reach a Python relay's peerstore, so a peer may know such a peer only by its LAN address). A peer known
+        only by LAN addresses gets ``DIRECT_FIRST_S`` for the direct attempt when a relay is there to fall back on:
+        a LAN address behind another router never answers, and waiting out the TCP timeout would use up the
+        caller's. A peer with a public address is never dialled through the trusted relays (averaging data does
+        not go through relays)."""
         circuits = [a for a in addrs if "/p2p-circuit" in str(a)]
         direct = [a for a in addrs if "/p2p-circuit" not in str(a)]
+        lan_only = not any(is_public(a) for a in direct)
+        if self.relays is not None and not circuits and lan_only:
+            circuits = [c for c in self.relays.circuits_through_trusted() if f"/p2p/{peer_id}/" not in str(c)]
         if direct:
             self.host.get_peerstore().add_addrs(peer_id, direct, ADDRESS_TTL_S)
             try:
-                connections = await self.host.get_network().dial_peer(peer_id)  # skips closed ones, unlike connect
-                await connections[0].event_started.wait()
+                with trio.fail_after(DIRECT_FIRST_S if circuits and lan_only else math.inf):
+                    connections = await self.host.get_network().dial_peer(peer_id)  # skips closed ones
+                    await connections[0].event_started.wait()
                 return
             except Exception:
                 if not (circuits and self.relays is not None):
@@ -196,6 +208,16 @@ class Node:
                     logger.info("mDNS: connected to %s on the LAN", info.peer_id)
                 except Exception as e:  # noqa: BLE001
                     logger.info("mDNS: could not connect to %s: %s", info.peer_id, e)
+
+
+def is_public(addr: multiaddr.Multiaddr) -> bool:
+    """Whether ``addr`` is a globally routable IP (a DNS name counts as public)."""
+    for proto in ("ip4", "ip6"):
+        try:
+            return ipaddress.ip_address(addr.value_for_protocol(proto)).is_global
+        except Exception:  # noqa: BLE001 - not that protocol
+            continue
+    return "/dns" in str(addr)
 
 
 def advertised(options: Options, extra: list[multiaddr.Multiaddr]):  # noqa: ANN201 - py-libp2p's AddrsFactory

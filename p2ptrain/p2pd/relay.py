@@ -68,8 +68,7 @@ class Relays:
         ``RESERVE_EVERY_S`` (a relay may lose its slots: the Go daemon replaces its relay service once it finds
         itself public, and a restarted relay knows nobody)."""
         info = info_from_p2p_addr(multiaddr.Multiaddr(text))
-        base = multiaddr.Multiaddr(text.split("/p2p/")[0])
-        circuit = base.encapsulate(multiaddr.Multiaddr(f"/p2p/{info.peer_id}/p2p-circuit"))
+        circuit = _circuit_of(text)
         held = None  # unknown yet
         while True:
             try:
@@ -91,6 +90,12 @@ class Relays:
             held = granted
             await trio.sleep(RESERVE_EVERY_S)
 
+    def circuits_through_trusted(self) -> list[multiaddr.Multiaddr]:
+        """A circuit address through each trusted relay: where a peer behind NAT in the same swarm holds its slots.
+        For a peer known only by its LAN address (a Go peer's advertised addresses reach a Python relay without
+        its circuit ones), this is the only way in."""
+        return [_circuit_of(text) for text in self.trusted]
+
     async def dial(self, peer_id: ID, circuit_addrs: list[multiaddr.Multiaddr]) -> INetConn:
         """A connection to ``peer_id`` through the first of its circuit addresses that works."""
         failures = []
@@ -102,3 +107,10 @@ class Relays:
             except Exception as e:  # noqa: BLE001 - try the next relay
                 failures.append(f"{addr}: {e!r}")
         raise ConnectionError(f"no relay reached {peer_id}: {'; '.join(failures) or 'no circuit address'}")
+
+
+def _circuit_of(relay: str) -> multiaddr.Multiaddr:
+    """``<relay address>/p2p/<relay id>/p2p-circuit`` for a relay's ``<address>/p2p/<id>``."""
+    info = info_from_p2p_addr(multiaddr.Multiaddr(relay))
+    base = multiaddr.Multiaddr(relay.split("/p2p/")[0])
+    return base.encapsulate(multiaddr.Multiaddr(f"/p2p/{info.peer_id}/p2p-circuit"))

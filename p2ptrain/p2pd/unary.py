@@ -142,7 +142,9 @@ async def call_remote(
             try:
                 stream, remote = await daemon.open_stream(ID(call.peer), [call.proto], first=frame(request))
             except Exception as e:  # noqa: BLE001 - no route, no handler there, bad id: the caller learns why
-                reply = daemon_error(call_id, f"failed to open a stream to {call.peer.hex()[:16]}…: {e}")
+                reply = daemon_error(
+                    call_id, f"failed to open a stream to {call.peer.hex()[:16]}…: {str(e) or type(e).__name__}"
+                )
             else:
                 try:
                     answer = await remote.read_message(pb.PersistentConnectionRequest(), daemon.options.max_msg_size)
