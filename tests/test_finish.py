@@ -35,6 +35,7 @@ from p2ptrain.train.end_of_run import (
     wait_for_stragglers,
 )
 from p2ptrain.train.optimizers import TRACKER_OPTS, make_optimizer, stop_optimizer
+from p2ptrain.train.progress import CheckedProgressTracker
 from p2ptrain.train.tokenizer import load_tokenizer
 from p2ptrain.train.trainer import Trainer
 
@@ -216,6 +217,7 @@ def test_a_step_stuck_in_hivemind_does_not_hold_up_the_shutdown(nodes, manifest,
     opt = make_optimizer(nodes[0], torch.nn.Linear(4, 2), manifest, PeerSettings(data_dir=tmp_path, batch_size=16))
     averagers = [opt.state_averager, opt.grad_averager]
     assert all(averager.is_alive() for averager in averagers)
+    assert isinstance(opt.tracker, CheckedProgressTracker)  # the swarm's progress, read without believing one record
     started = time.monotonic()
     stop_optimizer(opt, step_running=True)
     assert time.monotonic() - started < 1.0

@@ -107,9 +107,9 @@ def test_a_peer_behind_nat_is_reached_through_a_relay(lab, tmp_path, relay, behi
     """s relays; a sits behind a NAT router with the flags p2ptrain gives a peer behind NAT (a slot on s, reachability
     forced private); b knows only s and calls a by its peer id: its daemon finds a's circuit address in the DHT and
     dials it through s. Every mix of the two daemons, as relay, relayed and caller; and a Python caller behind a NAT
-    of its own (with a slot on s too) calling a Go peer through a Python relay, as volunteers do: such a caller knows
-    the Go peer only by its LAN address (the Go peer's circuit address does not reach the Python relay's peerstore),
-    and gets through s as a trusted relay (before: 0 of 20 calls, each one waiting out the dial timeout)."""
+    of its own (with a slot on s too) calling a Go peer through a Python relay, as volunteers do: such a caller knew
+    the Go peer only by its LAN address, and now gets through s as a trusted relay (before: 0 of 20 calls, each one
+    waiting out the dial timeout)."""
     s_host = lab.public("s")
     b_host = lab.public("b") if caller_at == "public" else lab.home("b", kind="cone").host("b")
     a_host = lab.home("a", kind="symmetric").host("a")  # no hole punching: the relay is the only way in

@@ -164,14 +164,22 @@ class ProgressTracker(progress_tracker.ProgressTracker):
 
 
 class Optimizer(hivemind.Optimizer):
-    """``hivemind.Optimizer`` with public names for the four private methods p2ptrain changes."""
+    """``hivemind.Optimizer`` with public names for the three private methods p2ptrain changes, and the class of its
+    progress tracker as ``progress_tracker_type`` (hivemind names its own class inside ``_make_progress_tracker``)."""
 
-    def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> Any:
-        return self.make_progress_tracker(target_batch_size, **kwargs)
+    progress_tracker_type: type[ProgressTracker] = ProgressTracker
 
-    def make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> Any:
-        """The ``ProgressTracker`` that hivemind's ``__init__`` creates (hivemind: ``_make_progress_tracker``)."""
-        return super()._make_progress_tracker(target_batch_size, **kwargs)
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
+        # hivemind's body (optimizer.py), with the subclass's tracker
+        return self.progress_tracker_type(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
 
     def _make_state_averager(self, **kwargs: Any) -> Any:
         return self.make_state_averager(**kwargs)

@@ -142,8 +142,8 @@ class Node:
 
     async def _dial(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
         """Directly if it has a direct address that answers, else through a relay: its circuit addresses, or else
-        the trusted relays (the swarm's peers behind NAT hold their slots there; a Go peer's circuit addresses do
-        not reach a Python relay's peerstore, so a peer may know such a peer only by its LAN address). A peer known
+        the trusted relays (the swarm's peers behind NAT hold their slots there; seen: a Python peer behind NAT knew
+        a Go peer behind another NAT, both on a Python relay, only by its LAN address). A peer known
         only by LAN addresses gets ``DIRECT_FIRST_S`` for the direct attempt when a relay is there to fall back on:
         a LAN address behind another router never answers, and waiting out the TCP timeout would use up the
         caller's. A peer with a public address is never dialled through the trusted relays (averaging data does

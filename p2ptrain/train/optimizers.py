@@ -217,6 +217,7 @@ class SwarmOptimizer(compat.Optimizer):
       before its download began (15 s at each catch-up in the swarm test; the last peers had left by then).
     """
 
+    progress_tracker_type = CheckedProgressTracker
     local_step_epoch = -1
     last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
 
@@ -232,18 +233,6 @@ class SwarmOptimizer(compat.Optimizer):
         self.aggregation = aggregation
         self.admission = admission
         super().__init__(*args, **kwargs)
-
-    def make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> CheckedProgressTracker:
-        # hivemind's own (optimizer.py), reading the swarm's progress through progress.plausible
-        return CheckedProgressTracker(
-            dht=self.dht,
-            prefix=self.run_id,
-            target_batch_size=target_batch_size,
-            client_mode=self.client_mode,
-            status_loglevel=self.status_loglevel,
-            start=True,
-            **kwargs,
-        )
 
     def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
         # hivemind's own (optimizer.py), with p2ptrain's group rules

@@ -19,9 +19,9 @@ aggregation does (``robust.py``):
   share of the target batch (``target / training peers``), so a fast honest peer still counts for what it did;
 - **time**: counted as at most ``max_age_s`` old (hivemind's record lifetime) and never in the future.
 
-Each record left out or cut is logged at WARNING, at most once a minute per writer. The medians are the upper ones
-(with two records, the other peer's claim is believed: a new peer must be able to catch up with the one it joins),
-so the bounds hold while honest records are the majority of those read.
+Each record left out or cut is logged at WARNING, at most once a minute per record (its signing key). The medians
+are the upper ones (with two records, the other peer's claim is believed: a new peer must be able to catch up with the
+one it joins), so the bounds hold while honest records are the majority of those read.
 """
 
 from __future__ import annotations
@@ -49,26 +49,26 @@ def upper_median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def plausible(metadata: Any, target_batch_size: int, max_age_s: float, now: float) -> tuple[Any, list[str]]:
+def plausible(metadata: Any, target_batch_size: int, max_age_s: float, now: float) -> tuple[Any, dict[bytes, str]]:
     """``metadata`` (what hivemind read: subkey → ``ValueWithExpiration`` of a progress record) without the claims
-    described in the module docstring, and why each record was left out or cut."""
+    described in the module docstring, and why each record (by subkey) was left out or cut."""
     if not isinstance(metadata, dict):
-        return metadata, []
-    records = {}
-    for key, entry in metadata.items():
-        if getattr(entry, "value", None) is not None:
-            records[key] = (LocalTrainingProgress.parse_obj(entry.value), entry.expiration_time)
+        return metadata, {}
+    records = {
+        key: (LocalTrainingProgress.parse_obj(entry.value), entry.expiration_time)
+        for key, entry in metadata.items()
+        if getattr(entry, "value", None) is not None
+    }
     training = [r.epoch for r, _ in records.values() if not r.client_mode]
     epoch_cap = upper_median(training) + EPOCH_SLACK if training else math.inf
-    rate_cap = RATE_BOUND * upper_median([r.samples_per_second for r, _ in records.values()]) if records else 0.0
+    rates = [r.samples_per_second for r, _ in records.values()]
+    rate_cap = RATE_BOUND * upper_median(rates) if rates else 0.0
     share = target_batch_size / max(1, len(training))
-    kept, notes = {}, []
+    kept, notes = {}, {}
     for key, (record, expiration) in records.items():
-        who = _writer(record)
         if not record.client_mode and record.epoch > epoch_cap:
-            notes.append(
-                f"{who}: epoch {record.epoch}, beyond the records' median {epoch_cap - EPOCH_SLACK:g} + {EPOCH_SLACK}"
-            )
+            beyond = f"beyond the records' median {epoch_cap - EPOCH_SLACK:g} + {EPOCH_SLACK}"
+            notes[key] = f"{_writer(record)}: epoch {record.epoch}, {beyond}"
             continue
         same_epoch = [r.samples_accumulated for r, _ in records.values() if r.epoch == record.epoch]
         samples_cap = max(RATE_BOUND * upper_median(same_epoch), share)
@@ -80,9 +80,9 @@ def plausible(metadata: Any, target_batch_size: int, max_age_s: float, now: floa
             )
         )
         if cut.samples_accumulated < record.samples_accumulated or cut.samples_per_second < record.samples_per_second:
-            notes.append(
-                f"{who}: {record.samples_accumulated} samples at {record.samples_per_second:.3g}/s counted as "
-                f"{cut.samples_accumulated} at {cut.samples_per_second:.3g}/s ({RATE_BOUND:g}× the records' median)"
+            notes[key] = (
+                f"{_writer(record)}: {record.samples_accumulated} samples at {record.samples_per_second:.3g}/s counted "
+                f"as {cut.samples_accumulated} at {cut.samples_per_second:.3g}/s ({RATE_BOUND:g}× the records' median)"
             )
         kept[key] = ValueWithExpiration(cut.dict(), expiration)
     return kept, notes
@@ -101,9 +101,8 @@ class CheckedProgressTracker(ProgressTracker):
     def swarm_progress(self, metadata: Any) -> GlobalTrainingProgress:
         kept, notes = plausible(metadata, self.target_batch_size, self.metadata_expiration, get_dht_time())
         warned = self.__dict__.setdefault("_warned_at", {})  # hivemind's __init__ reads progress before ours runs
-        for note in notes:
-            who = note.split(":", 1)[0]
-            if time.monotonic() - warned.get(who, -math.inf) > WARN_EVERY_S:
-                warned[who] = time.monotonic()
+        for key, note in notes.items():
+            if time.monotonic() - warned.get(key, -math.inf) > WARN_EVERY_S:
+                warned[key] = time.monotonic()
                 logger.warning("Left out of the swarm's progress: %s", note)
         return super().swarm_progress(kept)
