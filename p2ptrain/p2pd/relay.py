@@ -92,7 +92,7 @@ class Relays:
 
     def circuits_through_trusted(self) -> list[multiaddr.Multiaddr]:
         """A circuit address through each trusted relay: where a peer behind NAT in the same swarm holds its slots.
-        For a peer known only by its LAN address (``Node._dial``), this is the only way in."""
+        For a peer known only by its LAN address (a Node dials it so), this is the only way in."""
         return [_circuit_of(text) for text in self.trusted]
 
     async def dial(self, peer_id: ID, circuit_addrs: list[multiaddr.Multiaddr]) -> INetConn:
