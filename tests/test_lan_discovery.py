@@ -30,14 +30,14 @@ def test_a_volunteer_on_the_lan_finds_the_swarm_without_an_invite(tmp_path):
     lan = Namespaces(2)
     try:
         with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
-            seed = swarm.seed("seed", "--host", lan.host(0), prefix=lan.prefix(0))
+            seed = swarm.seed("seed", prefix=lan.prefix(0))
             run_id = swarm.wait_for(seed, lambda s: s.get("state") == "training", 120, "training")["run_id"]
-            volunteer = swarm.join("volunteer", "--host", lan.host(1), prefix=lan.prefix(1))
+            volunteer = swarm.join("volunteer", prefix=lan.prefix(1))
             status = swarm.wait_for(volunteer, lambda s: s.get("state") == "training", 120, "training")
             assert status["run_id"] == run_id, volunteer.log()[-3000:]
             assert "Found 1 peer(s) on the LAN" in volunteer.log()
             # and without mDNS the same bare join starts a swarm of its own: discovery is what made the difference
-            alone = swarm.join("alone", "--host", lan.host(1), "--no-mdns", prefix=lan.prefix(1))
+            alone = swarm.join("alone", "--no-mdns", prefix=lan.prefix(1))
             status = swarm.wait_for(alone, lambda s: s.get("state") == "training", 120, "training")
             assert status["run_id"] != run_id
     finally:

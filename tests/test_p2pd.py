@@ -22,7 +22,9 @@ import pytest
 import torch
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.proto import runtime_pb2, test_pb2
+from multiaddr import Multiaddr
 
 from p2ptrain.p2pd.flags import FlagError, parse, parse_duration
 from p2ptrain.swarm import p2p_stack
@@ -470,6 +472,26 @@ def test_calls_reach_a_peer_again_after_a_disconnect_or_a_restart(tmp_path):
                 b = await P2P.create(identity_path=identity, host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"])
             stack.push_async_callback(b.shutdown)
             await b.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            assert (await a.call_protobuf_handler(b.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
+
+    run(main())
+
+
+def test_an_unspecified_address_is_never_dialled():
+    """``/ip4/0.0.0.0`` names the advertiser's own machine, and a dial to it reaches the dialler's: here it would
+    find b, listening on every interface of this machine, but the daemon refuses the address and takes the next."""
+    ask = test_pb2.TestRequest(number=4)
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            a = await start("py", stack)
+            b = await start("py", stack, host_maddrs=["/ip4/0.0.0.0/tcp/0"])
+            await b.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            port = (await b.get_visible_maddrs())[0]["tcp"]
+            unspecified = Multiaddr(f"/ip4/0.0.0.0/tcp/{port}")
+            with pytest.raises(ControlFailure, match="blocked by connection gate"):
+                await a._client.connect(b.peer_id, [unspecified])
+            await a._client.connect(b.peer_id, [unspecified, Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")])
             assert (await a.call_protobuf_handler(b.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
 
     run(main())

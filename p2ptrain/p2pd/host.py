@@ -24,6 +24,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
 from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -36,6 +37,10 @@ logger = logging.getLogger("p2pd.host")
 DIAL_TIMEOUT_S = 15.0
 DIRECT_FIRST_S = 4.0  # a direct dial, before the relay is tried (when there is one)
 ADDRESS_TTL_S = 120  # as py-libp2p's host.connect
+# never dialled: a peer that advertises an unspecified address (py-libp2p's mDNS and identify do, for a host on
+# 0.0.0.0) means its own machine, and the dial would reach ours; py-libp2p would try it first, fail, and then
+# refuse the peer's real addresses for a while (its negative dial cache)
+UNDIALABLE = ("0.0.0.0/32", "::/128")
 ANNOUNCE_TIMEOUT_S = 10.0
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -210,14 +215,24 @@ class Node:
                     logger.info("mDNS: could not connect to %s: %s", info.peer_id, e)
 
 
-def is_public(addr: multiaddr.Multiaddr) -> bool:
-    """Whether ``addr`` is a globally routable IP (a DNS name counts as public)."""
+def ip_of(addr: multiaddr.Multiaddr) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     for proto in ("ip4", "ip6"):
         try:
-            return ipaddress.ip_address(addr.value_for_protocol(proto)).is_global
+            return ipaddress.ip_address(addr.value_for_protocol(proto))
         except Exception:  # noqa: BLE001 - not that protocol
             continue
-    return "/dns" in str(addr)
+    return None
+
+
+def is_public(addr: multiaddr.Multiaddr) -> bool:
+    """Whether ``addr`` is a globally routable IP (a DNS name counts as public)."""
+    ip = ip_of(addr)
+    return ip.is_global if ip is not None else "/dns" in str(addr)
+
+
+def is_loopback(addr: multiaddr.Multiaddr) -> bool:
+    ip = ip_of(addr)
+    return ip is not None and ip.is_loopback
 
 
 def advertised(options: Options, extra: list[multiaddr.Multiaddr]):  # noqa: ANN201 - py-libp2p's AddrsFactory
@@ -245,4 +260,5 @@ def build_host(options: Options, key_pair: KeyPair, extra_addrs: list[multiaddr.
         listen_addrs=[multiaddr.Multiaddr(a) for a in options.host_addrs],
         addrs_factory=advertised(options, [] if extra_addrs is None else extra_addrs),
         enable_mDNS=options.mdns,
+        connection_config=ConnectionConfig(deny_list=list(UNDIALABLE)),
     )

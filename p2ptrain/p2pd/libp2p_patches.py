@@ -1,7 +1,8 @@
 """Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts: every touch of py-libp2p's
 private names is here (``tests/test_layout.py`` checks), and ``install`` refuses any other py-libp2p version.
 
-Three fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``.
+Four fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``,
+``mdns_advertises_interface_addrs``.
 Three speed-ups (``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
 ``buffer_tcp_reads``, ``window_updates_like_go``, ``wait_for_credit_without_polling``.
 What goes over the network stays valid TCP/Noise/yamux.
@@ -256,11 +257,37 @@ def check_version(installed: str | None = None) -> None:
         )
 
 
+def mdns_advertises_interface_addrs() -> None:
+    """mDNS tells the LAN this machine's interface addresses, not the ``0.0.0.0`` the host listens on.
+
+    py-libp2p's mDNS broadcaster advertises the transport's listen addresses as they are: a peer listening on
+    every interface (the default) would tell its neighbours to dial ``0.0.0.0``, i.e. their own machine. Here it
+    advertises what ``host.expand_unspecified`` makes of them, loopback left out (a neighbour cannot reach it).
+    """
+    from libp2p.discovery.mdns.broadcaster import PeerBroadcaster
+
+    from p2ptrain.p2pd.host import expand_unspecified, is_loopback
+
+    if getattr(PeerBroadcaster, "_p2ptrain_expanded", False):
+        return
+    raw = PeerBroadcaster._resolve_host_addrs
+
+    def resolve_host_addrs(self: PeerBroadcaster) -> list[str]:
+        import multiaddr
+
+        addrs = expand_unspecified([multiaddr.Multiaddr(a) for a in raw(self)])
+        return [str(a) for a in addrs if not is_loopback(a)] or [str(a) for a in addrs]
+
+    PeerBroadcaster._resolve_host_addrs = resolve_host_addrs
+    PeerBroadcaster._p2ptrain_expanded = True
+
+
 def install(speedups: bool = True) -> None:
     check_version()
     atomic_frame_writes()
     circuit_addrs_advertised()
     envelope_key_type_sent()
+    mdns_advertises_interface_addrs()
     if speedups:
         buffer_tcp_reads()
         window_updates_like_go()
