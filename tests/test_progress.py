@@ -4,15 +4,21 @@ published with hivemind's own API into a real DHT."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import hivemind
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
-from hivemind.p2p import PeerID
-from hivemind.utils import ValueWithExpiration
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from p2ptrain.local_swarm import loopback_dhts
-from p2ptrain.train.progress import EPOCH_SLACK, RATE_BOUND, CheckedProgressTracker, plausible
+from p2ptrain.swarm.admission import Admission, grant, make_pass
+from p2ptrain.swarm.discovery import passes_key
+from p2ptrain.swarm.identity import identity_key, p2p_identity_path
+from p2ptrain.train.progress import EPOCH_SLACK, RATE_BOUND, CheckedProgressTracker, plausible, signs_with
 
 NOW = 1_000_000.0
 TARGET = 256
@@ -101,4 +107,71 @@ def test_a_forged_record_in_a_real_dht_moves_only_hiveminds_stock_tracker(checke
         for tracker in (*trackers, liar):
             tracker.shutdown()
         for dht in dhts:
+            dht.shutdown()
+
+
+def identified_dhts(tmp_path, n: int) -> list[tuple[hivemind.DHT, Any]]:
+    """``n`` DHT nodes on 127.0.0.1, each with an identity file, as a peer's data directory holds: (node, its key)."""
+    nodes = []
+    for i in range(n):
+        data_dir = tmp_path / f"peer{i}"
+        data_dir.mkdir()
+        P2P.generate_identity(str(p2p_identity_path(data_dir)))
+        initial = nodes[0][0].get_visible_maddrs() if nodes else []
+        dht = hivemind.DHT(
+            start=True,
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            initial_peers=initial,
+            identity_path=str(p2p_identity_path(data_dir)),
+        )
+        nodes.append((dht, identity_key(data_dir)))
+    return nodes
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_records_count_only_when_signed_by_the_peer_they_name(tmp_path, private, caplog):
+    """Peers sign their progress record with their identity key (``signs_with``). A stranger with hivemind's stock
+    tracker signs with a key of no peer: left out. In a private swarm, a stranger who signs its record properly but
+    holds no pass is left out too; the members (passes published, as ``discovery.publish`` does) count."""
+    run, author = "run", Ed25519PrivateKey.generate()
+    nodes = identified_dhts(tmp_path, 4)
+    opts = dict(target_batch_size=TARGET, min_refresh_period=0.2, max_refresh_period=0.5, default_refresh_period=0.5)
+    admission = None
+    if private:
+        token = grant(author, run, 3600)
+        for dht, _ in nodes[:2]:  # the members' passes; the stranger (nodes[2]) has none
+            own = make_pass(run, dht.peer_id.to_bytes(), token)
+            dht.store(passes_key(run), own, get_dht_time() + 60, subkey=dht.peer_id.to_base58())
+        admission = Admission(
+            run, author.public_key().public_bytes_raw(), make_pass(run, nodes[0][0].peer_id.to_bytes(), token)
+        )
+    members = [
+        CheckedProgressTracker(dht, run, start=True, bound=True, admission=admission, **signs_with(key), **opts)
+        for dht, key in nodes[:2]
+    ]
+    stranger_dht, stranger_key = nodes[2]
+    strangers = [ProgressTracker(nodes[3][0], run, start=True, private_key=RSAPrivateKey(), **opts)]
+    if private:
+        strangers.append(ProgressTracker(stranger_dht, run, start=True, **signs_with(stranger_key), **opts))
+    try:
+        for tracker in members:
+            tracker.report_local_progress(5, 1)
+            tracker.report_local_progress(5, 1)
+        for tracker in strangers:
+            tracker.report_local_progress(6, 1)
+            tracker.report_local_progress(6, 1)
+        deadline = time.monotonic() + 20
+        while len(stored(nodes[0][0])) < 2 + len(strangers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(stored(nodes[0][0])) == 2 + len(strangers)
+        time.sleep(1.5)  # read again since
+        progress = members[0].global_progress
+        assert progress.num_peers == 2 and progress.epoch == 5 and progress.samples_accumulated == 2
+        assert f"in the name of peer {nodes[3][0].peer_id}, signed by another key" in caplog.text
+        if private:
+            assert f"the progress record of peer {stranger_dht.peer_id}, who holds no valid pass" in caplog.text
+    finally:
+        for tracker in (*members, *strangers):
+            tracker.shutdown()
+        for dht, _ in nodes:
             dht.shutdown()

@@ -26,6 +26,7 @@ from hivemind.compression import serialization as hivemind_serialization
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aenumerate, as_aiter, azip
+from hivemind.utils.crypto import RSAPrivateKey
 
 from p2ptrain.errors import ConfigError
 
@@ -150,6 +151,13 @@ async def allreduce_to_values(
 def input_part(container: Any, peer_index: int, part_index: int) -> tuple[torch.Tensor, Any]:
     """The part ``part_index`` a ``TensorPartContainer`` sent to member ``peer_index``, with its ``CompressionInfo``."""
     return container._input_parts_by_peer[peer_index][part_index]
+
+
+def record_signing_key(der: bytes) -> RSAPrivateKey:
+    """hivemind's ``RSAPrivateKey`` holding a given DER RSA key (hivemind makes only fresh ones, or unpickles)."""
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": der})
+    return key
 
 
 class ProgressTracker(progress_tracker.ProgressTracker):

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import hivemind
 import torch
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
@@ -34,7 +35,7 @@ from p2ptrain.train.averaging import CompressedGradientAverager
 from p2ptrain.train.codecs import DENSE, Level
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
-from p2ptrain.train.progress import CheckedProgressTracker
+from p2ptrain.train.progress import CheckedProgressTracker, signs_with
 from p2ptrain.train.state_download import CheckedStateDownload
 
 logger = logging.getLogger(__name__)
@@ -82,15 +83,19 @@ def make_optimizer(
     settings: PeerSettings,
     reach_kind: str = "unknown",
     admission: Admission | None = None,
+    identity: rsa.RSAPrivateKey | None = None,
 ) -> PeerOptimizer:
     """hivemind's Optimizer (mode "gradients") or our DiLoCo optimizer (mode "local"), per the manifest.
     ``reach_kind``: this peer's reachability (``reachability.Kind``), which decides what it aggregates;
-    ``admission``: a private swarm's, which every averager applies to its group's members."""
+    ``admission``: a private swarm's, which every averager applies to its group's members;
+    ``identity``: this peer's libp2p key, which signs its progress record; with it, the progress tracker reads only
+    records signed by the peers they name (and, in a private swarm, by admitted ones: ``progress.bound_to_signers``)."""
     spec, avg = manifest.optimizer, manifest.averaging
     request_timeout = min(3.0, avg.matchmaking_time_s / 2)
     inner = partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
     scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupSchedule(spec.warmup_epochs))
     groups = param_groups(model, spec.weight_decay)
+    tracker = dict(signs_with(identity), bound=True, admission=admission) if identity is not None else {}
     common = dict(  # what both optimizers take
         dht=dht,
         run_id=manifest.run_id,
@@ -99,7 +104,7 @@ def make_optimizer(
         scheduler=scheduler,
         matchmaking_time=avg.matchmaking_time_s,
         averaging_timeout=avg.averaging_timeout_s,
-        tracker_opts=TRACKER_OPTS,
+        tracker_opts={**TRACKER_OPTS, **tracker},
     )
     if avg.mode == "local":
         return LocalUpdateOptimizer(

@@ -22,26 +22,91 @@ aggregation does (``robust.py``):
 Each record left out or cut is logged at WARNING, at most once a minute per record (its signing key). The medians
 are the upper ones (with two records, the other peer's claim is believed: a new peer must be able to catch up with the
 one it joins), so the bounds hold while honest records are the majority of those read.
+
+Before that, ``bound_to_signers`` keeps only records signed by the peer they name: a p2ptrain peer signs its record
+with its libp2p identity key (``signs_with``), so the key in the record's subkey hashes to the record's peer id. A
+stranger can still sign records of its own, one per key it makes (a Sybil: the medians above are what bounds it in an
+open swarm), but not in another peer's name; and in a private swarm only the records of peers whose pass (published
+under ``passes_key``) checks out count, so a stranger without a join token moves nobody's progress.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from p2ptrain.compat.hivemind import ProgressTracker
+from p2ptrain.compat.hivemind import ProgressTracker, record_signing_key
+from p2ptrain.swarm.admission import Admission, NotAdmitted
+from p2ptrain.swarm.discovery import passes_key, revoked_key
+from p2ptrain.swarm.identity import peer_id_of
 
 logger = logging.getLogger(__name__)
 
 EPOCH_SLACK = 2  # peers one global step ahead of the others are normal: the first ones to step
 RATE_BOUND = 10.0
 WARN_EVERY_S = 60.0
+PASSES_EVERY_S = 30.0  # a private swarm's passes are read again this often, or sooner for a record from a new peer
+PASSES_SOON_S = 5.0
+OWNER = re.compile(rb"\[owner:(ssh-rsa [A-Za-z0-9+/=]+)\]")  # hivemind's subkey of a record signed by its writer
+
+
+@functools.lru_cache(maxsize=4096)
+def signer_of(subkey: Any) -> str | None:
+    """The peer id of the RSA key that signed a progress record (its subkey names the key), or None."""
+    match = OWNER.fullmatch(subkey) if isinstance(subkey, bytes) else None
+    if match is None:
+        return None
+    try:
+        public = serialization.load_ssh_public_key(match.group(1))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(public, rsa.RSAPublicKey):
+        return None
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return peer_id_of(der)
+
+
+def signs_with(identity: rsa.RSAPrivateKey) -> dict[str, Any]:
+    """The tracker option that makes hivemind sign this peer's progress record with its identity key (not with the
+    key hivemind makes for each process), so that readers can tie the record to the peer."""
+    der = identity.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return {"private_key": record_signing_key(der)}
+
+
+def bound_to_signers(metadata: Any, admitted: Callable[[str], bool] | None = None) -> tuple[Any, dict[bytes, str]]:
+    """``metadata`` without the records that name another peer than the one whose identity key signed them and, in a
+    private swarm (``admitted``: whether a peer id holds a valid pass), those of peers without one; why, by subkey."""
+    if not isinstance(metadata, dict):
+        return metadata, {}
+    kept, notes = {}, {}
+    for key, entry in metadata.items():
+        if getattr(entry, "value", None) is None:  # a peer that left (hivemind writes None): counts for nothing
+            continue
+        signer = signer_of(key)
+        try:
+            named = PeerID(LocalTrainingProgress.parse_obj(entry.value).peer_id).to_base58()
+        except Exception:  # noqa: BLE001 - a stranger's bytes: left out below
+            named = None
+        if signer is None or named != signer:
+            notes[key] = f"a progress record in the name of peer {named}, signed by another key ({signer or 'not RSA'})"
+        elif admitted is not None and not admitted(signer):
+            notes[key] = f"the progress record of peer {signer}, who holds no valid pass to this private swarm"
+        else:
+            kept[key] = entry
+    return kept, notes
 
 
 def upper_median(values: list[float]) -> float:
@@ -96,13 +161,50 @@ def _writer(record: LocalTrainingProgress) -> str:
 
 
 class CheckedProgressTracker(ProgressTracker):
-    """hivemind's ``ProgressTracker`` that reads the swarm's progress through ``plausible``."""
+    """hivemind's ``ProgressTracker`` that reads the swarm's progress through ``plausible``; with ``bound``, only
+    records signed by the peers they name (``bound_to_signers``), and with ``admission`` (a private swarm's) only those
+    of admitted peers."""
+
+    def __init__(self, *args: Any, bound: bool = False, admission: Admission | None = None, **kwargs: Any):
+        self.bound, self.admission = bound or admission is not None, admission
+        self._passes_read_at, self._admitted = -math.inf, frozenset()
+        self._warned_at: dict[bytes, float] = {}
+        super().__init__(*args, **kwargs)  # it reads the swarm's progress once already
 
     def swarm_progress(self, metadata: Any) -> GlobalTrainingProgress:
-        kept, notes = plausible(metadata, self.target_batch_size, self.metadata_expiration, get_dht_time())
-        warned = self.__dict__.setdefault("_warned_at", {})  # hivemind's __init__ reads progress before ours runs
+        notes: dict[bytes, str] = {}
+        if self.bound:
+            metadata, notes = bound_to_signers(metadata, None if self.admission is None else self.admits)
+        kept, cut = plausible(metadata, self.target_batch_size, self.metadata_expiration, get_dht_time())
+        notes.update(cut)
+        warned = self._warned_at
         for key, note in notes.items():
             if time.monotonic() - warned.get(key, -math.inf) > WARN_EVERY_S:
                 warned[key] = time.monotonic()
                 logger.warning("Left out of the swarm's progress: %s", note)
         return super().swarm_progress(kept)
+
+    def admits(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` published a pass that checks out (read from the DHT at most every ``PASSES_EVERY_S``,
+        or ``PASSES_SOON_S`` when a peer not seen yet writes)."""
+        age = time.monotonic() - self._passes_read_at
+        if age > PASSES_EVERY_S or (peer_id not in self._admitted and age > PASSES_SOON_S):
+            self._passes_read_at = time.monotonic()
+            self._admitted = frozenset(self._read_passes())
+        return peer_id in self._admitted
+
+    def _read_passes(self) -> set[str]:
+        run = self.admission.run
+        revocations = self.dht.get(revoked_key(run), latest=True)
+        if revocations is not None:
+            self.admission.take_revocations(revocations.value)
+        found = self.dht.get(passes_key(run), latest=True)
+        passes = found.value if found is not None and isinstance(found.value, dict) else {}
+        admitted = set()
+        for peer, entry in passes.items():
+            try:
+                self.admission.check(PeerID.from_base58(peer).to_bytes(), getattr(entry, "value", None))
+            except (NotAdmitted, ValueError, TypeError):
+                continue
+            admitted.add(peer)
+        return admitted
