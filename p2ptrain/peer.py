@@ -195,7 +195,8 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             status.update(state="joining")
             manifest, envelope = run.seeded or resolve_swarm(run.dht, request, data_dir)
             admission, token = admit(manifest, run.peer_id, data_dir, request)  # a private swarm's pass, or None
-            validators = (LedgerValidator([manifest.run_id]), PeerRecords([manifest.run_id], identity_key(data_dir)))
+            identity = identity_key(data_dir)  # signs this peer's records (its own, and its hivemind progress)
+            validators = (LedgerValidator([manifest.run_id]), PeerRecords([manifest.run_id], identity))
             run.dht.add_validators(list(validators))
             # c. the network role (the DHT may start again in it)
             dht, role = network.settle_role(settings, data_dir, run.dht, manifest.run_id, known, validators)
@@ -204,20 +205,12 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
                 run.tokenizer, run.corpus = open_data(manifest, run.peer_id.to_bytes())
             tokenizer, corpus = run.tokenizer, run.corpus
             # d. build
-            model = build_model(
-                manifest.model,
-                tokenizer.vocab_size,
-                manifest.seq_len,
-                manifest.seed,
-                manifest.init_weights,
-                tokenizer.eos_id,
-            )
+            vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
+            model = build_model(manifest.model, vocab, manifest.seq_len, manifest.seed, manifest.init_weights, eos)
             model.to(run.device)
             sigint = signal.getsignal(signal.SIGINT)
             discovery.read_revocations(dht, admission, revocations_path(data_dir, manifest.run_id))
-            optimizer = make_optimizer(
-                dht, model, manifest, settings, role.reach.kind.value, admission, identity_key(data_dir)
-            )
+            optimizer = make_optimizer(dht, model, manifest, settings, role.reach.kind.value, admission, identity)
             signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN (averager.py:334)
             path = checkpoint_path(data_dir, manifest.run_id)
 
