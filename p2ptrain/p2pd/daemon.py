@@ -285,6 +285,8 @@ async def run(options: Options) -> None:
                 node.relays = Relays(host, extra_addrs, serve=options.relay and not options.force_private,
                                      trusted=trusted)  # fmt: skip
                 await nursery.start(node.relays.run, node)
+                if trusted:  # behind NAT: turn relayed connections into direct ones (DCUtR), and answer others' tries
+                    await nursery.start(node.relays.punch_holes)
             upnp = None
             if options.nat_port_map and not options.no_listen:
                 from libp2p.discovery.upnp.upnp import UpnpManager

@@ -1,8 +1,8 @@
 """Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts: every touch of py-libp2p's
 private names is here (``tests/test_layout.py`` checks), and ``install`` refuses any other py-libp2p version.
 
-Four fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``,
-``mdns_advertises_interface_addrs``.
+Five fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``,
+``mdns_advertises_interface_addrs`` and ``hole_punches_from_the_listening_port``.
 Three speed-ups (``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
 ``buffer_tcp_reads``, ``window_updates_like_go``, ``wait_for_credit_without_polling``.
 What goes over the network stays valid TCP/Noise/yamux.
@@ -282,12 +282,30 @@ def mdns_advertises_interface_addrs() -> None:
     PeerBroadcaster._p2ptrain_expanded = True
 
 
+def hole_punches_from_the_listening_port() -> None:
+    """DCUtR's hole-punching dials leave from the address the host listens on (``0.0.0.0:31337``), not from the
+    first address it advertises: that list starts with ``127.0.0.1`` (``host.expand_unspecified``), and a dial bound
+    to it cannot leave the machine."""
+    from libp2p.relay.circuit_v2 import dcutr
+
+    if getattr(dcutr, "_p2ptrain_listen_source", False):
+        return
+
+    def local_tcp_listen_addrs(host) -> list[tuple[int, str, int]]:  # noqa: ANN001
+        found = (dcutr._tcp_ip_port(a) for a in host.get_transport_addrs() if "/p2p-circuit" not in str(a))
+        return [f for f in found if f is not None]
+
+    dcutr._local_tcp_listen_addrs = local_tcp_listen_addrs
+    dcutr._p2ptrain_listen_source = True
+
+
 def install(speedups: bool = True) -> None:
     check_version()
     atomic_frame_writes()
     circuit_addrs_advertised()
     envelope_key_type_sent()
     mdns_advertises_interface_addrs()
+    hole_punches_from_the_listening_port()
     if speedups:
         buffer_tcp_reads()
         window_updates_like_go()
