@@ -268,7 +268,7 @@ def test_a_banned_liar_is_left_out_even_when_its_copy_would_pass():
             with contextlib.suppress(Exception):
                 controls[3].result(timeout=30)
             group_sizes.append(sizes)
-            if round_ >= 2 and None not in sizes:
+            if round_ >= 2 and None not in sizes and min(sizes) >= 3:  # the three honest members in one group
                 for averager in averagers[:3]:
                     with averager.get_tensors() as (tensor,):
                         assert (tensor - mean).abs().mean() < 0.01, group_sizes  # fp16 of values about ±3
