@@ -210,7 +210,8 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             model.to(run.device)
             sigint = signal.getsignal(signal.SIGINT)
             discovery.read_revocations(dht, admission, revocations_path(data_dir, manifest.run_id))
-            optimizer = make_optimizer(dht, model, manifest, settings, role.reach.kind.value, admission, identity)
+            reported = nat.reported_kind(role.reach.kind, settings.p2p)
+            optimizer = make_optimizer(dht, model, manifest, settings, reported, admission, identity)
             signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN (averager.py:334)
             path = checkpoint_path(data_dir, manifest.run_id)
 

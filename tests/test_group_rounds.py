@@ -15,11 +15,12 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
 from p2ptrain.local_swarm import loopback_dhts
-from p2ptrain.swarm.nat import aggregates, cannot_average, offered_addrs
+from p2ptrain.swarm.nat import aggregates, cannot_average, offered_addrs, reported_kind
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.group_rounds import GroupRounds, check_whole, with_shares
 
 D, M, N, S, U = Kind.DIRECT, Kind.MAPPED, Kind.NAT, Kind.SYMMETRIC_NAT, Kind.UNKNOWN
+NP = reported_kind(Kind.NAT, "py")  # behind a port-keeping NAT, with the Python daemon
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,8 @@ D, M, N, S, U = Kind.DIRECT, Kind.MAPPED, Kind.NAT, Kind.SYMMETRIC_NAT, Kind.UNK
         ([M, S, S], [True, False, False]),
         ([U, N], [True, True]),  # the swarm's first peer, not checked yet, and a peer behind a port-keeping NAT
         ([S, S], [True, True]),  # nobody could: hivemind's own shares, the round fails or not as before
+        ([D, NP, NP], [True, True, True]),  # Python daemons hole-punch with each other
+        ([D, N, NP], [True, False, False]),  # but not with Go daemons: the public one aggregates
     ],
 )
 def test_who_aggregates(kinds, expected):
@@ -40,6 +43,8 @@ def test_a_group_behind_two_kinds_of_nat_with_nobody_public_cannot_average():
     assert cannot_average([N, S]) and cannot_average([N, N, S]) and cannot_average([S, N, S])
     assert not cannot_average([D, N, S]) and not cannot_average([U, N, S])  # a public member aggregates
     assert not cannot_average([S, S]) and not cannot_average([N, N])  # one LAN, or hole punching: they may
+    assert cannot_average([N, NP]) and not cannot_average([NP, NP]) and not cannot_average([D, N, NP])
+    assert reported_kind(Kind.NAT, "go") == "nat" and reported_kind(Kind.DIRECT, "py") == "direct"
 
 
 def test_every_member_derives_the_same_shares_from_the_gathered_reports():

@@ -273,6 +273,7 @@ async def run(options: Options) -> None:
     discovered_send, discovered_receive = trio.open_memory_channel(64)
 
     async with host.run(listen), trio.open_nursery() as nursery:
+        libp2p_patches.dial_from(host.get_transport_addrs())
         dht = KadDHT(host, DHTMode.SERVER if options.dht_server else DHTMode.CLIENT)
         async with background_trio_service(dht):
             node = Node(options, host, dht, extra_addrs)

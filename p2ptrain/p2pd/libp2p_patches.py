@@ -1,8 +1,9 @@
 """Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts: every touch of py-libp2p's
 private names is here (``tests/test_layout.py`` checks), and ``install`` refuses any other py-libp2p version.
 
-Five fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``,
-``mdns_advertises_interface_addrs`` and ``hole_punches_from_the_listening_port``.
+Six fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``,
+``mdns_advertises_interface_addrs``, ``dials_leave_from_the_listening_port`` (with ``dial_from``) and
+``hole_punches_from_the_listening_port``.
 Three speed-ups (``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
 ``buffer_tcp_reads``, ``window_updates_like_go``, ``wait_for_credit_without_polling``.
 What goes over the network stays valid TCP/Noise/yamux.
@@ -10,6 +11,7 @@ What goes over the network stays valid TCP/Noise/yamux.
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import struct
 
@@ -18,6 +20,10 @@ import trio
 SUPPORTED = "0.8.1"  # pyproject.toml pins it; the patches below are written against its source
 
 READ_AHEAD = 256 * 1024
+DIAL_SOURCE: list[tuple[str, int]] = []  # (ip, port) outbound TCP connections leave from: set by ``dial_from``
+# a dial that cannot leave from the listening port leaves from a fresh one: the same connection (both ends) is still
+# in TIME_WAIT, the address is taken, or the listening address cannot reach the destination (127.0.0.1 to the LAN)
+FRESH_PORT_ERRNOS = {errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EINVAL, errno.ENETUNREACH}
 
 
 def buffer_tcp_reads() -> None:
@@ -282,6 +288,52 @@ def mdns_advertises_interface_addrs() -> None:
     PeerBroadcaster._p2ptrain_expanded = True
 
 
+def dial_from(addrs: list) -> None:  # noqa: ANN001 - py-libp2p's transport addresses (multiaddrs)
+    """Where outbound TCP connections leave from: the first IPv4 TCP address of ``addrs``, what the host listens on
+    (``/ip4/0.0.0.0/tcp/31337`` → ``("0.0.0.0", 31337)``)."""
+    DIAL_SOURCE.clear()
+    for addr in addrs:
+        try:
+            DIAL_SOURCE.append((addr.value_for_protocol("ip4"), int(addr.value_for_protocol("tcp"))))
+            return
+        except Exception:  # noqa: BLE001, S112 - not an IPv4 TCP address: the next one
+            continue
+
+
+def dials_leave_from_the_listening_port() -> None:
+    """Outbound TCP connections leave from the port the host listens on (``dial_from``), as go-libp2p's reuseport
+    transport dials.
+
+    py-libp2p dials from a fresh port each time, so a NAT maps each of its connections to another external port:
+    its peers saw a NAT that changes ports, and no hole could be punched to it. Leaving from the listening port
+    (SO_REUSEPORT, which py-libp2p's listener sets too), a NAT that keeps ports maps every connection to the same
+    external port, the one peers then dial. A dial that cannot leave from it (``FRESH_PORT_ERRNOS``) leaves from a
+    fresh port, as before.
+    """
+    from libp2p.transport.exceptions import OpenConnectionError
+    from libp2p.transport.tcp.tcp import TCP
+
+    if getattr(TCP, "_p2ptrain_from_listen_port", False):
+        return
+    dial_resolved = TCP._dial_resolved
+
+    async def _dial_resolved(self: TCP, maddr, source: tuple[str, int] | None = None):  # noqa: ANN001, ANN202
+        if source is not None or not DIAL_SOURCE:
+            return await dial_resolved(self, maddr, source=source)
+        try:
+            return await dial_resolved(self, maddr, source=DIAL_SOURCE[0])
+        except OpenConnectionError as e:
+            cause = e.__cause__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__
+            if cause is not None and cause.errno not in FRESH_PORT_ERRNOS:
+                raise  # refused, unreachable: a fresh port would not do better
+            return await dial_resolved(self, maddr)
+
+    TCP._dial_resolved = _dial_resolved
+    TCP._p2ptrain_from_listen_port = True
+
+
 def hole_punches_from_the_listening_port() -> None:
     """DCUtR's hole-punching dials leave from the address the host listens on (``0.0.0.0:31337``), not from the
     first address it advertises: that list starts with ``127.0.0.1`` (``host.expand_unspecified``), and a dial bound
@@ -305,6 +357,7 @@ def install(speedups: bool = True) -> None:
     circuit_addrs_advertised()
     envelope_key_type_sent()
     mdns_advertises_interface_addrs()
+    dials_leave_from_the_listening_port()
     hole_punches_from_the_listening_port()
     if speedups:
         buffer_tcp_reads()

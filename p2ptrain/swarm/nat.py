@@ -146,25 +146,42 @@ def wait_for_reservation(dht: hivemind.DHT, timeout_s: float = RESERVATION_WAIT_
         time.sleep(0.5)
 
 
+PY_DAEMON = "/py"  # after "nat" in a group report: this member's daemon is p2ptrain-p2pd (``reported_kind``)
+NAT_KINDS = (Kind.NAT.value, Kind.NAT.value + PY_DAEMON)  # behind a port-keeping NAT: hole punching, within its kind
+REPORTED_KINDS = frozenset({*(k.value for k in Kind), *NAT_KINDS})
+
+
+def reported_kind(kind: Kind, p2p: str) -> str:
+    """What a member tells its group about its reachability: its kind and, behind a port-keeping NAT, whether its
+    daemon is the Python one. Python and Go daemons behind NAT each hole-punch with their own kind only (their DCUtR
+    dials cross, but the connection fails its security handshake: ``p2pd/relay.py``), so such a pair is no better
+    connected than a port-keeping and a symmetric NAT."""
+    return kind.value + PY_DAEMON if kind == Kind.NAT and p2p == "py" else kind.value
+
+
 def cannot_average(kinds: Sequence[str]) -> bool:
     """Whether a group (by its members' reachability kinds) has no member that every other can open a direct
     connection to, because some sit behind a port-keeping NAT and others behind a symmetric one: then they are behind
     different routers, and the symmetric one reaches the others only through a relay, which carries no averaging
     parts (a Go relay cuts a circuit after 128 KiB). Such a round would wait out its timeout and fail; members
     behind one kind of NAT only may share a LAN, and are left to try."""
-    return any(k == Kind.NAT for k in kinds) and not any(_reached_by_all(kinds))
+    return any(k in NAT_KINDS for k in kinds) and not any(_reached_by_all(kinds))
 
 
 def _reached_by_all(kinds: Sequence[str]) -> list[bool]:
+    """A member behind a port-keeping NAT is reached by all if nobody is behind a symmetric NAT and every other
+    member behind NAT can punch a hole to it (the same daemon kind)."""
     symmetric = any(k == Kind.SYMMETRIC_NAT for k in kinds)
-    return [k != Kind.SYMMETRIC_NAT and not (k == Kind.NAT and symmetric) for k in kinds]
+    punching = {k for k in kinds if k in NAT_KINDS}
+    return [k != Kind.SYMMETRIC_NAT and not (k in punching and (symmetric or len(punching) > 1)) for k in kinds]
 
 
 def aggregates(kinds: Sequence[str]) -> list[bool]:
     """Which members of a group (by their reachability kinds, in group order) aggregate a part of its vector: never
     one behind a symmetric NAT; one behind a port-keeping NAT if no member is behind a symmetric one (it could not
-    reach it); every other (public, or not checked yet: the first peer of a swarm, a LAN). If that leaves nobody
-    (members all behind symmetric NATs, perhaps one LAN's: ``cannot_average`` refuses the other such groups),
-    everybody: the round then succeeds or fails as it would have."""
+    reach it) or behind a port-keeping NAT with the other daemon (``reported_kind``); every other (public, or not
+    checked yet: the first peer of a swarm, a LAN). If that leaves nobody (members all behind symmetric NATs,
+    perhaps one LAN's: ``cannot_average`` refuses the other such groups), everybody: the round then succeeds or
+    fails as it would have."""
     chosen = _reached_by_all(kinds)
     return chosen if any(chosen) else [True] * len(kinds)

@@ -45,7 +45,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
 from p2ptrain.swarm.admission import Admission, NotAdmitted
 from p2ptrain.swarm.discovery import passes_key, revoked_key
-from p2ptrain.swarm.nat import aggregates, cannot_average
+from p2ptrain.swarm.nat import REPORTED_KINDS, aggregates, cannot_average
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.bans import Bans
 from p2ptrain.train.robust import AverageBound, RobustPartReducer
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 class GroupRounds(AveragerHooks):
     """Mixin for hivemind's ``DecentralizedAverager`` subclasses (listed first among the bases).
 
-    ``reach_kind``: this peer's reachability kind (``reachability.Kind``), reported in each round's all-gather;
+    ``reach_kind``: this peer's reachability kind (``nat.reported_kind``), reported in each round's all-gather;
     ``aggregation``: how the parts this peer aggregates are checked and reduced (``robust.AGGREGATIONS``, from the
     manifest: every member of a swarm uses the same rule); ``admission``: a private swarm's rules (None: open), by
     which every member's pass is checked when it asks to join a group, when a group begins, and before it may
@@ -71,7 +71,9 @@ class GroupRounds(AveragerHooks):
         admission: Admission | None = None,
         **kwargs: Any,
     ):
-        self.reach_kind = Kind(reach_kind).value  # the plain string on the wire, never "Kind.NAT"
+        self.reach_kind = reach_kind.value if isinstance(reach_kind, Kind) else reach_kind  # a plain string on the wire
+        if self.reach_kind not in REPORTED_KINDS:
+            raise ValueError(f"unknown reachability kind {reach_kind!r}")
         self.aggregation = aggregation
         self.bans = bans or Bans()  # used in the averager's process, where rounds and handlers run
         self.admission = admission
