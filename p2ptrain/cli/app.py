@@ -5,6 +5,7 @@
     p2ptrain join --model gpt2-small --invite p2pt1-…     # volunteer in it
     p2ptrain invite --days 3                        # another invite to a swarm seeded with --private
     p2ptrain report --swarm                         # tokens, GPU-hours, kWh, CO2e of the whole swarm
+    p2ptrain export --out ./my-model                # the trained model as a Hugging Face directory
 
 Only ``main`` installs signal handlers: SIGINT/SIGTERM set a stop event and the peer shuts down in
 order (a second Ctrl+C kills at once). Errors print ``p2ptrain: error: <what> (<flag>). <fix>``;
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 
 import typer
 
-from p2ptrain.cli import daemon_commands, invite_command, peer_commands, report_command, session
+from p2ptrain.cli import daemon_commands, export_command, invite_command, peer_commands, report_command, session
 from p2ptrain.compat.typer import ClickException
 from p2ptrain.errors import ExitCode, P2PTrainError
 
@@ -48,6 +49,8 @@ app.command()(daemon_commands.pause)
 app.command()(daemon_commands.resume)
 app.command()(daemon_commands.leave)
 app.command()(report_command.report)
+app.command()(export_command.export)
+app.command()(export_command.generate)
 daemon_app.command("run")(daemon_commands.daemon_run)
 daemon_app.command("start")(daemon_commands.daemon_start)
 daemon_app.command("stop")(daemon_commands.daemon_stop)

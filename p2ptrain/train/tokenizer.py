@@ -4,6 +4,7 @@ loaded from the local cache or a local directory (never downloaded at run time).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 from p2ptrain.errors import DatasetError
@@ -14,6 +15,12 @@ class Tokenizer(Protocol):
     eos_id: int  # appended after every document so the model learns where texts end
 
     def encode(self, text: str) -> list[int]: ...
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write the files with which ``transformers.AutoTokenizer.from_pretrained(directory)`` gives the same ids."""
+
+
+EOS_TEXT = "<|endoftext|>"
 
 
 class ByteTokenizer:
@@ -27,6 +34,36 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory: Path) -> None:
+        """As a byte-level BPE with no merges (the ``tokenizers`` library's GPT-2 machinery): each byte is one
+        token whose id is the byte's value, and ``<|endoftext|>`` is 256."""
+        from tokenizers import Tokenizer as Fast
+        from tokenizers import decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        by_byte = byte_chars()
+        fast = Fast(models.BPE(vocab={by_byte[b]: b for b in range(256)}, merges=[]))
+        fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        fast.decoder = decoders.ByteLevel()
+        wrapped = PreTrainedTokenizerFast(tokenizer_object=fast, eos_token=EOS_TEXT, bos_token=EOS_TEXT)
+        if wrapped.convert_tokens_to_ids(EOS_TEXT) != self.eos_id:
+            raise AssertionError(f"{EOS_TEXT} is not token {self.eos_id}")
+        wrapped.save_pretrained(directory)
+
+
+def byte_chars() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte (a printable byte for itself, the
+    others for 256, 257, … in byte order), as the ``tokenizers`` library's ``ByteLevel`` reads text."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class HFTokenizer:
@@ -45,6 +82,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def save_pretrained(self, directory: Path) -> None:
+        self._tok.save_pretrained(directory)
 
 
 def load_tokenizer(name: str) -> Tokenizer:
