@@ -11,11 +11,11 @@ import torch
 
 from p2ptrain.cli.app import main
 from p2ptrain.errors import ConfigError
+from p2ptrain.export import MARKER, export
 from p2ptrain.fileio import atomic_write_json
 from p2ptrain.swarm.manifest import sign
 from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, save_checkpoint
 from p2ptrain.train.data import open_data
-from p2ptrain.export import MARKER, export
 from p2ptrain.train.models import build_model, lm_loss
 from p2ptrain.train.tokenizer import ByteTokenizer
 
