@@ -6,6 +6,7 @@
     p2ptrain invite --days 3                        # another invite to a swarm seeded with --private
     p2ptrain report --swarm                         # tokens, GPU-hours, kWh, CO2e of the whole swarm
     p2ptrain export --out ./my-model                # the trained model as a Hugging Face directory
+    p2ptrain dashboard                              # this peer's live page and /metrics, on 127.0.0.1:8470
 
 Only ``main`` installs signal handlers: SIGINT/SIGTERM set a stop event and the peer shuts down in
 order (a second Ctrl+C kills at once). Errors print ``p2ptrain: error: <what> (<flag>). <fix>``;
@@ -21,7 +22,15 @@ from collections.abc import Mapping
 
 import typer
 
-from p2ptrain.cli import daemon_commands, export_command, invite_command, peer_commands, report_command, session
+from p2ptrain.cli import (
+    daemon_commands,
+    dashboard_command,
+    export_command,
+    invite_command,
+    peer_commands,
+    report_command,
+    session,
+)
 from p2ptrain.compat.typer import ClickException
 from p2ptrain.errors import ExitCode, P2PTrainError
 
@@ -51,6 +60,7 @@ app.command()(daemon_commands.leave)
 app.command()(report_command.report)
 app.command()(export_command.export)
 app.command()(export_command.generate)
+app.command()(dashboard_command.dashboard)
 daemon_app.command("run")(daemon_commands.daemon_run)
 daemon_app.command("start")(daemon_commands.daemon_start)
 daemon_app.command("stop")(daemon_commands.daemon_stop)

@@ -1,0 +1,7 @@
+"""The local dashboard (``p2ptrain dashboard``): a web page of this peer and its training, and ``/metrics`` for
+Prometheus. Read-only; it reads what the running peer writes (``status.json``, the energy ledger), so it starts and
+stops without touching the peer.
+
+- ``metrics``: the Prometheus text exposition of a status and a ledger;
+- ``server``: the HTTP server (the standard library's), the history it keeps while it runs, and the page.
+"""
