@@ -18,6 +18,7 @@ from contextlib import AsyncExitStack
 import hivemind
 import hivemind.p2p.p2p_daemon as p2p_daemon
 import numpy as np
+import psutil
 import pytest
 import torch
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError
@@ -30,6 +31,10 @@ from p2ptrain.p2pd.flags import FlagError, parse, parse_duration
 from p2ptrain.swarm import p2p_stack
 
 TIMEOUT_S = 60
+
+
+def local_ipv4s() -> list[str]:
+    return sorted({a.address for nics in psutil.net_if_addrs().values() for a in nics if a.family.name == "AF_INET"})
 
 
 def run(coro):
@@ -82,6 +87,26 @@ def test_flags_hivemind_passes_are_accepted():
     for bad in (["-nosuchflag=1"], ["-idleTimeout=soon"], ["listen"], ["-listen=/ip4/1.2.3.4/tcp/1"], ["-b=maybe"]):
         with pytest.raises(FlagError):
             parse(bad)
+
+
+def test_advertised_addresses_expand_all_interfaces_and_leave_loopback_out():
+    """A host listening on 0.0.0.0 advertises its interfaces' addresses, never 0.0.0.0, and 127.0.0.1 only when it
+    has nothing else (another machine that dials 127.0.0.1 reaches itself). In a process of its own, as the daemon
+    runs: py-libp2p's protobufs and hivemind's cannot be loaded into one."""
+    code = (
+        "import json, multiaddr; from p2ptrain.p2pd.flags import parse; from p2ptrain.p2pd.host import advertised\n"
+        "f = advertised(parse([]), [])\n"
+        "both = f([multiaddr.Multiaddr('/ip4/0.0.0.0/tcp/31337'), multiaddr.Multiaddr('/ip4/127.0.0.1/tcp/4001')])\n"
+        "alone = f([multiaddr.Multiaddr('/ip4/127.0.0.1/tcp/4001')])\n"
+        "print(json.dumps([[str(a) for a in both], [str(a) for a in alone]]))"
+    )
+    both, alone = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    others = [ip for ip in local_ipv4s() if not ip.startswith("127.")]
+    loopback = ["/ip4/127.0.0.1/tcp/31337", "/ip4/127.0.0.1/tcp/4001"]
+    assert both == ([f"/ip4/{ip}/tcp/31337" for ip in others] if others else loopback)
+    assert alone == ["/ip4/127.0.0.1/tcp/4001"]  # --host 127.0.0.1: all it has
 
 
 def test_unknown_flag_exits_with_go_message(tmp_path):

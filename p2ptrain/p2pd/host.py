@@ -239,13 +239,15 @@ def advertised(options: Options, extra: list[multiaddr.Multiaddr]):  # noqa: ANN
     """The addresses this host gives other peers (identify, Kademlia): ``-announceAddrs`` when set, else what it
     listens on and what peers observed it at, with ``0.0.0.0`` expanded to this machine's interface addresses
     (py-libp2p would advertise ``0.0.0.0`` itself, which another machine cannot dial), and ``extra`` (a port the
-    router maps to us), read at each call."""
+    router maps to us), read at each call. Loopback is left out when there is anything else: another machine that
+    dials ``127.0.0.1:31337`` reaches itself (py-libp2p's hole punching dials every known address of a peer)."""
     announce = [multiaddr.Multiaddr(a) for a in options.announce_addrs]
 
     def factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         if announce:
             return list(announce)
-        return expand_unspecified([*(without_peer_id(a) for a in candidates), *extra])
+        addrs = expand_unspecified([*(without_peer_id(a) for a in candidates), *extra])
+        return [a for a in addrs if not is_loopback(a)] or addrs
 
     return factory
 

@@ -11,7 +11,6 @@ What goes over the network stays valid TCP/Noise/yamux.
 
 from __future__ import annotations
 
-import errno
 import importlib.metadata
 import struct
 
@@ -21,9 +20,6 @@ SUPPORTED = "0.8.1"  # pyproject.toml pins it; the patches below are written aga
 
 READ_AHEAD = 256 * 1024
 DIAL_SOURCE: list[tuple[str, int]] = []  # (ip, port) outbound TCP connections leave from: set by ``dial_from``
-# a dial that cannot leave from the listening port leaves from a fresh one: the same connection (both ends) is still
-# in TIME_WAIT, the address is taken, or the listening address cannot reach the destination (127.0.0.1 to the LAN)
-FRESH_PORT_ERRNOS = {errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EINVAL, errno.ENETUNREACH}
 
 
 def buffer_tcp_reads() -> None:
@@ -307,8 +303,10 @@ def dials_leave_from_the_listening_port() -> None:
     py-libp2p dials from a fresh port each time, so a NAT maps each of its connections to another external port:
     its peers saw a NAT that changes ports, and no hole could be punched to it. Leaving from the listening port
     (SO_REUSEPORT, which py-libp2p's listener sets too), a NAT that keeps ports maps every connection to the same
-    external port, the one peers then dial. A dial that cannot leave from it (``FRESH_PORT_ERRNOS``) leaves from a
-    fresh port, as before.
+    external port, the one peers then dial. A dial that fails from it is tried again from a fresh port, as before:
+    the address may be taken or unable to reach the destination (127.0.0.1 to the LAN), and a peer that still holds
+    the last connection between the same two ports (TIME_WAIT) refuses a new one (seen: connection refused by a
+    peer that was listening).
     """
     from libp2p.transport.exceptions import OpenConnectionError
     from libp2p.transport.tcp.tcp import TCP
@@ -322,12 +320,7 @@ def dials_leave_from_the_listening_port() -> None:
             return await dial_resolved(self, maddr, source=source)
         try:
             return await dial_resolved(self, maddr, source=DIAL_SOURCE[0])
-        except OpenConnectionError as e:
-            cause = e.__cause__
-            while cause is not None and not isinstance(cause, OSError):
-                cause = cause.__cause__
-            if cause is not None and cause.errno not in FRESH_PORT_ERRNOS:
-                raise  # refused, unreachable: a fresh port would not do better
+        except OpenConnectionError:
             return await dial_resolved(self, maddr)
 
     TCP._dial_resolved = _dial_resolved
