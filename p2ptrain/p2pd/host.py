@@ -90,6 +90,7 @@ class Node:
     relays: object | None = None  # p2pd.relay.Relays: dials circuit addresses
     mapped_port: int | None = None  # the TCP port the router maps to us (UPnP), removed at exit
     remembered: set[ID] = field(default_factory=set)  # peers already offered to the routing table
+    dialing: dict[ID, trio.Lock] = field(default_factory=dict)  # one dial at a time per peer (``_dial``)
 
     async def map_port(self, upnp) -> None:  # noqa: ANN001 - py-libp2p's UpnpManager
         """Map the TCP port we listen on, on the router (UPnP IGD, through py-libp2p's miniupnpc manager), and
@@ -146,6 +147,19 @@ class Node:
         return any(not conn.is_closed for conn in self.host.get_network().get_connections(peer_id))
 
     async def _dial(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        """``_dial_once``, one at a time per peer: hivemind opens several streams to a peer at once, and each would
+        otherwise dial it (a relay circuit each: seen, 8 relayed connections to one peer, then py-libp2p's per-peer
+        limit refused more)."""
+        lock = self.dialing.setdefault(peer_id, trio.Lock())
+        try:
+            async with lock:
+                if not self.is_connected(peer_id):  # else another call has just dialled it
+                    await self._dial_once(peer_id, addrs)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self.dialing.pop(peer_id, None)
+
+    async def _dial_once(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
         """Directly if it has a direct address that answers, else through a relay: its circuit addresses, or else
         the trusted relays (the swarm's peers behind NAT hold their slots there; seen: a Python peer behind NAT knew
         a Go peer behind another NAT, both on a Python relay, only by its LAN address). A peer known
