@@ -329,8 +329,9 @@ def dials_leave_from_the_listening_port() -> None:
 
 def hole_punches_from_the_listening_port() -> None:
     """DCUtR's hole-punching dials leave from the address the host listens on (``0.0.0.0:31337``), not from the
-    first address it advertises: that list starts with ``127.0.0.1`` (``host.expand_unspecified``), and a dial bound
-    to it cannot leave the machine."""
+    first address it advertises, which can be one a dial cannot be bound to or leave from: ``127.0.0.1`` on a host
+    with nothing else, the router's address that peers observed behind NAT (seen: with ``127.0.0.1`` first, every
+    punch dial stayed on the machine)."""
     from libp2p.relay.circuit_v2 import dcutr
 
     if getattr(dcutr, "_p2ptrain_listen_source", False):
