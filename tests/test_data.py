@@ -9,7 +9,7 @@ import torch
 
 from p2ptrain.errors import DatasetError
 from p2ptrain.train.data import InMemoryCorpus, is_validation, open_corpus, open_hf_stream
-from p2ptrain.train.tokenizer import ByteTokenizer
+from p2ptrain.train.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
 
@@ -89,3 +89,15 @@ def test_unknown_hub_dataset_is_a_clear_error():
 def test_in_memory_corpus_needs_enough_text():
     with pytest.raises(DatasetError, match="too small"):
         InMemoryCorpus(["short"], TOK, 64, 0, b"p")
+
+
+def test_a_tokenizer_not_here_says_how_to_get_it_for_any_verb(tmp_path, monkeypatch):
+    """A volunteer's `join` has no --tokenizer flag (the swarm's manifest names it): the error must not send them to
+    one, and says how to fetch it (nothing is downloaded at run time)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(DatasetError) as caught:
+        load_tokenizer("p2ptrain-tests/no-such-tokenizer")
+    message = str(caught.value)
+    assert "huggingface-cli download p2ptrain-tests/no-such-tokenizer" in message and "downloads nothing while it runs" in message
+    assert "use --tokenizer" not in message and "seeded with `--tokenizer bytes`" in message

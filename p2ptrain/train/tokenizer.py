@@ -74,8 +74,9 @@ class HFTokenizer:
             self._tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
         except (OSError, ValueError) as e:
             raise DatasetError(
-                f"tokenizer {name!r} is not in the local Hugging Face cache or a local dir ({type(e).__name__}). "
-                f"Fetch it once where there is internet (`huggingface-cli download {name}`), or use --tokenizer bytes."
+                f"tokenizer {name!r} (the swarm's) is not in the local Hugging Face cache or a local dir "
+                f"({type(e).__name__}). Fetch it once where there is internet (`huggingface-cli download {name}`): "
+                "p2ptrain downloads nothing while it runs. A swarm seeded with `--tokenizer bytes` needs no download."
             ) from None
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id if self._tok.eos_token_id is not None else self.vocab_size - 1
