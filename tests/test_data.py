@@ -99,5 +99,6 @@ def test_a_tokenizer_not_here_says_how_to_get_it_for_any_verb(tmp_path, monkeypa
     with pytest.raises(DatasetError) as caught:
         load_tokenizer("p2ptrain-tests/no-such-tokenizer")
     message = str(caught.value)
-    assert "huggingface-cli download p2ptrain-tests/no-such-tokenizer" in message and "downloads nothing while it runs" in message
+    assert "huggingface-cli download p2ptrain-tests/no-such-tokenizer" in message
+    assert "downloads nothing while it runs" in message
     assert "use --tokenizer" not in message and "seeded with `--tokenizer bytes`" in message
