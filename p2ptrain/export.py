@@ -52,8 +52,11 @@ def swarm_manifest(data_dir: Path, run_id: str | None = None) -> mf.SwarmManifes
     return manifest
 
 
-def export(data_dir: Path, out: Path, run_id: str | None = None, overwrite: bool = False) -> Exported:
-    """Write the Hugging Face directory ``out`` from this data directory's checkpoint of its last swarm.
+def export(
+    data_dir: Path, out: Path, run_id: str | None = None, overwrite: bool = False, measure: bool = True
+) -> Exported:
+    """Write the Hugging Face directory ``out`` from this data directory's checkpoint of its last swarm; ``measure``:
+    the held-out loss for the model card (a pass over the held-out split; ``generate`` needs none).
 
     Raises:
         ConfigError: no swarm or checkpoint here, or ``out`` holds something else (``overwrite`` replaces an export).
@@ -74,7 +77,7 @@ def export(data_dir: Path, out: Path, run_id: str | None = None, overwrite: bool
         manifest.model, tokenizer.vocab_size, manifest.seq_len, manifest.seed, manifest.init_weights, tokenizer.eos_id
     )
     info, _ = load_checkpoint(path, model, manifest.hash.hex())
-    val_loss = held_out_loss(manifest, model)
+    val_loss = held_out_loss(manifest, model) if measure else None
     model.generation_config.suppress_tokens = list(range(tokenizer.vocab_size, model.config.vocab_size))
     model.generation_config.pad_token_id = tokenizer.eos_id
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +116,7 @@ def energy_card(data_dir: Path, run_id: str) -> str:
 
 
 def model_card(manifest: mf.SwarmManifest, model: torch.nn.Module, exported: Exported, energy: str) -> str:
-    loss = f"{exported.val_loss:.4f}" if exported.val_loss is not None else "not measured (dataset not here)"
+    loss = f"{exported.val_loss:.4f}" if exported.val_loss is not None else "not measured"
     dataset = manifest.dataset if manifest.dataset != "default" else "p2ptrain's embedded default corpus"
     lines = [
         "---",

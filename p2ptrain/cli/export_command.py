@@ -52,5 +52,5 @@ def generate(
         print(prompt + sample(model_dir, prompt, max_new_tokens, temperature, seed))
         return
     with tempfile.TemporaryDirectory(prefix="p2ptrain-generate-") as scratch:
-        write_export(directory, Path(scratch) / "model")
+        write_export(directory, Path(scratch) / "model", measure=False)
         print(prompt + sample(Path(scratch) / "model", prompt, max_new_tokens, temperature, seed))

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hivemind
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from p2ptrain.errors import ManifestInvalid, PeerUnreachable
 from p2ptrain.swarm import manifest as mf
-from p2ptrain.swarm.admission import Admission
+from p2ptrain.swarm.admission import Admission, NotAdmitted
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,22 @@ def read_revocations(dht: hivemind.DHT, admission: Admission | None, file: Path 
     found = bounded(dht.get(revoked_key(admission.run), latest=True, return_future=True))
     if found is not None:
         admission.take_revocations(found.value)
+
+
+def admitted_peers(dht: hivemind.DHT, admission: Admission) -> set[str]:
+    """The peers (base58 ids) whose pass, as published under ``passes_key``, checks out now (revocations read
+    first); an unreadable record counts as no pass."""
+    read_revocations(dht, admission)
+    found = bounded(dht.get(passes_key(admission.run), latest=True, return_future=True))
+    passes = found.value if found is not None and isinstance(found.value, dict) else {}
+    admitted = set()
+    for peer, entry in passes.items():
+        try:
+            admission.check(PeerID.from_base58(peer).to_bytes(), getattr(entry, "value", None))
+        except (NotAdmitted, ValueError, TypeError):
+            continue
+        admitted.add(peer)
+    return admitted
 
 
 def find_relays(dht: hivemind.DHT, run_id: str) -> list[str]:

@@ -47,8 +47,8 @@ from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from p2ptrain.compat.hivemind import ProgressTracker, record_signing_key
-from p2ptrain.swarm.admission import Admission, NotAdmitted
-from p2ptrain.swarm.discovery import passes_key, revoked_key
+from p2ptrain.swarm.admission import Admission
+from p2ptrain.swarm.discovery import admitted_peers
 from p2ptrain.swarm.identity import peer_id_of
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ EPOCH_SLACK = 2  # peers one global step ahead of the others are normal: the fir
 RATE_BOUND = 10.0
 WARN_EVERY_S = 60.0
 PASSES_EVERY_S = 30.0  # a private swarm's passes are read again this often, or sooner for a record from a new peer
-PASSES_SOON_S = 5.0
+PASSES_SOON_S = 5.0  # for one peer not admitted (a stranger's records do not make every read a DHT lookup)
 OWNER = re.compile(rb"\[owner:(ssh-rsa [A-Za-z0-9+/=]+)\]")  # hivemind's subkey of a record signed by its writer
 
 
@@ -168,6 +168,7 @@ class CheckedProgressTracker(ProgressTracker):
     def __init__(self, *args: Any, bound: bool = False, admission: Admission | None = None, **kwargs: Any):
         self.bound, self.admission = bound or admission is not None, admission
         self._passes_read_at, self._admitted = -math.inf, frozenset()
+        self._asked: dict[str, float] = {}  # when the passes were last read for a peer not admitted
         self._warned_at: dict[bytes, float] = {}
         super().__init__(*args, **kwargs)  # it reads the swarm's progress once already
 
@@ -185,26 +186,14 @@ class CheckedProgressTracker(ProgressTracker):
         return super().swarm_progress(kept)
 
     def admits(self, peer_id: str) -> bool:
-        """Whether ``peer_id`` published a pass that checks out (read from the DHT at most every ``PASSES_EVERY_S``,
-        or ``PASSES_SOON_S`` when a peer not seen yet writes)."""
-        age = time.monotonic() - self._passes_read_at
-        if age > PASSES_EVERY_S or (peer_id not in self._admitted and age > PASSES_SOON_S):
-            self._passes_read_at = time.monotonic()
-            self._admitted = frozenset(self._read_passes())
+        """Whether ``peer_id`` published a pass that checks out: the passes are read from the DHT every
+        ``PASSES_EVERY_S``, and at once for a peer not admitted yet (a member that has just joined; again for the
+        same peer only after ``PASSES_SOON_S``)."""
+        now = time.monotonic()
+        if now - self._passes_read_at > PASSES_EVERY_S:
+            self._asked = {}
+        elif peer_id in self._admitted or now - self._asked.get(peer_id, -math.inf) < PASSES_SOON_S:
+            return peer_id in self._admitted
+        self._asked[peer_id] = self._passes_read_at = now
+        self._admitted = frozenset(admitted_peers(self.dht, self.admission))
         return peer_id in self._admitted
-
-    def _read_passes(self) -> set[str]:
-        run = self.admission.run
-        revocations = self.dht.get(revoked_key(run), latest=True)
-        if revocations is not None:
-            self.admission.take_revocations(revocations.value)
-        found = self.dht.get(passes_key(run), latest=True)
-        passes = found.value if found is not None and isinstance(found.value, dict) else {}
-        admitted = set()
-        for peer, entry in passes.items():
-            try:
-                self.admission.check(PeerID.from_base58(peer).to_bytes(), getattr(entry, "value", None))
-            except (NotAdmitted, ValueError, TypeError):
-                continue
-            admitted.add(peer)
-        return admitted

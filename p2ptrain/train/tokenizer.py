@@ -41,8 +41,9 @@ class ByteTokenizer:
         from tokenizers import Tokenizer as Fast
         from tokenizers import decoders, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte → character map
 
-        by_byte = byte_chars()
+        by_byte = bytes_to_unicode()
         fast = Fast(models.BPE(vocab={by_byte[b]: b for b in range(256)}, merges=[]))
         fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         fast.decoder = decoders.ByteLevel()
@@ -50,20 +51,6 @@ class ByteTokenizer:
         if wrapped.convert_tokens_to_ids(EOS_TEXT) != self.eos_id:
             raise AssertionError(f"{EOS_TEXT} is not token {self.eos_id}")
         wrapped.save_pretrained(directory)
-
-
-def byte_chars() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: the character that stands for each byte (a printable byte for itself, the
-    others for 256, 257, … in byte order), as the ``tokenizers`` library's ``ByteLevel`` reads text."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 class HFTokenizer:
