@@ -32,11 +32,13 @@ from p2ptrain.swarm.invite import PREFIX, Invite, decode_invite
 from p2ptrain.swarm.proximity import decode_near
 from p2ptrain.swarm.reachability import Message
 from p2ptrain.train import end_of_run
+from p2ptrain.train.accusations import Evidence, Packed, judge, listed
 from p2ptrain.train.codecs import Int8Compression
 from p2ptrain.train.local_updates import check_state
 from p2ptrain.train.param_check import read_sketches
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.robust import AGGREGATIONS, check_contributions, reduce_parts
+from p2ptrain.train.signed_parts import Unverified, part_digest, read_cert, read_stamp
 from p2ptrain.train.state_download import check_downloaded_state, decode_download
 from p2ptrain.volunteer.control_socket import COMMANDS, MAX_MESSAGE, ControlServer
 
@@ -329,3 +331,47 @@ def test_near_records_decode_or_raise_value_error(value):
     event("decoded")
     assert all(math.isfinite(v) for v in (near.coord.x, near.coord.y, near.coord.height, near.coord.error))
     assert len(near.neighbours) <= 8
+
+
+@BOUNDED
+@given(st.binary(max_size=400) | st.builds(packed, values | st.lists(values, min_size=7, max_size=7)))
+def test_evidence_and_stamps_decode_or_are_unverified(data):
+    for decode in (lambda d: Evidence.decode(d).sender(), read_stamp, read_cert, listed):
+        try:
+            decode(data)
+        except Unverified:
+            event("unverified")
+    try:
+        assert isinstance(Packed.FromString(data), dict)
+    except ValueError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def part_signer():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from p2ptrain.train.signed_parts import PartSigner
+
+    return PartSigner(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+@BOUNDED
+@given(
+    st.binary(max_size=2000),
+    st.lists(st.integers(0, 3000), max_size=4),
+    st.sampled_from(["float32", "float16", "int8", "uint8", "int64", "bool", "complex64", "junk", ""]),
+    st.integers(0, 12),
+)
+def test_signed_parts_of_any_bytes_are_judged_or_unverified(part_signer, buffer, size, dtype, compression):
+    """An accused peer's own part, validly signed, can hold any bytes: judging it decodes them (hivemind's decoders
+    and p2ptrain's codecs) and must end in a verdict or ``Unverified``."""
+    part = runtime_pb2.Tensor(buffer=buffer, size=size, dtype=dtype, compression=compression)
+    accuser = b"\x00\x24" + bytes(36)
+    cert, signature = read_stamp(part_signer.stamp(part_digest("p", b"g", accuser, 0, part), with_cert=True))
+    evidence = Evidence.decode(Evidence("p", b"g", accuser, 0, part, cert, signature).encode())
+    try:
+        accused, why = judge(evidence, "p", accuser, 1.0)
+        event("guilty" if why else "not convinced")
+    except Unverified:
+        event("unverified")

@@ -92,6 +92,11 @@ class AveragerHooks:
         """Run one round with a formed group (hivemind: ``DecentralizedAverager._aggregate_with_group``)."""
         return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
+    @property
+    def p2p(self) -> P2P:
+        """The averager's connection to the libp2p daemon (in its own process, once started)."""
+        return self._p2p
+
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, *args, **kwargs):
         return await self.run_allreduce_inplace(tensors, group_info, *args, **kwargs)
 
@@ -99,6 +104,30 @@ class AveragerHooks:
         """All-reduce ``tensors`` in place with the group (hivemind: ``_run_allreduce_inplace_``; ``*args``: the
         group id, which PowerSGD's averager passes for each of its two rounds)."""
         return await super()._run_allreduce_inplace_(tensors, group_info, *args, **kwargs)
+
+
+class RunnerHooks:
+    """Mixin for ``hivemind.averaging.allreduce.AllReduceRunner`` subclasses: public names for the prefix and the two
+    private methods p2ptrain changes: the messages a member sends to an aggregator, and how an aggregator reads a
+    sender's stream."""
+
+    @property
+    def prefix(self) -> str | None:
+        return self._prefix
+
+    def _generate_input_for_peer(self, peer_index: int) -> Any:
+        return self.generate_input_for_peer(peer_index)
+
+    def generate_input_for_peer(self, peer_index: int) -> Any:
+        """The ``AveragingData`` messages this member sends to the aggregator ``peer_index``."""
+        return super()._generate_input_for_peer(peer_index)
+
+    def _accumulate_parts_streaming(self, stream: Any, sender_index: int) -> Any:
+        return self.accumulate_parts_streaming(stream, sender_index)
+
+    def accumulate_parts_streaming(self, stream: Any, sender_index: int) -> Any:
+        """Reduce the parts that ``sender_index`` streams in, answering each with its average."""
+        return super()._accumulate_parts_streaming(stream, sender_index)
 
 
 async def allreduce_to_values(

@@ -86,6 +86,14 @@ def revoked_key(run_id: str) -> str:
     return f"p2ptrain/v1/revoked/{run_id}"
 
 
+AVERAGERS = ("grad_averager", "state_averager", "outer")  # a run's averagers: prefixes f"{run_id}_{name}"
+
+
+def accusations_key(averager_prefix: str) -> str:
+    """The evidence that peers hold against others in one averager's rounds (``train/accusations.py``)."""
+    return f"p2ptrain/v1/accusations/{averager_prefix}"
+
+
 MAX_RELAY_ADDRS = 4  # per relay record
 MAX_RELAYS = 16  # read per swarm
 MAX_MADDR_CHARS = 256

@@ -1,9 +1,9 @@
 """The records a peer keeps in the DHT under its own peer id, signed by that peer, inside hivemind's DHT.
 
-Membership, relay addresses, passes, end-of-run and proximity (near) records (``protocols/dht-records.md``) are
-stored under a swarm's key with the writer's peer id as subkey. Unsigned, any DHT node could write one under any
-peer id: count members that are not there, announce a final state in another peer's name, or place itself next to
-anybody. ``PeerRecords`` is a hivemind record validator
+Membership, relay addresses, passes, end-of-run, proximity (near) and accusation records
+(``protocols/dht-records.md``) are stored under a swarm's key with the writer's peer id as subkey. Unsigned, any DHT
+node could write one under any peer id: count members that are not there, announce a final state in another peer's
+name, or place itself next to anybody. ``PeerRecords`` is a hivemind record validator
 (hivemind's ``RSASignatureValidator`` does the same for keys that embed a public key): in the writer's DHT it signs
 each such record whose subkey is its own peer id with its libp2p identity key; every node that knows the swarm
 refuses to store, and every reader refuses to read, one whose signature does not verify, whose key does not hash to
@@ -31,7 +31,16 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 
-from p2ptrain.swarm.discovery import PARAM_SLOTS, finishing_key, members_key, params_key, passes_key, relays_key
+from p2ptrain.swarm.discovery import (
+    AVERAGERS,
+    PARAM_SLOTS,
+    accusations_key,
+    finishing_key,
+    members_key,
+    params_key,
+    passes_key,
+    relays_key,
+)
 from p2ptrain.swarm.identity import PSS, peer_id_of, public_key_der
 from p2ptrain.swarm.proximity import SHARDS, near_key
 
@@ -47,6 +56,7 @@ PEER_KEYS: tuple[Callable[[str], str], ...] = (
     finishing_key,
     *(functools.partial(near_key, shard=shard) for shard in range(SHARDS)),
     *(functools.partial(params_key, slot=slot) for slot in range(PARAM_SLOTS)),
+    *(functools.partial(lambda run, name: accusations_key(f"{run}_{name}"), name=name) for name in AVERAGERS),
 )
 
 

@@ -5,10 +5,10 @@ was refused (``robust.check_contributions``) gets one strike for that round, how
 ``STRIKES`` strikes within ``WINDOW_S`` ban it for ``COOLING_OFF_S``. While banned, this averager refuses its
 requests to join a group this peer leads and to download its state, and leaves its contributions out unchecked
 (also those that would pass the checks). In a group another member leads, a banned peer is still a member: leaving
-would fail the round for every member. A ban is this peer's judgement only: nothing is published, so one liar
-cannot get an honest peer banned by others (shared accusations with evidence are not built yet); only the members
-that aggregate a part see the copies sent for it, so a member that aggregates nothing bans nobody. The ban ends by
-itself; a peer that lies again is banned again.
+would fail the round for every member. A ban is this peer's judgement only and is not published; strikes come from
+what this averager refused itself and from other peers' evidence that it checked itself (``accusations.py``), so
+one liar cannot get an honest peer banned by others. The ban ends by itself; a peer that lies again is banned
+again.
 """
 
 from __future__ import annotations

@@ -42,25 +42,28 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 
-from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values, input_part
+from p2ptrain.compat.hivemind import AveragerHooks, RunnerHooks, allreduce_to_values, input_part
 from p2ptrain.swarm.admission import Admission, NotAdmitted
-from p2ptrain.swarm.discovery import passes_key, revoked_key
+from p2ptrain.swarm.discovery import accusations_key, passes_key, revoked_key
 from p2ptrain.swarm.nat import REPORTED_KINDS, aggregates, cannot_average
 from p2ptrain.swarm.reachability import Kind
+from p2ptrain.train.accusations import READ_EVERY_S, Accusations, Evidence, rms
 from p2ptrain.train.bans import Bans
 from p2ptrain.train.robust import AverageBound, RobustPartReducer
+from p2ptrain.train.signed_parts import PartSigner, Receipts
 
 logger = logging.getLogger(__name__)
 
 
-class GroupRounds(AveragerHooks):
+class GroupRounds(Accusations, AveragerHooks):
     """Mixin for hivemind's ``DecentralizedAverager`` subclasses (listed first among the bases).
 
     ``reach_kind``: this peer's reachability kind (``nat.reported_kind``), reported in each round's all-gather;
     ``aggregation``: how the parts this peer aggregates are checked and reduced (``robust.AGGREGATIONS``, from the
     manifest: every member of a swarm uses the same rule); ``admission``: a private swarm's rules (None: open), by
     which every member's pass is checked when it asks to join a group, when a group begins, and before it may
-    download this peer's state."""
+    download this peer's state; ``signer``: this peer's part key, with which this averager signs its parts, refuses
+    unsigned ones, keeps evidence and judges other peers' (``accusations.py``; None: none of that, for tests)."""
 
     def __init__(
         self,
@@ -69,6 +72,8 @@ class GroupRounds(AveragerHooks):
         aggregation: str = "centered_clip",
         bans: Bans | None = None,
         admission: Admission | None = None,
+        signer: PartSigner | None = None,
+        read_accusations_every_s: float = READ_EVERY_S,
         **kwargs: Any,
     ):
         self.reach_kind = reach_kind.value if isinstance(reach_kind, Kind) else reach_kind  # a plain string on the wire
@@ -83,6 +88,9 @@ class GroupRounds(AveragerHooks):
         self._tasks: set[asyncio.Task] = set()
         if admission is not None or hasattr(self, "check_served_state"):  # hivemind's state download opens its
             self.get_stub = self._download_stub  # streams with ``self.get_stub``, and nothing else does
+        self.signer = signer
+        self.accusations_key = accusations_key(kwargs["prefix"]) if kwargs.get("prefix") else None
+        self._init_accusations(read_accusations_every_s)
         if kwargs.get("prefix"):
             kwargs["prefix"] = f"{kwargs['prefix']}_{VERSION}"
         super().__init__(*args, **kwargs)
@@ -100,6 +108,7 @@ class GroupRounds(AveragerHooks):
         self._bandwidth = value
 
     async def aggregate_with_group(self, group_info: GroupInfo, *args: Any, **kwargs: Any) -> Any:
+        self.read_accusations()
         if self.admission is not None:
             for peer_id, raw in zip(group_info.peer_ids, group_info.gathered, strict=True):
                 reason = self._refusal(peer_id, _shown_pass(self.serializer, raw))
@@ -109,9 +118,10 @@ class GroupRounds(AveragerHooks):
 
     async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
         bound = AverageBound(tensors, where=", ".join(map(str, group_info.peer_ids)))
+        self.own_rms = rms(tensors)
         runner = await allreduce_to_values(
             self, SameAverageRunner, tensors, group_info, group_id, refusal=bound.refusal,
-            aggregation=self.aggregation, bans=self.bans, **kw,
+            aggregation=self.aggregation, bans=self.bans, signer=self.signer, accuse=self.accuse, **kw,
         )  # fmt: skip
         check_whole(runner, group_info)
 
@@ -248,10 +258,10 @@ async def dht_get(dht: Any, key: str, timeout_s: float = 5.0) -> Any:
         return None
 
 
-VERSION = "p2pt2"  # in every averager's key prefix: bumped when what members exchange in a round changes
+VERSION = "p2pt3"  # in every averager's key prefix: bumped when what members exchange in a round changes
 
 
-class SameAverageRunner(AllReduceRunner):
+class SameAverageRunner(RunnerHooks, AllReduceRunner):
     """hivemind's all-reduce, in which every member ends with the same average (point 3 of the module docstring).
 
     Two small changes, on top of hivemind's code paths: the part reducer answers with an average from which hivemind's
@@ -261,15 +271,46 @@ class SameAverageRunner(AllReduceRunner):
     whose aggregator failed keeps this member's own values. The parts this member aggregates are checked and
     reduced by ``aggregation`` (``robust.RobustPartReducer``) instead of hivemind's plain mean."""
 
-    def __init__(self, *, aggregation: str, bans: Bans | None = None, **kwargs: Any):
+    def __init__(
+        self, *, aggregation: str, bans: Bans | None = None, signer: PartSigner | None = None, accuse: Any = None,
+        **kwargs: Any,
+    ):  # fmt: skip
         super().__init__(**kwargs)
+        self.signer, self.accuse = signer, accuse
+        self.receipts = None if signer is None else Receipts(
+            self.prefix, self.group_id, self.peer_id.to_bytes(), self.sender_peer_ids, bans
+        )  # fmt: skip
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
         where = f"{self.group_id.hex()[:8]} ({len(self.ordered_peer_ids)} peers)"
-        reducer = RobustPartReducer(shapes, self.sender_peer_ids, aggregation, where, bans, self.group_id)
+        reducer = RobustPartReducer(
+            shapes, self.sender_peer_ids, aggregation, where, bans, self.group_id, on_refuse=self._evidence
+        )  # fmt: skip
         self.tensor_part_reducer.finished.set()  # hivemind's own, unused: finished, it leaves without a warning
         self.tensor_part_reducer = _AnswerAverage(reducer)
         own = self.ordered_peer_ids.index(self.peer_id)
         _take_averages(self.tensor_part_container, own)
+
+    async def generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's messages to one aggregator, each part stamped with its signature (``signed_parts.py``)."""
+        aggregator, part_index = self.ordered_peer_ids[peer_index].to_bytes(), 0
+        async for message in super().generate_input_for_peer(peer_index):
+            if self.signer is not None:
+                where = (self.prefix, self.group_id, aggregator, part_index, message.tensor_part)  # hashing: ~0.3 ms
+                message.peer_id = await asyncio.get_running_loop().run_in_executor(None, self.signer.stamp_part, *where)
+            part_index += 1
+            yield message
+
+    def accumulate_parts_streaming(self, stream: AsyncIterator[Any], sender_index: int) -> AsyncIterator[Any]:
+        if self.receipts is not None:
+            stream = self.receipts.checked(stream, sender_index)
+        return super().accumulate_parts_streaming(stream, sender_index)
+
+    def _evidence(self, sender_index: int, part_index: int) -> None:
+        """Hand the part of a sender the reducer refused to the averager as evidence (``accusations.py``)."""
+        kept = None if self.receipts is None else self.receipts.kept(sender_index, part_index)
+        if kept is not None and self.accuse is not None:
+            evidence = Evidence(self.prefix, self.group_id, self.peer_id.to_bytes(), *kept).encode()
+            self.accuse(str(self.sender_peer_ids[sender_index]), evidence)
 
 
 class _Average:

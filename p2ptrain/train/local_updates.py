@@ -37,6 +37,7 @@ from p2ptrain.train.averaging import PseudoGradientAverager, RoundOutcome
 from p2ptrain.train.codecs import Level, shared_indices
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.progress import CheckedProgressTracker
+from p2ptrain.train.signed_parts import PartSigner
 
 logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5  # progress reports to the swarm, at most this often
@@ -66,6 +67,7 @@ class LocalUpdateOptimizer:
         reach_kind: str = "unknown",
         aggregation: str = "centered_clip",
         admission: Admission | None = None,
+        signer: PartSigner | None = None,
     ):
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
@@ -98,6 +100,7 @@ class LocalUpdateOptimizer:
             reach_kind=reach_kind,
             aggregation=aggregation,
             admission=admission,
+            signer=signer,
             start=True,
         )
 

@@ -36,6 +36,7 @@ from p2ptrain.train.codecs import DENSE, Level
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
 from p2ptrain.train.progress import CheckedProgressTracker, signs_with
+from p2ptrain.train.signed_parts import PartSigner
 from p2ptrain.train.state_download import CheckedStateDownload
 
 logger = logging.getLogger(__name__)
@@ -89,13 +90,15 @@ def make_optimizer(
     ``reach_kind``: this peer's reachability (``reachability.Kind``), which decides what it aggregates;
     ``admission``: a private swarm's, which every averager applies to its group's members;
     ``identity``: this peer's libp2p key, which signs its progress record; with it, the progress tracker reads only
-    records signed by the peers they name (and, in a private swarm, by admitted ones: ``progress.bound_to_signers``)."""
+    records signed by the peers they name (and, in a private swarm, by admitted ones: ``progress.bound_to_signers``),
+    and it certifies the key with which the averagers sign their parts (``signed_parts.PartSigner``)."""
     spec, avg = manifest.optimizer, manifest.averaging
     request_timeout = min(3.0, avg.matchmaking_time_s / 2)
     inner = partial(torch.optim.AdamW, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
     scheduler = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=WarmupSchedule(spec.warmup_epochs))
     groups = param_groups(model, spec.weight_decay)
     tracker = dict(signs_with(identity), bound=True, admission=admission) if identity is not None else {}
+    signer = PartSigner(identity) if identity is not None else None
     common = dict(  # what both optimizers take
         dht=dht,
         run_id=manifest.run_id,
@@ -119,6 +122,7 @@ def make_optimizer(
             reach_kind=reach_kind,
             aggregation=avg.aggregation,
             admission=admission,
+            signer=signer,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
@@ -143,12 +147,14 @@ def make_optimizer(
             reach_kind=reach_kind,
             aggregation=avg.aggregation,
             admission=admission,
+            signer=signer,
         ),
         shutdown_timeout=2.0,
         verbose=False,
         reach_kind=reach_kind,
         aggregation=avg.aggregation,
         admission=admission,
+        signer=signer,
         # hivemind's default (None) is meant to follow the DHT, but its test is inverted (optimizer.py:205): the
         # Optimizer then thinks it serves its state while its averagers, in client mode, refuse to
         client_mode=dht.client_mode,
@@ -232,11 +238,12 @@ class SwarmOptimizer(compat.Optimizer):
         reach_kind: str = "unknown",
         aggregation: str = "centered_clip",
         admission: Admission | None = None,
+        signer: PartSigner | None = None,
         **kwargs: Any,
     ):
-        self.reach_kind = reach_kind  # all three read by make_state_averager, which hivemind's __init__ calls
+        self.reach_kind = reach_kind  # all four read by make_state_averager, which hivemind's __init__ calls
         self.aggregation = aggregation
-        self.admission = admission
+        self.admission, self.signer = admission, signer
         super().__init__(*args, **kwargs)
 
     def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
@@ -257,6 +264,7 @@ class SwarmOptimizer(compat.Optimizer):
             reach_kind=self.reach_kind,
             aggregation=self.aggregation,
             admission=self.admission,
+            signer=self.signer,
             run_id=self.run_id,  # served states are checked against the members' parameter sketches
             **kwargs,
         )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +174,8 @@ class RobustPartReducer(TensorPartReducer):
 
     ``sender_ids``: the round's senders in hivemind's order, for the log; ``rule``: one of ``AGGREGATIONS``;
     ``where``: names the round in the log (e.g. the group id); ``bans``: this averager's, which count each refused
-    sender's strike for ``round_id`` and whose banned senders are left out unchecked."""
+    sender's strike for ``round_id`` and whose banned senders are left out unchecked; ``on_refuse(sender, part)``:
+    called for each contribution the checks refuse (which then becomes evidence: ``accusations.py``)."""
 
     def __init__(
         self,
@@ -184,11 +185,12 @@ class RobustPartReducer(TensorPartReducer):
         where: str = "",
         bans: Bans | None = None,
         round_id: bytes = b"",
+        on_refuse: Callable[[int, int], None] | None = None,
     ):
         if rule not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {rule!r}; one of {AGGREGATIONS}")
         self.sender_ids, self.rule, self.where = list(sender_ids), rule, where
-        self.bans, self.round_id = bans, round_id
+        self.bans, self.round_id, self.on_refuse = bans, round_id, on_refuse
         # sender index → why its contributions are left out of this round
         self.refused: dict[int, str] = {
             i: "banned" for i, peer in enumerate(self.sender_ids) if bans is not None and bans.banned(peer)
@@ -270,6 +272,8 @@ class RobustPartReducer(TensorPartReducer):
         self.refused[sender] = reason
         if self.bans is not None:
             self.bans.strike(self.sender_ids[sender], self.round_id, reason)
+        if self.on_refuse is not None:
+            self.on_refuse(sender, part_index)
         logger.warning(
             "Averaging round %s: refused the contribution of peer %s to part %d (%s); it is left out of this "
             "round's parts that this peer aggregates",
