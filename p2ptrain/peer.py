@@ -68,7 +68,8 @@ from p2ptrain.swarm.watch import NetworkWatch, meet_members
 from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.train.data import Corpus, open_data
 from p2ptrain.train.models import build_model, check_context, count_parameters, model_spec, pick_device
-from p2ptrain.train.optimizers import abandon_round, make_optimizer, stop_optimizer
+from p2ptrain.train.optimizers import make_optimizer
+from p2ptrain.train.stopping import abandon_round, stop_optimizer
 from p2ptrain.train.tokenizer import Tokenizer
 from p2ptrain.train.trainer import Trainer
 

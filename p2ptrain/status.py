@@ -41,6 +41,10 @@ class PeerStatus:
     connections: dict[str, int] = field(default_factory=dict)  # direct / hole-punched / relayed
     nearest: list[list] = field(default_factory=list)  # [peer id, round trip ms] of the nearest measured members
     param_history: list[list] = field(default_factory=list)  # [global step, peers agreeing, compared, resynced]
+    rounds: dict[str, Any] = field(default_factory=dict)  # {"ok": n, "failed": {reason: n}} (train/round_log.py)
+    bytes_sent: float = 0.0  # the rounds' payload, this peer's side
+    bytes_received: float = 0.0
+    last_rounds: list[dict] = field(default_factory=list)  # the last 20: step, ok, peers, codec, bytes, seconds…
     resynced_at: int | None = None  # global step reached by downloading the swarm's state after parting from it
     samples_per_s: float = 0.0
     compute_s: float = 0.0  # seconds in forward/backward since training started (utilization = compute_s / wall)

@@ -41,8 +41,18 @@ def test_three_peers_converge(tmp_path, mode, codec):
         history = peer.status()["val_history"]  # [global step, held-out loss] pairs
         (_, first), (last_step, last) = history[0], history[-1]
         assert last_step == EPOCHS and last < first - 0.8, (peer.name, history)
+    for peer in peers:  # what the dashboard shows: the rounds' outcomes and payload (train/round_log.py)
+        status = peer.status()
+        done = [r for r in status["last_rounds"] if r["ok"]]
+        assert status["rounds"]["ok"] >= 1 and done and all(r["peers"] >= 2 for r in done), status["last_rounds"]
+        if codec == "powersgd":  # its payload is not estimated
+            assert status["bytes_sent"] == 0 and all(r["bytes"] is None for r in done)
+        else:
+            assert status["bytes_sent"] == status["bytes_received"] > 0
+            assert abs(status["bytes_sent"] - sum(r["bytes"] for r in done)) <= len(done)  # rounded per round
     if mode == "local":  # every round is logged with its codec; groups hold more than one peer
         rounds = re.findall(r"Round \d+: (\d) peers, codec ([\w\- .]+),", a.log())
         assert len(rounds) >= EPOCHS - 2 and max(int(n) for n, _ in rounds) >= 2, a.log()[-3000:]
+        assert len(rounds) - 1 <= a.status()["rounds"]["ok"] <= len(rounds)  # the last may end after the status
         if codec == "adaptive":
             assert len({c for _, c in rounds}) >= 2  # the level moved as the link proved fast

@@ -3,6 +3,7 @@ real server, and the command on a free port that stops on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -12,12 +13,14 @@ import urllib.error
 import urllib.request
 
 import pytest
+from hivemind.averaging.allreduce import AllreduceException
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2ptrain.dashboard.metrics import metrics_text
 from p2ptrain.dashboard.server import serve
 from p2ptrain.energy.ledger import Ledger, ledger_path, save_ledger
 from p2ptrain.fileio import atomic_write_json
+from p2ptrain.train.round_log import RoundLog, failure_reason
 
 STATUS = {
     "run_id": "gpt2-tiny-abc123",
@@ -59,6 +62,25 @@ def test_metrics_parse_as_prometheus_does():
     assert "p2ptrain_validation_loss" not in found  # None is no number
     paused = families(metrics_text({**STATUS, "paused_reasons": ["a game is running"]}, None))
     assert next(iter(paused["p2ptrain_paused"].samples)).value == 1 and "p2ptrain_energy_joules" not in paused
+
+
+def test_rounds_are_counted_by_outcome_and_reason_into_the_metrics():
+    log = RoundLog(keep=3)
+    log.succeeded(1, 3, "fp16", 1000.0, 0.5)
+    log.succeeded(2, 2, "powersgd", None, None)  # a payload it cannot tell is not counted as 0 bytes moved
+    log.failed_with(3, AllreduceException("1,000 of 2,000 values came back from nobody: the round is incomplete"))
+    log.failed_with(4, asyncio.TimeoutError())
+    log.failed_with(5, "timeout: the round did not end within averaging_timeout")
+    status = log.as_status()
+    assert status["rounds"] == {"ok": 2, "failed": {"incomplete": 1, "timeout": 2}}
+    assert [r["step"] for r in status["last_rounds"]] == [3, 4, 5] and status["bytes_sent"] == 1000.0
+    assert failure_reason(AllreduceException("member Qm… is not admitted to this private swarm")) == "not admitted"
+    assert failure_reason(ValueError("something else")) == "error"
+    found = families(metrics_text({**STATUS, **status}, None))
+    rounds = {(s.labels["outcome"], s.labels["reason"]): s.value for s in found["p2ptrain_rounds"].samples}
+    assert rounds == {("ok", ""): 2, ("failed", "incomplete"): 1, ("failed", "timeout"): 2}
+    moved = {s.labels["direction"]: s.value for s in found["p2ptrain_round_bytes"].samples}
+    assert moved == {"sent": 1000.0, "received": 1000.0}
 
 
 def get(url: str) -> tuple[int, str, bytes]:

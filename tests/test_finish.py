@@ -34,8 +34,9 @@ from p2ptrain.train.end_of_run import (
     swarm_finished,
     wait_for_stragglers,
 )
-from p2ptrain.train.optimizers import TRACKER_OPTS, make_optimizer, stop_optimizer
+from p2ptrain.train.optimizers import TRACKER_OPTS, make_optimizer
 from p2ptrain.train.progress import CheckedProgressTracker
+from p2ptrain.train.stopping import stop_optimizer
 from p2ptrain.train.tokenizer import load_tokenizer
 from p2ptrain.train.trainer import Trainer
 

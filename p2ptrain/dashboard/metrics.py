@@ -44,6 +44,17 @@ def metrics_text(status: dict[str, Any], ledger: Ledger | None) -> str:
         metric("p2ptrain_paused", "gauge", "1 while training is paused for the volunteer.", [("", 1 if paused else 0)])
     for name, kind, text, key in FROM_STATUS:
         metric(name, kind, text, [("", status.get(key))])
+    rounds = status.get("rounds")
+    if isinstance(rounds, dict):
+        failed = rounds.get("failed") if isinstance(rounds.get("failed"), dict) else {}
+        counts = [('{outcome="ok",reason=""}', rounds.get("ok"))] + [
+            (f'{{outcome="failed",reason="{_escape(reason)}"}}', n) for reason, n in sorted(failed.items())
+            if isinstance(reason, str)
+        ]  # fmt: skip
+        metric("p2ptrain_rounds_total", "counter", "Averaging rounds this peer took part in, by outcome.", counts)
+    sent, received = status.get("bytes_sent"), status.get("bytes_received")
+    metric("p2ptrain_round_bytes_total", "counter", "Bytes the averaging rounds moved (payload), by direction.",
+           [('{direction="sent"}', sent), ('{direction="received"}', received)])  # fmt: skip
     connections = status.get("connections")
     if isinstance(connections, dict):
         by_kind = [(f'{{kind="{_escape(k)}"}}', v) for k, v in sorted(connections.items()) if isinstance(k, str)]

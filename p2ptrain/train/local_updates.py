@@ -37,6 +37,7 @@ from p2ptrain.train.averaging import PseudoGradientAverager, RoundOutcome
 from p2ptrain.train.codecs import Level, shared_indices
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.progress import CheckedProgressTracker
+from p2ptrain.train.round_log import RoundLog
 from p2ptrain.train.signed_parts import PartSigner
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class LocalUpdateOptimizer:
         self._left_step_at: float | None = None
         self._reported_at = -math.inf
         self._idle_s = 0.0
+        self.round_log = RoundLog()
         self.tracker = CheckedProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
         self.averager = _StateSharingAverager(
             [torch.zeros_like(a) for a in self.anchor],
@@ -242,6 +244,7 @@ class LocalUpdateOptimizer:
             outcome = control.result(timeout=0)
         except BaseException as e:  # noqa: BLE001 - any failure means: apply our own pseudo-gradient
             logger.info("Global step %d: averaging failed (%s); applying our own update", self.local_epoch, e)
+            self.round_log.failed_with(self.local_epoch, e)
         masks = self._masks(outcome)
         with torch.no_grad(), self.averager.get_tensors() as buffers:
             for i, (anchor, momentum, delta, param, sent) in enumerate(
@@ -255,6 +258,9 @@ class LocalUpdateOptimizer:
                     param.copy_(torch.where(masks[i], new, param.detach().cpu()))
         self.scheduler.step()
         if outcome is not None:
+            self.round_log.succeeded(
+                self.local_epoch, outcome.group_size, outcome.codec, outcome.bytes_sent, outcome.round_s
+            )
             self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
             rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
             plan = outcome.plan

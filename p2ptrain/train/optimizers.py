@@ -1,19 +1,13 @@
-"""The optimizers a peer trains with: hivemind's Optimizer in the swarm's averaging mode, its averagers, and how
-they stop.
+"""The optimizers a peer trains with: hivemind's Optimizer in the swarm's averaging mode, and its averagers.
 
 ``make_optimizer`` builds from the manifest either ``SwarmOptimizer`` (hivemind.Optimizer: gradients averaged every
 global step, compressed by ``averaging.py``'s averagers) or ``LocalUpdateOptimizer`` (``local_updates.py``: local
-steps, then averaged pseudo-gradients). ``stop_optimizer`` ends either within a bounded time.
+steps, then averaged pseudo-gradients); ``stopping.py`` ends either within a bounded time.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-import sys
-import threading
-import traceback
 from functools import partial
 from typing import Any, Protocol
 
@@ -31,11 +25,12 @@ from p2ptrain.compat import hivemind as compat
 from p2ptrain.settings import PeerSettings
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.manifest import AveragingSpec, SwarmManifest
-from p2ptrain.train.averaging import CompressedGradientAverager
-from p2ptrain.train.codecs import DENSE, Level
+from p2ptrain.train.averaging import CompressedGradientAverager, RoundOutcome
+from p2ptrain.train.codecs import BYTES_PER_VALUE, DENSE, Level
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
 from p2ptrain.train.progress import CheckedProgressTracker, signs_with
+from p2ptrain.train.round_log import RoundLog
 from p2ptrain.train.signed_parts import PartSigner
 from p2ptrain.train.state_download import CheckedStateDownload
 
@@ -149,6 +144,7 @@ def make_optimizer(
             admission=admission,
             signer=signer,
         ),
+        grad_codec=avg.compression if avg.compression in DENSE or avg.compression == "powersgd" else "fp16",
         shutdown_timeout=2.0,
         verbose=False,
         reach_kind=reach_kind,
@@ -167,6 +163,7 @@ class PeerOptimizer(Protocol):
 
     tracker: ProgressTracker  # the swarm's progress: global step, peers, samples
     last_group: list[str] | None  # peer ids of the last gradient round's group (None: it failed, or no such round)
+    round_log: RoundLog  # the gradient (or outer) rounds' outcomes, bytes and the last few
 
     @property
     def local_epoch(self) -> int: ...  # global steps this peer has completed
@@ -239,11 +236,13 @@ class SwarmOptimizer(compat.Optimizer):
         aggregation: str = "centered_clip",
         admission: Admission | None = None,
         signer: PartSigner | None = None,
+        grad_codec: str = "fp16",
         **kwargs: Any,
     ):
         self.reach_kind = reach_kind  # all four read by make_state_averager, which hivemind's __init__ calls
         self.aggregation = aggregation
         self.admission, self.signer = admission, signer
+        self.round_log, self.grad_codec = RoundLog(), grad_codec  # grad_codec: the gradient rounds' unless they say
         super().__init__(*args, **kwargs)
 
     def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
@@ -281,8 +280,26 @@ class SwarmOptimizer(compat.Optimizer):
         self.last_group = None
         super().use_averaged_gradients(maybe_step_control)
         control = maybe_step_control
-        if control is not None and control.done() and not control.cancelled() and control.exception() is None:
-            self.last_group = [peer.to_base58() for peer in control.result()]
+        if control is None:  # alone: no round
+            return
+        if control.done() and not control.cancelled() and control.exception() is None:
+            outcome = control.result()
+            self.last_group = [peer.to_base58() for peer in outcome]
+            self._log_round(outcome)
+        elif control.done():
+            self.round_log.failed_with(self.local_epoch, "cancelled" if control.cancelled() else control.exception())
+        else:
+            self.round_log.failed_with(self.local_epoch, "timeout: the round did not end within averaging_timeout")
+
+    def _log_round(self, outcome: Any) -> None:
+        peers = len(outcome)
+        if isinstance(outcome, RoundOutcome) and outcome.codec:  # the compressed averagers measure their rounds
+            self.round_log.succeeded(self.local_epoch, peers, outcome.codec, outcome.bytes_sent, outcome.round_s)
+            return
+        per_value = BYTES_PER_VALUE.get(self.grad_codec)  # hivemind's dense codecs; PowerSGD's size is its own
+        numel = sum(p.numel() for group in self.param_groups for p in group["params"])
+        payload = None if per_value is None else 2.0 * per_value * numel * (peers - 1) / peers
+        self.round_log.succeeded(self.local_epoch, peers, self.grad_codec, payload, None)
 
     # PeerOptimizer, beyond what hivemind.Optimizer has
     def resume_at(self, epoch: int) -> None:
@@ -334,59 +351,3 @@ def fixed_level(avg: AveragingSpec) -> Level:
     if avg.compression == "randk":
         return Level("int8", avg.sparsity)
     return Level(avg.compression)
-
-
-GOODBYE_S = 3.0  # hivemind's graceful shutdown of the averagers, at most; then they are terminated
-
-
-def stop_optimizer(optimizer: PeerOptimizer, step_running: bool, goodbye_s: float = GOODBYE_S) -> None:
-    """Stop the optimizer's averager processes: hivemind's own shutdown (goodbye to the swarm, each averager given
-    its grace period) or, while a training step is still running inside hivemind (holding its locks, its round
-    cancelled but not returned), terminate them outright. The graceful way would race with that step: seen taking
-    6.8 s and failing with "Set changed size during iteration"; the progress record it would clear expires alone.
-
-    The goodbye gets ``goodbye_s`` in all: it first waits for a state-averaging round running in the background
-    (hivemind's ``delay_state_averaging``), up to the averaging timeout; seen taking 7.8 s of a SIGTERMed peer's
-    12.3 s. Cut short, that round fails for its group as if this peer had dropped out; this peer loses nothing (its
-    result would have been applied at the next step)."""
-    if not step_running:
-        # a round the last step arranged ahead: hivemind's shutdown would join it with zero weight and wait for
-        # it (up to the averaging timeout; seen taking > 20 s on slow links); forgotten, so not cancelled twice
-        optimizer.cancel_rounds(forget=True)
-        goodbye = threading.Thread(target=_say_goodbye, args=(optimizer,), name="goodbye", daemon=True)
-        goodbye.start()
-        goodbye.join(goodbye_s)
-        if not goodbye.is_alive():
-            return
-        logger.warning(
-            "Saying goodbye took over %.0f s (in %s): terminating the averagers", goodbye_s, _where(goodbye.ident)
-        )
-    for averager in vars(optimizer).values():
-        if isinstance(averager, multiprocessing.process.BaseProcess) and averager.is_alive():
-            averager.terminate()
-
-
-def _where(thread_id: int | None) -> str:
-    """The innermost calls of a thread outside Python's own library, e.g. ``state_averager.py:400 step``."""
-    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
-    stdlib = os.path.dirname(threading.__file__)
-    calls = [f for f in traceback.extract_stack(frame) if not f.filename.startswith(stdlib)] if frame else []
-    return " ← ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(calls[-2:])) or "?"
-
-
-def _say_goodbye(optimizer: Any) -> None:
-    try:
-        optimizer.shutdown()
-    except Exception as e:  # noqa: BLE001 - after the deadline, its averagers and DHT stop under it
-        logger.debug("Goodbye ended with %r", e)
-
-
-def abandon_round(worker: threading.Thread, optimizer: PeerOptimizer | None, grace_s: float) -> None:
-    """Give the current step ``grace_s`` to finish; then cancel its averaging round so it returns now."""
-    worker.join(grace_s)
-    if worker.is_alive() and optimizer is not None:
-        logger.info("Leaving the averaging round in progress")
-        optimizer.cancel_rounds()
-        worker.join(1.5)  # a step still blocked in hivemind after the cancel rarely returns later
-    if worker.is_alive():
-        logger.warning("The training step did not stop in time; shutting down around it")

@@ -337,6 +337,7 @@ class Trainer:
                 f"no gradient round of the last {self._stuck.limit} global steps found a group, with {peers} peers "
                 "in the swarm (this peer's averager is stuck: new ones)"
             )
+        self.status.update(**self.opt.round_log.as_status())
         message = f"Global step {epoch}: loss {loss:.4f}, {peers} peer(s) in the swarm"
         if self.settings.validate_every and epoch % self.settings.validate_every == 0:
             message += f", held-out loss {self.validate():.4f}"

@@ -4,6 +4,24 @@ const $ = (id) => document.getElementById(id);
 const fmt = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
 const width = () => Math.min(1100, document.body.clientWidth) - 20;
 const charts = {};
+const bytes = (x) => (x === null || x === undefined ? "–" : x >= 1e9 ? `${fmt(x / 1e9, 2)} GB` : x >= 1e6 ? `${fmt(x / 1e6, 1)} MB` : `${fmt(x / 1e3, 0)} kB`);
+
+function roundsTable(rounds) {
+  const body = $("rounds-table");
+  body.replaceChildren();
+  const cell = (row, text, cls) => { const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; };
+  if (!rounds.length) { const row = body.insertRow(); cell(row, "none yet"); row.cells[0].colSpan = 7; return; }
+  for (const r of [...rounds].reverse()) {
+    const row = body.insertRow();
+    cell(row, new Date(r.at * 1000).toLocaleTimeString());
+    cell(row, r.step ?? "–");
+    cell(row, r.ok ? "ok" : `failed: ${r.reason}`, r.ok ? "" : "failed");
+    cell(row, r.peers ?? "–");
+    cell(row, r.codec || "–");
+    cell(row, bytes(r.bytes));
+    cell(row, fmt(r.seconds, 2));
+  }
+}
 
 function chart(id, series, columns) {
   const opts = { width: width(), height: 220, scales: { x: { time: true } },
@@ -27,6 +45,12 @@ function show(data) {
   $("peers").textContent = s.peers ?? "–";
   const c = s.connections || {};
   $("connections").textContent = Object.keys(c).length ? Object.entries(c).map(([k, v]) => `${v} ${k}`).join(", ") : "–";
+  const r = s.rounds || {};
+  const failed = Object.values(r.failed || {}).reduce((a, b) => a + b, 0);
+  $("rounds").textContent = r.ok === undefined ? "–" : `${r.ok} / ${failed}`;
+  $("rounds").title = Object.entries(r.failed || {}).map(([k, v]) => `${v} ${k}`).join(", ");
+  $("bytes").textContent = s.bytes_sent ? `${bytes(s.bytes_sent)} / ${bytes(s.bytes_received)}` : "–";
+  roundsTable(s.last_rounds || []);
   const e = data.energy;
   $("energy").textContent = e ? `${fmt(e.kwh, 4)} kWh` : "–";
   $("co2").textContent = e ? `${fmt(e.g_co2e, 1)} g CO2e` : "–";
