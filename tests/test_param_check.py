@@ -71,15 +71,19 @@ def test_a_resync_moves_the_step_loop_on_so_it_stops_at_the_last_step(tmp_path):
     from types import SimpleNamespace
 
     from p2ptrain.settings import PeerSettings
+    from p2ptrain.status import StatusWriter
+    from p2ptrain.train.round_log import RoundLog
     from p2ptrain.train.trainer import StuckRounds, Trainer
 
     opt = SimpleNamespace(
         local_epoch=5,
         tracker=SimpleNamespace(global_progress=SimpleNamespace(num_peers=3)),
         own_update_at=lambda epoch: False,
+        round_log=RoundLog(),
     )
     trainer = Trainer.__new__(Trainer)  # the step bookkeeping only: no model, no swarm
     trainer.opt, trainer._stuck, trainer._on_stuck, trainer._save = opt, StuckRounds(), None, lambda: None
+    trainer.status = StatusWriter(tmp_path / "status.json")
     trainer.settings = PeerSettings(data_dir=tmp_path, validate_every=0, checkpoint_every=100)
     trainer._param_check = object()
     trainer._compare_params = lambda epoch: setattr(opt, "local_epoch", 8)  # the check downloads the swarm's state
