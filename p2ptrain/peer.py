@@ -65,6 +65,7 @@ from p2ptrain.swarm.joining import (
 )
 from p2ptrain.swarm.signed_records import PeerRecords
 from p2ptrain.swarm.watch import NetworkWatch, meet_members
+from p2ptrain.tensorboard_log import curves
 from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.train.data import Corpus, open_data
 from p2ptrain.train.models import build_model, check_context, count_parameters, model_spec, pick_device
@@ -122,7 +123,7 @@ def run_peer(
     # 1. this machine
     compat.check_version()
     data_dir = ensure_private_dir(settings.data_dir)
-    with lock_data_dir(data_dir):
+    with lock_data_dir(data_dir), curves(settings.tensorboard, data_dir):
         status = status or StatusWriter(data_dir / "status.json")
         status.update(state="starting")
         if settings.torch_threads:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from hivemind.averaging.allreduce import AllreduceException
@@ -141,3 +143,124 @@ def test_the_command_serves_on_loopback_and_stops_on_sigterm(data_dir):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_swarm_health_rows_come_from_each_kind_of_record():
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+    from hivemind.p2p import PeerID
+
+    from p2ptrain.dashboard.swarm_health import health
+    from p2ptrain.swarm.proximity import Coord, Near
+
+    a, b, c = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmPeerB", "QmPeerC"
+    now = time.time()
+    progress = {
+        a: LocalTrainingProgress(peer_id=PeerID.from_base58(a).to_bytes(), epoch=7, samples_accumulated=3,
+                                 samples_per_second=12.5, time=now - 4, client_mode=False),
+        b: LocalTrainingProgress(peer_id=b"\x00\x01b", epoch=6, samples_accumulated=0, samples_per_second=2.5,
+                                 time=now - 1, client_mode=True),
+    }  # fmt: skip
+    near = {a: Near(Coord(1.0, 2.0, 0.0, 0.5), {b: (3.5, None), c: (40.0, 10.0)})}
+    found = health([a, b], [f"/ip4/1.2.3.4/tcp/31337/p2p/{a}"], progress, [ledger_of(a), ledger_of(c)], near, now)
+    rows = {row["peer"]: row for row in found["peers"]}
+    assert list(rows) == sorted([a, b, c])  # c: a ledger only (it left; its ledger lives on)
+    assert rows[a]["reachability"] == "direct (relays for others)" and rows[b]["reachability"] == "client (behind NAT)"
+    assert rows[a]["global_step"] == 7 and round(rows[a]["seen_s_ago"]) == 4 and rows[a]["nearest_ms"] == 3.5
+    assert rows[c]["global_step"] is None and rows[c]["tokens"] == 20480 and not rows[c]["member"]
+    assert found["totals"] == {"members": 2, "training": 2, "reachable_directly": 1, "global_step": 7,
+                               "samples_per_s": 15.0, "tokens": 40960, "device_hours": 0.0,
+                               "kwh": pytest.approx(2 * ledger().energy_kwh),
+                               "g_co2e": pytest.approx(1.04)}  # fmt: skip
+
+
+def ledger_of(peer: str) -> Ledger:
+    return Ledger(run_id="run", peer_id=peer, tokens=20480, cpu_j=3600.0, ram_j=360.0, g_co2e=0.52)
+
+
+@pytest.mark.slow
+def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
+    """Two real peers train; ``dashboard --swarm`` started from one's data directory (it finds the swarm there)
+    shows both, with their global steps from their signed progress records and their published ledgers, serves
+    the page, and stops on SIGTERM leaving no process."""
+    import psutil
+
+    from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
+
+    with LocalSwarm(
+        tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=(*DEMO_PEER_FLAGS, "--max-steps", "400")
+    ) as swarm:
+        a = swarm.seed("a", "--wait-for-peers", "2")
+        b = swarm.join("b", "--invite", swarm.invite(a), "--wait-for-peers", "2")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not all(p.status().get("epoch", 0) >= 2 for p in (a, b)):
+            time.sleep(1)
+        ids = {p.status()["peer_id"] for p in (a, b)}
+        said = tmp_path / "dashboard.log"  # a file: a pipe nobody reads fills up with the daemon's output
+        with said.open("w") as out:
+            command = ["dashboard", "--swarm", "--port", "0", "--data-dir", str(b.data_dir)]
+            proc = subprocess.Popen([sys.executable, "-m", "p2ptrain", *command], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "Swarm " not in said.read_text() and proc.poll() is None:
+                time.sleep(0.5)
+            line = next((x for x in said.read_text().splitlines() if x.startswith("Swarm ")), "")
+            assert "http://127.0.0.1:" in line, said.read_text()[-3000:]
+            url = line.split()[2]
+            rows, deadline = {}, time.monotonic() + 90
+            while time.monotonic() < deadline:
+                data = json.loads(get(url + "api/swarm")[2])
+                rows = {row["peer"]: row for row in data["peers"]}
+                if ids <= set(rows) and all(rows[p]["global_step"] and rows[p]["tokens"] is not None for p in ids):
+                    break
+                time.sleep(2)
+            assert ids <= set(rows) and data["totals"]["members"] == 2, (data, said.read_text()[-3000:])
+            for peer in ids:
+                assert rows[peer]["global_step"] >= 2 and rows[peer]["samples_per_s"] > 0, rows[peer]
+                assert rows[peer]["tokens"] is not None and rows[peer]["member"], rows[peer]
+            assert data["totals"]["training"] == 2 and data["run_id"] == a.status()["run_id"]
+            status, kind, page = get(url)
+            assert status == 200 and kind.startswith("text/html") and b"/static/swarm.js" in page
+            assert b"/static/dashboard.js" in get(url + "index.html")[2]  # this peer's own page moved there
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], children
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+ROUNDS = {
+    "rounds": {"ok": 5, "failed": {"timeout": 2, "incomplete": 1}}, "bytes_sent": 2.5e6, "bytes_received": 2.5e6,
+    "last_rounds": [{"at": 990, "step": 3, "ok": True, "peers": 3, "codec": "<b>fp16</b>", "bytes": 123456,
+                     "seconds": 0.42}, {"at": 995, "step": 4, "ok": False, "reason": "timeout", "detail": "x"}],
+}  # fmt: skip
+ROW = {"peer": "<b>QmYEBvEmYFfk1NT7Gsr6</b>", "member": True, "reachability": "direct (relays for others)",
+       "global_step": 10, "samples_per_s": 3.5, "seen_s_ago": 0.3, "tokens": 26112, "device_hours": 0.0025,
+       "kwh": 3.3e-05, "g_co2e": 0.0158, "country": "", "nearest_ms": 0.72, "neighbours": 1}  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the pages' scripts")
+@pytest.mark.parametrize(
+    ("page", "data", "shown"),
+    [
+        ("dashboard.js", {"now": 1000, "status": {**STATUS, "updated_at": 999, **ROUNDS}, "history": [[990, 3, 5.0,
+         None, 10, 0.1, 2]]}, {"rounds": "5 / 3", "bytes": "2.5 MB / 2.5 MB", "epoch": "12"}),
+        ("swarm.js", {"now": 1000, "read_at": 995, "run_id": "r", "peers": [ROW], "totals": {"members": 2,
+         "training": 1, "tokens": 34304}, "history": [[995, 1, 3.5, 1e-5, 0.1]]}, {"members": "2", "tokens": "34.3 k"}),
+    ],
+)  # fmt: skip
+def test_the_pages_fill_in_their_data_as_text(tmp_path, page, data, shown):
+    """The page's script under node with a stubbed DOM: the numbers, the tables' rows (markup shown as text), the
+    charts."""
+    reply = tmp_path / "reply.json"
+    reply.write_text(json.dumps(data))
+    stub = Path(__file__).with_name("page_stub.js")
+    out = subprocess.run(["node", str(stub), page, str(reply), *shown], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for element, text in shown.items():
+        assert f"{element} = {json.dumps(text)}" in lines, out.stdout
+    rows = [line for line in lines if line.startswith(("rounds-table ", "peers "))]
+    assert any("<b>" in row for row in rows) and "charts " in lines[-1] and lines[-1] != "charts 0", out.stdout
+

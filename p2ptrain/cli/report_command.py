@@ -70,9 +70,9 @@ def local_card(directory: Path, run_id: str | None):
     return Card("peer", ledger.run_id, (ledger,))
 
 
-def swarm_card(directory: Path, run_id: str | None, invite: str | None, peers: list[str]):
-    from p2ptrain.energy.records import gather_swarm
-    from p2ptrain.energy.report import Card
+def which_swarm(directory: Path, run_id: str | None, invite: str | None, peers: list[str]):
+    """(initial peers, run id or None, manifest hash or None) of the swarm to look at from outside: the invite's,
+    the given peers', a running peer's here, or the one this data directory last joined."""
     from p2ptrain.errors import ConfigError
     from p2ptrain.fileio import read_json
     from p2ptrain.peer import recall_swarm
@@ -94,6 +94,15 @@ def swarm_card(directory: Path, run_id: str | None, invite: str | None, peers: l
         raise ConfigError(
             "which swarm? Give --invite, or --initial-peers with --run-id (a peer that joined one remembers it)"
         )
+    return peers, run_id, manifest_hash
+
+
+def swarm_card(directory: Path, run_id: str | None, invite: str | None, peers: list[str]):
+    from p2ptrain.energy.records import gather_swarm
+    from p2ptrain.energy.report import Card
+    from p2ptrain.errors import ConfigError
+
+    peers, run_id, manifest_hash = which_swarm(directory, run_id, invite, peers)
     found = gather_swarm(peers, run_id, manifest_hash)
     if not found.ledgers and not found.rejected:
         raise ConfigError(f"no peer of swarm {run_id or 'from the invite'} has published a ledger yet")

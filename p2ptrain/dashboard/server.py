@@ -34,6 +34,10 @@ STATIC = {  # what the page may load: name → content type
     "uPlot.iife.min.js": "text/javascript; charset=utf-8",
     "uPlot.min.css": "text/css; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
+    "swarm.html": "text/html; charset=utf-8",
+    "swarm.js": "text/javascript; charset=utf-8",
+    "common.js": "text/javascript; charset=utf-8",
+    "page.css": "text/css; charset=utf-8",
 }
 
 
@@ -96,11 +100,16 @@ def _number(value: Any) -> float | None:
 
 class _Handler(BaseHTTPRequestHandler):
     dashboard: Dashboard  # set on the subclass ``serve`` makes
+    swarm: Any = None  # ``swarm_health.SwarmHealth`` with ``--swarm``: the page at / is then the swarm's
     server_version = "p2ptrain-dashboard"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
+        if path in ("/", "/swarm") and self.swarm is not None:
+            self._static("swarm.html")
+        elif path == "/api/swarm" and self.swarm is not None:
+            self._send(HTTPStatus.OK, "application/json", json.dumps(self.swarm.snapshot()).encode())
+        elif path in ("/", "/index.html"):
             self._static("index.html")
         elif path.startswith("/static/") and path.removeprefix("/static/") in STATIC:
             self._static(path.removeprefix("/static/"))
@@ -130,10 +139,12 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("dashboard: " + format, *args)
 
 
-def serve(data_dir: Path, host: str, port: int) -> tuple[ThreadingHTTPServer, Dashboard]:
-    """A started server (``serve_forever`` runs in a daemon thread); ``server.server_address`` says the port."""
+def serve(data_dir: Path, host: str, port: int, swarm: Any = None) -> tuple[ThreadingHTTPServer, Dashboard]:
+    """A started server (``serve_forever`` runs in a daemon thread); ``server.server_address`` says the port.
+    ``swarm``: a ``swarm_health.SwarmHealth``, whose page then answers at / and its data at ``/api/swarm`` (this
+    peer's page moves to /index.html; ``/api/status`` and ``/metrics`` stay)."""
     dashboard = Dashboard(data_dir)
-    handler = type("Handler", (_Handler,), {"dashboard": dashboard})
+    handler = type("Handler", (_Handler,), {"dashboard": dashboard, "swarm": swarm})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="dashboard-http", daemon=True).start()

@@ -23,7 +23,6 @@ from typing import Any
 
 import hivemind
 import msgpack
-import psutil
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -32,7 +31,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
 from p2ptrain.energy.ledger import Ledger
-from p2ptrain.errors import LedgerInvalid, PeerUnreachable
+from p2ptrain.errors import LedgerInvalid
 from p2ptrain.swarm.discovery import DHT_TIMEOUT_S, bounded
 from p2ptrain.swarm.identity import PSS, peer_id_of, public_key_der
 
@@ -173,38 +172,12 @@ def fetch_ledgers(dht: hivemind.DHT, run_id: str, timeout_s: float = DHT_TIMEOUT
 
 
 def gather_swarm(initial_peers: list[str], run_id: str | None, manifest_hash: bytes | None = None) -> SwarmLedgers:
-    """Join the DHT as a client (no identity of ours, nothing served), read every peer's ledger, leave.
-
-    ``run_id`` names the swarm; with only ``manifest_hash`` (an invite), the manifest is fetched for it.
+    """Join the DHT as a client (``swarm.observer.observe``), read every peer's ledger, leave.
 
     Raises:
         PeerUnreachable: none of ``initial_peers`` answered, or the manifest is not served.
     """
-    from hivemind.p2p import P2PDaemonError
+    from p2ptrain.swarm.observer import observe
 
-    from p2ptrain.processes import descendants
-    from p2ptrain.swarm.discovery import fetch_manifest
-
-    validators = [LedgerValidator([run_id])] if run_id else []
-    before = {p.pid for p in descendants()}  # a caller's own children (a test's DHT nodes) are not ours to reap
-    try:
-        dht = hivemind.DHT(start=True, initial_peers=initial_peers, client_mode=True, record_validators=validators)
-    except P2PDaemonError as e:
-        raise PeerUnreachable(
-            f"none of the {len(initial_peers)} peers answered ({e}). Check --initial-peers / --invite, "
-            "or that the swarm is still running."
-        ) from None
-    children = [p for p in descendants() if p.pid not in before]
-    try:
-        if run_id is None:
-            run_id = fetch_manifest(dht, manifest_hash)[0].run_id
-            dht.add_validators([LedgerValidator([run_id])])
-        return fetch_ledgers(dht, run_id)
-    finally:
-        dht.shutdown()
-        _, alive = psutil.wait_procs(children, timeout=3.0)  # only the DHT's own processes (p2pd is one)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+    with observe(initial_peers, run_id, manifest_hash, lambda run: [LedgerValidator([run])]) as (dht, run):
+        return fetch_ledgers(dht, run)

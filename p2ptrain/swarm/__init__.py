@@ -15,5 +15,6 @@
 - ``watch``        while the peer trains: the watch that notices when that role no longer fits, hole punching
 - ``proximity``    how far other peers are: measured round trips, a Vivaldi coordinate, the signed near record
 - ``grouping``     who averages with whom: clusters of nearby peers and Moshpit levels across them (not yet used)
+- ``observer``     a client node that reads a swarm's records from outside (report and health page)
 - ``joining``      which swarm to join (seed or join, invite, remembered, advertised) and what is remembered of it
 """

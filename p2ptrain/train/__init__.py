@@ -1,12 +1,16 @@
 """Training: the step loop around hivemind's optimizers, averaging, codecs and the data.
 
 - ``trainer``       the step loop: batches, pauses, validation, the end of a run, its hooks (``StepObserver``)
-- ``optimizers``    the optimizer of the swarm's mode (hivemind's, or local updates), its averagers, its shutdown
+- ``optimizers``    the optimizer of the swarm's mode (hivemind's, or local updates) and its averagers
+- ``stopping``      how that optimizer stops within a bounded time (its averagers, the step in progress)
+- ``round_log``     the averaging rounds' outcomes, reasons, bytes and the last few (status, dashboard, metrics)
 - ``local_updates`` local-update (DiLoCo) mode: inner AdamW, averaged pseudo-gradients, outer Nesterov
 - ``averaging``     compressed all-reduce on hivemind's averagers (codec per round, sparse via shared masks)
 - ``group_rounds``  averaging rounds that gather reachability, and fail whole when any part failed
 - ``robust``        each part's aggregator checks the members' copies and reduces them robustly (CenteredClip, …)
 - ``bans``          a peer whose copies keep being refused is left out for a cooling-off time
+- ``signed_parts``  every sent part signed with a key the peer's identity certifies; unsigned parts refused
+- ``accusations``   refused parts kept as evidence, listed in the DHT; others' evidence judged by this peer
 - ``state_download`` a late joiner's downloaded state, checked before hivemind applies it
 - ``codecs``        fp16 / int8 / random-k, the ladder of compression levels
 - ``policy``        the adaptive level every group member derives from the same reports

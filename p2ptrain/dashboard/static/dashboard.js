@@ -1,34 +1,17 @@
-// The dashboard page: polls /api/status every 2 s; every value goes in as text (never as HTML).
+// The dashboard page: polls /api/status every 2 s (common.js); every value goes in as text (never as HTML).
 "use strict";
-const $ = (id) => document.getElementById(id);
-const fmt = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
-const width = () => Math.min(1100, document.body.clientWidth) - 20;
-const charts = {};
 const bytes = (x) => (x === null || x === undefined ? "–" : x >= 1e9 ? `${fmt(x / 1e9, 2)} GB` : x >= 1e6 ? `${fmt(x / 1e6, 1)} MB` : `${fmt(x / 1e3, 0)} kB`);
 
 function roundsTable(rounds) {
-  const body = $("rounds-table");
-  body.replaceChildren();
-  const cell = (row, text, cls) => { const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; };
-  if (!rounds.length) { const row = body.insertRow(); cell(row, "none yet"); row.cells[0].colSpan = 7; return; }
-  for (const r of [...rounds].reverse()) {
-    const row = body.insertRow();
-    cell(row, new Date(r.at * 1000).toLocaleTimeString());
-    cell(row, r.step ?? "–");
-    cell(row, r.ok ? "ok" : `failed: ${r.reason}`, r.ok ? "" : "failed");
-    cell(row, r.peers ?? "–");
-    cell(row, r.codec || "–");
-    cell(row, bytes(r.bytes));
-    cell(row, fmt(r.seconds, 2));
-  }
-}
-
-function chart(id, series, columns) {
-  const opts = { width: width(), height: 220, scales: { x: { time: true } },
-                 series: [{}, ...series.map(([label, stroke, scale]) => ({ label, stroke, scale: scale || "y" }))],
-                 axes: [{}, { scale: "y" }, ...(series.some((s) => s[2]) ? [{ scale: series.find((s) => s[2])[2], side: 1 }] : [])] };
-  if (!charts[id]) charts[id] = new uPlot(opts, columns, $(id));
-  else charts[id].setData(columns);
+  fillTable("rounds-table", [...rounds].reverse().map((r) => [
+    [new Date(r.at * 1000).toLocaleTimeString()],
+    [r.step ?? "–"],
+    [r.ok ? "ok" : `failed: ${r.reason}`, r.ok ? "" : "failed", r.detail],
+    [r.peers ?? "–"],
+    [r.codec || "–"],
+    [bytes(r.bytes)],
+    [fmt(r.seconds, 2)],
+  ]), 7, "none yet");
 }
 
 function show(data) {
@@ -65,15 +48,4 @@ function show(data) {
   }
 }
 
-async function poll() {
-  try {
-    const reply = await fetch("/api/status", { cache: "no-store" });
-    if (reply.ok) show(await reply.json());
-  } catch (err) {
-    $("sub").textContent = "the dashboard server is not answering";
-    $("sub").className = "sub stale";
-  }
-  setTimeout(poll, 2000);
-}
-window.addEventListener("resize", () => Object.values(charts).forEach((c) => c.setSize({ width: width(), height: 220 })));
-poll();
+poll("/api/status", show, 2000);
