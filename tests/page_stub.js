@@ -11,7 +11,7 @@ function el(id) {
   return els[id];
 }
 global.document = { getElementById: el, body: { clientWidth: 1000 } };
-global.window = { addEventListener() {} };
+global.window = { addEventListener() {}, location: { search: "" } };
 let made = 0;
 global.uPlot = function () { made++; return { setData() {}, setSize() {} }; };
 const page = process.argv[2];

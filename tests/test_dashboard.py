@@ -264,3 +264,48 @@ def test_the_pages_fill_in_their_data_as_text(tmp_path, page, data, shown):
     rows = [line for line in lines if line.startswith(("rounds-table ", "peers "))]
     assert any("<b>" in row for row in rows) and "charts " in lines[-1] and lines[-1] != "charts 0", out.stdout
 
+
+def post(url: str, token: str | None) -> tuple[int, dict]:
+    headers = {} if token is None else {"X-P2PTrain-Token": token}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST", headers=headers), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        return e.code, json.loads(body) if body.startswith(b"{") else {"text": body.decode()}
+
+
+def test_pause_and_resume_reach_the_daemon_only_with_the_token(tmp_path, capsys):
+    """``--control``: the buttons' requests go to the volunteer daemon's control socket (a real one here, answering
+    as the daemon does) only with the token; without a daemon the page is told why; without --control, read-only."""
+    from p2ptrain.cli.app import main
+    from p2ptrain.volunteer.control_socket import ControlServer
+
+    asked = []
+    daemon = ControlServer(tmp_path, lambda request: asked.append(request) or {"ok": True, "state": "paused"})
+    server, _ = serve(tmp_path, "127.0.0.1", 0, control_token="s3cret")
+    url = f"http://127.0.0.1:{server.server_address[1]}/api/"
+    try:
+        assert post(url + "pause", None)[0] == 403 and post(url + "pause", "guess")[0] == 403 and asked == []
+        assert post(url + "pause", "s3cret") == (200, {"ok": True, "state": "paused"})
+        assert post(url + "resume", "s3cret")[0] == 200
+        assert [(r["command"], r["reason"]) for r in asked] == [
+            ("pause", "from the dashboard"),
+            ("resume", "from the dashboard"),
+        ]
+        assert post(url + "leave", "s3cret")[0] == 501  # nothing else
+        daemon.close()
+        code, body = post(url + "pause", "s3cret")
+        assert code == 409 and "no volunteer daemon runs" in body["error"]
+    finally:
+        daemon.close()
+        server.shutdown()
+        server.server_close()
+    read_only, _ = serve(tmp_path, "127.0.0.1", 0)
+    try:
+        assert post(f"http://127.0.0.1:{read_only.server_address[1]}/api/pause", "s3cret")[0] == 501
+    finally:
+        read_only.shutdown()
+        read_only.server_close()
+    code = main(["dashboard", "--control", "--dashboard-host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert code == 2 and "--control works on loopback only" in capsys.readouterr().err

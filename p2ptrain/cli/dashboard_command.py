@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +32,9 @@ def dashboard(
     run_id: Annotated[str | None, typer.Option(help="--swarm: which swarm (default: the last one joined)")] = None,
     invite: Annotated[str | None, typer.Option(help="--swarm: reach the swarm through this invite")] = None,
     initial_peers: InitialPeers = None,
+    control: Annotated[
+        bool, typer.Option("--control", help="pause/resume buttons, for whoever opens the printed URL (its token)")
+    ] = False,
     data_dir: DataDir = None,
     debug: Debug = False,
 ) -> None:
@@ -43,23 +47,27 @@ def dashboard(
             logger.warning("Serving the dashboard on %s: anyone who can reach this address sees it", host)
     except ValueError:
         raise ConfigError(f"--dashboard-host {host!r} is not an IP address") from None
+    if control and not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError("--control works on loopback only: its token would cross the network in clear text")
+    token = secrets.token_urlsafe(18) if control else None
     if not swarm:
-        return _serve(directory, host, port, None)
+        return _serve(directory, host, port, None, token)
     from p2ptrain.cli.report_command import which_swarm
     from p2ptrain.dashboard.swarm_health import SwarmHealth, validators
     from p2ptrain.swarm.observer import observe
 
     peers, run_id, manifest_hash = which_swarm(directory, run_id, invite, list(initial_peers or []))
     with observe(peers, run_id, manifest_hash, validators) as (dht, run):
-        _serve(directory, host, port, SwarmHealth(dht, run))
+        _serve(directory, host, port, SwarmHealth(dht, run), token)
 
 
-def _serve(directory: Path, host: str, port: int, swarm: Any) -> None:
-    """Serve until SIGINT/SIGTERM; ``swarm``: a ``SwarmHealth`` to read and show (None: this peer's page)."""
+def _serve(directory: Path, host: str, port: int, swarm: Any, token: str | None) -> None:
+    """Serve until SIGINT/SIGTERM; ``swarm``: a ``SwarmHealth`` to read and show (None: this peer's page);
+    ``token``: what pause/resume requests must carry (None: read-only)."""
     from p2ptrain.dashboard.server import serve
 
     try:
-        server, board = serve(directory, host, port, swarm)
+        server, board = serve(directory, host, port, swarm, token)
     except OSError as e:
         raise PortInUse(f"cannot serve on {host}:{port} ({e.strerror}): choose another --port") from None
     bound = server.server_address[1]
@@ -68,6 +76,8 @@ def _serve(directory: Path, host: str, port: int, swarm: Any) -> None:
         print(f"Swarm {swarm.run_id}: {url}  (every peer, from the DHT; this peer's page: {url}index.html)", flush=True)
     else:
         print(f"Dashboard of {directory}: {url}  (Prometheus: {url}metrics)", flush=True)
+    if token is not None:
+        print(f"Pause/resume buttons (keep this URL to yourself): {url}index.html?token={token}", flush=True)
 
     def run(stop: threading.Event) -> None:
         reader = None

@@ -4,11 +4,13 @@ It reads the data directory's ``status.json`` (what the running peer writes ever
 swarm's energy ledger, and keeps what it read every ``SAMPLE_EVERY_S`` for the page's curves (the last
 ``HISTORY_POINTS``: two hours). The page (``static/index.html``) asks ``/api/status`` for them every 2 s and draws
 them with uPlot (MIT, vendored in ``static/``: nothing is fetched at run time). The server is the standard library's
-threading HTTP server: one thread per request, no request body ever read, GET only.
+threading HTTP server: one thread per request, no request body ever read, GET only; with ``--control``, POST of
+pause and resume too, for the holder of a token (``_Handler.do_POST``).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -22,11 +24,16 @@ from typing import Any
 
 from p2ptrain.dashboard.metrics import CONTENT_TYPE, metrics_text
 from p2ptrain.energy.ledger import Ledger, ledger_path, load_ledger
-from p2ptrain.errors import LedgerInvalid
+from p2ptrain.errors import LedgerInvalid, P2PTrainError
 from p2ptrain.fileio import read_json
+from p2ptrain.volunteer import control_socket
 
 logger = logging.getLogger(__name__)
 
+NO_DAEMON = (
+    "no volunteer daemon runs for this data directory (p2ptrain daemon start); a peer run by seed or join stops with "
+    "Ctrl+C and cannot be paused"
+)
 SAMPLE_EVERY_S = 2.0
 HISTORY_POINTS = 3600
 STATIC = {  # what the page may load: name → content type
@@ -101,7 +108,33 @@ def _number(value: Any) -> float | None:
 class _Handler(BaseHTTPRequestHandler):
     dashboard: Dashboard  # set on the subclass ``serve`` makes
     swarm: Any = None  # ``swarm_health.SwarmHealth`` with ``--swarm``: the page at / is then the swarm's
+    control_token: str | None = None  # with ``--control``: what a pause/resume request must carry
     server_version = "p2ptrain-dashboard"
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        """``/api/pause`` and ``/api/resume``, forwarded to the volunteer daemon's control socket, for whoever holds
+        the token printed when the dashboard started (header ``X-P2PTrain-Token``); the body is never read. A page
+        of another site cannot send that header here without a CORS preflight, which this server does not answer."""
+        command = {"/api/pause": "pause", "/api/resume": "resume"}.get(self.path.split("?", 1)[0])
+        if self.control_token is None or command is None:
+            self._send(HTTPStatus.NOT_IMPLEMENTED, "text/plain; charset=utf-8", b"read-only\n")
+            return
+        given = self.headers.get("X-P2PTrain-Token", "")
+        if not hmac.compare_digest(given.encode(), self.control_token.encode()):
+            self._reply(HTTPStatus.FORBIDDEN, {"ok": False, "error": "this page was not opened with the owner's token"})
+            return
+        try:
+            reply = control_socket.request(self.dashboard.data_dir, command, reason="from the dashboard")
+        except control_socket.DaemonNotRunning:
+            self._reply(HTTPStatus.CONFLICT, {"ok": False, "error": NO_DAEMON})
+        except P2PTrainError as e:
+            self._reply(HTTPStatus.BAD_GATEWAY, {"ok": False, "error": str(e)})
+        else:
+            logger.info("Dashboard: %s sent to the daemon", command)
+            self._reply(HTTPStatus.OK, {"ok": True, "state": reply.get("state")})
+
+    def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        self._send(status, "application/json", json.dumps(body).encode())
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.split("?", 1)[0]
@@ -139,12 +172,15 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("dashboard: " + format, *args)
 
 
-def serve(data_dir: Path, host: str, port: int, swarm: Any = None) -> tuple[ThreadingHTTPServer, Dashboard]:
+def serve(
+    data_dir: Path, host: str, port: int, swarm: Any = None, control_token: str | None = None
+) -> tuple[ThreadingHTTPServer, Dashboard]:
     """A started server (``serve_forever`` runs in a daemon thread); ``server.server_address`` says the port.
     ``swarm``: a ``swarm_health.SwarmHealth``, whose page then answers at / and its data at ``/api/swarm`` (this
-    peer's page moves to /index.html; ``/api/status`` and ``/metrics`` stay)."""
+    peer's page moves to /index.html; ``/api/status`` and ``/metrics`` stay). ``control_token``: pause and resume
+    the volunteer daemon of ``data_dir`` for requests that carry it (None: read-only)."""
     dashboard = Dashboard(data_dir)
-    handler = type("Handler", (_Handler,), {"dashboard": dashboard, "swarm": swarm})
+    handler = type("Handler", (_Handler,), {"dashboard": dashboard, "swarm": swarm, "control_token": control_token})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="dashboard-http", daemon=True).start()

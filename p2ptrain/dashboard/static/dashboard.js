@@ -48,4 +48,22 @@ function show(data) {
   }
 }
 
+// the owner's buttons: only on a page opened with the token `p2ptrain dashboard --control` printed
+const token = new URLSearchParams(window.location.search).get("token");
+async function send(command) {
+  const said = $("control-said");
+  try {
+    const reply = await fetch(`/api/${command}`, { method: "POST", headers: { "X-P2PTrain-Token": token } });
+    const body = await reply.json();
+    said.textContent = body.ok ? `${command}d` : body.error;
+  } catch (err) {
+    said.textContent = "the dashboard server is not answering";
+  }
+}
+if (token) {
+  $("control").hidden = false;
+  $("pause").addEventListener("click", () => send("pause"));
+  $("resume").addEventListener("click", () => send("resume"));
+}
+
 poll("/api/status", show, 2000);
