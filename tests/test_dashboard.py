@@ -159,15 +159,19 @@ def test_the_swarm_health_rows_come_from_each_kind_of_record():
                                  samples_per_second=12.5, time=now - 4, client_mode=False),
         b: LocalTrainingProgress(peer_id=b"\x00\x01b", epoch=6, samples_accumulated=0, samples_per_second=2.5,
                                  time=now - 1, client_mode=True),
+        c: LocalTrainingProgress(peer_id=b"\x00\x01c", epoch=7, samples_accumulated=0,
+                                 samples_per_second=float("inf"), time=float("-inf"), client_mode=True),
     }  # fmt: skip
     near = {a: Near(Coord(1.0, 2.0, 0.0, 0.5), {b: (3.5, None), c: (40.0, 10.0)})}
     found = health([a, b], [f"/ip4/1.2.3.4/tcp/31337/p2p/{a}"], progress, [ledger_of(a), ledger_of(c)], near, now)
     rows = {row["peer"]: row for row in found["peers"]}
-    assert list(rows) == sorted([a, b, c])  # c: a ledger only (it left; its ledger lives on)
+    assert list(rows) == sorted([a, b, c])
     assert rows[a]["reachability"] == "direct (relays for others)" and rows[b]["reachability"] == "client (behind NAT)"
     assert rows[a]["global_step"] == 7 and round(rows[a]["seen_s_ago"]) == 4 and rows[a]["nearest_ms"] == 3.5
-    assert rows[c]["global_step"] is None and rows[c]["tokens"] == 20480 and not rows[c]["member"]
-    assert found["totals"] == {"members": 2, "training": 2, "reachable_directly": 1, "global_step": 7,
+    assert rows[c]["tokens"] == 20480 and not rows[c]["member"]  # a ledger, no membership: it left
+    assert rows[c]["samples_per_s"] is None and rows[c]["seen_s_ago"] is None  # infinities: JSON carries none
+    json.loads(json.dumps(found), parse_constant=lambda c: pytest.fail(f"{c} in the page's JSON"))
+    assert found["totals"] == {"members": 2, "training": 3, "reachable_directly": 1, "global_step": 7,
                                "samples_per_s": 15.0, "tokens": 40960, "device_hours": 0.0,
                                "kwh": pytest.approx(2 * ledger().energy_kwh),
                                "g_co2e": pytest.approx(1.04)}  # fmt: skip

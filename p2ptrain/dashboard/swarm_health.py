@@ -16,6 +16,7 @@ still lie about its own numbers, not about anybody else's.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -87,8 +88,8 @@ def health(
             "member": peer in members,
             "reachability": reach,
             "global_step": record.epoch if record else None,
-            "samples_per_s": record.samples_per_second if record else None,
-            "seen_s_ago": max(0.0, now - record.time) if record else None,
+            "samples_per_s": _finite(record.samples_per_second) if record else None,
+            "seen_s_ago": _finite(max(0.0, now - record.time)) if record else None,
             "tokens": led.tokens if led else None,
             "device_hours": led.device_s / 3600 if led else None,
             "kwh": led.energy_kwh if led else None,
@@ -114,6 +115,11 @@ def health(
             "g_co2e": total("g_co2e"),
         },
     }
+
+
+def _finite(value: float) -> float | None:
+    """A stranger's number as the page can show it: NaN and infinities (which JSON cannot carry) become None."""
+    return value if math.isfinite(value) else None
 
 
 class SwarmHealth:
