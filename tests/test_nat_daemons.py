@@ -50,7 +50,15 @@ async def start_on(host: Host, kind: str, stack: AsyncExitStack, workdir: Path, 
 
     before, p2p_daemon.path = p2p_daemon.path, on_host
     try:
-        p2p = await P2P.create(**kwargs)
+        try:
+            p2p = await P2P.create(**kwargs)
+        except P2PDaemonError as e:
+            # seen once in a fresh-clone CI on a loaded machine: a Go daemon's first dial to the relay started a
+            # moment before timed out ("failed to connect to bootstrap peers"); what is tested here comes after
+            if "bootstrap" not in str(e):
+                raise
+            await asyncio.sleep(2.0)
+            p2p = await P2P.create(**kwargs)
     finally:
         p2p_daemon.path = before
     stack.push_async_callback(p2p.shutdown)
