@@ -229,9 +229,31 @@ def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
             assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], children
+            # killed outright, it takes its DHT node and libp2p daemon with it too
+            with said.open("a") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "p2ptrain", *command], stdout=out, stderr=out)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not _has_daemon(proc.pid):
+                time.sleep(0.5)
+            children = psutil.Process(proc.pid).children(recursive=True)
+            assert _has_daemon(proc.pid), said.read_text()[-2000:]
+            proc.kill()
+            proc.wait()
+            gone, alive = psutil.wait_procs(children, timeout=10)
+            assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE], alive
         finally:
             proc.kill()
             proc.wait()
+
+
+def _has_daemon(pid: int) -> bool:
+    """Whether the process ``pid`` has a libp2p daemon among its descendants yet."""
+    import psutil
+
+    try:
+        return any("p2pd" in child.name() for child in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return False
 
 
 ROUNDS = {

@@ -1,5 +1,6 @@
 """Looking at a swarm from outside: a client-mode DHT node (no identity of its own, nothing served) that reads the
-swarm's records, as ``p2ptrain report --swarm`` and ``p2ptrain dashboard --swarm`` do, and leaves no process behind."""
+swarm's records, as ``p2ptrain report --swarm`` and ``p2ptrain dashboard --swarm`` do, and leaves no process behind
+(not even when killed with SIGKILL: ``processes.die_with_parent``)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def observe(
     """
     from hivemind.p2p import P2PDaemonError
 
-    from p2ptrain.processes import descendants
+    from p2ptrain.processes import descendants, die_with_parent
     from p2ptrain.swarm.discovery import fetch_manifest
 
+    die_with_parent()  # the node's processes (p2pd among them) go with this one, even when it is killed
     before = {p.pid for p in descendants()}  # a caller's own children (a test's DHT nodes) are not ours to reap
     try:
         dht = hivemind.DHT(
