@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from p2ptrain.energy.ledger import ledger_path, load_ledger
-from p2ptrain.errors import ConfigError, LedgerInvalid
-from p2ptrain.fileio import read_json
+from p2ptrain.dashboard.server import Dashboard
+from p2ptrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +43,16 @@ class TensorBoardLog:
             raise ConfigError(
                 "--tensorboard needs the tensorboard package: pip install tensorboard (or leave --tensorboard out)"
             ) from None
-        self.data_dir, self.directory, self._writer_type = data_dir, directory, SummaryWriter
+        self.reader = Dashboard(data_dir)  # what the dashboard reads: the status and the ledger
+        self.directory, self._writer_type = directory, SummaryWriter
         self.writer: Any = None
         self.last_step, self.written = -1, set()  # the last global step written, and its tags
 
     def write(self, final: bool = False) -> bool:
         """Add the points of a global step not written yet; True if it did. ``final``: also the points the last
         step lacked (the ledger is written every 10 s and at exit)."""
-        status = read_json(self.data_dir / "status.json")
-        run_id = status.get("run_id") if isinstance(status, dict) else None
+        status = self.reader.status()
+        run_id = status.get("run_id")
         if not isinstance(run_id, str) or not run_id or "/" in run_id:  # not in a swarm yet
             return False
         step = status.get("epoch")
@@ -66,10 +66,9 @@ class TensorBoardLog:
         rounds = status.get("rounds") if isinstance(status.get("rounds"), dict) else {}
         failed = rounds.get("failed") if isinstance(rounds.get("failed"), dict) else {}
         points += [("averaging/rounds_ok", rounds.get("ok")), ("averaging/rounds_failed", sum(failed.values()))]
-        with contextlib.suppress(LedgerInvalid):
-            ledger = load_ledger(ledger_path(self.data_dir, run_id))
-            if ledger is not None:
-                points += [("energy/kwh", ledger.energy_kwh), ("energy/g_co2e", ledger.g_co2e)]
+        ledger = self.reader.ledger(status)
+        if ledger is not None:
+            points += [("energy/kwh", ledger.energy_kwh), ("energy/g_co2e", ledger.g_co2e)]
         for tag, value in points:
             if tag not in self.written and isinstance(value, int | float) and not isinstance(value, bool):
                 self.writer.add_scalar(tag, value, step)

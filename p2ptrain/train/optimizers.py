@@ -25,7 +25,7 @@ from p2ptrain.compat import hivemind as compat
 from p2ptrain.settings import PeerSettings
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.manifest import AveragingSpec, SwarmManifest
-from p2ptrain.train.averaging import CompressedGradientAverager, RoundOutcome
+from p2ptrain.train.averaging import CompressedGradientAverager, RoundOutcome, payload_bytes
 from p2ptrain.train.codecs import BYTES_PER_VALUE, DENSE, Level
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
@@ -296,9 +296,9 @@ class SwarmOptimizer(compat.Optimizer):
         if isinstance(outcome, RoundOutcome) and outcome.codec:  # the compressed averagers measure their rounds
             self.round_log.succeeded(self.local_epoch, peers, outcome.codec, outcome.bytes_sent, outcome.round_s)
             return
-        per_value = BYTES_PER_VALUE.get(self.grad_codec)  # hivemind's dense codecs; PowerSGD's size is its own
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
-        payload = None if per_value is None else 2.0 * per_value * numel * (peers - 1) / peers
+        dense = self.grad_codec in BYTES_PER_VALUE  # hivemind's dense codecs; PowerSGD's size is its own
+        payload = payload_bytes(Level(self.grad_codec), numel, peers) if dense else None
         self.round_log.succeeded(self.local_epoch, peers, self.grad_codec, payload, None)
 
     # PeerOptimizer, beyond what hivemind.Optimizer has
