@@ -22,11 +22,11 @@ _PR_SET_PDEATHSIG = 1
 # torch's shared-memory helper serves this process until it exits, then ends by itself; stopping it
 # early breaks every later tensor.share_memory_() in this process ("RuntimeError: Broken pipe").
 HELPERS = {"torch_shm_manager"}
-_installed = False
+_prctl = None  # libc's prctl, looked up before any fork: dlopen in the child of a threaded process can deadlock
 
 
 def _in_forked_child() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     # A fork inherits the peer's "set the stop event" handlers, which would make the child ignore
     # terminate(): children get the default behaviour back (hivemind then ignores SIGINT itself).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -35,10 +35,10 @@ def _in_forked_child() -> None:
 
 def die_with_parent() -> None:
     """Make processes forked from now on die when this process dies (Linux only; a no-op elsewhere)."""
-    global _installed
-    if sys.platform.startswith("linux") and not _installed:
+    global _prctl
+    if sys.platform.startswith("linux") and _prctl is None:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
         os.register_at_fork(after_in_child=_in_forked_child)
-        _installed = True
 
 
 def descendants() -> list[psutil.Process]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -25,6 +26,25 @@ def pytest_itemcollected(item) -> None:
     1.5 of this machine's cores, and two at once stretch their rounds past the averaging timeouts."""
     if item.get_closest_marker("slow"):
         item.add_marker(pytest.mark.xdist_group("swarm"))
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Tests run the CLI in-process, and its ``setup_logging`` replaces the root logger's handlers with one that
+    writes to this test's captured stderr, closed after it: every later record in this worker would be a
+    "Logging error". Each test leaves the root and hivemind loggers as it found them (pytest's own capturing
+    handlers, one per test phase, are pytest's to add and remove)."""
+
+    def ours(handler: logging.Handler) -> bool:
+        return not type(handler).__module__.startswith("_pytest")
+
+    loggers = [logging.getLogger(), logging.getLogger("hivemind")]
+    saved = [(log, [h for h in log.handlers if ours(h)], log.level, log.propagate) for log in loggers]
+    yield
+    for log, handlers, level, propagate in saved:
+        log.handlers[:] = [h for h in log.handlers if not ours(h)] + handlers
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 def netns(tag: int | str | None = None) -> set[str]:
