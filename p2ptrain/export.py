@@ -22,6 +22,7 @@ import torch
 from p2ptrain.errors import CheckpointError, ConfigError, DatasetError
 from p2ptrain.swarm import manifest as mf
 from p2ptrain.swarm.joining import recall_swarm
+from p2ptrain.swarm.pinned_files import where
 from p2ptrain.train.checkpoint import checkpoint_path, load_checkpoint
 from p2ptrain.train.models import build_model, count_parameters, evaluate
 from p2ptrain.train.tokenizer import load_tokenizer
@@ -72,10 +73,10 @@ def export(
         if not (ours and overwrite):
             hint = " (--overwrite replaces it)" if ours else ""
             raise ConfigError(f"{out} is not empty{hint}: export into a new directory (--out)")
-    tokenizer = load_tokenizer(manifest.tokenizer)
-    model = build_model(
-        manifest.model, tokenizer.vocab_size, manifest.seq_len, manifest.seed, manifest.init_weights, tokenizer.eos_id
-    )
+    tokenizer = load_tokenizer(where(manifest, "tokenizer", data_dir))  # pinned files, fetched by a peer, or cached
+    weights = where(manifest, "init_weights", data_dir)
+    vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
+    model = build_model(manifest.model, vocab, manifest.seq_len, manifest.seed, weights, eos)
     info, _ = load_checkpoint(path, model, manifest.hash.hex())
     val_loss = held_out_loss(manifest, model) if measure else None
     model.generation_config.suppress_tokens = list(range(tokenizer.vocab_size, model.config.vocab_size))

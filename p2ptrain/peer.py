@@ -47,22 +47,13 @@ from p2ptrain.leaving import Leaving
 from p2ptrain.processes import die_with_parent, reap_children
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
-from p2ptrain.swarm import discovery, nat, network
+from p2ptrain.swarm import discovery, joining, nat, network
 from p2ptrain.swarm import manifest as mf
+from p2ptrain.swarm.file_sharing import provide
 from p2ptrain.swarm.identity import author_key, ensure_identity, ensure_private_dir, identity_key, lock_data_dir
 from p2ptrain.swarm.invite import Invite
-from p2ptrain.swarm.joining import (
-    JoinRequest,
-    SeedRequest,
-    admit,
-    bootstrap_peers,
-    describe_swarm,
-    find_swarm,
-    recall_swarm,
-    remember_swarm,
-    revocations_path,
-    wait_for_members,
-)
+from p2ptrain.swarm.joining import JoinRequest, SeedRequest
+from p2ptrain.swarm.pinned_files import pin_all
 from p2ptrain.swarm.signed_records import PeerRecords
 from p2ptrain.swarm.watch import NetworkWatch, meet_members
 from p2ptrain.tensorboard_log import curves
@@ -143,7 +134,7 @@ def run_peer(
         seeded = tokenizer = corpus = None
         if isinstance(request, SeedRequest):
             key = author_key(data_dir)
-            manifest = mf.new_manifest(key, **request.manifest_values)
+            manifest = mf.new_manifest(key, **request.manifest_values, files=pin_all(request.manifest_values))
             check_context(manifest.model, manifest.seq_len)
             seeded = manifest, mf.sign(manifest, key)
             tokenizer, corpus = open_data(manifest, peer_id.to_bytes())
@@ -179,8 +170,8 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
     settings, data_dir, status = run.settings, run.data_dir, run.status
     if run.stays and isinstance(request, SeedRequest):
         request = JoinRequest(request.manifest_values["model"])  # the swarm exists now: rejoin it (remembered)
-    bootstrap = bootstrap_peers(settings, request)
-    remembered = [] if bootstrap else recall_swarm(data_dir).get("peers", [])
+    bootstrap = joining.bootstrap_peers(settings, request)
+    remembered = [] if bootstrap else joining.recall_swarm(data_dir).get("peers", [])
     known = bootstrap or remembered
     leaving = threading.Event()  # this stay ends: stopped, or rejoining
     ending = Leaving()
@@ -196,22 +187,23 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             # b. the swarm
             status.update(state="joining")
             manifest, envelope = run.seeded or resolve_swarm(run.dht, request, data_dir)
-            admission, token = admit(manifest, run.peer_id, data_dir, request)  # a private swarm's pass, or None
+            admission, token = joining.admit(manifest, run.peer_id, data_dir, request)  # a private swarm's pass or None
             identity = identity_key(data_dir)  # signs this peer's records (its own, and its hivemind progress)
             validators = (LedgerValidator([manifest.run_id]), PeerRecords([manifest.run_id], identity))
             run.dht.add_validators(list(validators))
             # c. the network role (the DHT may start again in it)
             dht, role = network.settle_role(settings, data_dir, run.dht, manifest.run_id, known, validators)
             run.dht = dht
+            files = provide(dht, manifest, data_dir)  # the tokenizer's and initial weights', checked; served to peers
             if run.corpus is None:
-                run.tokenizer, run.corpus = open_data(manifest, run.peer_id.to_bytes())
+                run.tokenizer, run.corpus = open_data(manifest, run.peer_id.to_bytes(), files["tokenizer"])
             tokenizer, corpus = run.tokenizer, run.corpus
             # d. build
             vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
-            model = build_model(manifest.model, vocab, manifest.seq_len, manifest.seed, manifest.init_weights, eos)
+            model = build_model(manifest.model, vocab, manifest.seq_len, manifest.seed, files["init_weights"], eos)
             model.to(run.device)
             sigint = signal.getsignal(signal.SIGINT)
-            discovery.read_revocations(dht, admission, revocations_path(data_dir, manifest.run_id))
+            discovery.read_revocations(dht, admission, joining.revocations_path(data_dir, manifest.run_id))
             reported = nat.reported_kind(role.reach.kind, settings.p2p)
             optimizer = make_optimizer(dht, model, manifest, settings, reported, admission, identity)
             signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN (averager.py:334)
@@ -259,19 +251,19 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
 
             discovery.publish(dht, manifest, envelope, relay_addrs=relay_addrs(), admission=admission)
             meet_members(dht, manifest.run_id)  # connections (hole-punched behind NAT) ready for averaging
-            revocations = revocations_path(data_dir, manifest.run_id)
+            revocations = joining.revocations_path(data_dir, manifest.run_id)
             republisher = discovery.Republisher(dht, manifest, envelope, relay_addrs, admission, revocations)
             republisher.start()
             parts.callback(
                 ending.timed("remember peers", leave_records, republisher, data_dir, manifest, envelope, dht)
             )
-            remember_swarm(data_dir, manifest, envelope, dht)
+            joining.remember_swarm(data_dir, manifest, envelope, dht)
             invite = Invite(manifest.hash, manifest.model, tuple(discovery.shareable_maddrs(dht)), token).encode()
             status.update(
                 run_id=manifest.run_id, model=manifest.model, manifest_hash=manifest.hash.hex(), invite=invite
             )
             if not run.announced:
-                run.announce(describe_swarm(manifest, run.peer_id, invite, count_parameters(model), token))
+                run.announce(joining.describe_swarm(manifest, run.peer_id, invite, count_parameters(model), token))
                 run.announced = True
             if run.accountant is None:
                 run.accountant = start_ledger(run, manifest, model)
@@ -290,7 +282,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             # g. train
             def work() -> None:
                 try:
-                    wait_for_members(dht, manifest, settings, leaving)
+                    joining.wait_for_members(dht, manifest, settings, leaving)
                     trainer.run(leaving)
                 except Exception as e:  # noqa: BLE001 - reported by the owner after shutdown
                     run.failure.append(e)
@@ -323,7 +315,7 @@ def stop_averagers(optimizer: Any, ending: Leaving) -> None:
 def leave_records(republisher: Any, data_dir: Path, manifest: Any, envelope: bytes, dht: hivemind.DHT) -> None:
     """Stop republishing; remember the peers connected now (while the DHT still answers promptly: start_dht)."""
     republisher.stop()
-    remember_swarm(data_dir, manifest, envelope, dht)
+    joining.remember_swarm(data_dir, manifest, envelope, dht)
 
 
 def close_ledger(run: Run, ending: Leaving) -> None:
@@ -377,7 +369,7 @@ FINAL_PUBLISH_S = 2.0  # a ledger store waits at most this (the last one is part
 
 def resolve_swarm(dht: hivemind.DHT, request: JoinRequest, data_dir: Path) -> tuple[mf.SwarmManifest, bytes]:
     """The swarm to join; with none to be found, a fresh one."""
-    found = find_swarm(dht, request, data_dir)
+    found = joining.find_swarm(dht, request, data_dir)
     if found is not None:
         return found
     logger.info("No swarm found for %s: starting a new one", request.model)

@@ -11,6 +11,7 @@ this script means the wire format changed, which needs a new version (protocols/
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ def vector_manifest(author: Ed25519PrivateKey, version: int) -> SwarmManifest:
         run_id="vectors-demo",
         model="gpt2-tiny",
         dataset="default",
-        tokenizer="bytes",
+        tokenizer="gpt2" if version >= 4 else "bytes",
         seq_len=64,
         target_batch_size=256,
         author_key=public_key_bytes(author),
@@ -61,14 +62,24 @@ def vector_manifest(author: Ed25519PrivateKey, version: int) -> SwarmManifest:
             aggregation="mean" if version == 1 else "centered_clip",
         ),
         admission="token" if version >= 3 else "open",
+        files=VECTOR_FILES if version >= 4 else {},
         version=version,
     )
 
 
+# two of GPT-2's tokenizer files as pinned from the hub (sizes and hashes of made-up contents, commit made up)
+VECTOR_FILES = {
+    f"tokenizer/{name}": {"sha256": hashlib.sha256(name.encode()).digest(), "size": size, "revision": "0123456789" * 4}
+    for name, size in (("merges.txt", 456318), ("vocab.json", 1042301))
+}
+
+
 def as_json(value: Any) -> Any:
-    """Manifest fields as JSON: nested specs as objects, bytes as hex."""
+    """Manifest fields as JSON: nested specs and maps as objects, bytes as hex."""
     if dataclasses.is_dataclass(value):
         return {f.name: as_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items()}
     return value.hex() if isinstance(value, bytes) else value
 
 
@@ -113,8 +124,8 @@ def manifest_vector(version: int) -> tuple[SwarmManifest, bytes, dict]:
     }
 
 
-def manifest_vectors() -> tuple[dict, dict, dict, dict]:
-    """Manifest v1, v1 tampered, v2, v3 (a private swarm's)."""
+def manifest_vectors() -> tuple[dict, dict, dict, dict, dict]:
+    """Manifest v1, v1 tampered, v2, v3 (a private swarm's), v4 (with pinned files)."""
     manifest, envelope, good = manifest_vector(1)
     # One letter of run_id changed ("vectors-demo" -> "vectors-dema"): still a valid manifest, badly signed.
     offset = envelope.index(b"vectors-demo") + len("vectors-dem")
@@ -133,7 +144,7 @@ def manifest_vectors() -> tuple[dict, dict, dict, dict]:
             lambda: verify(tampered, manifest.hash), "does not match the invite's"
         ),
     }
-    return good, bad, manifest_vector(2)[2], manifest_vector(3)[2]
+    return good, bad, manifest_vector(2)[2], manifest_vector(3)[2], manifest_vector(4)[2]
 
 
 def invite_vectors(manifest_hash: bytes) -> dict:
@@ -177,11 +188,12 @@ def write(name: str, vector: dict) -> None:
 
 def main() -> None:
     VECTORS.mkdir(parents=True, exist_ok=True)
-    good, bad, v2, v3 = manifest_vectors()
+    good, bad, v2, v3, v4 = manifest_vectors()
     write("manifest_v1.json", good)
     write("manifest_v1_tampered.json", bad)
     write("manifest_v2.json", v2)
     write("manifest_v3.json", v3)
+    write("manifest_v4.json", v4)
     write("invite_v1.json", invite_vectors(bytes.fromhex(good["hash_hex"])))
 
 

@@ -52,10 +52,27 @@ def test_signing_with_a_key_that_is_not_the_author_is_refused(manifest):
         sign(manifest, Ed25519PrivateKey.generate())
 
 
+PINNED = {"sha256": bytes(32), "size": 1000, "revision": "a" * 40}
+
+
+def test_pinned_files_round_trip(key, manifest):
+    files = {"tokenizer/vocab.json": PINNED, "init_weights/model.safetensors": {**PINNED, "revision": ""}}
+    pinning = dataclasses.replace(manifest, files=files)
+    assert verify(sign(pinning, key), expected_hash=pinning.hash).files == files
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(version=4), "version 4 is not supported"),
+        (lambda d: d.update(version=5), "version 5 is not supported"),
+        (lambda d: d.update(files={"tokenizer/../../.bashrc": PINNED}), "files must map"),
+        (lambda d: d.update(files={"weights/model.bin": PINNED}), "files must map"),
+        (lambda d: d.update(files={"tokenizer/vocab.json": {**PINNED, "sha256": b"x" * 31}}), "files must map"),
+        (lambda d: d.update(files={"tokenizer/vocab.json": {**PINNED, "size": -1}}), "files must map"),
+        (lambda d: d.update(files={"tokenizer/vocab.json": {**PINNED, "revision": "main"}}), "files must map"),
+        (lambda d: d.update(files={"tokenizer/vocab.json": {**PINNED, "url": "http://x"}}), "files must map"),
+        (lambda d: d.update(files={f"tokenizer/f{i}": PINNED for i in range(33)}), "files must map"),
+        (lambda d: d.update(version=3, files={"tokenizer/vocab.json": PINNED}), "before version 4 pins no files"),
         (lambda d: d["averaging"].update(aggregation="mode"), "aggregation must be one of"),
         (lambda d: d["averaging"].pop("aggregation"), r"lacks fields \['aggregation'\]"),
         (lambda d: d.update(extra="x"), "unknown fields"),

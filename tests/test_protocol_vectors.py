@@ -36,12 +36,13 @@ def manifest_from_fields(fields: dict) -> SwarmManifest:
             "author_key": bytes.fromhex(fields["author_key"]),
             "optimizer": OptimizerSpec(**fields["optimizer"]),
             "averaging": AveragingSpec(**fields["averaging"]),
+            "files": {k: {**v, "sha256": bytes.fromhex(v["sha256"])} for k, v in fields["files"].items()},
         }
     )
 
 
 MANIFEST = load("manifest_v1.json")
-MANIFESTS = [MANIFEST, load("manifest_v2.json"), load("manifest_v3.json")]  # older versions are still read
+MANIFESTS = [MANIFEST, *(load(f"manifest_v{v}.json") for v in (2, 3, 4))]  # older versions are still read
 TAMPERED = load("manifest_v1_tampered.json")
 INVITE = load("invite_v1.json")
 each_version = pytest.mark.parametrize("vector", MANIFESTS, ids=lambda v: f"v{v['fields']['version']}")

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2ptrain.errors import ConfigError, ManifestInvalid
 
-MANIFEST_VERSION = 3  # 2 added averaging.aggregation, 3 admission; older manifests are still read (ADDED_IN)
-READABLE_VERSIONS = (1, 2, 3)
+MANIFEST_VERSION = 4  # 2 added averaging.aggregation, 3 admission, 4 files; older manifests are still read (ADDED_IN)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_ENVELOPE_BYTES = 16 * 1024  # a manifest is a few hundred bytes; anything larger is refused unread
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 COMPRESSIONS = ("none", "fp16", "int8", "powersgd", "randk", "adaptive")  # protocols/averaging.md
@@ -37,7 +37,10 @@ MODES = ("gradients", "local")
 AGGREGATIONS = ("centered_clip", "trimmed_mean", "median", "mean")  # train/robust.py
 ADMISSIONS = ("open", "token")  # swarm/admission.py
 # fields that later versions added: (version, section or None for the top level, name, its value in older manifests)
-ADDED_IN = ((2, "averaging", "aggregation", "mean"), (3, None, "admission", "open"))
+ADDED_IN = ((2, "averaging", "aggregation", "mean"), (3, None, "admission", "open"), (4, None, "files", {}))
+_FILE_KEY = re.compile(r"^(tokenizer|init_weights)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # swarm/pinned_files.py
+MAX_FILES = 32
+MAX_FILE_BYTES = 2**40
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class SwarmManifest:
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
     admission: str = "open"  # "open": anyone may take part; "token": only peers with a join token signed by the
     #   author (``p2ptrain seed --private``; swarm/admission.py)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # the tokenizer's and initial weights' files:
+    #   "<kind>/<name>" → {"sha256": 32 bytes, "size": bytes, "revision": hub commit or ""} (swarm/pinned_files.py)
     version: int = MANIFEST_VERSION
 
     def __post_init__(self) -> None:
@@ -216,10 +221,32 @@ def _validate(m: SwarmManifest) -> None:
         (m.version > 1 or m.averaging.aggregation == "mean", "a version 1 manifest averages by mean"),
         (m.admission in ADMISSIONS, f"admission must be one of {ADMISSIONS}"),
         (m.version > 2 or m.admission == "open", "a version 1 or 2 manifest is open to all"),
+        (m.version > 3 or not m.files, "a manifest before version 4 pins no files"),
+        (_files_ok(m.files), f"files must map at most {MAX_FILES} names <kind>/<file> to their sha256/size/revision"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def _files_ok(files: Any) -> bool:
+    def entry_ok(value: Any) -> bool:
+        return (
+            isinstance(value, dict)
+            and set(value) == {"sha256", "size", "revision"}
+            and isinstance(value["sha256"], bytes)
+            and len(value["sha256"]) == 32
+            and type(value["size"]) is int
+            and 0 <= value["size"] <= MAX_FILE_BYTES
+            and isinstance(value["revision"], str)
+            and re.fullmatch(r"[0-9a-f]{40}|", value["revision"]) is not None
+        )
+
+    return (
+        isinstance(files, dict)
+        and len(files) <= MAX_FILES
+        and all(isinstance(k, str) and _FILE_KEY.fullmatch(k) and entry_ok(v) for k, v in files.items())
+    )
 
 
 def public_key_bytes(key: Ed25519PrivateKey) -> bytes:

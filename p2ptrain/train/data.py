@@ -199,9 +199,10 @@ def open_hf_stream(
         ) from None
 
 
-def open_data(manifest: SwarmManifest, peer_id: bytes) -> tuple[Tokenizer, Corpus]:
-    """The swarm's tokenizer, and this peer's shard of its dataset (``peer_id`` seeds the shard)."""
-    tokenizer = load_tokenizer(manifest.tokenizer)
+def open_data(manifest: SwarmManifest, peer_id: bytes, tokenizer_at: str = "") -> tuple[Tokenizer, Corpus]:
+    """The swarm's tokenizer (from ``tokenizer_at``, where its pinned files are, if given), and this peer's shard
+    of its dataset (``peer_id`` seeds the shard)."""
+    tokenizer = load_tokenizer(tokenizer_at or manifest.tokenizer)
     corpus = open_corpus(
         manifest.dataset,
         manifest.dataset_config,
