@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from p2ptrain.errors import CheckpointError, ConfigError, DatasetError
+from p2ptrain.errors import CheckpointError, ConfigError, DatasetError, PeerUnreachable
 from p2ptrain.swarm import manifest as mf
 from p2ptrain.swarm.joining import recall_swarm
 from p2ptrain.swarm.pinned_files import where
 from p2ptrain.train.checkpoint import checkpoint_path, load_checkpoint
 from p2ptrain.train.models import build_model, count_parameters, evaluate
-from p2ptrain.train.tokenizer import load_tokenizer
+from p2ptrain.train.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +67,81 @@ def export(
     path = checkpoint_path(data_dir, manifest.run_id)
     if not path.exists():
         raise ConfigError(f"no checkpoint of swarm {manifest.run_id} in {data_dir}: it is written while a peer trains")
+    check_out(out, overwrite)
+    tokenizer, model = load_model(
+        manifest, where(manifest, "tokenizer", data_dir), where(manifest, "init_weights", data_dir)
+    )
+    info, _ = load_checkpoint(path, model, manifest.hash.hex())
+    return write(manifest, tokenizer, model, info.epoch, data_dir, out, measure)
+
+
+def export_live(
+    data_dir: Path, out: Path, peers: list[str], run_id: str | None, manifest_hash: bytes | None,
+    overwrite: bool = False, measure: bool = True,
+) -> Exported:  # fmt: skip
+    """Write ``out`` from the swarm's current state, downloaded from its peers the way a late joiner downloads it
+    (checked against the parameter sketches its members publish: ``state_download``). The swarm is found through
+    ``peers`` by the invite's ``manifest_hash``, or by ``run_id`` if this data directory joined it.
+
+    Raises:
+        ConfigError: a private swarm (its peers serve members only), or ``out`` holds something else.
+        PeerUnreachable: no peer answered, or none served its state.
+    """
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.swarm.discovery import fetch_manifest
+    from p2ptrain.swarm.file_sharing import provide
+    from p2ptrain.swarm.observer import observe
+    from p2ptrain.train.optimizers import make_optimizer
+    from p2ptrain.train.stopping import stop_optimizer
+
+    check_out(out, overwrite)
+    with observe(peers, run_id, manifest_hash) as (dht, run):
+        manifest = fetch_manifest(dht, manifest_hash)[0] if manifest_hash else swarm_manifest(data_dir, run)
+        if manifest.admission != "open":
+            raise ConfigError(
+                f"swarm {manifest.run_id} is private: its peers serve their state to members only. Export a "
+                "member's checkpoint instead (p2ptrain export --data-dir <a member's data directory>)"
+            )
+        files = provide(dht, manifest, data_dir)
+        tokenizer, model = load_model(manifest, files["tokenizer"], files["init_weights"])
+        optimizer = make_optimizer(dht, model, manifest, PeerSettings(data_dir=data_dir, batch_size=1))
+        try:
+            optimizer.load_state_from_peers()  # into the model's parameters, in place, as for a late joiner
+            epoch = optimizer.local_epoch
+        finally:
+            stop_optimizer(optimizer, step_running=False)
+    if epoch == 0:
+        raise PeerUnreachable(f"no peer of swarm {manifest.run_id} served a trained state (global step 0)")
+    logger.info("Downloaded the state of swarm %s at global step %d", manifest.run_id, epoch)
+    return write(manifest, tokenizer, model, epoch, data_dir, out, measure)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         card = out / "README.md"
         ours = card.exists() and MARKER in card.read_text(errors="replace")
         if not (ours and overwrite):
             hint = " (--overwrite replaces it)" if ours else ""
             raise ConfigError(f"{out} is not empty{hint}: export into a new directory (--out)")
-    tokenizer = load_tokenizer(where(manifest, "tokenizer", data_dir))  # pinned files, fetched by a peer, or cached
-    weights = where(manifest, "init_weights", data_dir)
+
+
+def load_model(manifest: mf.SwarmManifest, tokenizer_at: str, weights_at: str) -> tuple[Tokenizer, torch.nn.Module]:
+    tokenizer = load_tokenizer(tokenizer_at)
     vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
-    model = build_model(manifest.model, vocab, manifest.seq_len, manifest.seed, weights, eos)
-    info, _ = load_checkpoint(path, model, manifest.hash.hex())
+    return tokenizer, build_model(manifest.model, vocab, manifest.seq_len, manifest.seed, weights_at, eos)
+
+
+def write(
+    manifest: mf.SwarmManifest, tokenizer: Tokenizer, model: torch.nn.Module, epoch: int, data_dir: Path, out: Path,
+    measure: bool,
+) -> Exported:  # fmt: skip
     val_loss = held_out_loss(manifest, model) if measure else None
     model.generation_config.suppress_tokens = list(range(tokenizer.vocab_size, model.config.vocab_size))
     model.generation_config.pad_token_id = tokenizer.eos_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    exported = Exported(out, manifest.run_id, info.epoch, info.epoch * manifest.target_batch_size * manifest.seq_len,
-                        val_loss)  # fmt: skip
+    exported = Exported(out, manifest.run_id, epoch, epoch * manifest.target_batch_size * manifest.seq_len, val_loss)
     (out / "README.md").write_text(model_card(manifest, model, exported, energy_card(data_dir, manifest.run_id)))
     return exported
 

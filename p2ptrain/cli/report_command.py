@@ -54,7 +54,7 @@ def local_card(directory: Path, run_id: str | None):
     from p2ptrain.energy.ledger import ledger_path, load_ledger
     from p2ptrain.energy.report import Card
     from p2ptrain.errors import ConfigError
-    from p2ptrain.peer import recall_swarm
+    from p2ptrain.swarm.joining import recall_swarm
 
     if run_id is None:
         run_id = recall_swarm(directory).get("run_id")
@@ -75,8 +75,8 @@ def which_swarm(directory: Path, run_id: str | None, invite: str | None, peers: 
     the given peers', a running peer's here, or the one this data directory last joined."""
     from p2ptrain.errors import ConfigError
     from p2ptrain.fileio import read_json
-    from p2ptrain.peer import recall_swarm
     from p2ptrain.swarm.invite import decode_invite
+    from p2ptrain.swarm.joining import recall_swarm
 
     manifest_hash = None
     remembered = recall_swarm(directory)

@@ -69,6 +69,8 @@ class CheckedStateDownload(DecentralizedAverager):
                         "step's parameters, fewer than two", peer, epoch, len(theirs))  # fmt: skip
             return True
         if 2 * agreeing >= len(theirs):
+            logger.info("Took the state of peer %s (global step %d): it agrees with %d of %d other members' "
+                        "parameters", peer, epoch, agreeing, len(theirs))  # fmt: skip
             return True
         logger.warning(
             "Refused the state peer %s served (global step %d): it agrees with %d of %d other members' parameters",
