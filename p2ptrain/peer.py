@@ -38,6 +38,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from p2ptrain.compat import hivemind as compat
+from p2ptrain.curves import curves
 from p2ptrain.energy.carbon import IntensityWatcher, alpha3
 from p2ptrain.energy.ledger import Accountant, ledger_path, open_ledger
 from p2ptrain.energy.meter import EnergyMeter, MeterInfo, open_meter, start_meter
@@ -56,7 +57,6 @@ from p2ptrain.swarm.joining import JoinRequest, SeedRequest
 from p2ptrain.swarm.pinned_files import pin_all
 from p2ptrain.swarm.signed_records import PeerRecords
 from p2ptrain.swarm.watch import NetworkWatch, meet_members
-from p2ptrain.tensorboard_log import curves
 from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
 from p2ptrain.train.data import Corpus, open_data
 from p2ptrain.train.models import build_model, check_context, count_parameters, model_spec, pick_device
@@ -114,7 +114,7 @@ def run_peer(
     # 1. this machine
     compat.check_version()
     data_dir = ensure_private_dir(settings.data_dir)
-    with lock_data_dir(data_dir), curves(settings.tensorboard, data_dir):
+    with lock_data_dir(data_dir), curves(settings.tensorboard, settings.wandb, data_dir):
         status = status or StatusWriter(data_dir / "status.json")
         status.update(state="starting")
         if settings.torch_threads:

@@ -19,9 +19,10 @@ import psutil
 
 logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
-# torch's shared-memory helper serves this process until it exits, then ends by itself; stopping it
-# early breaks every later tensor.share_memory_() in this process ("RuntimeError: Broken pipe").
-HELPERS = {"torch_shm_manager"}
+# Helpers that serve this process until it exits, then end by themselves: torch's shared-memory manager
+# (stopping it early breaks every later tensor.share_memory_() here: "RuntimeError: Broken pipe") and wandb's
+# service and its system monitor (--wandb: killed, they lose the curves not yet written).
+HELPERS = {"torch_shm_manager", "wandb-core", "wandb-symon"}
 _prctl = None  # libc's prctl, looked up before any fork: dlopen in the child of a threaded process can deadlock
 
 

@@ -61,6 +61,7 @@ class PeerSettings:
     stop_grace_s: float = 3.0  # on Ctrl+C, wait this long for the current step before abandoning it
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR (INFO: what a volunteer cares about)")
     tensorboard: str = option("", "write TensorBoard curves (loss, throughput, rounds, energy) to this directory")
+    wandb: str = option("", "log the same curves to this Weights & Biases project (wandb's login; WANDB_MODE=offline)")
     energy: EnergySettings = field(default_factory=EnergySettings)  # metering and grid carbon intensity
 
     def __post_init__(self) -> None:
