@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from p2ptrain.errors import CheckpointError, ConfigError, DatasetError, PeerUnreachable
+from p2ptrain.fileio import read_json
 from p2ptrain.swarm import manifest as mf
 from p2ptrain.swarm.joining import recall_swarm
 from p2ptrain.swarm.pinned_files import where
@@ -40,6 +41,7 @@ class Exported:
     epoch: int  # the global step the weights belong to
     tokens: int  # tokens the swarm trained to reach it: global steps × target batch × sequence length
     val_loss: float | None  # held-out loss of the exported weights; None when the dataset is not here
+    peers: int | None = None  # peers in the swarm at the exported step, as the exporter saw them; None: not known
 
 
 def swarm_manifest(data_dir: Path, run_id: str | None = None) -> mf.SwarmManifest:
@@ -72,7 +74,9 @@ def export(
         manifest, where(manifest, "tokenizer", data_dir), where(manifest, "init_weights", data_dir)
     )
     info, _ = load_checkpoint(path, model, manifest.hash.hex())
-    return write(manifest, tokenizer, model, info.epoch, data_dir, out, measure)
+    status = read_json(data_dir / "status.json")  # the peer's last word on the swarm
+    peers = status.get("peers") if isinstance(status, dict) and status.get("run_id") == manifest.run_id else None
+    return write(manifest, tokenizer, model, info.epoch, data_dir, out, measure, peers if type(peers) is int else None)
 
 
 def export_live(
@@ -108,12 +112,14 @@ def export_live(
         try:
             optimizer.load_state_from_peers()  # into the model's parameters, in place, as for a late joiner
             epoch = optimizer.local_epoch
+            optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=5)
+            peers = optimizer.tracker.global_progress.num_peers  # those training: an exporter reports no progress
         finally:
             stop_optimizer(optimizer, step_running=False)
     if epoch == 0:
         raise PeerUnreachable(f"no peer of swarm {manifest.run_id} served a trained state (global step 0)")
     logger.info("Downloaded the state of swarm %s at global step %d", manifest.run_id, epoch)
-    return write(manifest, tokenizer, model, epoch, data_dir, out, measure)
+    return write(manifest, tokenizer, model, epoch, data_dir, out, measure, peers or None)
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -133,7 +139,7 @@ def load_model(manifest: mf.SwarmManifest, tokenizer_at: str, weights_at: str) -
 
 def write(
     manifest: mf.SwarmManifest, tokenizer: Tokenizer, model: torch.nn.Module, epoch: int, data_dir: Path, out: Path,
-    measure: bool,
+    measure: bool, peers: int | None = None,
 ) -> Exported:  # fmt: skip
     val_loss = held_out_loss(manifest, model) if measure else None
     model.generation_config.suppress_tokens = list(range(tokenizer.vocab_size, model.config.vocab_size))
@@ -141,7 +147,8 @@ def write(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    exported = Exported(out, manifest.run_id, epoch, epoch * manifest.target_batch_size * manifest.seq_len, val_loss)
+    tokens = epoch * manifest.target_batch_size * manifest.seq_len
+    exported = Exported(out, manifest.run_id, epoch, tokens, val_loss, peers)
     (out / "README.md").write_text(model_card(manifest, model, exported, energy_card(data_dir, manifest.run_id)))
     return exported
 
@@ -194,6 +201,7 @@ def model_card(manifest: mf.SwarmManifest, model: torch.nn.Module, exported: Exp
         f"| dataset | {dataset} |",
         f"| tokenizer | {manifest.tokenizer} |",
         f"| global step | {exported.epoch} |",
+        f"| peers | {exported.peers if exported.peers is not None else 'not known'} (in the swarm when exported) |",
         f"| tokens trained | {exported.tokens:,} ({manifest.target_batch_size} × {manifest.seq_len} per step) |",
         f"| held-out loss | {loss} |",
         "",

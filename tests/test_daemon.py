@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -154,6 +155,9 @@ class DaemonUnderTest:
         self.tmp, self.data_dir, self.gpu = tmp_path, tmp_path / "data", tmp_path / "gpu.json"
         self.env = {**os.environ, **env_for(tmp_path)}
         self.transcript: list[str] = []
+        with socket.socket() as probe:  # a free port for the daemon's dashboard
+            probe.bind(("127.0.0.1", 0))
+            self.dashboard_port = probe.getsockname()[1]
         (tmp_path / "config.toml").write_text(
             f"""[swarm]
 model = "gpt2-tiny"
@@ -171,6 +175,9 @@ gpu_sensor = "fake:{self.gpu}"
 quiet_period_s = 3
 poll_s = 0.3
 cpu_threads = 1
+
+[dashboard]
+port = {self.dashboard_port}
 """
         )
 
@@ -196,6 +203,12 @@ cpu_threads = 1
             time.sleep(0.3)
         raise AssertionError(f"timed out waiting for {what}; last status {status}")
 
+    def page(self) -> dict:
+        """The daemon's dashboard data, as its page polls it."""
+        url = f"http://127.0.0.1:{self.dashboard_port}/api/status"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return json.loads(answer.read())
+
     def game(self, pid: int | None) -> None:
         processes = [] if pid is None else [{"pid": pid, "name": "game.exe", "used_mb": 3000}]
         self.gpu.write_text(json.dumps({"processes": processes, "temperature_c": 60}))
@@ -217,10 +230,13 @@ def test_daemon_start_status_game_pause_resume_stop(tmp_path):
         shown = daemon.cli("status").stdout
         assert "Daemon" in shown and "Reachability: " in shown and "Network: " in shown  # the running peer's status
 
+        assert daemon.page()["status"]["state"] == "training"  # its dashboard, on the configured port
+
         daemon.game(os.getpid())  # a "game" appears on the GPU (any pid that is not the daemon's)
         t0 = time.monotonic()
         paused = daemon.wait(lambda s: s["peer"].get("state") == "paused", 10, "the peer to pause")
         paused_after = time.monotonic() - t0
+        assert daemon.page()["status"]["state"] == "paused"  # the page shows it within its next poll
         assert "game.exe" in paused["paused_reasons"][0] and paused_after < 5
         frozen = _peer_samples(daemon.status())
         time.sleep(1.5)

@@ -44,6 +44,7 @@ def peer_dir(tmp_path, manifest, key):
     path = checkpoint_path(data_dir, manifest.run_id)
     path.parent.mkdir(parents=True)
     save_checkpoint(path, model, opt.state_dict(), CheckpointInfo(EPOCH, 5, manifest.hash.hex(), {}))
+    atomic_write_json(data_dir / "status.json", {"run_id": manifest.run_id, "epoch": EPOCH, "peers": 3})
     return data_dir, model, corpus
 
 
@@ -71,6 +72,7 @@ def test_an_export_loads_in_transformers_with_the_checkpoints_logits(peer_dir, t
     tokens = EPOCH * manifest.target_batch_size * manifest.seq_len
     assert MARKER in card and manifest.run_id in card and manifest.hash.hex() in card
     assert f"| global step | {EPOCH} |" in card and f"| tokens trained | {tokens:,} " in card
+    assert "| peers | 3 (in the swarm when exported) |" in card
     assert done.val_loss is not None and f"| held-out loss | {done.val_loss:.4f} |" in card
     assert 1.0 < done.val_loss < 6.0  # gpt2-tiny on bytes after 5 steps: below log(257) = 5.55
     config = json.loads((out / "generation_config.json").read_text())
@@ -133,6 +135,7 @@ def test_export_from_the_swarm_downloads_the_state_its_peers_hold(tmp_path):
     assert 2 <= int(found[2]) <= swarm_epoch + 1
     card = (out / "README.md").read_text()
     assert f"| global step | {found[2]} |" in card
+    assert re.search(r"\| peers \| [12] \(in the swarm when exported\) \|", card), card  # as its progress records said
     exported = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     manifest = swarm_manifest(tmp_path / "a")  # the seeder's: the swarm's initial weights derive from its seed
     initial = build_model(manifest.model, ByteTokenizer.vocab_size, manifest.seq_len, manifest.seed, "", 256)

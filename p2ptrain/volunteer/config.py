@@ -6,12 +6,13 @@
     p2ptrain config unset idle.schedule          # back to the default
 
 A missing file means every default (safe ones: pause for any game, 90% of GPU memory at most, stop
-at 83 °C, pause on battery). Four tables::
+at 83 °C, pause on battery). Five tables::
 
-    [swarm]  model, invite                         what to join
-    [peer]   data_dir, device, batch_size, port, … ``settings.PeerSettings`` fields
-    [idle]   quiet_period_s, schedule, caps, …    ``idle_policy.IdleSettings`` fields (carbon-aware mode too)
-    [energy] country, intensity_source, meter, …  ``energy.settings.EnergySettings`` fields
+    [swarm]     model, invite                      what to join
+    [peer]      data_dir, device, batch_size, port, … ``settings.PeerSettings`` fields
+    [idle]      quiet_period_s, schedule, caps, … ``idle_policy.IdleSettings`` fields (carbon-aware mode too)
+    [energy]    country, intensity_source, meter, … ``energy.settings.EnergySettings`` fields
+    [dashboard] port                               the daemon's page and /metrics, on 127.0.0.1 only
 
 Configuration flows one way: this file → ``DaemonConfig`` (typed, validated; an unknown key is an
 error naming it) → ``PeerSettings`` / ``IdleSettings`` (environment variables and flags still win
@@ -47,8 +48,20 @@ class SwarmChoice:
     invite: str = ""  # a researcher's invite (p2pt1-…); empty: rejoin the last swarm, or one training `model`
 
 
+@dataclass(frozen=True)
+class DashboardChoice:
+    port: int = 8470  # the daemon serves its page and /metrics at 127.0.0.1:port (as `p2ptrain dashboard`); 0: none
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"dashboard.port must be in 0-65535 (0: no dashboard), got {self.port}")
+
+
 PEER_KEYS = tuple(f.name for f in fields(PeerSettings) if f.name != "energy")
-TABLES: dict[str, type] = {"swarm": SwarmChoice, "peer": PeerSettings, "idle": IdleSettings, "energy": EnergySettings}
+TABLES: dict[str, type] = {
+    "swarm": SwarmChoice, "peer": PeerSettings, "idle": IdleSettings, "energy": EnergySettings,
+    "dashboard": DashboardChoice,
+}  # fmt: skip
 SECRET_KEYS = ("energy.electricitymaps_token",)  # shown as "(set)" by `p2ptrain config`
 
 
@@ -59,6 +72,7 @@ class DaemonConfig:
     idle: IdleSettings = field(default_factory=IdleSettings)
     path: Path | None = None  # where it was read from
     energy: dict[str, Any] = field(default_factory=dict)  # EnergySettings overrides (validated by peer_settings)
+    dashboard: DashboardChoice = field(default_factory=DashboardChoice)
 
     def peer_settings(self, flags: Mapping[str, Any], env: Mapping[str, str]) -> PeerSettings:
         """defaults < this file < P2PTRAIN_* environment < flags; the [idle] caps that torch applies are added."""
@@ -111,9 +125,10 @@ def build_config(raw: dict[str, dict[str, Any]], path: Path | None = None) -> Da
         PeerSettings(**{"data_dir": Path("."), **peer})  # validates the values now, not when the daemon starts
         energy = _typed("energy", raw.get("energy", {}))
         EnergySettings(**energy)
+        dashboard = DashboardChoice(**_typed("dashboard", raw.get("dashboard", {})))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return DaemonConfig(swarm, peer, idle, path, energy)
+    return DaemonConfig(swarm, peer, idle, path, energy, dashboard)
 
 
 def set_value(env: Mapping[str, str], dotted: str, text: str | None, path: Path | None = None) -> Path:

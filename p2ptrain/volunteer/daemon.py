@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from p2ptrain.energy.carbon import IntensityWatcher
@@ -82,6 +83,7 @@ class VolunteerDaemon:
         intensity = self.intensity = IntensityWatcher(self.settings.energy)
         warn_if_carbon_mode_cannot_train(idle, intensity)
         server = ControlServer(data_dir, self.handle)
+        page = self._serve_dashboard(data_dir)
         watcher = threading.Thread(target=self._watch, args=(policy,), name="idle-watcher", daemon=True)
         logger.info(
             "Daemon %d: GPU sensor %s, idle policy %s; control socket %s",
@@ -127,8 +129,29 @@ class VolunteerDaemon:
                 watcher.join(5.0)
             intensity.stop(timeout_s=0.5)
             server.close()
+            if page is not None:
+                page.shutdown()
+                page.server_close()
             lock.close()
             logger.info("Daemon stopped")
+
+    def _serve_dashboard(self, data_dir: Path) -> Any:
+        """This peer's page and /metrics at 127.0.0.1:``dashboard.port``, read-only; None if off or the port is taken
+        (the daemon trains without it)."""
+        port = self.config.dashboard.port
+        if not port:
+            return None
+        from p2ptrain.dashboard.server import serve
+
+        try:
+            page, board = serve(data_dir, "127.0.0.1", port)
+        except OSError as e:
+            logger.warning("No dashboard: 127.0.0.1:%d is taken (%s); `p2ptrain config set dashboard.port`", port,
+                           e.strerror)  # fmt: skip
+            return None
+        threading.Thread(target=board.run_sampler, args=(self.stop,), name="dashboard", daemon=True).start()
+        logger.info("Dashboard: http://127.0.0.1:%d/ (Prometheus: /metrics)", port)
+        return page
 
     # the watcher --------------------------------------------------------------------------------
 
