@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = missing_tools(upnp="nat_upnp" in (args.only or CONFIGS))
     if missing:
-        print(f"bench_nat: needs {', '.join(missing)} (run scripts/setup-netlab.sh as root)", file=sys.stderr)
+        print(f"bench_nat: needs {', '.join(missing)} (run scripts/setup-system.sh as root)", file=sys.stderr)
         return 2
     report = {"link_mbit": args.link_mbit, "measure_s": args.measure_s, "results": {}}
     with tempfile.TemporaryDirectory(prefix="p2ptrain-bench-nat-") as work:

@@ -220,6 +220,8 @@ def _peer_samples(status: dict) -> int:
 
 @pytest.mark.slow
 def test_daemon_start_status_game_pause_resume_stop(tmp_path):
+    from browser import opened
+
     daemon = DaemonUnderTest(tmp_path)
     started = daemon.cli("daemon", "start")
     assert "Daemon started" in started.stdout
@@ -232,11 +234,15 @@ def test_daemon_start_status_game_pause_resume_stop(tmp_path):
 
         assert daemon.page()["status"]["state"] == "training"  # its dashboard, on the configured port
 
-        daemon.game(os.getpid())  # a "game" appears on the GPU (any pid that is not the daemon's)
-        t0 = time.monotonic()
-        paused = daemon.wait(lambda s: s["peer"].get("state") == "paused", 10, "the peer to pause")
-        paused_after = time.monotonic() - t0
-        assert daemon.page()["status"]["state"] == "paused"  # the page shows it within its next poll
+        with opened(f"http://127.0.0.1:{daemon.dashboard_port}/") as page:  # the daemon's page, in a browser
+            page.wait_for_function("() => document.getElementById('state').textContent === 'training'")
+            daemon.game(os.getpid())  # a "game" appears on the GPU (any pid that is not the daemon's)
+            t0 = time.monotonic()
+            paused = daemon.wait(lambda s: s["peer"].get("state") == "paused", 10, "the peer to pause")
+            paused_after = time.monotonic() - t0
+            page.wait_for_function("() => document.getElementById('paused').textContent.includes('game.exe')",
+                                   timeout=2_000)  # the page shows the pause within 2 s  # fmt: skip
+            assert page.text_content("#state") == "paused" and page.errors == []
         assert "game.exe" in paused["paused_reasons"][0] and paused_after < 5
         frozen = _peer_samples(daemon.status())
         time.sleep(1.5)

@@ -183,22 +183,25 @@ def ledger_of(peer: str) -> Ledger:
 
 @pytest.mark.slow
 def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
-    """Two real peers train; ``dashboard --swarm`` started from one's data directory (it finds the swarm there)
-    shows both, with their global steps from their signed progress records and their published ledgers, serves
-    the page, and stops on SIGTERM leaving no process."""
+    """Three real peers train; ``dashboard --swarm`` started from one's data directory (it finds the swarm there)
+    shows all three, with their global steps from their signed progress records and their published ledgers, in a
+    real browser too (this peer's page: a loss curve that grows; no console errors), and stops on SIGTERM leaving
+    no process."""
     import psutil
+    from browser import opened, screenshot
 
     from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
 
     with LocalSwarm(
         tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=(*DEMO_PEER_FLAGS, "--max-steps", "400")
     ) as swarm:
-        a = swarm.seed("a", "--wait-for-peers", "2")
-        b = swarm.join("b", "--invite", swarm.invite(a), "--wait-for-peers", "2")
+        a = swarm.seed("a", "--wait-for-peers", "3")
+        invite = swarm.invite(a)
+        b, c = (swarm.join(name, "--invite", invite, "--wait-for-peers", "3") for name in "bc")
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not all(p.status().get("epoch", 0) >= 2 for p in (a, b)):
+        while time.monotonic() < deadline and not all(p.status().get("epoch", 0) >= 2 for p in (a, b, c)):
             time.sleep(1)
-        ids = {p.status()["peer_id"] for p in (a, b)}
+        ids = {p.status()["peer_id"] for p in (a, b, c)}
         said = tmp_path / "dashboard.log"  # a file: a pipe nobody reads fills up with the daemon's output
         with said.open("w") as out:
             command = ["dashboard", "--swarm", "--port", "0", "--data-dir", str(b.data_dir)]
@@ -217,14 +220,29 @@ def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
                 if ids <= set(rows) and all(rows[p]["global_step"] and rows[p]["tokens"] is not None for p in ids):
                     break
                 time.sleep(2)
-            assert ids <= set(rows) and data["totals"]["members"] == 2, (data, said.read_text()[-3000:])
+            assert ids <= set(rows) and data["totals"]["members"] == 3, (data, said.read_text()[-3000:])
             for peer in ids:
                 assert rows[peer]["global_step"] >= 2 and rows[peer]["samples_per_s"] > 0, rows[peer]
                 assert rows[peer]["tokens"] is not None and rows[peer]["member"], rows[peer]
-            assert data["totals"]["training"] == 2 and data["run_id"] == a.status()["run_id"]
+            assert data["totals"]["training"] == 3 and data["run_id"] == a.status()["run_id"]
             status, kind, page = get(url)
             assert status == 200 and kind.startswith("text/html") and b"/static/swarm.js" in page
             assert b"/static/dashboard.js" in get(url + "index.html")[2]  # this peer's own page moved there
+            with opened(url) as page:  # the swarm's page, in a browser: a row per peer
+                page.wait_for_function(
+                    "ids => ids.every(id => document.getElementById('peers').textContent.includes(id.slice(-6)))",
+                    arg=sorted(ids), timeout=30_000,
+                )  # fmt: skip
+                screenshot(page, "dashboard-swarm.png", tmp_path)
+                assert page.errors == []
+            with opened(url + "index.html") as page:  # b's own page: its loss curve grows while they train
+                points = "charts['chart-loss'] ? charts['chart-loss'].data[0].length : 0"  # functions: the page's CSP
+                page.wait_for_function(f"() => ({points}) >= 2", timeout=30_000)  # forbids eval of a bare string
+                before = page.evaluate(f"() => {points}")
+                page.wait_for_function(f"() => ({points}) > {before}", timeout=30_000)
+                assert page.text_content("#state") == "training" and page.text_content("#peers") == "3"
+                screenshot(page, "dashboard-peer.png", tmp_path)
+                assert page.errors == []
             children = psutil.Process(proc.pid).children(recursive=True)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0

@@ -2,7 +2,7 @@
 
 It reads the data directory's ``status.json`` (what the running peer writes every few seconds) and the current
 swarm's energy ledger, and keeps what it read every ``SAMPLE_EVERY_S`` for the page's curves (the last
-``HISTORY_POINTS``: two hours). The page (``static/index.html``) asks ``/api/status`` for them every 2 s and draws
+``HISTORY_POINTS``: two hours). The page (``static/index.html``) asks ``/api/status`` for them every second and draws
 them with uPlot (MIT, vendored in ``static/``: nothing is fetched at run time). The server is the standard library's
 threading HTTP server: one thread per request, no request body ever read, GET only; with ``--control``, POST of
 pause and resume too, for the holder of a token (``_Handler.do_POST``).
@@ -45,6 +45,7 @@ STATIC = {  # what the page may load: name → content type
     "swarm.js": "text/javascript; charset=utf-8",
     "common.js": "text/javascript; charset=utf-8",
     "page.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 
 

@@ -1,7 +1,10 @@
 // What both pages share: DOM lookup, number formats, uPlot charts, and polling a JSON endpoint.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const fmt = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+// `digits` decimals; a small non-zero value keeps two significant digits instead of showing as 0 (0.00012 kWh)
+const fmt = (x, digits) => (x === null || x === undefined ? "–"
+  : x !== 0 && Math.abs(x) < 10 ** -digits ? Number(x).toPrecision(2) : Number(x).toFixed(digits));
+const tick = (u, values) => values.map((v) => (v !== 0 && Math.abs(v) < 0.01 ? Number(v).toExponential(1) : v));  // fits the axis
 const width = () => Math.min(document.body.clientWidth, 1300) - 20;
 const charts = {};
 const CHART_HEIGHT = 210;
@@ -11,7 +14,7 @@ function chart(id, series, columns) {
   const right = series.find((s) => s[2]);
   const opts = { width: width(), height: CHART_HEIGHT, scales: { x: { time: true } },
                  series: [{}, ...series.map(([label, stroke, scale]) => ({ label, stroke, scale: scale || "y" }))],
-                 axes: [{}, { scale: "y" }, ...(right ? [{ scale: right[2], side: 1 }] : [])] };
+                 axes: [{}, { scale: "y", values: tick, size: 64 }, ...(right ? [{ scale: right[2], side: 1, values: tick, size: 64 }] : [])] };
   if (!charts[id]) charts[id] = new uPlot(opts, columns, $(id));
   else charts[id].setData(columns);
 }

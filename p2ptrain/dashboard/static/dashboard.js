@@ -1,4 +1,4 @@
-// The dashboard page: polls /api/status every 2 s (common.js); every value goes in as text (never as HTML).
+// The dashboard page: polls /api/status every second (common.js); every value goes in as text (never as HTML).
 "use strict";
 const bytes = (x) => (x === null || x === undefined ? "–" : x >= 1e9 ? `${fmt(x / 1e9, 2)} GB` : x >= 1e6 ? `${fmt(x / 1e6, 1)} MB` : `${fmt(x / 1e3, 0)} kB`);
 
@@ -66,4 +66,4 @@ if (token) {
   $("resume").addEventListener("click", () => send("resume"));
 }
 
-poll("/api/status", show, 2000);
+poll("/api/status", show, 1000);  // a pause shows within 2 s
