@@ -50,6 +50,7 @@ def test_three_peers_converge(tmp_path, mode, codec):
         else:
             assert status["bytes_sent"] == status["bytes_received"] > 0
             assert abs(status["bytes_sent"] - sum(r["bytes"] for r in done)) <= len(done)  # rounded per round
+            assert all(r["seconds"] > 0 for r in done), done  # how long each all-reduce took
     if mode == "local":  # every round is logged with its codec; groups hold more than one peer
         rounds = re.findall(r"Round \d+: (\d) peers, codec ([\w\- .]+),", a.log())
         assert len(rounds) >= EPOCHS - 2 and max(int(n) for n, _ in rounds) >= 2, a.log()[-3000:]

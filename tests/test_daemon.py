@@ -233,6 +233,8 @@ def test_daemon_start_status_game_pause_resume_stop(tmp_path):
         assert "Daemon" in shown and "Reachability: " in shown and "Network: " in shown  # the running peer's status
 
         assert daemon.page()["status"]["state"] == "training"  # its dashboard, on the configured port
+        listening = {c.laddr for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert [a for a in listening if a.port == daemon.dashboard_port] == [("127.0.0.1", daemon.dashboard_port)]
 
         with opened(f"http://127.0.0.1:{daemon.dashboard_port}/") as page:  # the daemon's page, in a browser
             page.wait_for_function("() => document.getElementById('state').textContent === 'training'")

@@ -163,18 +163,21 @@ def test_the_swarm_health_rows_come_from_each_kind_of_record():
                                  samples_per_second=float("inf"), time=float("-inf"), client_mode=True),
     }  # fmt: skip
     near = {a: Near(Coord(1.0, 2.0, 0.0, 0.5), {b: (3.5, None), c: (40.0, 10.0)})}
-    found = health([a, b], [f"/ip4/1.2.3.4/tcp/31337/p2p/{a}"], progress, [ledger_of(a), ledger_of(c)], near, now)
+    losses = {a: (5, 3.5, 3.4), b: (5, 3.7, None), c: (0, 5.6, None)}
+    found = health([a, b], [f"/ip4/1.2.3.4/tcp/31337/p2p/{a}"], progress, [ledger_of(a), ledger_of(c)], near, now,
+                   losses)  # fmt: skip
     rows = {row["peer"]: row for row in found["peers"]}
     assert list(rows) == sorted([a, b, c])
     assert rows[a]["reachability"] == "direct (relays for others)" and rows[b]["reachability"] == "client (behind NAT)"
     assert rows[a]["global_step"] == 7 and round(rows[a]["seen_s_ago"]) == 4 and rows[a]["nearest_ms"] == 3.5
     assert rows[c]["tokens"] == 20480 and not rows[c]["member"]  # a ledger, no membership: it left
+    assert (rows[a]["held_out_loss"], rows[a]["loss_step"], rows[b]["held_out_loss"]) == (3.5, 5, 3.7)
     assert rows[c]["samples_per_s"] is None and rows[c]["seen_s_ago"] is None  # infinities: JSON carries none
     json.loads(json.dumps(found), parse_constant=lambda c: pytest.fail(f"{c} in the page's JSON"))
     assert found["totals"] == {"members": 2, "training": 3, "reachable_directly": 1, "global_step": 7,
                                "samples_per_s": 15.0, "tokens": 40960, "device_hours": 0.0,
                                "kwh": pytest.approx(2 * ledger().energy_kwh),
-                               "g_co2e": pytest.approx(1.04)}  # fmt: skip
+                               "g_co2e": pytest.approx(1.04), "held_out_loss": 3.7}  # fmt: skip  # the median
 
 
 def ledger_of(peer: str) -> Ledger:
@@ -217,13 +220,15 @@ def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
             while time.monotonic() < deadline:
                 data = json.loads(get(url + "api/swarm")[2])
                 rows = {row["peer"]: row for row in data["peers"]}
-                if ids <= set(rows) and all(rows[p]["global_step"] and rows[p]["tokens"] is not None for p in ids):
+                if ids <= set(rows) and all(rows[p]["global_step"] and rows[p]["tokens"] is not None
+                                            and rows[p]["held_out_loss"] is not None for p in ids):  # fmt: skip
                     break
                 time.sleep(2)
             assert ids <= set(rows) and data["totals"]["members"] == 3, (data, said.read_text()[-3000:])
             for peer in ids:
                 assert rows[peer]["global_step"] >= 2 and rows[peer]["samples_per_s"] > 0, rows[peer]
                 assert rows[peer]["tokens"] is not None and rows[peer]["member"], rows[peer]
+                assert 0 < rows[peer]["held_out_loss"] < 10 and rows[peer]["loss_step"] >= 0, rows[peer]
             assert data["totals"]["training"] == 3 and data["run_id"] == a.status()["run_id"]
             status, kind, page = get(url)
             assert status == 200 and kind.startswith("text/html") and b"/static/swarm.js" in page
@@ -241,6 +246,8 @@ def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
                 before = page.evaluate(f"() => {points}")
                 page.wait_for_function(f"() => ({points}) > {before}", timeout=30_000)
                 assert page.text_content("#state") == "training" and page.text_content("#peers") == "3"
+                rounds = [r for r in b.status()["last_rounds"] if r["ok"]]  # fp16, hivemind's own all-reduce: timed
+                assert rounds and all(r["seconds"] > 0 and r["codec"] == "fp16" for r in rounds), rounds
                 screenshot(page, "dashboard-peer.png", tmp_path)
                 assert page.errors == []
             children = psutil.Process(proc.pid).children(recursive=True)
@@ -281,7 +288,8 @@ ROUNDS = {
 }  # fmt: skip
 ROW = {"peer": "<b>QmYEBvEmYFfk1NT7Gsr6</b>", "member": True, "reachability": "direct (relays for others)",
        "global_step": 10, "samples_per_s": 3.5, "seen_s_ago": 0.3, "tokens": 26112, "device_hours": 0.0025,
-       "kwh": 3.3e-05, "g_co2e": 0.0158, "country": "", "nearest_ms": 0.72, "neighbours": 1}  # fmt: skip
+       "kwh": 3.3e-05, "g_co2e": 0.0158, "country": "", "nearest_ms": 0.72, "neighbours": 1, "held_out_loss": 3.25,
+       "loss_step": 10}  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the pages' scripts")
@@ -291,7 +299,8 @@ ROW = {"peer": "<b>QmYEBvEmYFfk1NT7Gsr6</b>", "member": True, "reachability": "d
         ("dashboard.js", {"now": 1000, "status": {**STATUS, "updated_at": 999, **ROUNDS}, "history": [[990, 3, 5.0,
          None, 10, 0.1, 2]]}, {"rounds": "5 / 3", "bytes": "2.5 MB / 2.5 MB", "epoch": "12"}),
         ("swarm.js", {"now": 1000, "read_at": 995, "run_id": "r", "peers": [ROW], "totals": {"members": 2,
-         "training": 1, "tokens": 34304}, "history": [[995, 1, 3.5, 1e-5, 0.1]]}, {"members": "2", "tokens": "34.3 k"}),
+         "training": 1, "tokens": 34304, "held_out_loss": 3.25}, "history": [[995, 1, 3.5, 1e-5, 0.1, 3.25]]},
+         {"members": "2", "tokens": "34.3 k", "loss": "3.250"}),
     ],
 )  # fmt: skip
 def test_the_pages_fill_in_their_data_as_text(tmp_path, page, data, shown):

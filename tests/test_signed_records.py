@@ -15,6 +15,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from p2ptrain.swarm.discovery import PARAM_SLOTS, count_members, members_key, params_key, publish
 from p2ptrain.swarm.identity import ensure_identity, identity_key
+from p2ptrain.swarm.losses import losses_key
 from p2ptrain.swarm.proximity import near_key
 from p2ptrain.swarm.signed_records import PeerRecords
 
@@ -70,6 +71,9 @@ def test_a_peer_signs_its_own_records_and_every_node_checks_them(keys):
     unsigned_near = record(near_key(RUN, 7), alice, b"coordinates")  # proximity records: signed like the others
     assert not reader.validate(unsigned_near)
     assert reader.validate(dataclasses.replace(unsigned_near, value=signer.sign_value(unsigned_near)))
+    unsigned_losses = record(losses_key(RUN, 15), alice, b"[7, 3.2, 3.1]")  # losses records too
+    assert not reader.validate(unsigned_losses)
+    assert reader.validate(dataclasses.replace(unsigned_losses, value=signer.sign_value(unsigned_losses)))
     for slot in (0, PARAM_SLOTS - 1):  # parameter sketches, every key of the ring
         unsigned_sketch = record(params_key(RUN, slot), alice, b"sketch")
         assert not reader.validate(unsigned_sketch)

@@ -5,7 +5,9 @@ An observer node (``swarm.observer``: client mode, no identity, serving nothing)
 
 - membership records: who is in the swarm; relay records: who is reachable directly (and relays for the others);
 - progress records (hivemind's, signed with each peer's identity key): global step, samples/s, client mode;
-- ledgers: tokens, device-hours, energy and emissions; near records: round trips to the nearest measured peers.
+- ledgers: tokens, device-hours, energy and emissions; near records: round trips to the nearest measured peers;
+- losses records: each member's held-out (and training) loss at its last evaluation; the swarm's held-out loss
+  is their median (one liar cannot move it far).
 
 Its validators refuse forged membership, relay, near and ledger records, and hivemind's progress records whose
 signature does not verify; a progress record signed by another key than the peer it names is left out
@@ -29,6 +31,7 @@ from hivemind.p2p import PeerID
 from p2ptrain.energy.ledger import Ledger
 from p2ptrain.energy.records import LedgerValidator, fetch_ledgers
 from p2ptrain.swarm.discovery import bounded, find_relays, member_ids
+from p2ptrain.swarm.losses import read_losses
 from p2ptrain.swarm.proximity import Near, read_near
 from p2ptrain.swarm.signed_records import PeerRecords
 from p2ptrain.train.progress import bound_to_signers
@@ -68,9 +71,10 @@ def health(
     ledgers: list[Ledger],
     near: dict[str, Near],
     now: float,
+    losses: dict[str, tuple[int, float, float | None]] | None = None,
 ) -> dict[str, Any]:
     """The page's data: one row per peer that any record names, and the swarm's totals."""
-    by_ledger = {led.peer_id: led for led in ledgers}
+    by_ledger, losses = {led.peer_id: led for led in ledgers}, losses or {}
     relaying = {addr.rsplit("/p2p/", 1)[-1] for addr in relays}
     peers = sorted(set(members) | relaying | set(progress) | set(by_ledger))[:MAX_PEERS]
     rows = []
@@ -97,8 +101,11 @@ def health(
             "country": led.country if led else None,
             "nearest_ms": rtts[0] if rtts else None,
             "neighbours": len(rtts),
+            "held_out_loss": losses[peer][1] if peer in losses else None,
+            "loss_step": losses[peer][0] if peer in losses else None,
         })  # fmt: skip
     training = [row for row in rows if row["global_step"] is not None]
+    held_out = sorted(row["held_out_loss"] for row in rows if row["held_out_loss"] is not None)
     total = lambda key: sum(row[key] or 0 for row in rows)  # noqa: E731
     return {
         "read_at": now,
@@ -113,6 +120,7 @@ def health(
             "device_hours": total("device_hours"),
             "kwh": total("kwh"),
             "g_co2e": total("g_co2e"),
+            "held_out_loss": held_out[len(held_out) // 2] if held_out else None,  # the median (upper, if even)
         },
     }
 
@@ -130,16 +138,18 @@ class SwarmHealth:
         self._lock = threading.Lock()
         self._latest: dict[str, Any] = {"run_id": run_id, "read_at": None, "peers": [], "totals": {}}
         self.history: deque[list[float | None]] = deque(maxlen=HISTORY_POINTS)  # [time, training peers, samples/s,
-        # kWh, g CO2e] of every reading, for the page's curves
+        # kWh, g CO2e, held-out loss] of every reading, for the page's curves
 
     def read(self) -> dict[str, Any]:
         ledgers = fetch_ledgers(self.dht, self.run_id)
         found = health(
             member_ids(self.dht, self.run_id), find_relays(self.dht, self.run_id),
             progress_records(self.dht, self.run_id), ledgers.ledgers, read_near(self.dht, self.run_id), time.time(),
+            read_losses(self.dht, self.run_id),
         )  # fmt: skip
         found.update(run_id=self.run_id, refused=ledgers.rejected)
-        point = [found["read_at"], *(found["totals"][k] for k in ("training", "samples_per_s", "kwh", "g_co2e"))]
+        point = [found["read_at"], *(found["totals"][k] for k in ("training", "samples_per_s", "kwh", "g_co2e",
+                                                                  "held_out_loss"))]  # fmt: skip
         with self._lock:
             self._latest = found
             self.history.append(point)

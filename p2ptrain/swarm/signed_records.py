@@ -1,6 +1,6 @@
 """The records a peer keeps in the DHT under its own peer id, signed by that peer, inside hivemind's DHT.
 
-Membership, relay addresses, passes, end-of-run, proximity (near) and accusation records
+Membership, relay addresses, passes, end-of-run, proximity (near), losses and accusation records
 (``protocols/dht-records.md``) are stored under a swarm's key with the writer's peer id as subkey. Unsigned, any DHT
 node could write one under any peer id: count members that are not there, announce a final state in another peer's
 name, or place itself next to anybody. ``PeerRecords`` is a hivemind record validator
@@ -42,6 +42,7 @@ from p2ptrain.swarm.discovery import (
     relays_key,
 )
 from p2ptrain.swarm.identity import PSS, peer_id_of, public_key_der
+from p2ptrain.swarm.losses import losses_key
 from p2ptrain.swarm.proximity import SHARDS, near_key
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ PEER_KEYS: tuple[Callable[[str], str], ...] = (
     passes_key,
     finishing_key,
     *(functools.partial(near_key, shard=shard) for shard in range(SHARDS)),
+    *(functools.partial(losses_key, shard=shard) for shard in range(SHARDS)),
     *(functools.partial(params_key, slot=slot) for slot in range(PARAM_SLOTS)),
     *(functools.partial(lambda run, name: accusations_key(f"{run}_{name}"), name=name) for name in AVERAGERS),
 )

@@ -8,6 +8,7 @@ steps, then averaged pseudo-gradients); ``stopping.py`` ends either within a bou
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import Any, Protocol
 
@@ -61,7 +62,14 @@ TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_r
 
 
 class GradientRounds(GroupRounds, GradientAverager):
-    """hivemind's gradient averager (codecs none, fp16) with p2ptrain's group rules (``group_rounds``)."""
+    """hivemind's gradient averager (codecs none, fp16) with p2ptrain's group rules (``group_rounds``); its rounds
+    return a ``RoundOutcome`` with the time the all-reduce took (what the dashboard shows of each round)."""
+
+    async def aggregate_with_group(self, *args: Any, **kwargs: Any) -> RoundOutcome:
+        started = time.perf_counter()
+        outcome = RoundOutcome(await super().aggregate_with_group(*args, **kwargs))
+        outcome.round_s = time.perf_counter() - started
+        return outcome
 
 
 class PowerSGDRounds(GroupRounds, PowerSGDGradientAverager):
@@ -299,7 +307,8 @@ class SwarmOptimizer(compat.Optimizer):
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
         dense = self.grad_codec in BYTES_PER_VALUE  # hivemind's dense codecs; PowerSGD's size is its own
         payload = payload_bytes(Level(self.grad_codec), numel, peers) if dense else None
-        self.round_log.succeeded(self.local_epoch, peers, self.grad_codec, payload, None)
+        seconds = outcome.round_s if isinstance(outcome, RoundOutcome) else None  # PowerSGD's: not measured
+        self.round_log.succeeded(self.local_epoch, peers, self.grad_codec, payload, seconds)
 
     # PeerOptimizer, beyond what hivemind.Optimizer has
     def resume_at(self, epoch: int) -> None:

@@ -23,6 +23,7 @@ from p2ptrain.gate import Gate, Verdict
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.swarm import discovery
+from p2ptrain.swarm.losses import publish_losses
 from p2ptrain.swarm.manifest import SwarmManifest
 from p2ptrain.train import end_of_run
 from p2ptrain.train.data import Corpus
@@ -104,6 +105,7 @@ class Trainer:
         epoch = self.opt.local_epoch  # measured again at the same step (a download at the end): the new value
         history = [*(h for h in self.status.status.val_history if h[0] != epoch), (epoch, val)][-200:]
         self.status.update(force=True, val_loss=val, val_history=history, val_s=self.val_s)
+        publish_losses(self.opt.tracker.dht, self.manifest.run_id, epoch, val, self.status.status.loss)  # health page
         return val
 
     def run(self, stop: threading.Event) -> None:

@@ -10,13 +10,14 @@ function peersTable(peers) {
     [p.global_step ?? "–"],
     [fmt(p.samples_per_s, 1)],
     [p.seen_s_ago === null ? "–" : `${Math.round(p.seen_s_ago)} s ago`, p.seen_s_ago > 120 ? "quiet" : ""],
+    [p.held_out_loss === null || p.held_out_loss === undefined ? "–" : `${fmt(p.held_out_loss, 3)} (step ${p.loss_step})`],
     [big(p.tokens)],
     [fmt(p.device_hours, 2)],
     [fmt(p.kwh, 4)],
     [fmt(p.g_co2e, 1)],
     [p.country || (p.kwh !== null ? "world avg." : "–")],
     [p.nearest_ms === null ? "–" : `${fmt(p.nearest_ms, 1)} ms (${p.neighbours} measured)`],
-  ]), 11, "no peer has published a record yet");
+  ]), 12, "no peer has published a record yet");
 }
 
 function show(data) {
@@ -30,6 +31,7 @@ function show(data) {
   $("direct").textContent = t.reachable_directly ?? "–";
   $("step").textContent = t.global_step ?? "–";
   $("rate").textContent = fmt(t.samples_per_s, 1);
+  $("loss").textContent = fmt(t.held_out_loss, 3);
   $("tokens").textContent = big(t.tokens);
   $("energy").textContent = t.kwh === undefined ? "–" : `${fmt(t.kwh, 3)} kWh`;
   $("co2").textContent = t.g_co2e === undefined ? "–" : `${fmt(t.g_co2e, 1)} g CO2e`;
@@ -39,6 +41,7 @@ function show(data) {
   if (h.length) {
     chart("chart-rate", [["samples / s", "#2ca02c"], ["peers training", "#1f77b4", "peers"]], [col(0), col(2), col(1)]);
     chart("chart-energy", [["kWh", "#9467bd"], ["g CO2e", "#8c564b", "co2"]], [col(0), col(3), col(4)]);
+    chart("chart-loss", [["held-out loss", "#d62728"]], [col(0), col(5)]);
   }
 }
 
