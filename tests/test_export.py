@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 
 import pytest
 import torch
 
 from p2ptrain.cli.app import main
 from p2ptrain.errors import ConfigError
-from p2ptrain.export import MARKER, export, swarm_manifest
+from p2ptrain.export import MARKER, export
 from p2ptrain.fileio import atomic_write_json
 from p2ptrain.swarm.manifest import sign
 from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, save_checkpoint
@@ -106,38 +105,3 @@ def test_generate_from_the_checkpoint_and_from_an_export(peer_dir, tmp_path, cap
     assert main(["generate", *args, "--model-dir", str(tmp_path / "m")]) == 0
     assert capsys.readouterr().out == from_checkpoint  # greedy: the same text both ways
 
-
-@pytest.mark.slow
-def test_export_from_the_swarm_downloads_the_state_its_peers_hold(tmp_path):
-    """``p2ptrain export --from-swarm --invite …`` from a machine that never joined: the state comes from the
-    training peers (as a late joiner's download), and the export loads in transformers."""
-    import subprocess
-    import sys
-
-    from transformers import AutoModelForCausalLM
-
-    from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
-
-    with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=DEMO_PEER_FLAGS) as swarm:
-        a = swarm.seed("a", "--wait-for-peers", "2")
-        invite = swarm.invite(a)
-        b = swarm.join("b", "--invite", invite, "--wait-for-peers", "2")
-        for peer in (a, b):
-            swarm.wait_for(peer, lambda s: s.get("epoch", 0) >= 2, 180, "two global steps")
-        out = tmp_path / "export"
-        command = [sys.executable, "-m", "p2ptrain", "export", "--out", str(out), "--from-swarm", "--invite", invite,
-                   "--data-dir", str(tmp_path / "exporter")]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-        swarm_epoch = min(int(p.status()["epoch"]) for p in (a, b))
-    assert done.returncode == 0, done.stdout + done.stderr
-    found = re.search(r"Exported swarm (\S+) at global step (\d+) \(([\d,]+) tokens", done.stdout)
-    assert found, done.stdout
-    assert 2 <= int(found[2]) <= swarm_epoch + 1
-    card = (out / "README.md").read_text()
-    assert f"| global step | {found[2]} |" in card
-    assert re.search(r"\| peers \| [12] \(in the swarm when exported\) \|", card), card  # as its progress records said
-    exported = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
-    manifest = swarm_manifest(tmp_path / "a")  # the seeder's: the swarm's initial weights derive from its seed
-    initial = build_model(manifest.model, ByteTokenizer.vocab_size, manifest.seq_len, manifest.seed, "", 256)
-    assert exported.transformer.wte.weight.shape == initial.transformer.wte.weight.shape
-    assert not torch.equal(exported.transformer.wte.weight, initial.transformer.wte.weight)  # trained, not initial

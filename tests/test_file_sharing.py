@@ -9,12 +9,15 @@ import hashlib
 import http.server
 import logging
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import hivemind
 import pytest
+import torch
 
 from p2ptrain.errors import DatasetError
 from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
@@ -213,15 +216,41 @@ def test_initial_weights_named_by_the_manifest_come_from_peers_too(manifest, tmp
 
 
 @pytest.mark.slow
-def test_join_with_an_empty_cache_trains_with_the_tokenizer_its_peers_serve(tmp_path):
-    """The command a volunteer runs: the seeder has the tokenizer in its Hugging Face cache, the joiner has an empty
-    one and no hub (HF_HUB_OFFLINE, as every test): it takes the files from the seeder and trains."""
+def test_new_machines_join_and_export_with_the_files_and_state_their_peers_serve(tmp_path):
+    """What volunteers and researchers run on a new machine: the seeder has the tokenizer in its Hugging Face cache;
+    a joiner with an empty cache and no hub (HF_HUB_OFFLINE, as every test) takes the files from the seeder and
+    trains; then ``export --from-swarm --invite`` from a third empty machine takes the files and the swarm's current
+    state from the peers (a late joiner's checked download) and writes an export that transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from p2ptrain.export import swarm_manifest
+    from p2ptrain.train.models import build_model
+
     hub_cache(tmp_path / "seeder-cache")
     cache = lambda name: ("env", f"HF_HUB_CACHE={tmp_path / name}")  # noqa: E731
     with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=DEMO_PEER_FLAGS) as swarm:
         a = swarm.seed("a", "--tokenizer", REPO, "--wait-for-peers", "2", prefix=cache("seeder-cache"))
-        b = swarm.join("b", "--invite", swarm.invite(a), "--wait-for-peers", "2", prefix=cache("joiner-cache"))
-        swarm.wait_for(b, lambda s: s.get("epoch", 0) >= 1, 120, "a global step")
+        invite = swarm.invite(a)
+        b = swarm.join("b", "--invite", invite, "--wait-for-peers", "2", prefix=cache("joiner-cache"))
+        for peer in (a, b):
+            swarm.wait_for(peer, lambda s: s.get("epoch", 0) >= 2, 180, "two global steps")
+        out = tmp_path / "export"
+        command = [*cache("exporter-cache"), sys.executable, "-m", "p2ptrain", "export", "--out", str(out),
+                   "--from-swarm", "--invite", invite, "--data-dir", str(tmp_path / "exporter")]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        swarm_epoch = min(int(p.status()["epoch"]) for p in (a, b))
     log = b.log()
     assert "Fetching the swarm's tokenizer" in log and "it matches the manifest" in log
     assert not (tmp_path / "joiner-cache" / f"models--{REPO.replace('/', '--')}").exists()
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = re.search(r"Exported swarm (\S+) at global step (\d+) \(([\d,]+) tokens", done.stdout)
+    assert found and 2 <= int(found[2]) <= swarm_epoch + 1, done.stdout
+    card = (out / "README.md").read_text()
+    assert f"| global step | {found[2]} |" in card and f"| tokenizer | {REPO} |" in card
+    assert re.search(r"\| peers \| [12] \(in the swarm when exported\) \|", card), card  # its progress records'
+    assert any((tmp_path / "exporter" / "files").glob("tokenizer-*/tokenizer.json"))  # from the peers, checked
+    exported = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    manifest = swarm_manifest(tmp_path / "a")  # the seeder's: the swarm's initial weights derive from its seed
+    initial = build_model(manifest.model, 257, manifest.seq_len, manifest.seed, "", 256)
+    assert exported.transformer.wte.weight.shape == initial.transformer.wte.weight.shape
+    assert not torch.equal(exported.transformer.wte.weight, initial.transformer.wte.weight)  # trained, not initial
