@@ -194,7 +194,9 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             # c. the network role (the DHT may start again in it)
             dht, role = network.settle_role(settings, data_dir, run.dht, manifest.run_id, known, validators)
             run.dht = dht
-            files = provide(dht, manifest, data_dir)  # the tokenizer's and initial weights', checked; served to peers
+            files = provide(dht, manifest, data_dir, stop)  # the tokenizer's, initial weights': checked; served
+            if stop.is_set():
+                return False
             if run.corpus is None:
                 run.tokenizer, run.corpus = open_data(manifest, run.peer_id.to_bytes(), files["tokenizer"])
             tokenizer, corpus = run.tokenizer, run.corpus

@@ -21,6 +21,7 @@ import torch
 
 from p2ptrain.errors import DatasetError
 from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
+from p2ptrain.swarm import file_sharing
 from p2ptrain.swarm.file_sharing import fetch_from_hub, provide, serve
 from p2ptrain.swarm.pinned_files import pin, pinned, store, where
 from p2ptrain.train.tokenizer import ByteTokenizer, load_tokenizer
@@ -190,6 +191,30 @@ def test_a_peer_that_serves_other_bytes_is_refused_and_the_error_names_the_files
     assert not any((tmp_path / "joiner").rglob("tokenizer.json"))
     assert f"Refused tokenizer.json from peer {liar.peer_id}: peer {liar.peer_id} sent a tokenizer.json that does " \
         "not match the swarm's manifest" in caplog.text
+
+
+async def _stall(_dht, node) -> None:
+    """A peer that takes every file request and never answers (in its DHT's process)."""
+    import asyncio
+
+    async def handle(_info, _reader, _writer) -> None:
+        await asyncio.sleep(3600)
+
+    await node.p2p.add_binary_stream_handler(file_sharing.PROTOCOL, handle)
+
+
+def test_a_peer_asked_to_stop_leaves_a_fetch_from_a_stuck_peer_at_once(
+    pinning, seeder_cache, tmp_path, two_nodes, monkeypatch
+):
+    stuck, joiner = two_nodes
+    stuck.run_coroutine(_stall)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    started = time.monotonic()
+    found = provide(joiner, pinning, tmp_path / "joiner", stop)  # the stuck peer would hold it for 30 s per file
+    assert 1.0 <= time.monotonic() - started < 3.0
+    assert "tokenizer" not in found and not any((tmp_path / "joiner").rglob("tokenizer.json"))
 
 
 def test_initial_weights_named_by_the_manifest_come_from_peers_too(manifest, tmp_path, two_nodes, monkeypatch):

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import random
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -38,10 +39,13 @@ HUB_TIMEOUT_S = 30.0
 SERVED, NOT_HERE, BUSY = b"\x01", b"\x00", b"\x02"
 
 
-def provide(dht: hivemind.DHT, manifest: SwarmManifest, data_dir: Path) -> dict[str, str]:
+def provide(
+    dht: hivemind.DHT, manifest: SwarmManifest, data_dir: Path, stop: threading.Event | None = None
+) -> dict[str, str]:
     """Make every file the manifest pins present here, fetching what is missing (the hub first, then peers), and
     serve them to the swarm's other peers. Returns what each kind loads from: the directory with its files, or
-    the manifest's own name where it pins none.
+    the manifest's own name where it pins none. ``stop`` set: returns within a second, the fetch left unfinished
+    (the caller checks ``stop``; what was fetched is kept).
 
     Raises:
         DatasetError: a pinned file could be fetched from neither the hub nor any peer.
@@ -53,7 +57,11 @@ def provide(dht: hivemind.DHT, manifest: SwarmManifest, data_dir: Path) -> dict[
             where[kind] = source(manifest, kind)
             continue
         if missing:
-            fetch(dht, manifest, kind, directory, missing)
+            try:
+                fetch(dht, manifest, kind, directory, missing, stop or threading.Event())
+            except Stopped:
+                logger.info("Stopped while fetching the swarm's %s", kind.replace("_", " "))
+                return where
         where[kind] = str(directory)
         serving.update({f.sha256: str(directory / f.name) for f in pinned(manifest, kind)})
     if serving:
@@ -66,15 +74,27 @@ def serve(dht: hivemind.DHT, paths: dict[bytes, str]) -> None:
     dht.run_coroutine(functools.partial(_serve_files, paths=paths))
 
 
-def fetch(dht: hivemind.DHT, manifest: SwarmManifest, kind: str, directory: Path, files: list[Pinned]) -> None:
+class Stopped(Exception):
+    """The peer was asked to stop during a fetch."""
+
+
+def fetch(
+    dht: hivemind.DHT, manifest: SwarmManifest, kind: str, directory: Path, files: list[Pinned], stop: threading.Event
+) -> None:
     total = sum(f.size for f in files)
     logger.info("Fetching the swarm's %s: %d file(s), %s", kind.replace("_", " "), len(files), _size(total))
     directory.mkdir(parents=True, exist_ok=True)
-    hub_failed = fetch_from_hub(source(manifest, kind), files, directory)
+    hub_failed = fetch_from_hub(source(manifest, kind), files, directory, stop)
     missing = [f for f in files if f.name in hub_failed]
     if not missing:
         return
-    took, refused = dht.run_coroutine(functools.partial(_fetch_from_peers, wants=_wants(missing, directory)))
+    wants = [(f.sha256, f.size, f.name, str(directory)) for f in missing]
+    asked = dht.run_coroutine(functools.partial(_fetch_from_peers, wants=wants), return_future=True)
+    while not asked.done():
+        if stop.wait(0.5):
+            asked.cancel()
+            raise Stopped
+    took, refused = asked.result()
     took = dict(took)
     for name, peer, why in refused:
         logger.warning("Refused %s from peer %s: %s", name, peer, why)
@@ -92,9 +112,15 @@ def fetch(dht: hivemind.DHT, manifest: SwarmManifest, kind: str, directory: Path
         )
 
 
-def fetch_from_hub(repo: str, files: list[Pinned], directory: Path) -> dict[str, str]:
+def fetch_from_hub(
+    repo: str, files: list[Pinned], directory: Path, stop: threading.Event | None = None
+) -> dict[str, str]:
     """Download ``files`` from the hub repository ``repo`` at their pinned commit (``HF_ENDPOINT``, default
-    huggingface.co), each checked before it is kept. Returns {name: why} for those it could not."""
+    huggingface.co), each checked before it is kept. Returns {name: why} for those it could not.
+
+    Raises:
+        Stopped: ``stop`` was set (checked between chunks).
+    """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return {f.name: "offline: HF_HUB_OFFLINE is set" for f in files}
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
@@ -110,6 +136,8 @@ def fetch_from_hub(repo: str, files: list[Pinned], directory: Path) -> dict[str,
                 CheckedFile(file, directory, f"the hub ({endpoint})") as received,
             ):
                 while block := answer.read(min(CHUNK, file.size - received.size + 1)):
+                    if stop is not None and stop.is_set():
+                        raise Stopped
                     received.add(block)
                 received.finish()
         except (OSError, ValueError) as e:
@@ -162,10 +190,6 @@ class CheckedFile:
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
-
-
-def _wants(files: list[Pinned], directory: Path) -> list[tuple[bytes, int, str, str]]:
-    return [(f.sha256, f.size, f.name, str(directory)) for f in files]
 
 
 # -- in the DHT's process (``DHT.run_coroutine``), where its libp2p node lives --------------------------------------
