@@ -169,6 +169,9 @@ def test_the_swarm_health_rows_come_from_each_kind_of_record():
     rows = {row["peer"]: row for row in found["peers"]}
     assert list(rows) == sorted([a, b, c])
     assert rows[a]["reachability"] == "direct (relays for others)" and rows[b]["reachability"] == "client (behind NAT)"
+    full = LocalTrainingProgress(peer_id=b"\x00\x01c", epoch=7, samples_accumulated=0, samples_per_second=1.0,
+                                 time=now, client_mode=False)  # fmt: skip
+    assert health([], [], {c: full}, [], {}, now)["peers"][0]["reachability"] == "full peer (no public address)"
     assert rows[a]["global_step"] == 7 and round(rows[a]["seen_s_ago"]) == 4 and rows[a]["nearest_ms"] == 3.5
     assert rows[c]["tokens"] == 20480 and not rows[c]["member"]  # a ledger, no membership: it left
     assert (rows[a]["held_out_loss"], rows[a]["loss_step"], rows[b]["held_out_loss"]) == (3.5, 5, 3.7)
@@ -238,6 +241,7 @@ def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
                     "ids => ids.every(id => document.getElementById('peers').textContent.includes(id.slice(-6)))",
                     arg=sorted(ids), timeout=30_000,
                 )  # fmt: skip
+                page.wait_for_function("() => charts['chart-loss'] !== undefined", timeout=30_000)  # 2 readings
                 screenshot(page, "dashboard-swarm.png", tmp_path)
                 assert page.errors == []
             with opened(url + "index.html") as page:  # b's own page: its loss curve grows while they train
@@ -297,9 +301,11 @@ ROW = {"peer": "<b>QmYEBvEmYFfk1NT7Gsr6</b>", "member": True, "reachability": "d
     ("page", "data", "shown"),
     [
         ("dashboard.js", {"now": 1000, "status": {**STATUS, "updated_at": 999, **ROUNDS}, "history": [[990, 3, 5.0,
-         None, 10, 0.1, 2]]}, {"rounds": "5 / 3", "bytes": "2.5 MB / 2.5 MB", "epoch": "12"}),
+         None, 10, 0.1, 2], [992, 4, 4.9, 5.1, 11, 0.1, 2]]},
+         {"rounds": "5 / 3", "bytes": "2.5 MB / 2.5 MB", "epoch": "12"}),
         ("swarm.js", {"now": 1000, "read_at": 995, "run_id": "r", "peers": [ROW], "totals": {"members": 2,
-         "training": 1, "tokens": 34304, "held_out_loss": 3.25}, "history": [[995, 1, 3.5, 1e-5, 0.1, 3.25]]},
+         "training": 1, "tokens": 34304, "held_out_loss": 3.25}, "history": [[985, 1, 3.5, 1e-5, 0.1, 3.3],
+         [995, 1, 3.5, 1e-5, 0.1, 3.25]]},
          {"members": "2", "tokens": "34.3 k", "loss": "3.250"}),
     ],
 )  # fmt: skip

@@ -84,6 +84,8 @@ def health(
             reach = "direct (relays for others)"
         elif record is not None and record.client_mode:
             reach = "client (behind NAT)"
+        elif record is not None:
+            reach = "full peer (no public address)"  # reached on its LAN, or it has not found its public one yet
         else:
             reach = "unknown"
         rtts = sorted(rtt for rtt, _ in measured.neighbours.values()) if measured else []

@@ -41,7 +41,7 @@ function show(data) {
   $("paused").textContent = (s.paused_reasons || []).join("; ") || "not paused";
   const h = data.history || [];
   const col = (i) => h.map((p) => p[i]);
-  if (h.length) {
+  if (h.length >= 2) {  // one point makes no curve (uPlot would stretch its time axis over years)
     chart("chart-loss", [["training loss", "#1f77b4"], ["held-out loss", "#d62728"]], [col(0), col(2), col(3)]);
     chart("chart-rate", [["samples / s", "#2ca02c"]], [col(0), col(4)]);
     chart("chart-energy", [["kWh", "#9467bd"], ["g CO2e", "#8c564b", "co2"]], [col(0), col(5), col(6)]);

@@ -38,7 +38,7 @@ function show(data) {
   peersTable(data.peers || []);
   const h = data.history || [];
   const col = (i) => h.map((p) => p[i]);
-  if (h.length) {
+  if (h.length >= 2) {  // one point makes no curve (uPlot would stretch its time axis over years)
     chart("chart-rate", [["samples / s", "#2ca02c"], ["peers training", "#1f77b4", "peers"]], [col(0), col(2), col(1)]);
     chart("chart-energy", [["kWh", "#9467bd"], ["g CO2e", "#8c564b", "co2"]], [col(0), col(3), col(4)]);
     chart("chart-loss", [["held-out loss", "#d62728"]], [col(0), col(5)]);
