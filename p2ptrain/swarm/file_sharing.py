@@ -17,12 +17,12 @@ import os
 import random
 import threading
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import hivemind
+from huggingface_hub import hf_hub_url
 
 from p2ptrain.errors import DatasetError
 from p2ptrain.swarm.manifest import SwarmManifest
@@ -94,8 +94,8 @@ def fetch(
         if stop.wait(0.5):
             asked.cancel()
             raise Stopped
-    took, refused = asked.result()
-    took = dict(took)
+    served, refused = asked.result()
+    took = dict(served)
     for name, peer, why in refused:
         logger.warning("Refused %s from peer %s: %s", name, peer, why)
     for file in missing:
@@ -129,7 +129,7 @@ def fetch_from_hub(
         if not file.revision:
             failed[file.name] = "pinned from a local directory, not from the hub"
             continue
-        url = f"{endpoint}/{urllib.parse.quote(repo)}/resolve/{file.revision}/{urllib.parse.quote(file.name)}"
+        url = hf_hub_url(repo, file.name, revision=file.revision, endpoint=endpoint)  # the hub client's file URL
         try:
             with (
                 urllib.request.urlopen(url, timeout=HUB_TIMEOUT_S) as answer,  # noqa: S310 - http(s) endpoint
