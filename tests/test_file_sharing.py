@@ -210,8 +210,8 @@ def test_a_peer_asked_to_stop_leaves_a_fetch_from_a_stuck_peer_at_once(
     stuck.run_coroutine(_stall)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     stop = threading.Event()
+    started = time.monotonic()  # before the timer: the fetch cannot end before the stop without failing the test
     threading.Timer(1.0, stop.set).start()
-    started = time.monotonic()
     found = provide(joiner, pinning, tmp_path / "joiner", stop)  # the stuck peer would hold it for 30 s per file
     assert 1.0 <= time.monotonic() - started < 3.0
     assert "tokenizer" not in found and not any((tmp_path / "joiner").rglob("tokenizer.json"))
