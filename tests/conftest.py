@@ -23,8 +23,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one to
 
 def pytest_itemcollected(item) -> None:
     """Swarm tests (``slow``) run one after another on one xdist worker (``--dist loadgroup``): each trains on about
-    1.5 of this machine's cores, and two at once stretch their rounds past the averaging timeouts."""
-    if item.get_closest_marker("slow"):
+    1.5 of this machine's cores, and two at once stretch their rounds past the averaging timeouts. Those that mostly
+    wait (on shaped links, delays, a router; under one core) are marked ``slow(alone=False)`` and run beside the
+    others."""
+    marker = item.get_closest_marker("slow")
+    if marker and marker.kwargs.get("alone", True):
         item.add_marker(pytest.mark.xdist_group("swarm"))
 
 

@@ -187,92 +187,81 @@ def ledger_of(peer: str) -> Ledger:
     return Ledger(run_id="run", peer_id=peer, tokens=20480, cpu_j=3600.0, ram_j=360.0, g_co2e=0.52)
 
 
-@pytest.mark.slow
-def test_the_swarm_page_shows_every_peer_from_the_dht(tmp_path):
-    """Three real peers train; ``dashboard --swarm`` started from one's data directory (it finds the swarm there)
-    shows all three, with their global steps from their signed progress records and their published ledgers, in a
-    real browser too (this peer's page: a loss curve that grows; no console errors), and stops on SIGTERM leaving
-    no process."""
+def check_swarm_page(tmp_path: Path, peers: list, viewer) -> None:
+    """``dashboard --swarm`` beside a training swarm of ``peers`` (``LocalPeer``s; test_swarm's, which this check
+    shares rather than start a swarm of its own), started from ``viewer``'s data directory (it finds the swarm
+    there): it shows every peer, with their global steps from their signed progress records and their published
+    ledgers and losses, in a real browser too (``viewer``'s page: a loss curve that grows; no console errors), and
+    stops on SIGTERM leaving no process; killed, it takes its DHT node and libp2p daemon with it."""
     import psutil
     from browser import opened, screenshot
 
-    from p2ptrain.local_swarm import DEMO_PEER_FLAGS, DEMO_SWARM_FLAGS, LocalSwarm
-
-    with LocalSwarm(
-        tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=(*DEMO_PEER_FLAGS, "--max-steps", "400")
-    ) as swarm:
-        a = swarm.seed("a", "--wait-for-peers", "3")
-        invite = swarm.invite(a)
-        b, c = (swarm.join(name, "--invite", invite, "--wait-for-peers", "3") for name in "bc")
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not all(p.status().get("epoch", 0) >= 2 for p in (a, b, c)):
-            time.sleep(1)
-        ids = {p.status()["peer_id"] for p in (a, b, c)}
-        said = tmp_path / "dashboard.log"  # a file: a pipe nobody reads fills up with the daemon's output
-        with said.open("w") as out:
-            command = ["dashboard", "--swarm", "--port", "0", "--data-dir", str(b.data_dir)]
-            proc = subprocess.Popen([sys.executable, "-m", "p2ptrain", *command], stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and "Swarm " not in said.read_text() and proc.poll() is None:
-                time.sleep(0.5)
-            line = next((x for x in said.read_text().splitlines() if x.startswith("Swarm ")), "")
-            assert "http://127.0.0.1:" in line, said.read_text()[-3000:]
-            url = line.split()[2]
-            rows, deadline = {}, time.monotonic() + 90
-            while time.monotonic() < deadline:
-                data = json.loads(get(url + "api/swarm")[2])
-                rows = {row["peer"]: row for row in data["peers"]}
-                if ids <= set(rows) and all(rows[p]["global_step"] and rows[p]["tokens"] is not None
-                                            and rows[p]["held_out_loss"] is not None for p in ids):  # fmt: skip
-                    break
-                time.sleep(2)
-            assert ids <= set(rows) and data["totals"]["members"] == 3, (data, said.read_text()[-3000:])
-            for peer in ids:
-                assert rows[peer]["global_step"] >= 2 and rows[peer]["samples_per_s"] > 0, rows[peer]
-                assert rows[peer]["tokens"] is not None and rows[peer]["member"], rows[peer]
-                assert 0 < rows[peer]["held_out_loss"] < 10 and rows[peer]["loss_step"] >= 0, rows[peer]
-            assert data["totals"]["training"] == 3 and data["run_id"] == a.status()["run_id"]
-            status, kind, page = get(url)
-            assert status == 200 and kind.startswith("text/html") and b"/static/swarm.js" in page
-            assert b"/static/dashboard.js" in get(url + "index.html")[2]  # this peer's own page moved there
-            with opened(url) as page:  # the swarm's page, in a browser: a row per peer
-                page.wait_for_function(
-                    "ids => ids.every(id => document.getElementById('peers').textContent.includes(id.slice(-6)))",
-                    arg=sorted(ids), timeout=30_000,
-                )  # fmt: skip
-                page.wait_for_function("() => charts['chart-loss'] !== undefined", timeout=30_000)  # 2 readings
-                screenshot(page, "dashboard-swarm.png", tmp_path)
-                assert page.errors == []
-            with opened(url + "index.html") as page:  # b's own page: its loss curve grows while they train
-                points = "charts['chart-loss'] ? charts['chart-loss'].data[0].length : 0"  # functions: the page's CSP
-                page.wait_for_function(f"() => ({points}) >= 2", timeout=30_000)  # forbids eval of a bare string
-                before = page.evaluate(f"() => {points}")
-                page.wait_for_function(f"() => ({points}) > {before}", timeout=30_000)
-                assert page.text_content("#state") == "training" and page.text_content("#peers") == "3"
-                rounds = [r for r in b.status()["last_rounds"] if r["ok"]]  # fp16, hivemind's own all-reduce: timed
-                assert rounds and all(r["seconds"] > 0 and r["codec"] == "fp16" for r in rounds), rounds
-                screenshot(page, "dashboard-peer.png", tmp_path)
-                assert page.errors == []
-            children = psutil.Process(proc.pid).children(recursive=True)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], children
-            # killed outright, it takes its DHT node and libp2p daemon with it too
-            with said.open("a") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "p2ptrain", *command], stdout=out, stderr=out)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not _has_daemon(proc.pid):
-                time.sleep(0.5)
-            children = psutil.Process(proc.pid).children(recursive=True)
-            assert _has_daemon(proc.pid), said.read_text()[-2000:]
-            proc.kill()
-            proc.wait()
-            gone, alive = psutil.wait_procs(children, timeout=10)
-            assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE], alive
-        finally:
-            proc.kill()
-            proc.wait()
+    ids = {p.status()["peer_id"] for p in peers}
+    said = tmp_path / "dashboard.log"  # a file: a pipe nobody reads fills up with the daemon's output
+    with said.open("w") as out:
+        command = ["dashboard", "--swarm", "--port", "0", "--data-dir", str(viewer.data_dir)]
+        proc = subprocess.Popen([sys.executable, "-m", "p2ptrain", *command], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "Swarm " not in said.read_text() and proc.poll() is None:
+            time.sleep(0.5)
+        line = next((x for x in said.read_text().splitlines() if x.startswith("Swarm ")), "")
+        assert "http://127.0.0.1:" in line, said.read_text()[-3000:]
+        url = line.split()[2]
+        rows, deadline = {}, time.monotonic() + 90
+        while time.monotonic() < deadline:
+            data = json.loads(get(url + "api/swarm")[2])
+            rows = {row["peer"]: row for row in data["peers"]}
+            if ids <= set(rows) and all(rows[p]["global_step"] and rows[p]["tokens"] is not None
+                                        and rows[p]["held_out_loss"] is not None for p in ids):  # fmt: skip
+                break
+            time.sleep(2)
+        assert ids <= set(rows) and data["totals"]["members"] == len(peers), (data, said.read_text()[-3000:])
+        for peer in ids:
+            assert rows[peer]["global_step"] >= 2 and rows[peer]["samples_per_s"] > 0, rows[peer]
+            assert rows[peer]["tokens"] is not None and rows[peer]["member"], rows[peer]
+            assert 0 < rows[peer]["held_out_loss"] < 10 and rows[peer]["loss_step"] >= 0, rows[peer]
+        assert data["totals"]["training"] == len(peers) and data["run_id"] == peers[0].status()["run_id"]
+        status, kind, page = get(url)
+        assert status == 200 and kind.startswith("text/html") and b"/static/swarm.js" in page
+        assert b"/static/dashboard.js" in get(url + "index.html")[2]  # this peer's own page moved there
+        with opened(url) as page:  # the swarm's page, in a browser: a row per peer
+            page.wait_for_function(
+                "ids => ids.every(id => document.getElementById('peers').textContent.includes(id.slice(-6)))",
+                arg=sorted(ids), timeout=30_000,
+            )  # fmt: skip
+            page.wait_for_function("() => charts['chart-loss'] !== undefined", timeout=30_000)  # 2 readings
+            screenshot(page, "dashboard-swarm.png", tmp_path)
+            assert page.errors == []
+        with opened(url + "index.html") as page:  # the viewer's own page: its loss curve grows while they train
+            points = "charts['chart-loss'] ? charts['chart-loss'].data[0].length : 0"  # functions: the page's CSP
+            page.wait_for_function(f"() => ({points}) >= 2", timeout=30_000)  # forbids eval of a bare string
+            before = page.evaluate(f"() => {points}")
+            page.wait_for_function(f"() => ({points}) > {before}", timeout=30_000)
+            assert page.text_content("#state") == "training" and page.text_content("#peers") == str(len(peers))
+            rounds = [r for r in viewer.status()["last_rounds"] if r["ok"]]  # fp16, hivemind's own all-reduce: timed
+            assert rounds and all(r["seconds"] > 0 and r["codec"] == "fp16" for r in rounds), rounds
+            screenshot(page, "dashboard-peer.png", tmp_path)
+            assert page.errors == []
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], children
+        # killed outright, it takes its DHT node and libp2p daemon with it too
+        with said.open("a") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "p2ptrain", *command], stdout=out, stderr=out)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _has_daemon(proc.pid):
+            time.sleep(0.5)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert _has_daemon(proc.pid), said.read_text()[-2000:]
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE], alive
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _has_daemon(pid: int) -> bool:

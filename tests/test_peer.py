@@ -9,7 +9,7 @@ import pytest
 
 from p2ptrain.local_swarm import DEMO_PEER_FLAGS, LocalSwarm
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(alone=False)  # one peer: under one core
 
 
 def test_lonely_join_starts_a_swarm_and_ctrl_c_exits_within_10_s(tmp_path):

@@ -1,10 +1,11 @@
 """A real swarm on 127.0.0.1: `p2ptrain seed` + `join` processes training gpt2-tiny together.
 
 One scenario, in order, because each stage builds on the swarm the previous one left:
-three peers train → a late fourth catches up → one is SIGKILLed and the rest keep stepping →
-SIGTERM stops one within 10 s leaving no process → it restarts from its checkpoint and identity →
-all leave at the same global step with matching parameters, and held-out loss went down →
-`p2ptrain report --swarm`, read from the DHT after they left, equals the sum of their ledger files.
+three peers train → a late fourth catches up (and writes TensorBoard and wandb curves) → the swarm's health page
+shows all four, in a browser too → one is SIGKILLed and the rest keep stepping → SIGTERM stops one within 10 s
+leaving no process → it restarts from its checkpoint and identity → all leave at the same global step with matching
+parameters, and held-out loss went down → `p2ptrain report --swarm`, read from the DHT after they left, equals the
+sum of their ledger files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_curves import scalars, wandb_history
+from test_dashboard import check_swarm_page
 
 from p2ptrain.cli.app import main
 from p2ptrain.energy.ledger import ledger_path, load_ledger
@@ -98,11 +101,16 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, monkeypatch, c
         # a late joiner, given only a peer's address, finds the swarm by model in the DHT and
         # downloads its state instead of starting from scratch
         swarm_epoch = a.status()["epoch"]
-        d = swarm.join("d", "--initial-peers", decode_invite(invite).peers[0], *p2p["d"])
+        curves = ("--tensorboard", str(tmp_path / "tb"), "--wandb", "p2ptrain-test")
+        wandb_env = ("env", "WANDB_MODE=offline", f"WANDB_DIR={tmp_path}", "WANDB_SILENT=true")
+        d = swarm.join("d", "--initial-peers", decode_invite(invite).peers[0], *p2p["d"], *curves, prefix=wandb_env)
         status_d = swarm.wait_for(d, lambda s: s.get("state") == "training", 120, "training")
         status_d = swarm.wait_for(d, lambda s: s.get("loaded_state_from_peers_at") is not None, 60, "state from peers")
         assert status_d["loaded_state_from_peers_at"] >= swarm_epoch
         assert status_d["run_id"] == a.status()["run_id"]
+
+        # the swarm's health page and a peer's own page, while the four train (test_dashboard.py)
+        check_swarm_page(tmp_path, [a, b, c, d], viewer=b)
 
         # SIGKILL one peer: its hivemind children and p2pd die with it; the others keep stepping
         c_children = descendants(c.proc.pid)
@@ -171,6 +179,13 @@ def test_swarm_trains_survives_a_kill_and_stops_cleanly(tmp_path, monkeypatch, c
     assert card["totals"]["energy_kwh"] == pytest.approx(sum(row["energy_kwh"] for row in published), rel=1e-12)
     assert card["totals"]["kg_co2e"] == pytest.approx(sum(row["g_co2e"] for row in published) / 1000, rel=1e-12)
     assert card["rejected_records"] == [] and card["model"] == "gpt2-tiny"
+
+    # d wrote its curves, one point per global step, as TensorBoard scalars and as an offline wandb run
+    found = scalars(tmp_path / "tb" / run_id)
+    steps = [step for step, _ in found["train/loss"]]  # read every 2 s: gpt2-tiny's steps can be quicker
+    assert steps == sorted(set(steps)) and steps[-1] == FINAL_EPOCH, found
+    assert "energy/kwh" in found and "TensorBoard curves in" in d.log()
+    assert [step for step, _ in wandb_history(tmp_path)["train/loss"]] == steps
 
     # held-out loss went down
     history = finals["a"]["val_history"]
