@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2ptrain.train.param_check import SKETCH_SIZE, agree, encode_sketch, judge, positions, read_sketches, sketch
+from p2ptrain.train.param_check import (
+    SKETCH_SIZE,
+    agree,
+    camps,
+    encode_sketch,
+    judge,
+    positions,
+    read_sketches,
+    sketch,
+)
 
 LR = 1e-3
 
@@ -53,6 +62,63 @@ def test_who_resynchronises():
     assert ours.apart and ours.lead and not ours.left
     theirs = judge(gone, apart, LR, 7, False, me="f")
     assert theirs.apart and theirs.left and not theirs.lead
+
+
+def test_camps_left_by_split_rounds_join_the_largest():
+    """Two rounds in one step, {m, a} and {b, c, d}: each round's members agree, so the round check passes in both
+    camps; the camp rule sends the smaller one to the larger's state, and the larger offers it. Between equal camps
+    the one with the smallest peer id wins, on every member alike."""
+    rng = np.random.default_rng(2)
+    noise = lambda: rng.normal(scale=1e-5 * LR, size=SKETCH_SIZE).astype(np.float32)  # noqa: E731 - rounding
+    x = rng.normal(size=SKETCH_SIZE).astype(np.float32)
+    y = x + rng.choice([-1, 1], SKETCH_SIZE).astype(np.float32) * 0.1 * LR  # a step apart
+    small, large = {"a": x + noise()}, {p: y + noise() for p in "bcd"}
+    assert [sorted(c) for c in camps({"m": x, **small, **large}, LR)] == [["b", "c", "d"], ["a", "m"]]
+    ours = judge(x, small, LR, 9, False, ME, everyone={**small, **large})
+    assert ours.left and ours.camps == 2 and "2 camps" in ours.reason()
+    theirs = judge(y + noise(), {p: large[p] for p in "cd"}, LR, 9, False, "b", everyone={"m": x, **small, **large})
+    assert theirs.lead and not theirs.left and theirs.camps == 2
+    assert not judge(x, small, LR, 9, False, ME, everyone=small).left  # camps count only the peers read
+    # equal camps: {a, m} against {b, c}: the camp with "a" wins, on both sides
+    pair = {p: y + noise() for p in "bc"}
+    assert judge(x, small, LR, 9, False, ME, everyone={**small, **pair}).lead
+    assert judge(y, {"c": pair["c"]}, LR, 9, False, "b", everyone={"m": x, **small, **pair}).left
+
+
+def test_only_peers_met_in_rounds_count_in_camps():
+    """Sketches are cheap to publish under new peer ids: a camp of ids never met in a round cannot outvote the
+    peers we average with (it would send us to download a state those ids vouch for)."""
+    from types import SimpleNamespace
+
+    from hivemind.utils import get_dht_time
+
+    from p2ptrain.train.param_check import ParamCheck
+
+    rng = np.random.default_rng(3)
+    params = [torch.tensor(rng.normal(size=300).astype(np.float32))]
+    ours = sketch(params, "run", 4)
+    forged = {f"sybil{i}": ours + 1.0 for i in range(5)}
+    records = {"a": encode_sketch(4, ours), **{p: encode_sketch(4, v) for p, v in forged.items()}}
+    entry = lambda value: SimpleNamespace(value=value, expiration_time=get_dht_time() + 60)  # noqa: E731
+    found = entry({peer: entry(value) for peer, value in records.items()})
+
+    class Done:
+        def done(self):
+            return True
+
+        def result(self):
+            return found
+
+    dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "m"), store=lambda *a, **k: None,
+                          get=lambda *a, **k: Done())  # fmt: skip
+    check = ParamCheck(dht, "run")
+    check.after_step(4, params, LR, own_update=False, group=["m", "a"])
+    check.poll(4)  # starts the read
+    verdict = check.poll(4)
+    assert verdict is not None and not verdict.left and verdict.camps == 1 and verdict.agreeing == 1
+    check.after_step(5, params, LR, own_update=False, group=["m", "a", *forged])  # now they averaged with us
+    verdict = check.poll(4)  # (the step's own call started the read)
+    assert verdict.left and verdict.camps == 2  # and, five against two, they are the swarm
 
 
 def test_malformed_sketches_from_the_network_are_skipped():

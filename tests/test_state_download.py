@@ -63,3 +63,56 @@ def test_a_late_joiner_refuses_a_liars_state_and_takes_the_members(tmp_path):
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+def test_a_state_served_while_its_server_steps_is_of_one_step():
+    """A server that steps all the time (each step adds 1 to every parameter and to its global step) serves a state
+    in which every tensor holds the same step, the one its metadata names. hivemind streams the live tensors, each
+    read when its turn comes, and moves their storage into shared memory while the optimizer writes it: without
+    ``WholeStepState`` the download here hangs, or the process crashes."""
+    import threading
+
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    make = partial(StateRounds, optimizer=partial(torch.optim.SGD, lr=1.0), prefix="stepping", run_id="", start=True)
+    params = [torch.nn.Parameter(torch.zeros(1 << 20)) for _ in range(8)]
+    server = make(dht=first, params=params)
+    joiner = make(dht=second, params=[torch.nn.Parameter(torch.zeros(1 << 20)) for _ in range(8)])
+    stop = threading.Event()
+
+    def keep_stepping() -> None:
+        while not stop.is_set():
+            for param in params:
+                param.grad = torch.full_like(param, -1.0)
+            server.step(optimizer_step=True, increment_epoch=True)
+
+    def download_three() -> list[tuple[int, list[float], bool]]:
+        loaded, deadline = [], time.monotonic() + 60
+        while time.monotonic() < deadline and len(loaded) < 3:
+            before = server.local_epoch
+            joiner.load_state_from_peers(timeout=15)
+            if joiner.local_epoch > before:  # an offer was found and taken
+                got = joiner.main_parameters
+                loaded.append((joiner.local_epoch, sorted({float(p[0]) for p in got}), all(
+                    torch.all(p == p[0]) for p in got)))  # fmt: skip
+        return loaded
+
+    stepper = threading.Thread(target=keep_stepping, daemon=True)
+    stepper.start()
+    try:
+        result: dict = {}
+        loader = threading.Thread(target=lambda: result.update(loaded=download_three()), daemon=True)
+        loader.start()
+        loader.join(90)  # live tensors moved to shared memory under a running step hang both (or crash the process)
+        assert not loader.is_alive(), "the download hung: the server's step and its state server wait on each other"
+        loaded = result["loaded"]
+        assert len(loaded) == 3 and server.local_epoch > loaded[-1][0], (loaded, server.local_epoch)
+        for epoch, values, whole in loaded:
+            assert whole and values == [float(epoch)], loaded
+    finally:
+        stop.set()
+        stepper.join(10)
+        for averager in (server, joiner):
+            averager.shutdown()
+        for dht in (first, second):
+            dht.shutdown()

@@ -71,7 +71,7 @@ def seed(
         float, typer.Option(help="seconds before a round falls back to local gradients")
     ] = AveragingSpec.averaging_timeout_s,
     average_state_every: Annotated[
-        int, typer.Option(help="also average parameters every N global steps")
+        int, typer.Option(help="also average parameters every N global steps (0: never; gradient mode)")
     ] = AveragingSpec.average_state_every,
     run_id: Annotated[str | None, typer.Option(help="swarm name (default: <model>-<random>)")] = None,
     init_weights: Annotated[

@@ -72,7 +72,9 @@ class AveragingSpec:
     matchmaking_time_s: float = 5.0  # how long peers gather a group before averaging; raise it if
     #   the log says "Proceeding with local gradients" while others are alive
     averaging_timeout_s: float = 30.0  # give up on a round (and use local gradients) after this
-    average_state_every: int = 5  # also average parameters/optimizer state every N global steps
+    average_state_every: int = 0  # also average parameters/optimizer state every N global steps; 0: never. Gradient
+    #   rounds give every member the same average, and the parameter check resynchronises a peer that differs;
+    #   hivemind's state rounds group whoever is ready, and leave their members apart from the rest
     aggregation: str = "centered_clip"  # how the peer that aggregates a part reduces the members' copies of it:
     #   one of AGGREGATIONS (train/robust.py); absent from version 1 manifests, which averaged by "mean"
 
@@ -215,7 +217,7 @@ def _validate(m: SwarmManifest) -> None:
         (0.01 <= m.averaging.comm_budget <= 10, "comm_budget must be in [0.01, 10]"),
         (0.1 <= m.averaging.matchmaking_time_s <= 600, "matchmaking_time_s must be in [0.1, 600]"),
         (0.5 <= m.averaging.averaging_timeout_s <= 3600, "averaging_timeout_s must be in [0.5, 3600]"),
-        (1 <= m.averaging.average_state_every <= 10**6, "average_state_every must be ≥ 1"),
+        (0 <= m.averaging.average_state_every <= 10**6, "average_state_every must be in [0, 10**6] (0: never)"),
         (m.averaging.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}"),
         (m.version in READABLE_VERSIONS, f"version must be one of {READABLE_VERSIONS}"),
         (m.version > 1 or m.averaging.aggregation == "mean", "a version 1 manifest averages by mean"),

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
@@ -82,6 +83,7 @@ class LocalUpdateOptimizer:
         self.compute_s = 0.0  # between step() calls since the last round: the peer's forward/backward time
         self.recent: list[tuple[int, float]] = []  # (level, round seconds) of the last rounds, newest last
         self.scheduled_grads: StepControl | None = None  # the round in flight
+        self._state_lock = threading.Lock()  # a served state's anchor, momentum and step are of one moment
         self._sent: list[torch.Tensor] = []
         self._left_step_at: float | None = None
         self._reported_at = -math.inf
@@ -148,14 +150,14 @@ class LocalUpdateOptimizer:
             logger.warning("Ignoring the state a peer sent: %s", e)
             return
         n = len(self.anchor)
-        with torch.no_grad():
+        with self._state_lock, torch.no_grad():
+            self.local_epoch, self.samples = epoch, 0
             for anchor, param, momentum, value, buffer in zip(
                 self.anchor, self.params, self._momenta(), tensors[:n], tensors[n:], strict=True
             ):
                 anchor.copy_(value)
                 param.copy_(value)
                 momentum.copy_(buffer)
-        self.local_epoch, self.samples = epoch, 0
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.local_epoch)
 
@@ -229,24 +231,26 @@ class LocalUpdateOptimizer:
                 buffer.copy_(anchor).sub_(param.detach().cpu())
         self._sent = [p.detach().to("cpu", copy=True) for p in self.params]
         report = self._report()
-        self.scheduled_grads = self.averager.step(
+        control = self.averager.step(
             gather={"report": report.to_wire()}, weight=float(self.samples), timeout=self.averaging_timeout, wait=False
         )
+        with self._state_lock:
+            self.scheduled_grads = control
+            self.local_epoch += 1
         self.compute_s, self.samples = 0.0, 0
-        self.local_epoch += 1
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.local_epoch)
 
     def _finish_round(self) -> None:
-        control, self.scheduled_grads = self.scheduled_grads, None
         outcome: RoundOutcome | None = None
         try:
-            outcome = control.result(timeout=0)
+            outcome = self.scheduled_grads.result(timeout=0)
         except BaseException as e:  # noqa: BLE001 - any failure means: apply our own pseudo-gradient
             logger.info("Global step %d: averaging failed (%s); applying our own update", self.local_epoch, e)
             self.round_log.failed_with(self.local_epoch, e)
         masks = self._masks(outcome)
-        with torch.no_grad(), self.averager.get_tensors() as buffers:
+        with self._state_lock, torch.no_grad(), self.averager.get_tensors() as buffers:
+            self.scheduled_grads = None
             for i, (anchor, momentum, delta, param, sent) in enumerate(
                 zip(self.anchor, self.momentum, buffers, self.params, self._sent, strict=True)
             ):
@@ -311,7 +315,12 @@ class LocalUpdateOptimizer:
         return [m.view_as(a) for m, a in zip(flat.split(sizes), self.anchor, strict=True)]
 
     def current_state(self) -> tuple[dict, list[torch.Tensor]]:
-        return {"epoch": self.local_epoch}, [*self.anchor, *self._momenta()]
+        """A copy of the anchor and outer momentum, and the global step they are at: one before ours while a round
+        is in flight (the step counts from the round's start, the anchor moves at its end). hivemind reads each
+        tensor it serves when its turn in the stream comes: the live ones would be read across an outer step."""
+        with self._state_lock:
+            epoch = self.local_epoch - (self.scheduled_grads is not None)
+            return {"epoch": epoch}, [t.clone() for t in (*self.anchor, *self._momenta())]
 
 
 def check_state(metadata: Any, tensors: Any, ours: list[torch.Tensor]) -> int:

@@ -33,7 +33,7 @@ from p2ptrain.train.local_updates import LocalUpdateOptimizer
 from p2ptrain.train.progress import CheckedProgressTracker, signs_with
 from p2ptrain.train.round_log import RoundLog
 from p2ptrain.train.signed_parts import PartSigner
-from p2ptrain.train.state_download import CheckedStateDownload
+from p2ptrain.train.state_download import CheckedStateDownload, WholeStepState
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,12 @@ class PowerSGDRounds(GroupRounds, PowerSGDGradientAverager):
     """hivemind's PowerSGD gradient averager with p2ptrain's group rules."""
 
 
-class StateRounds(GroupRounds, TrainingStateAverager, CheckedStateDownload):
-    """hivemind's parameter and optimizer-state averager with p2ptrain's group rules and checked downloads."""
+class StateRounds(GroupRounds, WholeStepState, TrainingStateAverager, CheckedStateDownload):
+    """hivemind's parameter and optimizer-state averager with p2ptrain's group rules, checked downloads, and a state
+    served from between two steps."""
+
+
+NEVER = 2**62  # hivemind's average_state_every for "no state rounds": it averages when the step is a multiple
 
 
 def make_optimizer(
@@ -140,7 +144,7 @@ def make_optimizer(
         **common,
         params=groups,
         optimizer=inner,
-        average_state_every=avg.average_state_every,
+        average_state_every=avg.average_state_every or NEVER,
         grad_compression=dense(),
         state_averaging_compression=dense(),
         averager_opts={"request_timeout": request_timeout},

@@ -21,13 +21,24 @@ Measured on a 4-peer gpt2-tiny swarm on loopback (fp16, 19 steps, the numbers ar
 log): every pair of peers at every step, bit for bit equal. Before one average for all: a median 0.01-0.06
 learning rates apart, up to 0.6.
 
-Each peer compares its sketch with those of the members of the gradient round that led to step N (hivemind may
-form several groups in one step, and each holds its own average until state averaging joins them), or with
+Each peer compares its sketch with those of the members of the gradient round that led to step N, or with
 every peer's if its round failed and its update was its own. A peer that agrees with none of them while some of
 them agree among themselves, or, against one other peer, whose last update was its own, has left the swarm's
 parameters: it logs it and downloads the swarm's state. When everybody differs from everybody (seen after a
 state-averaging round that grouped only some of four peers), the state of the smallest peer id wins: that peer
 offers its state first, the others download it.
+
+Rounds that found each its own group leave **camps**: members that agree among themselves and differ from the
+other camps (seen behind NATs, when a volunteer's daemon misses a matchmaking and a step's round splits in two; the
+round check above passes in every camp). The swarm has no bound on its groups, so every camp is a failure's trace,
+and waiting for a state-averaging round to group them all may be waiting for good. So each peer also sorts every
+sketch it read for N into camps (peers linked by agreeing sketches): the largest camp holds the swarm's parameters,
+the one with the smallest peer id among equals; its members offer their state first, and a peer of another camp
+downloads it. Only peers met in one of our rounds of the last ``MET_STEPS`` steps count in camps: anybody can
+publish sketches under new peer ids, and a camp of such ids would otherwise send every honest peer to download a
+state that those same ids vouch for (``state_download``). (When groups are bounded in size, camps are the design,
+not a failure, and this rule is not for them.)
+
 The check never blocks a step: its DHT reads run in the background and are looked at once they have answered.
 """
 
@@ -38,7 +49,7 @@ import logging
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import hivemind
 import numpy as np
@@ -54,6 +65,7 @@ TOLERANCE = 1e-3  # × learning rate: a coordinate this far apart differs
 DIFFER_SHARE = 0.01  # sketches with more differing coordinates than this disagree
 RECORD_TTL_S = 120.0
 MAX_SKETCHES = 64  # read per step
+MET_STEPS = 50  # peers met in a round this many steps back count in camps
 SKETCH_BYTES = SKETCH_SIZE * 4
 STEP = struct.Struct("<Q")  # the global step, before the sketch
 
@@ -104,12 +116,48 @@ class Verdict:
     left: bool  # we left the swarm's parameters: resynchronise
     apart: bool = False  # everybody differs from everybody
     lead: bool = False  # ... and ours is the state the others take
+    camps: int = 1  # groups of agreeing peers among every sketch read (ours included)
+
+    def reason(self) -> str:
+        """Why we left the swarm's parameters, for the log."""
+        if self.camps > 1:
+            return f"the peers we met are in {self.camps} camps that differ, and ours is not the largest"
+        if self.apart:
+            return (
+                f"none of {self.others} peers of our last round agrees with ours, nor with each other: the state "
+                "of the smallest peer id wins"
+            )
+        if self.others > 1:
+            return f"none of {self.others} peers of our last round agrees with ours, they agree among themselves"
+        return "the one peer of our last round differs, and our last update was our own"
 
 
 def judge(
+    mine: np.ndarray,
+    theirs: dict[str, np.ndarray],
+    lr: float,
+    epoch: int,
+    our_own_update: bool,
+    me: str,
+    everyone: dict[str, np.ndarray] | None = None,
+) -> Verdict:
+    """Did we (peer id ``me``) leave the swarm's parameters at ``epoch``? ``theirs``: the sketches of our round's
+    members; ``everyone``: all the others' sketches read, for the camps (see the module docstring)."""
+    verdict = _against_our_round(mine, theirs, lr, epoch, our_own_update, me)
+    if verdict.left or verdict.apart or not everyone:
+        return verdict
+    found = camps({me: mine, **everyone}, lr)
+    if len(found) == 1:
+        return verdict
+    ours = next(camp for camp in found if me in camp)
+    if ours is found[0]:
+        return replace(verdict, lead=True, camps=len(found))
+    return replace(verdict, left=True, camps=len(found))
+
+
+def _against_our_round(
     mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int, our_own_update: bool, me: str
 ) -> Verdict:
-    """Did we (peer id ``me``) leave the swarm's parameters at ``epoch``? (see the module docstring)"""
     others = list(theirs.values())
     agreeing = sum(agree(mine, other, lr) for other in others)
     if agreeing or not others:
@@ -122,6 +170,26 @@ def judge(
     # the same winner, the smallest peer id's
     lead = me < min(theirs)
     return Verdict(epoch, len(others), 0, left=not lead, apart=True, lead=lead)
+
+
+def camps(sketches: dict[str, np.ndarray], lr: float) -> list[frozenset[str]]:
+    """Peers linked by agreeing sketches, the swarm's first: the largest camp, then the smallest peer id."""
+    ids = sorted(sketches)
+    root = {peer: peer for peer in ids}
+
+    def find(peer: str) -> str:
+        while root[peer] != peer:
+            peer = root[peer]
+        return peer
+
+    for i, x in enumerate(ids):
+        for y in ids[i + 1 :]:
+            if find(x) != find(y) and agree(sketches[x], sketches[y], lr):
+                root[max(find(x), find(y))] = min(find(x), find(y))
+    members: dict[str, set[str]] = {}
+    for peer in ids:
+        members.setdefault(find(peer), set()).add(peer)
+    return sorted((frozenset(m) for m in members.values()), key=lambda camp: (-len(camp), min(camp)))
 
 
 def read_sketches(found: object, own: str, epoch: int) -> dict[str, np.ndarray]:
@@ -149,6 +217,7 @@ class ParamCheck:
         self.dht, self.run_id, self.own = dht, run_id, dht.peer_id.to_base58()
         self._mine: dict[int, tuple] = {}  # epoch → (sketch, lr, own update, group or None)
         self._pending: tuple[int, object, float] | None = None  # (epoch, future, started)
+        self._met: dict[str, int] = {}  # peer id → the last step it was in our round
         self.last: Verdict | None = None
 
     def after_step(
@@ -161,6 +230,8 @@ class ParamCheck:
     ) -> Verdict | None:
         """``group``: the peer ids of the round that led to ``epoch`` (None: compare with every peer's)."""
         mine = sketch(params, self.run_id, epoch)
+        self._met.update(dict.fromkeys(group or (), epoch))
+        self._met = {peer: at for peer, at in self._met.items() if at > epoch - MET_STEPS}
         self._mine = {e: v for e, v in self._mine.items() if e >= epoch - 2}
         self._mine[epoch] = (mine, lr, own_update, None if group is None else frozenset(group))
         self.dht.store(
@@ -192,11 +263,11 @@ class ParamCheck:
         mine, lr, own_update, group = self._mine.get(pending_epoch, (None, 0.0, False, None))
         if mine is None:
             return None
-        theirs = read_sketches(found, self.own, pending_epoch)
-        if group is not None:
-            theirs = {peer: value for peer, value in theirs.items() if peer in group}
-        self.last = judge(mine, theirs, lr, pending_epoch, own_update, self.own)
-        for peer, other in theirs.items():
+        everyone = read_sketches(found, self.own, pending_epoch)
+        theirs = everyone if group is None else {peer: value for peer, value in everyone.items() if peer in group}
+        met = {peer: value for peer, value in everyone.items() if peer in self._met}
+        self.last = judge(mine, theirs, lr, pending_epoch, own_update, self.own, met)
+        for peer, other in everyone.items():
             apart = np.abs(mine.astype(np.float64) - other) / max(lr, 1e-12)
             logger.debug(
                 "Parameters at step %d vs %s: median %.2g, max %.2g learning rates apart, %.1f%% beyond %g",

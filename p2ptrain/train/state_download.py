@@ -14,11 +14,20 @@ broadcast a scalar into every parameter, or fail on metadata that is not a map. 
    while the swarm steps on. Sketches are not signed: in an open swarm, a liar with many peer ids could vouch for
    itself through them.
 2. **Its shape** (``CheckedStateDownload``, in the peer's process): metadata, every tensor's shape and dtype, finite.
+
+The serving side (``WholeStepState``) serves copies taken between two steps. hivemind hands the averager process
+the live tensors, moving their storage into shared memory in place while the optimizer may be writing it (seen to
+hang the step and the state server both, and to crash the process: ``tests/test_state_download.py``), and reads
+each when its turn in the stream comes: over a slow or relayed link the later tensors are read after the server's
+next optimizer step, and the joiner gets parameters and Adam moments of different steps under a third step's number;
+it then differs from the swarm after its first round (measured behind NATs: 0.02 learning rates apart, median, one
+step after each download, and so downloads again).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -36,6 +45,25 @@ AGREE_ABSOLUTE = 1e-4  #   fp16 state averaging some members took and others not
 AGREE_SHARE = 0.9  # ... on this share of the sketch's coordinates
 
 logger = logging.getLogger(__name__)
+
+
+class WholeStepState:
+    """``TrainingStateAverager`` mixin: the state it serves is copied between two steps, never during one (module
+    docstring). (A state-averaging round that lands in the background, ``delay_state_averaging``, is not covered:
+    p2ptrain's swarms run none by default.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._between_steps = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._between_steps:  # the epoch's increment and the optimizer step it waits for
+            return super().step(*args, **kwargs)
+
+    def get_current_state(self) -> tuple[Any, list[torch.Tensor], Any]:
+        with self._between_steps:
+            metadata, tensors, infos = super().get_current_state()
+            return metadata, [tensor.clone() for tensor in tensors], infos
 
 
 class CheckedStateDownload(DecentralizedAverager):

@@ -306,20 +306,15 @@ class Trainer:
         entry = [verdict.epoch, verdict.agreeing, verdict.others, verdict.left]
         self.status.update(param_history=[*self.status.status.param_history, entry][-100:])
         if verdict.lead:
-            logger.info("Parameters at global step %d: every peer's differ; the others take ours", verdict.epoch)
+            whose = f"{verdict.camps} camps of peers differ" if verdict.camps > 1 else "every peer's differ"
+            logger.info("Parameters at global step %d: %s; the others take ours", verdict.epoch, whose)
             self.opt.offer_state_first(epoch)
         if not verdict.left:
             return
-        if verdict.apart:
-            why = ", nor with each other: the state of the smallest peer id wins"
-        else:
-            why = ", they agree among themselves" if verdict.others > 1 else "; our last update was our own"
         logger.warning(
-            "Parameters at global step %d differ from the swarm's (none of %d peers of our last round agrees with "
-            "ours%s): downloading the swarm's state",
+            "Parameters at global step %d differ from the swarm's (%s): downloading the swarm's state",
             verdict.epoch,
-            verdict.others,
-            why,
+            verdict.reason(),
         )
         with self.lock:
             self.opt.load_state_from_peers()
@@ -368,5 +363,3 @@ class StuckRounds:
             return False
         self.in_a_row = 0
         return True
-
-
