@@ -170,8 +170,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
     settings, data_dir, status = run.settings, run.data_dir, run.status
     if run.stays and isinstance(request, SeedRequest):
         request = JoinRequest(request.manifest_values["model"])  # the swarm exists now: rejoin it (remembered)
-    bootstrap = joining.bootstrap_peers(settings, request)
-    remembered = [] if bootstrap else joining.recall_swarm(data_dir).get("peers", [])
+    bootstrap, remembered = joining.first_peers(settings, request, data_dir, rejoining=run.stays > 0)
     known = bootstrap or remembered
     leaving = threading.Event()  # this stay ends: stopped, or rejoining
     ending = Leaving()

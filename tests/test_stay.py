@@ -118,3 +118,22 @@ def test_a_dht_that_fails_to_start_leaves_nothing_to_stop(stay_parts):
     with pytest.raises(OSError):
         peer.stay(run, JoinRequest("gpt2-tiny"), threading.Event())
     assert stopped == ["reap"]
+
+
+def test_a_rejoin_bootstraps_from_the_peers_met_before_the_invites(tmp_path):
+    """Seen behind NATs: a volunteer whose relays were gone left to rejoin, bootstrapped from its invite's only peer
+    (the seeder, killed), and exited ("none of the 1 initial peers answered") while a public peer it had met was up.
+    A first stay uses the given peers alone; a rejoin tries the peers it remembers from this run first."""
+    from p2ptrain.fileio import atomic_write_json
+    from p2ptrain.swarm.invite import Invite
+    from p2ptrain.swarm.joining import first_peers
+
+    seeder, met = "/ip4/10.0.0.1/tcp/31337/p2p/QmSeeder", "/ip4/10.0.0.2/tcp/31337/p2p/QmMet"
+    invite = Invite(model="gpt2-tiny", manifest_hash=bytes(32), peers=(seeder,))
+    request = JoinRequest("gpt2-tiny", invite=invite)
+    settings = PeerSettings(data_dir=tmp_path)
+    assert first_peers(settings, request, tmp_path, rejoining=True) == ([seeder], [])  # nothing remembered yet
+    atomic_write_json(tmp_path / "swarm.json", {"peers": [met, seeder]})
+    assert first_peers(settings, request, tmp_path, rejoining=False) == ([seeder], [])
+    assert first_peers(settings, request, tmp_path, rejoining=True) == ([met, seeder], [])
+    assert first_peers(settings, JoinRequest("gpt2-tiny"), tmp_path, rejoining=False) == ([], [met, seeder])

@@ -54,6 +54,22 @@ def bootstrap_peers(settings: PeerSettings, request: SeedRequest | JoinRequest) 
     return peers
 
 
+def first_peers(
+    settings: PeerSettings, request: SeedRequest | JoinRequest, data_dir: Path, rejoining: bool
+) -> tuple[list[str], list[str]]:
+    """(the peers to bootstrap from, the remembered ones to fall back on). The given peers (flags, invite) alone, or
+    the remembered when none are given; on a rejoin within a run, the remembered ones (peers met in this run: the
+    invite's may have left since, and a volunteer that rejoins because its relays are gone would find none of them)
+    then the given ones."""
+    given = bootstrap_peers(settings, request)
+    remembered = [p for p in recall_swarm(data_dir).get("peers", []) if isinstance(p, str)]
+    if not given:
+        return [], remembered
+    if rejoining:
+        return [*remembered, *(p for p in given if p not in remembered)], []
+    return given, []
+
+
 def find_swarm(dht: hivemind.DHT, request: JoinRequest, data_dir: Path) -> tuple[mf.SwarmManifest, bytes] | None:
     """Find and verify the swarm to join: the invite's, the one remembered, or one the DHT lists; None: none."""
     if request.invite is not None:
