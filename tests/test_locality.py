@@ -23,7 +23,7 @@ import bench_regions  # noqa: E402
 from netlab import missing_tools  # noqa: E402
 
 pytestmark = [
-    pytest.mark.slow(alone=False),  # 0.6 cores: it waits on the lab's delays
+    pytest.mark.slow,
     pytest.mark.skipif(bool(missing_tools()), reason=f"needs {', '.join(missing_tools())} for a network lab"),
 ]
 ROUNDS, PERIOD = 3, 7.0

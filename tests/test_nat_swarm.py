@@ -199,7 +199,6 @@ def test_volunteers_behind_nats_train_through_relays_of_either_daemon(tmp_path, 
     assert netns() == before
 
 
-@pytest.mark.slow(alone=False)  # two peers on shaped links: 0.7 cores
 @pytest.mark.skipif(bool(missing_tools(upnp=True)), reason=f"needs {', '.join(missing_tools(upnp=True))} for UPnP")
 def test_a_volunteer_whose_router_offers_upnp_maps_its_port_and_is_reachable_directly(tmp_path):
     """A home router running miniupnpd (a real UPnP IGD / NAT-PMP): the volunteer's daemon maps its port (the Go
