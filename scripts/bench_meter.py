@@ -86,7 +86,7 @@ def step_times(rounds: int, steps: int, every_s: float, directory: Path) -> dict
         step()  # warm-up
     times: dict[str, list[float]] = {"off": [], "on": []}
     for r in range(rounds):
-        for condition in (("off", "on") if r % 2 == 0 else ("on", "off")):
+        for condition in ("off", "on") if r % 2 == 0 else ("on", "off"):
             acc = accountant(CodecarbonMeter() if condition == "on" else NoMeter(), directory, every_s)
             round_times = []
             for _ in range(steps):

@@ -113,15 +113,19 @@ def manifest_vector(version: int) -> tuple[SwarmManifest, bytes, dict]:
     for added, section, name, _ in ADDED_IN:
         if version < added:
             del (fields[section] if section else fields)[name]
-    return manifest, envelope, {
-        "description": f"A signed swarm manifest v{version} (protocols/manifest.md).",
-        "private_key_hex": AUTHOR_KEY.hex(),
-        "public_key_hex": manifest.author_key.hex(),
-        "fields": fields,
-        "manifest_hex": body.hex(),
-        "hash_hex": manifest.hash.hex(),
-        "envelope_hex": envelope.hex(),
-    }
+    return (
+        manifest,
+        envelope,
+        {
+            "description": f"A signed swarm manifest v{version} (protocols/manifest.md).",
+            "private_key_hex": AUTHOR_KEY.hex(),
+            "public_key_hex": manifest.author_key.hex(),
+            "fields": fields,
+            "manifest_hex": body.hex(),
+            "hash_hex": manifest.hash.hex(),
+            "envelope_hex": envelope.hex(),
+        },
+    )
 
 
 def manifest_vectors() -> tuple[dict, dict, dict, dict, dict]:

@@ -218,4 +218,3 @@ def test_a_peer_that_never_met_the_liar_bans_it_on_the_evidence_of_those_that_di
             averager.shutdown()
         for dht, _ in nodes:
             dht.shutdown()
-

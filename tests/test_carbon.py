@@ -121,7 +121,10 @@ def test_the_live_source_being_down_never_delays_a_training_step(grid_api, tmp_p
     """A source that accepts the connection and never answers: steps go on at full speed on the fallback."""
     grid_api.hang_s = 30.0
     settings = EnergySettings(
-        country="GB", intensity_source="uk", intensity_url=grid_api.url, intensity_timeout_s=1.0,
+        country="GB",
+        intensity_source="uk",
+        intensity_url=grid_api.url,
+        intensity_timeout_s=1.0,
         intensity_refresh_s=0.2,
     )
     watcher = IntensityWatcher(settings)

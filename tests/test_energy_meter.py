@@ -55,7 +55,7 @@ def test_codecarbon_meters_this_machine_and_says_how():
     assert meter.read() == EnergyReading()  # stopped
 
 
-FAKE_NVML = '''
+FAKE_NVML = """
 import sys, time, types
 mode = sys.argv[1]  # "counter": the GPU has NVML's energy counter; "power": only its power draw
 T0, WATTS = time.monotonic(), 250.0
@@ -93,7 +93,7 @@ t3 = time.monotonic()
 print(json.dumps({"gpu": info.gpu, "gpu_model": info.gpu_model, "gpu_j": second.gpu_j - first.gpu_j,
                   "shortest_s": t2 - t1, "longest_s": t3 - t0}))
 meter.stop()
-'''
+"""
 
 
 @pytest.mark.parametrize("mode, path", [("counter", "NVML energy counter"), ("power", "NVML power samples")])
@@ -107,9 +107,7 @@ def test_gpu_energy_through_a_fake_nvml(tmp_path, mode, path):
     smi.write_text("#!/bin/sh\nexit 0\n")
     smi.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    done = subprocess.run(
-        [sys.executable, "-c", FAKE_NVML, mode], env=env, capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", FAKE_NVML, mode], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["gpu"].startswith(path) and got["gpu"].endswith("(measured)")

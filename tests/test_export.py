@@ -104,4 +104,3 @@ def test_generate_from_the_checkpoint_and_from_an_export(peer_dir, tmp_path, cap
     assert "Exported swarm test-run at global step 3" in capsys.readouterr().out
     assert main(["generate", *args, "--model-dir", str(tmp_path / "m")]) == 0
     assert capsys.readouterr().out == from_checkpoint  # greedy: the same text both ways
-

@@ -189,8 +189,10 @@ def test_a_peer_that_serves_other_bytes_is_refused_and_the_error_names_the_files
     assert "tokenizer.json (sha256" in message and "offline: HF_HUB_OFFLINE is set" in message
     assert "nor any of the swarm's peers" in message
     assert not any((tmp_path / "joiner").rglob("tokenizer.json"))
-    assert f"Refused tokenizer.json from peer {liar.peer_id}: peer {liar.peer_id} sent a tokenizer.json that does " \
+    assert (
+        f"Refused tokenizer.json from peer {liar.peer_id}: peer {liar.peer_id} sent a tokenizer.json that does "
         "not match the swarm's manifest" in caplog.text
+    )
 
 
 async def _stall(_dht, node) -> None:

@@ -5,6 +5,7 @@ leaves."""
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import threading
 import time
 
@@ -15,7 +16,9 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.mpfuture import MPFuture
 
+from p2ptrain.compat.hivemind import terminate_processes
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.swarm.discovery import finishing_key
@@ -225,6 +228,31 @@ def test_a_step_stuck_in_hivemind_does_not_hold_up_the_shutdown(nodes, manifest,
     assert wait_until(lambda: not any(averager.is_alive() for averager in averagers), 5)
     assert opt.tracker.is_alive()  # hivemind's shutdown (which stops it first) did not run beside the step
     opt.tracker.shutdown(1)
+
+
+def _make_futures() -> None:
+    while True:
+        MPFuture()
+
+
+def test_children_terminated_while_making_futures_leave_the_futures_usable():
+    """hivemind's processes share the locks of its futures: one terminated while creating a future must not leave
+    the peer's next future waiting forever (seen: the test above hung 600 s in CI at the tracker's shutdown).
+    Terminated the plain way, the first round below hangs."""
+    fork = multiprocessing.get_context("fork")
+    for _ in range(5):
+        children = [fork.Process(target=_make_futures, daemon=True) for _ in range(2)]
+        for child in children:
+            child.start()
+        time.sleep(0.1)
+        terminate_processes(children)
+        assert not any(child.is_alive() for child in children)
+        made = threading.Thread(target=MPFuture, daemon=True)
+        made.start()
+        made.join(5)
+        if made.is_alive():
+            MPFuture.reset_backend()  # so the tests after this one can make futures
+        assert not made.is_alive(), "a terminated child left a lock of hivemind's futures held"
 
 
 def test_a_goodbye_that_hangs_does_not_hold_up_the_shutdown(nodes, manifest, tmp_path, monkeypatch, caplog):

@@ -24,7 +24,6 @@ pytestmark = [
 PEER_FLAGS = ("--port", "0", "--threads", "1", "--batch-size", "8", "--validate-every", "0", "--p2p", "py")
 
 
-
 def test_a_volunteer_on_the_lan_finds_the_swarm_without_an_invite(tmp_path):
     before = netns()
     lan = Namespaces(2)

@@ -32,4 +32,3 @@ def test_parts_stop_in_reverse_start_order_and_a_failing_stop_skips_none(caplog)
     assert "Leaving: averagers failed: RuntimeError('daemon gone')" in caplog.text
     summary = caplog.records[-1].getMessage()
     assert summary.startswith("Stopped in ") and "watch 0.0 s, averagers 0.0 s, checkpoint 0.0 s, dht 0.0 s" in summary
-

@@ -41,7 +41,6 @@ PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "-
 PORT = 31337  # the default: every host has its own address
 
 
-
 def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

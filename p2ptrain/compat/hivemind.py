@@ -10,8 +10,11 @@ to start with any other version.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
-from collections.abc import Callable, Sequence
+import multiprocessing.process
+import time
+from collections.abc import Callable, Iterable, Sequence
 from importlib.resources import path as resource_path
 from typing import Any
 
@@ -27,6 +30,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aenumerate, as_aiter, azip
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.mpfuture import MPFuture, SharedBytes
 
 from p2ptrain.errors import ConfigError
 
@@ -104,6 +108,11 @@ class AveragerHooks:
         """All-reduce ``tensors`` in place with the group (hivemind: ``_run_allreduce_inplace_``; ``*args``: the
         group id, which PowerSGD's averager passes for each of its two rounds)."""
         return await super()._run_allreduce_inplace_(tensors, group_info, *args, **kwargs)
+
+    def terminate(self) -> None:
+        """Terminate the averager's process (as hivemind's shutdown does past its grace period) without leaving the
+        peer's futures locked: ``terminate_processes``."""
+        terminate_processes([self])
 
 
 class RunnerHooks:
@@ -187,6 +196,34 @@ def record_signing_key(der: bytes) -> RSAPrivateKey:
     key = RSAPrivateKey.__new__(RSAPrivateKey)
     key.__setstate__({"_private_key": der})
     return key
+
+
+# -- processes --------------------------------------------------------------------------------------------------------
+
+
+def terminate_processes(processes: Iterable[multiprocessing.process.BaseProcess], wait_s: float = 0.5) -> None:
+    """Terminate hivemind's child processes (averagers, a DHT) without leaving the peer's futures locked.
+
+    Every process forked from this one shares three locks of hivemind's cross-process futures (creating one, sending
+    its result). A process terminated inside one leaves it held for good, and every later future in every process
+    of the peer waits on it (seen: a shutdown hung 600 s). So the locks are held here while the processes die:
+    none of them can be inside. Each gets SIGTERM, then SIGKILL after ``wait_s``; locks another process holds
+    longer than that are left alone."""
+    processes = [process for process in processes if process.is_alive()]
+    locks = [SharedBytes._lock, MPFuture._initialization_lock, MPFuture._update_lock]
+    deadline = time.monotonic() + wait_s
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                held.callback(lock.release)
+        for process in processes:
+            multiprocessing.process.BaseProcess.terminate(process)  # not an override of it, which calls this function
+        deadline = time.monotonic() + wait_s
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 class ProgressTracker(progress_tracker.ProgressTracker):

@@ -33,6 +33,8 @@ from p2ptrain.swarm.reachability import relayed
 logger = logging.getLogger(__name__)
 
 LAN_WAIT_S = 5.0  # --p2p py with mDNS and no peer given: how long to look for LAN peers
+
+
 def start_dht(
     settings: PeerSettings,
     data_dir: Path,

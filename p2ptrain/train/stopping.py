@@ -4,13 +4,14 @@ step in progress (``abandon_round``), whichever averaging mode it runs (``optimi
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import sys
 import threading
 import traceback
+from multiprocessing.process import BaseProcess
 from typing import Any
 
+from p2ptrain.compat.hivemind import terminate_processes
 from p2ptrain.train.optimizers import PeerOptimizer
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,7 @@ def stop_optimizer(optimizer: PeerOptimizer, step_running: bool, goodbye_s: floa
         logger.warning(
             "Saying goodbye took over %.0f s (in %s): terminating the averagers", goodbye_s, _where(goodbye.ident)
         )
-    for averager in vars(optimizer).values():
-        if isinstance(averager, multiprocessing.process.BaseProcess) and averager.is_alive():
-            averager.terminate()
+    terminate_processes(child for child in vars(optimizer).values() if isinstance(child, BaseProcess))
 
 
 def _where(thread_id: int | None) -> str:

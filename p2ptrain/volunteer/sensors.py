@@ -93,10 +93,10 @@ class NvmlSensor:
         pynvml.nvmlInit()
         self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
 
-
     @property
     def gpus(self) -> int:
         return len(self._handles)
+
     def read(self) -> MachineFacts:
         nvml, processes = self._nvml, {}
         util = used = total = power = temperature = None
