@@ -278,14 +278,20 @@ def test_stream_handler_error_reaches_the_caller():
 
             await a.add_protobuf_handler("broken", broken, test_pb2.TestRequest, stream_input=True, stream_output=True)
 
+            # each request waits for the answer to the last: a handler that closes its socket with requests unread
+            # resets the stream, and its error may be lost with it (the Go daemon's semantics, and ours)
+            answered = asyncio.Queue()
+
             async def numbers():
                 for i in range(5):
                     yield test_pb2.TestRequest(number=i)
+                    await answered.get()
 
             seen = []
             with pytest.raises(P2PHandlerError, match="three is too many"):
                 async for r in await b.iterate_protobuf_handler(a.peer_id, "broken", numbers(), test_pb2.TestResponse):
                     seen.append(r.number)
+                    answered.put_nowait(r.number)
             assert seen == [0, 1, 2]
 
     run(main())
