@@ -15,6 +15,7 @@
 - ``codecs``        fp16 / int8 / random-k, the ladder of compression levels
 - ``policy``        the adaptive level every group member derives from the same reports
 - ``param_check``   after each global step, members compare sketches of their parameters; a stray resyncs
+- ``step_numbers``  the members of a gradient round number the step they take with it alike
 - ``end_of_run``    ``--max-steps``: every peer stops on the same global step with the same parameters
 - ``models``        the model registry (gpt2-tiny/-small/-medium), built from configs; loss, held-out loss
 - ``tokenizer``     offline byte tokenizer; Hugging Face tokenizers from the local cache

@@ -31,6 +31,7 @@ from p2ptrain.compat.hivemind import AveragerHooks
 from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.policy import Plan, RoundReport, plan_round
+from p2ptrain.train.step_numbers import EpochReports
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def payload_bytes(level: Level, numel: int, group_size: int) -> float:
     return 2.0 * level.bytes_for(numel) * (group_size - 1) / max(group_size, 1)
 
 
-class CompressedGradientAverager(GroupRounds, CompressedAllReduce, GradientAverager):
+class CompressedGradientAverager(EpochReports, GroupRounds, CompressedAllReduce, GradientAverager):
     """hivemind.Optimizer's gradient averager with a fixed level (int8, random-k with error feedback)."""
 
     def __init__(self, *args: Any, level: Level, **kwargs: Any):

@@ -34,6 +34,7 @@ from p2ptrain.train.progress import CheckedProgressTracker, signs_with
 from p2ptrain.train.round_log import RoundLog
 from p2ptrain.train.signed_parts import PartSigner
 from p2ptrain.train.state_download import CheckedStateDownload, WholeStepState
+from p2ptrain.train.step_numbers import EpochReports, group_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_refresh_period": 1.0}
 
 
-class GradientRounds(GroupRounds, GradientAverager):
+class GradientRounds(EpochReports, GroupRounds, GradientAverager):
     """hivemind's gradient averager (codecs none, fp16) with p2ptrain's group rules (``group_rounds``); its rounds
     return a ``RoundOutcome`` with the time the all-reduce took (what the dashboard shows of each round)."""
 
@@ -72,7 +73,7 @@ class GradientRounds(GroupRounds, GradientAverager):
         return outcome
 
 
-class PowerSGDRounds(GroupRounds, PowerSGDGradientAverager):
+class PowerSGDRounds(EpochReports, GroupRounds, PowerSGDGradientAverager):
     """hivemind's PowerSGD gradient averager with p2ptrain's group rules."""
 
 
@@ -256,6 +257,8 @@ class SwarmOptimizer(compat.Optimizer):
         self.admission, self.signer = admission, signer
         self.round_log, self.grad_codec = RoundLog(), grad_codec  # grad_codec: the gradient rounds' unless they say
         super().__init__(*args, **kwargs)
+        if isinstance(self.grad_averager, EpochReports):
+            self.grad_averager.epoch_of = lambda: self.local_epoch
 
     def make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
         # hivemind's own (optimizer.py), with p2ptrain's group rules
@@ -297,6 +300,10 @@ class SwarmOptimizer(compat.Optimizer):
         if control.done() and not control.cancelled() and control.exception() is None:
             outcome = control.result()
             self.last_group = [peer.to_base58() for peer in outcome]
+            epoch = group_epoch(outcome, self.local_epoch, self.tracker.global_epoch)
+            if epoch is not None:
+                logger.info("Global step %d: the round's group was at %d; so is this peer", self.local_epoch, epoch)
+                self.state_averager.renumber(epoch)
             self._log_round(outcome)
         elif control.done():
             self.round_log.failed_with(self.local_epoch, "cancelled" if control.cancelled() else control.exception())

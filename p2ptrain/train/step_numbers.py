@@ -1,0 +1,34 @@
+"""How the members of a gradient round number the global step they take with it.
+
+hivemind matches gradient rounds by the averager's prefix, not by step: peers one step apart (one has just seen the
+swarm move on, the other not yet) average together, apply the same average, and number the result differently.
+The parameter check (``param_check``) compares sketches published under a step's number, so it then compares
+different steps and finds everybody apart. Each member reports its step in the round's all-gather
+(``EpochReports``), and after a successful round takes the highest one reported (``group_epoch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class EpochReports:
+    """Mixin for the gradient averagers: each member reports its global step in the round's all-gather, as the
+    user data ``{"epoch": n}`` (``protocols/averaging.md``)."""
+
+    epoch_of: Callable[[], int] | None = None  # the optimizer's global step; set once it exists
+
+    def schedule_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.epoch_of is not None and kwargs.get("gather") is None:
+            kwargs["gather"] = {"epoch": self.epoch_of()}
+        return super().schedule_step(*args, **kwargs)
+
+
+def group_epoch(outcome: dict, own: int, plausible: int) -> int | None:
+    """The highest global step the members of a gradient round reported (``EpochReports``), if above ``own``; one
+    step ahead is always believed, more only up to ``plausible`` (the swarm's progress records), so a member cannot
+    push this peer's count far on its word."""
+    reported = [d.get("epoch") for d in outcome.values() if isinstance(d, dict)]
+    ahead = [e for e in reported if type(e) is int and own < e <= max(own + 1, plausible)]
+    return max(ahead, default=None)

@@ -1,0 +1,65 @@
+"""Members of a gradient round number the step they take with it alike (step_numbers.py): each reports its global
+step in the round's all-gather, and one behind takes the group's."""
+
+from __future__ import annotations
+
+import threading
+
+import hivemind
+import pytest
+import torch
+
+from p2ptrain.settings import PeerSettings
+from p2ptrain.train.optimizers import make_optimizer
+from p2ptrain.train.step_numbers import group_epoch
+from p2ptrain.train.stopping import stop_optimizer
+
+
+def test_one_step_ahead_is_taken_and_more_only_as_far_as_the_progress_records_say():
+    reports = {"a": {"epoch": 7}, "b": {"epoch": 8}, "c": None}
+    assert group_epoch(reports, own=7, plausible=7) == 8  # one ahead: the records may lag behind the round
+    assert group_epoch(reports, own=8, plausible=9) is None  # nobody ahead of this peer
+    assert group_epoch({"a": {"epoch": 10**9}}, own=7, plausible=9) is None  # a member's word alone: no jump
+    assert group_epoch({"a": {"epoch": 9}, "b": {"epoch": 12}}, own=7, plausible=9) == 9
+    # what other versions or liars put there is ignored
+    odd = {"a": {"epoch": "8"}, "b": {"epoch": 8.0}, "c": {"epoch": True}, "d": [8], "e": {"report": {}}}
+    assert group_epoch(odd, own=7, plausible=9) is None
+
+
+@pytest.fixture
+def nodes():
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+    yield first, second
+    for node in (first, second):
+        node.shutdown()
+
+
+def test_a_member_one_step_behind_numbers_the_round_as_its_group(nodes, manifest, tmp_path):
+    """Two real peers' optimizers, at global steps 5 and 6, average their gradients in one round: both then number
+    the step they take with it 6 (hivemind alone would leave the first at 5, a step apart for good)."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(4, 2) for _ in nodes]
+    opts = [
+        make_optimizer(node, model, manifest, PeerSettings(data_dir=tmp_path / str(i), batch_size=16))
+        for i, (node, model) in enumerate(zip(nodes, models, strict=True))
+    ]
+    try:
+        for opt, model, epoch in zip(opts, models, (5, 6), strict=True):
+            opt.resume_at(epoch)
+            for param in model.parameters():
+                param.grad = torch.ones_like(param)
+            opt.grad_averager.accumulate_grads_(batch_size=16)
+        controls = [opt.grad_averager.step(wait=False, timeout=30) for opt in opts]
+        results = [control.result(60) for control in controls]
+        assert [sorted(r.get("epoch") for r in result.values()) for result in results] == [[5, 6], [5, 6]]
+        used = [threading.Thread(target=opt.use_averaged_gradients, args=(c,)) for opt, c in zip(opts, controls)]
+        for thread in used:
+            thread.start()
+        for thread in used:
+            thread.join(30)
+        assert [opt.local_epoch for opt in opts] == [6, 6]
+        assert [opt.last_group is not None for opt in opts] == [True, True]
+    finally:
+        for opt in opts:
+            stop_optimizer(opt, step_running=False)
