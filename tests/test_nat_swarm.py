@@ -39,6 +39,10 @@ pytestmark = [
 ]
 PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--checkpoint-every", "2")
 PORT = 31337  # the default: every host has its own address
+# Global steps of ~4 s of compute, not the demo's ~1 s: on 2 cores, four peers, their daemons and relays, a round
+# through a Python daemon can take seconds, and a peer that falls a step behind at every round never catches up.
+# (A real swarm's steps are minutes long.)
+NAT_SWARM_FLAGS = (*DEMO_SWARM_FLAGS, "--target-batch-size", "256")
 
 
 def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -> None:
@@ -158,7 +162,7 @@ def test_volunteers_behind_nats_train_through_relays_of_either_daemon(tmp_path, 
         s, r = lab.public("s"), lab.public("r")
         home_a, home_b = lab.home("a"), lab.home("b")
         a, b = home_a.host("a"), home_b.host("b")
-        with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
+        with LocalSwarm(tmp_path, swarm_flags=NAT_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
             seeder = swarm.seed("S", *p2p["S"], "--wait-for-peers", "4", prefix=s.prefix)
             invite = swarm.invite(seeder)
             second = swarm.join("R", *p2p["R"], "--invite", invite, prefix=r.prefix)

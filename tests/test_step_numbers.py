@@ -3,6 +3,7 @@ step in the round's all-gather, and one behind takes the group's."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import hivemind
@@ -53,13 +54,38 @@ def test_a_member_one_step_behind_numbers_the_round_as_its_group(nodes, manifest
         controls = [opt.grad_averager.step(wait=False, timeout=30) for opt in opts]
         results = [control.result(60) for control in controls]
         assert [sorted(r.get("epoch") for r in result.values()) for result in results] == [[5, 6], [5, 6]]
-        used = [threading.Thread(target=opt.use_averaged_gradients, args=(c,)) for opt, c in zip(opts, controls)]
+        used = [
+            threading.Thread(target=opt.use_averaged_gradients, args=(control,))
+            for opt, control in zip(opts, controls, strict=True)
+        ]
         for thread in used:
             thread.start()
         for thread in used:
             thread.join(30)
         assert [opt.local_epoch for opt in opts] == [6, 6]
+        # the first missed the step the second took to 6: after this one it downloads the swarm's state (Trainer)
+        assert [opt.behind_group_at(7) for opt in opts] == [True, False]
         assert [opt.last_group is not None for opt in opts] == [True, True]
     finally:
         for opt in opts:
             stop_optimizer(opt, step_running=False)
+
+
+def test_a_peer_behind_its_group_downloads_the_state_without_publishing_its_sketch(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    """Its parameters miss the group's last steps: a sketch of them under the group's step number would only put
+    one more camp in the others' check."""
+    from types import SimpleNamespace
+
+    from p2ptrain.status import StatusWriter
+    from p2ptrain.train.trainer import Trainer
+
+    downloads = []
+    opt = SimpleNamespace(local_epoch=7, behind_group_at=lambda epoch: epoch == 7)
+    opt.load_state_from_peers = lambda: (downloads.append(opt.local_epoch), setattr(opt, "local_epoch", 9))
+    trainer = Trainer.__new__(Trainer)  # the check's bookkeeping only: no model, no swarm
+    trainer.opt, trainer.lock, trainer.status = opt, threading.Lock(), StatusWriter(tmp_path / "status.json")
+    trainer._param_check = SimpleNamespace(after_step=lambda *args: pytest.fail("published a sketch"))
+    trainer._compare_params(7)
+    assert downloads == [7] and opt.local_epoch == 9
+    assert "its round's group was ahead" in caplog.text and "now at global step 9" in caplog.text

@@ -201,6 +201,9 @@ class LocalUpdateOptimizer:
     def own_update_at(self, epoch: int) -> bool:
         return False
 
+    def behind_group_at(self, epoch: int) -> bool:
+        return False
+
     def pause(self, timeout_s: float) -> None:
         self.wait_for_round(timeout=timeout_s)
 

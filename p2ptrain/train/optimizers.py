@@ -203,6 +203,9 @@ class PeerOptimizer(Protocol):
     def own_update_at(self, epoch: int) -> bool:
         """Did the step to ``epoch`` apply this peer's own gradients alone (its round failed)?"""
 
+    def behind_group_at(self, epoch: int) -> bool:
+        """Did the step to ``epoch`` apply a round whose group was steps ahead (this peer missed their last steps)?"""
+
     def pause(self, timeout_s: float) -> None:
         """Before stepping aside: land the round in flight (at most ``timeout_s``) or cancel the rounds ahead."""
 
@@ -240,6 +243,7 @@ class SwarmOptimizer(compat.Optimizer):
 
     progress_tracker_type = CheckedProgressTracker
     local_step_epoch = -1
+    behind_at = -1  # the last step that applied a round whose group was ahead (``step_numbers``)
     last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
 
     def __init__(
@@ -304,6 +308,7 @@ class SwarmOptimizer(compat.Optimizer):
             if epoch is not None:
                 logger.info("Global step %d: the round's group was at %d; so is this peer", self.local_epoch, epoch)
                 self.state_averager.renumber(epoch)
+                self.behind_at = epoch + 1
             self._log_round(outcome)
         elif control.done():
             self.round_log.failed_with(self.local_epoch, "cancelled" if control.cancelled() else control.exception())
@@ -336,6 +341,9 @@ class SwarmOptimizer(compat.Optimizer):
 
     def own_update_at(self, epoch: int) -> bool:
         return self.local_step_epoch == epoch - 1
+
+    def behind_group_at(self, epoch: int) -> bool:
+        return self.behind_at == epoch
 
     def pause(self, timeout_s: float) -> None:
         self.cancel_rounds(forget=True)

@@ -15,7 +15,8 @@ from typing import Any
 
 class EpochReports:
     """Mixin for the gradient averagers: each member reports its global step in the round's all-gather, as the
-    user data ``{"epoch": n}`` (``protocols/averaging.md``)."""
+    user data ``{"epoch": n}`` (``protocols/averaging.md``). A member that was behind its group missed their last
+    steps: it downloads the swarm's state instead of comparing its parameters (``Trainer``)."""
 
     epoch_of: Callable[[], int] | None = None  # the optimizer's global step; set once it exists
 
@@ -23,6 +24,11 @@ class EpochReports:
         if self.epoch_of is not None and kwargs.get("gather") is None:
             kwargs["gather"] = {"epoch": self.epoch_of()}
         return super().schedule_step(*args, **kwargs)
+
+    def load_state_from_peers(self, *args: Any, **kwargs: Any) -> None:
+        """Download nothing: hivemind's Optimizer downloads its gradient averager's "state" (the gradient buffers
+        of the server's last step) after the state averager's, then zeroes them (a second transfer of the model's
+        size, seen failing on a shape from a Python-daemon peer)."""
 
 
 def group_epoch(outcome: dict, own: int, plausible: int) -> int | None:

@@ -296,6 +296,9 @@ class Trainer:
     def _compare_params(self, epoch: int) -> None:
         """Publish our parameters' sketch for this step; resynchronise if the last verdict says we left the swarm's
         parameters (``param_check``)."""
+        if self.opt.behind_group_at(epoch):  # its sketch would not be of the others' step: not published
+            self._resync(epoch, "its round's group was ahead; this peer missed their last steps")
+            return
         lr = self.opt.learning_rate()
         own = self.opt.own_update_at(epoch)
         group = None if own else self.opt.last_group
@@ -309,13 +312,12 @@ class Trainer:
             whose = f"{verdict.camps} camps of peers differ" if verdict.camps > 1 else "every peer's differ"
             logger.info("Parameters at global step %d: %s; the others take ours", verdict.epoch, whose)
             self.opt.offer_state_first(epoch)
-        if not verdict.left:
-            return
-        logger.warning(
-            "Parameters at global step %d differ from the swarm's (%s): downloading the swarm's state",
-            verdict.epoch,
-            verdict.reason(),
-        )
+        if verdict.left:
+            self._resync(verdict.epoch, verdict.reason())
+
+    def _resync(self, epoch: int, reason: str) -> None:
+        logger.warning("Parameters at global step %d differ from the swarm's (%s): downloading the swarm's state",
+                       epoch, reason)  # fmt: skip
         with self.lock:
             self.opt.load_state_from_peers()
         logger.info("Resynchronised with the swarm: now at global step %d", self.opt.local_epoch)
