@@ -56,12 +56,12 @@ def test_who_resynchronises():
     # two peers that disagree: the one whose last update was its own goes
     assert judge(gone, {"a": near["a"]}, LR, 7, True, ME).left
     assert not judge(near["a"], {"x": gone}, LR, 7, False, ME).left
-    # everybody apart from everybody: the smallest peer id's state wins, the others take it
+    # everybody apart from everybody: camps of one; the smallest peer id's state wins, the others take it
     apart = {p: swarm + rng.normal(scale=0.1 * LR, size=SKETCH_SIZE).astype(np.float32) for p in "de"}
-    ours = judge(gone, apart, LR, 7, False, me="b")
-    assert ours.apart and ours.lead and not ours.left
-    theirs = judge(gone, apart, LR, 7, False, me="f")
-    assert theirs.apart and theirs.left and not theirs.lead
+    ours = judge(gone, apart, LR, 7, False, me="b", everyone=apart)
+    assert ours.lead and not ours.left and ours.camps == 3
+    theirs = judge(gone, apart, LR, 7, False, me="f", everyone=apart)
+    assert theirs.left and not theirs.lead and "3 camps" in theirs.reason()
 
 
 def test_camps_left_by_split_rounds_join_the_largest():

@@ -25,8 +25,8 @@ Each peer compares its sketch with those of the members of the gradient round th
 every peer's if its round failed and its update was its own. A peer that agrees with none of them while some of
 them agree among themselves, or, against one other peer, whose last update was its own, has left the swarm's
 parameters: it logs it and downloads the swarm's state. When everybody differs from everybody (seen after a
-state-averaging round that grouped only some of four peers), the state of the smallest peer id wins: that peer
-offers its state first, the others download it.
+state-averaging round that grouped only some of four peers), the camps below are of one peer each, and the state
+of the smallest peer id wins: that peer offers its state first, the others download it.
 
 Rounds that found each its own group leave **camps**: members that agree among themselves and differ from the
 other camps (seen behind NATs, when a volunteer's daemon misses a matchmaking and a step's round splits in two; the
@@ -114,19 +114,13 @@ class Verdict:
     others: int  # peers whose sketch for ``epoch`` was read
     agreeing: int  # of them, those that agree with ours
     left: bool  # we left the swarm's parameters: resynchronise
-    apart: bool = False  # everybody differs from everybody
-    lead: bool = False  # ... and ours is the state the others take
+    lead: bool = False  # ours is the state the others take (the largest camp's)
     camps: int = 1  # groups of agreeing peers among every sketch read (ours included)
 
     def reason(self) -> str:
         """Why we left the swarm's parameters, for the log."""
         if self.camps > 1:
             return f"the peers we met are in {self.camps} camps that differ, and ours is not the largest"
-        if self.apart:
-            return (
-                f"none of {self.others} peers of our last round agrees with ours, nor with each other: the state "
-                "of the smallest peer id wins"
-            )
         if self.others > 1:
             return f"none of {self.others} peers of our last round agrees with ours, they agree among themselves"
         return "the one peer of our last round differs, and our last update was our own"
@@ -143,8 +137,8 @@ def judge(
 ) -> Verdict:
     """Did we (peer id ``me``) leave the swarm's parameters at ``epoch``? ``theirs``: the sketches of our round's
     members; ``everyone``: all the others' sketches read, for the camps (see the module docstring)."""
-    verdict = _against_our_round(mine, theirs, lr, epoch, our_own_update, me)
-    if verdict.left or verdict.apart or not everyone:
+    verdict = _against_our_round(mine, theirs, lr, epoch, our_own_update)
+    if verdict.left or not everyone:
         return verdict
     found = camps({me: mine, **everyone}, lr)
     if len(found) == 1:
@@ -156,7 +150,7 @@ def judge(
 
 
 def _against_our_round(
-    mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int, our_own_update: bool, me: str
+    mine: np.ndarray, theirs: dict[str, np.ndarray], lr: float, epoch: int, our_own_update: bool
 ) -> Verdict:
     others = list(theirs.values())
     agreeing = sum(agree(mine, other, lr) for other in others)
@@ -164,12 +158,9 @@ def _against_our_round(
         return Verdict(epoch, len(others), agreeing, False)
     if len(others) == 1:
         return Verdict(epoch, 1, 0, our_own_update)
-    if any(agree(x, y, lr) for i, x in enumerate(others) for y in others[i + 1 :]):
-        return Verdict(epoch, len(others), 0, True)
-    # everybody differs from everybody: one state must win, or they train on apart for good; every member computes
-    # the same winner, the smallest peer id's
-    lead = me < min(theirs)
-    return Verdict(epoch, len(others), 0, left=not lead, apart=True, lead=lead)
+    # none agrees with us: we left, if they agree among themselves; if everybody differs from everybody, the camps
+    # (singletons, the smallest peer id's first) decide which state the others take
+    return Verdict(epoch, len(others), 0, any(agree(x, y, lr) for i, x in enumerate(others) for y in others[i + 1 :]))
 
 
 def camps(sketches: dict[str, np.ndarray], lr: float) -> list[frozenset[str]]:
