@@ -14,6 +14,7 @@ from p2ptrain.train.param_check import (
     positions,
     read_sketches,
     sketch,
+    sketch_key,
 )
 
 LR = 1e-3
@@ -85,40 +86,50 @@ def test_camps_left_by_split_rounds_join_the_largest():
     assert judge(y, {"c": pair["c"]}, LR, 9, False, "b", everyone={"m": x, **small, **pair}).left
 
 
-def test_only_peers_met_in_rounds_count_in_camps():
+def test_only_peers_met_in_rounds_count_in_camps(tmp_path):
     """Sketches are cheap to publish under new peer ids: a camp of ids never met in a round cannot outvote the
-    peers we average with (it would send us to download a state those ids vouch for)."""
-    from types import SimpleNamespace
+    peers we average with (it would send us to download a state those ids vouch for). Five members on real DHT
+    nodes, each publishing its signed sketch: m and a hold the swarm's parameters, three fresh ids another."""
+    import time
 
-    from hivemind.utils import get_dht_time
+    from conftest import swarm_node
 
     from p2ptrain.train.param_check import ParamCheck
 
+    def verdict_of(check: ParamCheck, epoch: int):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # every member's sketch stored (each store is a background one)
+            found = check.dht.get(sketch_key("run", epoch), latest=True)
+            if found is not None and len(found.value) == 5:
+                break
+            time.sleep(0.1)
+        while time.monotonic() < deadline:
+            verdict = check.poll(epoch)
+            if verdict is not None:
+                return verdict
+            time.sleep(0.05)
+        raise AssertionError(f"no verdict within 20 s (last: {check.last})")
+
     rng = np.random.default_rng(3)
     params = [torch.tensor(rng.normal(size=300).astype(np.float32))]
-    ours = sketch(params, "run", 4)
-    forged = {f"sybil{i}": ours + 1.0 for i in range(5)}
-    records = {"a": encode_sketch(4, ours), **{p: encode_sketch(4, v) for p, v in forged.items()}}
-    entry = lambda value: SimpleNamespace(value=value, expiration_time=get_dht_time() + 60)  # noqa: E731
-    found = entry({peer: entry(value) for peer, value in records.items()})
-
-    class Done:
-        def done(self):
-            return True
-
-        def result(self):
-            return found
-
-    dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "m"), store=lambda *a, **k: None,
-                          get=lambda *a, **k: Done())  # fmt: skip
-    check = ParamCheck(dht, "run")
-    check.after_step(4, params, LR, own_update=False, group=["m", "a"])
-    check.poll(4)  # starts the read
-    verdict = check.poll(4)
-    assert verdict is not None and not verdict.left and verdict.camps == 1 and verdict.agreeing == 1
-    check.after_step(5, params, LR, own_update=False, group=["m", "a", *forged])  # now they averaged with us
-    verdict = check.poll(4)  # (the step's own call started the read)
-    assert verdict.left and verdict.camps == 2  # and, five against two, they are the swarm
+    forged = [params[0] + 1.0]
+    nodes = [swarm_node(tmp_path / "m", "run")]
+    nodes += [swarm_node(tmp_path / name, "run", nodes[0].get_visible_maddrs()) for name in ("a", "s1", "s2", "s3")]
+    try:
+        m, a, *sybils = (ParamCheck(node, "run") for node in nodes)
+        ids = [check.own for check in (m, a, *sybils)]
+        a.after_step(4, params, LR, own_update=False, group=ids[:2])
+        for sybil in sybils:
+            sybil.after_step(4, forged, LR, own_update=False, group=ids[2:])
+        m.after_step(4, params, LR, own_update=False, group=ids[:2])
+        verdict = verdict_of(m, 4)
+        assert not verdict.left and verdict.camps == 1 and verdict.agreeing == 1  # the three never met us
+        m.after_step(5, params, LR, own_update=False, group=ids)  # now they averaged with us
+        verdict = verdict_of(m, 4)
+        assert verdict.left and verdict.camps == 2  # and, three against two, they are the swarm
+    finally:
+        for node in nodes:
+            node.shutdown()
 
 
 def test_malformed_sketches_from_the_network_are_skipped():
