@@ -20,6 +20,7 @@ tx counter). JSON + Markdown + a PNG plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -184,8 +185,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict:
             proc.wait(timeout=args.rounds * args.period + 120)
         sent = [net.tx_bytes(i) - tx0[i] for i in range(n)]
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
+        for proc in procs.values():  # the whole session: a worker's averager and DHT processes may outlive it
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         net.remove()
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []

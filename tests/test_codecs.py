@@ -6,12 +6,13 @@ import random
 
 import pytest
 import torch
+from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2ptrain.train.averaging import payload_bytes
-from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
+from p2ptrain.train.codecs import DENSE, LADDER, MAX_PART_BYTES, Level, densify, part_size, shared_indices, sparsify_
 from p2ptrain.train.policy import RoundReport, choose_level
 
 
@@ -83,6 +84,25 @@ def test_payload_of_a_butterfly_all_reduce():
     assert payload_bytes(Level("fp16"), 1000, 1) == 0
     assert payload_bytes(Level("fp16"), 1000, 2) == 2000  # half out, half back, 2 bytes each
     assert payload_bytes(Level("int8", 0.1), 1000, 4) == pytest.approx(2 * 100 * 3 / 4)
+
+
+@pytest.mark.parametrize("codec, numel, group", [("int8", 470_528, 4), ("fp16", 470_528, 4), ("int8", 470_528, 8),
+                                                  ("none", 5_000_000, 4), ("int8", 124_000_000, 16)])  # fmt: skip
+def test_every_member_aggregates_a_share_of_the_vector(codec, numel, group):
+    """hivemind gives each member whole parts: with its 512 kB parts gpt2-tiny's vector in int8 was one part, which
+    one member aggregated alone (4x payload ÷ link). With ``part_size`` every member gets its share, within a part."""
+    vector = torch.zeros(numel)
+    compression = DENSE[codec]()
+    info = (CompressionInfo.from_tensor(vector, key=0),)
+    size = part_size(Level(codec).bytes_for(numel), group)
+    container = TensorPartContainer([vector], [1.0] * group, compression=compression, part_size_bytes=size,
+                                    tensor_infos=info)  # fmt: skip
+    parts = container.num_parts_by_peer
+    assert min(parts) >= 1 and max(parts) - min(parts) <= 1, parts
+    assert size <= MAX_PART_BYTES
+    if codec == "int8" and numel == 470_528:  # what hivemind's own size did to it
+        default = TensorPartContainer([vector], [1.0] * group, compression=compression, tensor_infos=info)
+        assert sorted(default.num_parts_by_peer) == [0] * (group - 1) + [1]
 
 
 # -- the adaptive policy ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.asyncio import enter_asynchronously
 
 from p2ptrain.compat.hivemind import AveragerHooks
-from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, shared_indices, sparsify_
+from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, part_size, shared_indices, sparsify_
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.policy import Plan, RoundReport, plan_round
 from p2ptrain.train.step_numbers import EpochReports
@@ -87,7 +87,9 @@ class CompressedAllReduce(AveragerHooks):
                     None, load_balance_peers, values.numel(), download, min_vector_size
                 )
                 kwargs.update(
-                    compression=DENSE[level.codec](), tensor_infos=(CompressionInfo.from_tensor(values, key=0),)
+                    compression=DENSE[level.codec](),
+                    tensor_infos=(CompressionInfo.from_tensor(values, key=0),),
+                    part_size_bytes=part_size(level.bytes_for(numel), len(group_info.peer_ids)),
                 )
                 started = time.perf_counter()
                 await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)

@@ -52,6 +52,20 @@ DENSE: dict[str, type[CompressionBase]] = {
     "int8": Int8Compression,
 }
 BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "int8": 1.0}
+PARTS_PER_SHARE = 4  # parts in each member's share: it reduces and returns one while the next arrives
+MIN_PART_BYTES = 32 * 1024  # smaller parts cost more in messages, signatures and int8 codebooks (1 kB each)
+MAX_PART_BYTES = 2**19  # hivemind's own part size
+
+
+def part_size(vector_bytes: float, group_size: int) -> int:
+    """The part size (bytes after the codec) for an all-reduce of ``vector_bytes`` among ``group_size`` members.
+
+    hivemind cuts the vector into parts of a fixed size (512 kB) and gives each member whole parts: a vector under
+    two parts per member leaves some members nothing to aggregate, and one under a part (gpt2-tiny's in int8,
+    470 kB) is aggregated by one member alone, whose link then carries the whole group's traffic (a round took 4x
+    payload ÷ link). Parts of a quarter of a share spread the vector evenly and let each aggregator pipeline."""
+    per_part = vector_bytes / (max(group_size, 1) * PARTS_PER_SHARE)
+    return int(min(MAX_PART_BYTES, max(MIN_PART_BYTES, per_part)))
 
 
 @dataclass(frozen=True)

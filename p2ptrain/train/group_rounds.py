@@ -1,9 +1,8 @@
 """Averaging rounds among peers that may sit behind NAT: who aggregates a part, and what counts as a round done.
 
-hivemind splits a group's vector into one part per member; each member aggregates its part from everybody and
-sends the average back. Two things go wrong among volunteers behind NAT routers, and this module fixes both for
-every averager p2ptrain runs (gradients, optimizer state, compressed and local-update ones), as a mixin, and
-makes the average the same on every member:
+hivemind cuts a group's vector into parts, each member aggregates its share of them from everybody and sends the
+average back (parts of a quarter of a share here: ``codecs.part_size``). Two things go wrong behind NAT routers;
+this module fixes both for every averager p2ptrain runs, as a mixin, and makes the average the same on every member:
 
 1. **Who aggregates.** A member nobody can open a direct connection to cannot aggregate: every other member's
    part for it would have to cross a relay, which is no data path (``nat.py``). Each member reports its
@@ -49,6 +48,7 @@ from p2ptrain.swarm.nat import REPORTED_KINDS, aggregates, cannot_average
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.accusations import READ_EVERY_S, Accusations, Evidence, rms
 from p2ptrain.train.bans import Bans
+from p2ptrain.train.codecs import part_size
 from p2ptrain.train.robust import AverageBound, RobustPartReducer
 from p2ptrain.train.signed_parts import PartSigner, Receipts
 
@@ -114,6 +114,9 @@ class GroupRounds(Accusations, AveragerHooks):
                 reason = self._refusal(peer_id, _shown_pass(self.serializer, raw))
                 if reason:
                     raise AllreduceException(f"group member {peer_id} is not admitted to this private swarm: {reason}")
+        if kwargs.get("tensor_infos"):  # hivemind's averagers; p2ptrain's compressed ones size their parts themselves
+            bytes_per_value = 4 * kwargs["compression"].estimate_compression_ratio(kwargs["tensor_infos"][0])
+            kwargs["part_size_bytes"] = part_size(self.total_size * bytes_per_value, group_info.group_size)
         return await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
 
     async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
