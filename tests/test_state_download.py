@@ -116,3 +116,30 @@ def test_a_state_served_while_its_server_steps_is_of_one_step():
             averager.shutdown()
         for dht in (first, second):
             dht.shutdown()
+
+
+def test_a_state_download_whose_stream_does_not_open_moves_on_to_the_next_peer(monkeypatch, caplog):
+    """hivemind opens a download's stream without a bound: a dial through a relay that is gone held a resync for
+    over two minutes (seen in the `[py]` NAT test). The stub is a daemon that never opens the stream."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from p2ptrain.train import group_rounds
+
+    class NeverOpens:
+        async def rpc_download_state(self, request):  # noqa: ANN001, ANN201
+            await asyncio.sleep(3600)
+
+    monkeypatch.setattr(group_rounds, "OPEN_S", 0.3)
+    owner = SimpleNamespace(admission=None, check_served_state=None, next_chunk_timeout=None, request_timeout=1.0)
+    download = group_rounds._CheckedDownload(NeverOpens(), "QmGone", owner)
+
+    async def main() -> list:
+        return [message async for message in await download.rpc_download_state(None)]
+
+    caplog.set_level(logging.INFO)
+    started = time.monotonic()
+    assert asyncio.run(main()) == []  # empty: hivemind skips it for the next peer ("did not send its state")
+    assert time.monotonic() - started < 2.0
+    assert "Peer QmGone did not open a state download within 0.3 s" in caplog.text

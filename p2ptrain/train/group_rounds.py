@@ -18,11 +18,9 @@ this module fixes both for every averager p2ptrain runs, as a mixin, and makes t
    global step (``param_check.py``) then finds and resynchronises any member whose parameters left the group's.
 3. **One average for all.** hivemind's aggregator sends each member the compressed *difference* between the
    average and that member's part, which each adds to its own values: with fp16 every member ends off the average
-   by the rounding of its *own* part (for small-batch gradients, many times the average's size: measured, two
-   peers on loopback drifted a median 0.01-0.06 learning rates apart per step). Here the aggregator sends the
-   average itself, compressed, and each member, the aggregator included, takes that decompressed average: all
-   hold the same values, to a float32 rounding. Members of older versions must not be in the same group (they
-   would add an average as a difference), so p2ptrain's averagers use their own key prefix (``VERSION``).
+   by the rounding of its *own* part. Here the aggregator sends the average itself, compressed, and each member,
+   the aggregator included, takes that decompressed average: all hold the same values. Members of older versions
+   must not be in the same group (they would add an average as a difference): ``VERSION`` is in the key prefix.
 """
 
 from __future__ import annotations
@@ -213,23 +211,23 @@ class _CheckedDownload:
     async def rpc_download_state(self, request: Any) -> Any:
         owner, check = self._owner, getattr(self._owner, "check_served_state", None)
         if owner.admission is not None and not await owner.admits(self._peer):
-            return _nothing()
-        stream = await self._stub.rpc_download_state(request)
+            return as_aiter()
+        try:  # opening waits on the daemon's dial (through a relay, to a peer gone): hivemind sets no bound
+            stream = await asyncio.wait_for(self._stub.rpc_download_state(request), OPEN_S)
+        except asyncio.TimeoutError:
+            logger.info("Peer %s did not open a state download within %g s", self._peer, OPEN_S)
+            return as_aiter()
         if check is None:
             return stream
         try:
             messages = [m async for m in aiter_with_timeout(stream, owner.next_chunk_timeout or owner.request_timeout)]
         except asyncio.TimeoutError:
             logger.info("Peer %s stopped sending its state", self._peer)
-            return _nothing()
-        return as_aiter(*messages) if await check(self._peer, messages) else _nothing()
+            return as_aiter()
+        return as_aiter(*messages) if await check(self._peer, messages) else as_aiter()
 
 
-async def _nothing() -> AsyncIterator[Any]:
-    return
-    yield
-
-
+OPEN_S = 15.0  # a state download's stream opens within this, or the next peer is asked
 ADMITTED_FOR_S = 600.0  # a pass seen in a group admits its peer's state downloads this long
 REVOCATIONS_EVERY_S = 60.0
 DHT_WAIT_S = 5.0
