@@ -145,7 +145,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
     assert netns() == before
 
 
-@pytest.mark.extended  # 2-5 min each; passes sometimes: rounds of four often end apart (README, "Where it stands")
+@pytest.mark.extended  # 1.5-4 min each; mixed passes, py sometimes: rounds of four rarely end equal (README)
 @pytest.mark.parametrize("daemons", ["mixed", "py"])
 def test_volunteers_behind_nats_train_through_relays_of_either_daemon(tmp_path, daemons):
     """The Python daemon behind NAT and as a relay. ``mixed``: S runs Go, R Python, volunteer A Python, B Go;
