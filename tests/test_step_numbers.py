@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import threading
 
-import hivemind
 import pytest
 import torch
 
+from p2ptrain.local_swarm import loopback_dhts
 from p2ptrain.settings import PeerSettings
 from p2ptrain.train.optimizers import make_optimizer
 from p2ptrain.train.step_numbers import group_epoch
@@ -29,10 +29,9 @@ def test_one_step_ahead_is_taken_and_more_only_as_far_as_the_progress_records_sa
 
 @pytest.fixture
 def nodes():
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
-    yield first, second
-    for node in (first, second):
+    both = loopback_dhts(2)
+    yield both
+    for node in both:
         node.shutdown()
 
 
