@@ -1,26 +1,29 @@
-"""Members of a gradient round number the step they take with it alike (step_numbers.py): each reports its global
-step in the round's all-gather, and one behind takes the group's."""
+"""Members of a gradient round report their global step in its all-gather (step_numbers.py): one that finds its
+group ahead, as far as the swarm's progress records confirm, downloads the swarm's state."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
+from conftest import swarm_node
 
-from p2ptrain.local_swarm import loopback_dhts
 from p2ptrain.settings import PeerSettings
+from p2ptrain.swarm.identity import identity_key
 from p2ptrain.train.optimizers import make_optimizer
 from p2ptrain.train.step_numbers import group_epoch
 from p2ptrain.train.stopping import stop_optimizer
 
 
-def test_one_step_ahead_is_taken_and_more_only_as_far_as_the_progress_records_say():
+def test_a_group_ahead_counts_only_as_far_as_the_progress_records_say():
     reports = {"a": {"epoch": 7}, "b": {"epoch": 8}, "c": None}
-    assert group_epoch(reports, own=7, plausible=7) == 8  # one ahead: the records may lag behind the round
+    assert group_epoch(reports, own=7, plausible=8) == 8
+    assert group_epoch(reports, own=7, plausible=7) is None  # a member's word alone: a liar would send us every round
     assert group_epoch(reports, own=8, plausible=9) is None  # nobody ahead of this peer
-    assert group_epoch({"a": {"epoch": 10**9}}, own=7, plausible=9) is None  # a member's word alone: no jump
+    assert group_epoch({"a": {"epoch": 10**9}}, own=7, plausible=9) is None
     assert group_epoch({"a": {"epoch": 9}, "b": {"epoch": 12}}, own=7, plausible=9) == 9
     # what other versions or liars put there is ignored
     odd = {"a": {"epoch": "8"}, "b": {"epoch": 8.0}, "c": {"epoch": True}, "d": [8], "e": {"report": {}}}
@@ -28,25 +31,35 @@ def test_one_step_ahead_is_taken_and_more_only_as_far_as_the_progress_records_sa
 
 
 @pytest.fixture
-def nodes():
-    both = loopback_dhts(2)
+def nodes(tmp_path):
+    first = swarm_node(tmp_path / "node0", "test-run")
+    both = [first, swarm_node(tmp_path / "node1", "test-run", first.get_visible_maddrs())]
     yield both
     for node in both:
         node.shutdown()
 
 
-def test_a_member_one_step_behind_numbers_the_round_as_its_group(nodes, manifest, tmp_path):
-    """Two real peers' optimizers, at global steps 5 and 6, average their gradients in one round: both then number
-    the step they take with it 6 (hivemind alone would leave the first at 5, a step apart for good)."""
+def test_a_member_behind_its_group_knows_it(nodes, manifest, tmp_path):
+    """Two real peers' optimizers, at global steps 5 and 6 (as their progress records say), average their gradients
+    in one round: the first learns that its step to 6 applied a group's round of step 6, so it missed a step."""
     torch.manual_seed(0)
     models = [torch.nn.Linear(4, 2) for _ in nodes]
     opts = [
-        make_optimizer(node, model, manifest, PeerSettings(data_dir=tmp_path / str(i), batch_size=16))
+        make_optimizer(
+            node, model, manifest, PeerSettings(data_dir=tmp_path / str(i), batch_size=16),
+            identity=identity_key(tmp_path / f"node{i}"),
+        )
         for i, (node, model) in enumerate(zip(nodes, models, strict=True))
-    ]
+    ]  # fmt: skip
     try:
-        for opt, model, epoch in zip(opts, models, (5, 6), strict=True):
+        for opt, epoch in zip(opts, (5, 6), strict=True):
             opt.resume_at(epoch)
+            opt.tracker.report_local_progress(epoch, 1)  # hivemind publishes a record once it has samples
+        deadline = time.monotonic() + 30
+        while opts[0].tracker.global_epoch < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert opts[0].tracker.global_epoch == 6, "the first peer's tracker never read the second's progress record"
+        for opt, model in zip(opts, models, strict=True):
             for param in model.parameters():
                 param.grad = torch.ones_like(param)
             opt.grad_averager.accumulate_grads_(batch_size=16)
@@ -61,9 +74,10 @@ def test_a_member_one_step_behind_numbers_the_round_as_its_group(nodes, manifest
             thread.start()
         for thread in used:
             thread.join(30)
-        assert [opt.local_epoch for opt in opts] == [6, 6]
-        # the first missed the step the second took to 6: after this one it downloads the swarm's state (Trainer)
-        assert [opt.behind_group_at(7) for opt in opts] == [True, False]
+        assert [opt.local_epoch for opt in opts] == [5, 6]  # the step each takes next: to 6 and to 7
+        # the first missed the step the second took to 6: after its own step to 6 it downloads the state (Trainer)
+        assert [opt.behind_group_at(6) for opt in opts] == [True, False]
+        assert [opt.behind_group_at(7) for opt in opts] == [False, False]
         assert [opt.last_group is not None for opt in opts] == [True, True]
     finally:
         for opt in opts:
@@ -71,9 +85,9 @@ def test_a_member_one_step_behind_numbers_the_round_as_its_group(nodes, manifest
 
 
 def test_a_peer_behind_its_group_downloads_the_state_without_publishing_its_sketch(tmp_path, caplog):
-    caplog.set_level(logging.INFO)
     """Its parameters miss the group's last steps: a sketch of them under the group's step number would only put
     one more camp in the others' check."""
+    caplog.set_level(logging.INFO)
     from types import SimpleNamespace
 
     from p2ptrain.status import StatusWriter

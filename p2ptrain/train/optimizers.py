@@ -305,10 +305,9 @@ class SwarmOptimizer(compat.Optimizer):
             outcome = control.result()
             self.last_group = [peer.to_base58() for peer in outcome]
             epoch = group_epoch(outcome, self.local_epoch, self.tracker.global_epoch)
-            if epoch is not None:
-                logger.info("Global step %d: the round's group was at %d; so is this peer", self.local_epoch, epoch)
-                self.state_averager.renumber(epoch)
-                self.behind_at = epoch + 1
+            if epoch is not None:  # its parameters miss the group's last steps: the trainer downloads the state
+                logger.info("Global step %d: the round's group was at %d", self.local_epoch, epoch)
+                self.behind_at = self.local_epoch + 1  # the step this one takes
             self._log_round(outcome)
         elif control.done():
             self.round_log.failed_with(self.local_epoch, "cancelled" if control.cancelled() else control.exception())

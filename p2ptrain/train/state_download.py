@@ -60,11 +60,6 @@ class WholeStepState:
         with self._between_steps:  # the epoch's increment and the optimizer step it waits for
             return super().step(*args, **kwargs)
 
-    def renumber(self, epoch: int) -> None:
-        """Number the coming step ``epoch`` + 1, as the members of its gradient round do; between two steps."""
-        with self._between_steps:
-            self.local_epoch = epoch
-
     def get_current_state(self) -> tuple[Any, list[torch.Tensor], Any]:
         with self._between_steps:
             metadata, tensors, infos = super().get_current_state()

@@ -4,7 +4,8 @@ hivemind matches gradient rounds by the averager's prefix, not by step: peers on
 swarm move on, the other not yet) average together, apply the same average, and number the result differently.
 The parameter check (``param_check``) compares sketches published under a step's number, so it then compares
 different steps and finds everybody apart. Each member reports its step in the round's all-gather
-(``EpochReports``), and after a successful round takes the highest one reported (``group_epoch``).
+(``EpochReports``); after a successful round a member that finds its group ahead (``group_epoch``) missed their
+last steps, and downloads the swarm's state instead of comparing its parameters (``Trainer``).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ class EpochReports:
 
 
 def group_epoch(outcome: dict, own: int, plausible: int) -> int | None:
-    """The highest global step the members of a gradient round reported (``EpochReports``), if above ``own``; one
-    step ahead is always believed, more only up to ``plausible`` (the swarm's progress records), so a member cannot
-    push this peer's count far on its word."""
+    """The highest global step the members of a gradient round reported (``EpochReports``), if above ``own`` and
+    at most ``plausible`` (the swarm's checked progress records): a member's word alone sends nobody to download
+    the state (a liar would, every round); while the records lag, the parameter check is the fallback."""
     reported = [d.get("epoch") for d in outcome.values() if isinstance(d, dict)]
-    ahead = [e for e in reported if type(e) is int and own < e <= max(own + 1, plausible)]
+    ahead = [e for e in reported if type(e) is int and own < e <= plausible]
     return max(ahead, default=None)
