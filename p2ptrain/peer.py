@@ -51,6 +51,7 @@ from p2ptrain.status import StatusWriter
 from p2ptrain.swarm import discovery, joining, nat, network
 from p2ptrain.swarm import manifest as mf
 from p2ptrain.swarm.file_sharing import provide
+from p2ptrain.swarm.grouping import Regrouping
 from p2ptrain.swarm.identity import author_key, ensure_identity, ensure_private_dir, identity_key, lock_data_dir
 from p2ptrain.swarm.invite import Invite
 from p2ptrain.swarm.joining import JoinRequest, SeedRequest
@@ -246,6 +247,9 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
                     republisher.refresh()  # a peer found public offers itself as a relay at once
 
             watch = NetworkWatch(dht, role, manifest.run_id, on_network, lambda: known)
+            if manifest.averaging.group_size:  # each round's groups, from the members' records read at its start
+                regrouping = Regrouping(dht.peer_id.to_base58(), manifest.averaging.group_size)
+                optimizer.passes = lambda: regrouping.passes(*watch.prober.read())
 
             def relay_addrs() -> list[str]:
                 return nat.offered_addrs(dht.get_visible_maddrs()) if watch.reach.public else []

@@ -55,11 +55,13 @@ def vector_manifest(author: Ed25519PrivateKey, version: int) -> SwarmManifest:
             lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, warmup_epochs=10, clip_grad_norm=1.0
         ),
         averaging=AveragingSpec(
-            compression="fp16",
+            compression="int8" if version >= 5 else "fp16",
+            mode="local" if version >= 5 else "gradients",
             matchmaking_time_s=5.0,
             averaging_timeout_s=30.0,
-            average_state_every=5,
+            average_state_every=0 if version >= 5 else 5,
             aggregation="mean" if version == 1 else "centered_clip",
+            group_size=8 if version >= 5 else 0,
         ),
         admission="token" if version >= 3 else "open",
         files=VECTOR_FILES if version >= 4 else {},
@@ -128,8 +130,8 @@ def manifest_vector(version: int) -> tuple[SwarmManifest, bytes, dict]:
     )
 
 
-def manifest_vectors() -> tuple[dict, dict, dict, dict, dict]:
-    """Manifest v1, v1 tampered, v2, v3 (a private swarm's), v4 (with pinned files)."""
+def manifest_vectors() -> tuple[dict, dict, dict, dict, dict, dict]:
+    """Manifest v1, v1 tampered, v2, v3 (a private swarm's), v4 (with pinned files), v5 (a grouped swarm's)."""
     manifest, envelope, good = manifest_vector(1)
     # One letter of run_id changed ("vectors-demo" -> "vectors-dema"): still a valid manifest, badly signed.
     offset = envelope.index(b"vectors-demo") + len("vectors-dem")
@@ -148,7 +150,7 @@ def manifest_vectors() -> tuple[dict, dict, dict, dict, dict]:
             lambda: verify(tampered, manifest.hash), "does not match the invite's"
         ),
     }
-    return good, bad, manifest_vector(2)[2], manifest_vector(3)[2], manifest_vector(4)[2]
+    return good, bad, *(manifest_vector(version)[2] for version in (2, 3, 4, 5))
 
 
 def invite_vectors(manifest_hash: bytes) -> dict:
@@ -192,12 +194,13 @@ def write(name: str, vector: dict) -> None:
 
 def main() -> None:
     VECTORS.mkdir(parents=True, exist_ok=True)
-    good, bad, v2, v3, v4 = manifest_vectors()
+    good, bad, v2, v3, v4, v5 = manifest_vectors()
     write("manifest_v1.json", good)
     write("manifest_v1_tampered.json", bad)
     write("manifest_v2.json", v2)
     write("manifest_v3.json", v3)
     write("manifest_v4.json", v4)
+    write("manifest_v5.json", v5)
     write("invite_v1.json", invite_vectors(bytes.fromhex(good["hash_hex"])))
 
 

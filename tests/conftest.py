@@ -173,3 +173,24 @@ def swarm_node(directory: Path, run_id: str, initial: list | None = None):  # no
         start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(directory / "identity.key"),
         initial_peers=initial or [], record_validators=[PeerRecords([run_id], identity_key(directory))],
     )  # fmt: skip
+
+
+def swarm_nodes(directory: Path, count: int, run_id: str = "test-run") -> list:
+    """``count`` loopback ``swarm_node``s in ``directory``/node<i>, bootstrapped from the first."""
+    first = swarm_node(directory / "node0", run_id)
+    return [first] + [swarm_node(directory / f"node{i}", run_id, first.get_visible_maddrs()) for i in range(1, count)]
+
+
+def node_optimizers(directory: Path, nodes: list, models: list, manifest) -> list:  # noqa: ANN001 - a manifest
+    """Each of ``swarm_nodes``' optimizer as its peer makes it: its identity signs its progress record and parts."""
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.swarm.identity import identity_key
+    from p2ptrain.train.optimizers import make_optimizer
+
+    return [
+        make_optimizer(
+            node, model, manifest, PeerSettings(data_dir=directory / str(i), batch_size=16),
+            identity=identity_key(directory / f"node{i}"),
+        )
+        for i, (node, model) in enumerate(zip(nodes, models, strict=True))
+    ]  # fmt: skip

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from p2ptrain.swarm.grouping import Regrouping, clusters, group, levels
+from p2ptrain.swarm.grouping import Group, Regrouping, all_groups, clusters, group, levels, pass_groups
 from p2ptrain.swarm.proximity import (
     MAX_COORD_MS,
     Coord,
@@ -155,19 +155,49 @@ def test_groups_are_bounded_partitions_and_mix_the_whole_swarm(peer_count, size)
     level_count = levels(len(found), size)
     values = {p: rng.gauss(0, 1) for p in peers}
     mean, spread = statistics.fmean(values.values()), statistics.pstdev(values.values())
+    weights = dict.fromkeys(peers, 1.0)
     for step in range(level_count):
-        groups = {group(p, found, size, step) for p in peers}
+        placed = all_groups(found, size, step)
+        groups = set(placed.values())
         assert sorted(p for g in groups for p in g.members) == sorted(peers)  # every peer in exactly one group
-        assert all(len(g.members) <= size for g in groups)
+        # above level 0 a group may take a second member from each cluster one larger than the smallest
+        assert all(len(g.members) <= (size if step == 0 else 2 * size) for g in groups)
         assert len({g.key_bits for g in groups}) == len(groups)  # one key per group
-        for g in groups:
-            average = statistics.fmean(values[p] for p in g.members)
-            values.update({p: average for p in g.members})
-    assert statistics.fmean(values.values()) == pytest.approx(mean)
-    assert statistics.pstdev(values.values()) < spread / 10  # one pass over the levels mixes the swarm
+        average_in_place(values, weights, placed)
+    # one pass over the levels mixes the swarm: exact where the clusters fill the grid, close everywhere
+    assert max(abs(v - mean) for v in values.values()) < spread / 10
     inside = [g for g in {group(p, found, size, 0) for p in peers}]
     near = sum(max(coords[a].distance(coords[b]) for a in g.members for b in g.members) < 40 for g in inside)
     assert near >= 0.8 * len(inside)  # level-0 groups are nearby peers
+
+
+def average_in_place(values: dict[str, float], weights: dict[str, float], placed: dict[str, Group]) -> None:
+    """One level's rounds as ``level_rounds`` runs them: each member sends its weight times its share."""
+    for g in set(placed.values()):
+        sent = {p: weights[p] * placed[p].share for p in g.members}
+        total = sum(sent.values())
+        average = sum(values[p] * sent[p] for p in g.members) / total
+        values.update(dict.fromkeys(g.members, average))
+        weights.update(dict.fromkeys(g.members, total))
+
+
+@pytest.mark.parametrize("sizes, size", [((3, 2), 4), ((4, 3, 3), 3), ((2, 2, 1, 2), 2), ((5, 5, 4, 4, 4), 5)])
+def test_a_pass_over_unequal_clusters_gives_every_peer_the_exact_weighted_mean(sizes, size):
+    """Clusters one peer apart (as ``clusters`` balances them) whose count fills the grid's digits: after every level
+    of one pass each peer holds the mean of all, weighted by what each peer's value stood for."""
+    names = iter(f"p{i:02d}" for i in range(100))
+    found = [[next(names) for _ in range(n)] for n in sizes]
+    peers = [p for c in found for p in c]
+    rng = random.Random(len(peers))
+    values = {p: rng.gauss(0, 1) for p in peers}
+    weights = {p: float(rng.randint(1, 5)) for p in peers}
+    total = sum(weights.values())
+    mean = sum(values[p] * weights[p] for p in peers) / total
+    passes = {p: pass_groups(p, found, size) for p in peers}
+    for level in range(levels(len(found), size)):
+        average_in_place(values, weights, {p: passes[p][level] for p in peers})
+    assert all(v == pytest.approx(mean) for v in values.values())
+    assert all(w == pytest.approx(total) for w in weights.values())  # what the next step's weights start from
 
 
 def test_a_peer_regroups_only_when_a_pass_over_the_levels_begins():

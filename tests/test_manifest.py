@@ -64,7 +64,11 @@ def test_pinned_files_round_trip(key, manifest):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(version=5), "version 5 is not supported"),
+        (lambda d: d.update(version=6), "version 6 is not supported"),
+        (lambda d: d["averaging"].update(group_size=1), "group_size: 0 or 2-256"),
+        (lambda d: d["averaging"].update(group_size=4), "group_size needs averaging mode local"),
+        (lambda d: d["averaging"].update(group_size=4, mode="local", compression="randk"), "group_size needs a comp"),
+        (lambda d: d.update(version=4) or d["averaging"].update(group_size=4, mode="local"), "before version 5"),
         (lambda d: d.update(files={"tokenizer/../../.bashrc": PINNED}), "files must map"),
         (lambda d: d.update(files={"weights/model.bin": PINNED}), "files must map"),
         (lambda d: d.update(files={"tokenizer/vocab.json": {**PINNED, "sha256": b"x" * 31}}), "files must map"),

@@ -42,7 +42,7 @@ def manifest_from_fields(fields: dict) -> SwarmManifest:
 
 
 MANIFEST = load("manifest_v1.json")
-MANIFESTS = [MANIFEST, *(load(f"manifest_v{v}.json") for v in (2, 3, 4))]  # older versions are still read
+MANIFESTS = [MANIFEST, *(load(f"manifest_v{v}.json") for v in (2, 3, 4, 5))]  # older versions are still read
 TAMPERED = load("manifest_v1_tampered.json")
 INVITE = load("invite_v1.json")
 each_version = pytest.mark.parametrize("vector", MANIFESTS, ids=lambda v: f"v{v['fields']['version']}")

@@ -9,11 +9,8 @@ import time
 
 import pytest
 import torch
-from conftest import swarm_node
+from conftest import node_optimizers, swarm_nodes
 
-from p2ptrain.settings import PeerSettings
-from p2ptrain.swarm.identity import identity_key
-from p2ptrain.train.optimizers import make_optimizer
 from p2ptrain.train.step_numbers import group_epoch
 from p2ptrain.train.stopping import stop_optimizer
 
@@ -32,10 +29,9 @@ def test_a_group_ahead_counts_only_as_far_as_the_progress_records_say():
 
 @pytest.fixture
 def nodes(tmp_path):
-    first = swarm_node(tmp_path / "node0", "test-run")
-    both = [first, swarm_node(tmp_path / "node1", "test-run", first.get_visible_maddrs())]
-    yield both
-    for node in both:
+    started = swarm_nodes(tmp_path, 2)
+    yield started
+    for node in started:
         node.shutdown()
 
 
@@ -44,13 +40,7 @@ def test_a_member_behind_its_group_knows_it(nodes, manifest, tmp_path):
     in one round: the first learns that its step to 6 applied a group's round of step 6, so it missed a step."""
     torch.manual_seed(0)
     models = [torch.nn.Linear(4, 2) for _ in nodes]
-    opts = [
-        make_optimizer(
-            node, model, manifest, PeerSettings(data_dir=tmp_path / str(i), batch_size=16),
-            identity=identity_key(tmp_path / f"node{i}"),
-        )
-        for i, (node, model) in enumerate(zip(nodes, models, strict=True))
-    ]  # fmt: skip
+    opts = node_optimizers(tmp_path, nodes, models, manifest)
     try:
         for opt, epoch in zip(opts, (5, 6), strict=True):
             opt.resume_at(epoch)

@@ -73,6 +73,10 @@ def seed(
     average_state_every: Annotated[
         int, typer.Option(help="also average parameters every N global steps (0: never; gradient mode)")
     ] = AveragingSpec.average_state_every,
+    group_size: Annotated[
+        int,
+        typer.Option(help="local mode: average in groups of at most N nearby peers, then across (0: one group)"),
+    ] = AveragingSpec.group_size,
     run_id: Annotated[str | None, typer.Option(help="swarm name (default: <model>-<random>)")] = None,
     init_weights: Annotated[
         str, typer.Option(help="local dir / HF cache name of safetensors weights; empty = random init")
@@ -116,6 +120,7 @@ def seed(
             averaging_timeout_s=averaging_timeout,
             average_state_every=average_state_every,
             aggregation=aggregation.value,
+            group_size=group_size,
         ),
         admission="token" if private else "open",
     )

@@ -109,6 +109,22 @@ class AveragerHooks:
         group id, which PowerSGD's averager passes for each of its two rounds)."""
         return await super()._run_allreduce_inplace_(tensors, group_info, *args, **kwargs)
 
+    def set_target_group_size(self, size: int) -> None:
+        """How many members the next group waits for before it starts (hivemind takes ``target_group_size`` once, at
+        construction; a grouped swarm knows each level's group). In the averager's process, like hivemind's own
+        ``set_group_bits``."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
+        future.result()
+
+    async def _set_target_group_size(self, size: int, future: MPFuture) -> None:
+        try:
+            self._matchmaking.target_group_size = size
+            self._matchmaking.potential_leaders.target_group_size = size
+            future.set_result(None)
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            future.set_exception(e)
+
     def terminate(self) -> None:
         """Terminate the averager's process (as hivemind's shutdown does past its grace period) without leaving the
         peer's futures locked: ``terminate_processes``."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -162,6 +162,7 @@ class Group:
     level: int
     key_bits: str  # hivemind group bits: peers with the same bits meet on one matchmaking key
     members: tuple[str, ...]  # who should be in it (by the caller's view of the swarm), sorted
+    share: float = field(default=1.0, compare=False)  # 1 / the members of its own cluster: its weight's share
 
 
 def group(peer: str, cluster_list: list[list[str]], size: int, step: int) -> Group:
@@ -173,26 +174,47 @@ def group(peer: str, cluster_list: list[list[str]], size: int, step: int) -> Gro
 
 
 def all_groups(cluster_list: list[list[str]], size: int, step: int) -> dict[str, Group]:
-    """Every clustered peer's group at global step ``step``, in O(N)."""
+    """Every clustered peer's group at global step ``step``, in O(N).
+
+    At a level above 0, a cluster larger than the smallest one it meets there (balanced clusters differ by one peer)
+    folds its extra ranks onto the first ones (rank mod the smallest size), so that every group holds a member of
+    every cluster it meets; members of one cluster in one group hold the same values, so each takes ``share`` of its
+    weight and the group's weighted mean is still the mean over its clusters."""
     level_count = levels(len(cluster_list), size)
     level = step % level_count
     coordinates: dict[str, tuple[int, ...]] = {}
-    for c, members in enumerate(cluster_list):
-        digits = _digits(c, size, level_count - 1)
-        for rank, p in enumerate(members):
-            if level == 0:
-                coordinates[p] = (0, *digits)  # one cluster
-            else:  # one rank, the clusters that differ only in digit ``level``
-                coordinates[p] = (level, rank, *digits[: level - 1], *digits[level:])
+    if level == 0:
+        for c, members in enumerate(cluster_list):
+            for p in members:
+                coordinates[p] = (0, *_digits(c, size, level_count - 1))  # one cluster
+    else:
+        blocks: dict[tuple[int, ...], list[int]] = {}  # the clusters that differ only in digit ``level``
+        for c in range(len(cluster_list)):
+            digits = _digits(c, size, level_count - 1)
+            blocks.setdefault((*digits[: level - 1], *digits[level:]), []).append(c)
+        for block, found in blocks.items():
+            smallest = min(len(cluster_list[c]) for c in found)
+            for c in found:
+                for rank, p in enumerate(cluster_list[c]):
+                    coordinates[p] = (level, rank % smallest, *block)
     together: dict[tuple[int, ...], list[str]] = {}
     for p, where in coordinates.items():
         together.setdefault(where, []).append(p)
-    groups = {}
+    cluster_of = {p: c for c, members in enumerate(cluster_list) for p in members}
+    groups: dict[str, Group] = {}
     for where, members in together.items():
         digest = hashlib.sha256(repr(where).encode()).digest()
         bits = bin(int.from_bytes(digest[:4], "big"))[2:].rjust(32, "0")[:KEY_BITS]
-        groups[where] = Group(level, bits, tuple(sorted(members)))
-    return {p: groups[where] for p, where in coordinates.items()}
+        for p in members:
+            own = sum(cluster_of[q] == cluster_of[p] for q in members) if level else 1
+            groups[p] = Group(level, bits, tuple(sorted(members)), 1.0 / own)
+    return groups
+
+
+def pass_groups(peer: str, cluster_list: list[list[str]], size: int) -> list[Group]:
+    """``peer``'s groups at every level of the grid, level 0 first: averaging each level's result in the next gives
+    every peer the weighted mean of the whole swarm when the clusters fill the grid (``level_rounds``)."""
+    return [group(peer, cluster_list, size, level) for level in range(levels(len(cluster_list), size))]
 
 
 def _digits(index: int, base: int, count: int) -> tuple[int, ...]:
@@ -207,6 +229,11 @@ class Regrouping:
     def __init__(self, me: str, size: int):
         self.me, self.size = me, size
         self.clusters: list[list[str]] = []
+
+    def passes(self, records: Mapping[str, Near], members: list[str]) -> list[Group]:
+        """This peer's groups at every level of one pass (``pass_groups``), from clusters derived again each time."""
+        self.clusters = clusters(records, [*members, self.me], self.size)
+        return pass_groups(self.me, self.clusters, self.size)
 
     def at(self, step: int, records: Mapping[str, Near], members: list[str]) -> Group:
         known = any(self.me in g for g in self.clusters)

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2ptrain.errors import ConfigError, ManifestInvalid
 
-MANIFEST_VERSION = 4  # 2 added averaging.aggregation, 3 admission, 4 files; older manifests are still read (ADDED_IN)
-READABLE_VERSIONS = (1, 2, 3, 4)
+MANIFEST_VERSION = 5  # 2 added averaging.aggregation, 3 admission, 4 files, 5 averaging.group_size; older manifests
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # are still read (ADDED_IN)
 MAX_ENVELOPE_BYTES = 16 * 1024  # a manifest is a few hundred bytes; anything larger is refused unread
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 COMPRESSIONS = ("none", "fp16", "int8", "powersgd", "randk", "adaptive")  # protocols/averaging.md
@@ -37,7 +37,14 @@ MODES = ("gradients", "local")
 AGGREGATIONS = ("centered_clip", "trimmed_mean", "median", "mean")  # train/robust.py
 ADMISSIONS = ("open", "token")  # swarm/admission.py
 # fields that later versions added: (version, section or None for the top level, name, its value in older manifests)
-ADDED_IN = ((2, "averaging", "aggregation", "mean"), (3, None, "admission", "open"), (4, None, "files", {}))
+ADDED_IN = (
+    (2, "averaging", "aggregation", "mean"),
+    (3, None, "admission", "open"),
+    (4, None, "files", {}),
+    (5, "averaging", "group_size", 0),
+)
+GROUPED_COMPRESSIONS = ("none", "fp16", "int8", "adaptive")  # dense: a grouped round's levels chain their averages
+MAX_GROUP_SIZE = 256
 _FILE_KEY = re.compile(r"^(tokenizer|init_weights)/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # swarm/pinned_files.py
 MAX_FILES = 32
 MAX_FILE_BYTES = 2**40
@@ -77,6 +84,8 @@ class AveragingSpec:
     #   hivemind's state rounds group whoever is ready, and leave their members apart from the rest
     aggregation: str = "centered_clip"  # how the peer that aggregates a part reduces the members' copies of it:
     #   one of AGGREGATIONS (train/robust.py); absent from version 1 manifests, which averaged by "mean"
+    group_size: int = 0  # 0: every peer looks for one group (hivemind's matchmaking); N >= 2 (mode "local"): groups of
+    #   at most N nearby peers, then one peer of each group across (swarm/grouping.py, train/level_rounds.py)
 
 
 @dataclass(frozen=True)
@@ -224,6 +233,13 @@ def _validate(m: SwarmManifest) -> None:
         (m.admission in ADMISSIONS, f"admission must be one of {ADMISSIONS}"),
         (m.version > 2 or m.admission == "open", "a version 1 or 2 manifest is open to all"),
         (m.version > 3 or not m.files, "a manifest before version 4 pins no files"),
+        (m.averaging.group_size == 0 or 2 <= m.averaging.group_size <= MAX_GROUP_SIZE, "group_size: 0 or 2-256"),
+        (m.averaging.group_size == 0 or m.averaging.mode == "local", "group_size needs averaging mode local"),
+        (
+            m.averaging.group_size == 0 or m.averaging.compression in GROUPED_COMPRESSIONS,
+            f"group_size needs a compression among {GROUPED_COMPRESSIONS}",
+        ),
+        (m.version > 4 or m.averaging.group_size == 0, "a manifest before version 5 has one group for all"),
         (_files_ok(m.files), f"files must map at most {MAX_FILES} names <kind>/<file> to their sha256/size/revision"),
     ]
     for ok, message in checks:

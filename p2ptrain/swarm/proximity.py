@@ -287,9 +287,7 @@ class Prober:
         members and their near records first if the last read is ``read_every_s`` old."""
         since = time.monotonic() - self._read_at
         if since >= self.read_every_s or (not self.members and since >= self.every_s):  # or nobody seen yet
-            self.members = [p for p in member_ids(self.dht, self.run_id) if p != self.me and len(p) <= 64]
-            self.records = read_near(self.dht, self.run_id)
-            self._read_at = time.monotonic()
+            self.read()
         fresh = [p for p in self.members if p not in self.neighbours]
         known = [p for p in self.members if p in self.neighbours]
         self._random.shuffle(fresh)
@@ -303,6 +301,14 @@ class Prober:
                 self.vivaldi.observe(rtt_ms, remote.coord)
         self.publish()
         self.on_probe(self.neighbours.nearest())
+
+    def read(self) -> tuple[dict[str, Near], list[str]]:
+        """Read the members and everybody's near records now (a grouped swarm's peers do at each round's start, so
+        that their views of the swarm differ as little as possible)."""
+        members = [p for p in member_ids(self.dht, self.run_id) if p != self.me and len(p) <= 64]
+        self.records, self.members = read_near(self.dht, self.run_id), members
+        self._read_at = time.monotonic()
+        return self.records, self.members
 
     def publish(self) -> bool:
         value = encode_near(self.vivaldi.coord, self.neighbours.nearest())

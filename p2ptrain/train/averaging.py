@@ -52,19 +52,22 @@ class RoundOutcome(dict):
 class CompressedAllReduce(AveragerHooks):
     """Mixin for ``DecentralizedAverager`` subclasses; call ``_init_compression`` before their ``__init__``."""
 
-    def _init_compression(self, fixed: Level | None, budget: float, error_feedback: bool) -> None:
+    def _init_compression(self, fixed: Level | None, budget: float, error_feedback: bool, dense: bool = False) -> None:
+        """``dense``: adaptive on the dense rungs of the ladder only (a grouped swarm's levels chain their averages,
+        which random-k's per-round coordinates would not)."""
         self._fixed, self._budget, self._error_feedback = fixed, budget, error_feedback
+        self._ladder = tuple(level for level in LADDER if level.ratio >= 1.0) if dense else LADDER
         self._residual: torch.Tensor | None = None
 
     def _choose(self, group_info: GroupInfo, user_gathered: dict, numel: int) -> tuple[Plan | None, Level]:
         if self._fixed is not None:
             return None, self._fixed
         reports = [
-            RoundReport.from_wire(g.get("report") if isinstance(g, dict) else None)
+            RoundReport.from_wire(g.get("report") if isinstance(g, dict) else None, self._ladder)
             for g in (user_gathered[p] for p in group_info.peer_ids)
         ]
-        plan = plan_round(reports, numel, self._budget)
-        return plan, LADDER[plan.level]
+        plan = plan_round(reports, numel, self._budget, self._ladder)
+        return plan, self._ladder[plan.level]
 
     async def aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> RoundOutcome:
         try:
@@ -130,6 +133,8 @@ class CompressedGradientAverager(EpochReports, GroupRounds, CompressedAllReduce,
 class PseudoGradientAverager(GroupRounds, CompressedAllReduce, DecentralizedAverager):
     """Averages the local-update mode's pseudo-gradients; adaptive when ``level`` is None."""
 
-    def __init__(self, tensors: list[torch.Tensor], *, level: Level | None, budget: float, **kwargs: Any):
-        self._init_compression(level, budget, error_feedback=False)
+    def __init__(
+        self, tensors: list[torch.Tensor], *, level: Level | None, budget: float, dense: bool = False, **kwargs: Any
+    ):
+        self._init_compression(level, budget, error_feedback=False, dense=dense)
         super().__init__(averaged_tensors=tensors, **kwargs)

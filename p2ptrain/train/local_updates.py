@@ -34,8 +34,10 @@ from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
 
 from p2ptrain.swarm.admission import Admission
+from p2ptrain.swarm.grouping import Group
 from p2ptrain.train.averaging import PseudoGradientAverager, RoundOutcome
 from p2ptrain.train.codecs import Level, shared_indices
+from p2ptrain.train.level_rounds import LevelRounds
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.progress import CheckedProgressTracker
 from p2ptrain.train.round_log import RoundLog
@@ -70,7 +72,12 @@ class LocalUpdateOptimizer:
         aggregation: str = "centered_clip",
         admission: Admission | None = None,
         signer: PartSigner | None = None,
+        group_size: int = 0,
     ):
+        """``group_size``: a grouped swarm's (``level_rounds``); its rounds run over ``passes`` once the peer sets it
+        (this peer's groups at every level, read at each round's start)."""
+        self.group_size = group_size
+        self.passes: Callable[[], list[Group]] | None = None
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
         self.scheduler = scheduler(self.inner)
@@ -82,7 +89,7 @@ class LocalUpdateOptimizer:
         self.samples = 0  # since the last global step
         self.compute_s = 0.0  # between step() calls since the last round: the peer's forward/backward time
         self.recent: list[tuple[int, float]] = []  # (level, round seconds) of the last rounds, newest last
-        self.scheduled_grads: StepControl | None = None  # the round in flight
+        self.scheduled_grads: StepControl | LevelRounds | None = None  # the round in flight
         self._state_lock = threading.Lock()  # a served state's anchor, momentum and step are of one moment
         self._sent: list[torch.Tensor] = []
         self._left_step_at: float | None = None
@@ -105,6 +112,7 @@ class LocalUpdateOptimizer:
             aggregation=aggregation,
             admission=admission,
             signer=signer,
+            dense=group_size > 0,
             start=True,
         )
 
@@ -233,10 +241,15 @@ class LocalUpdateOptimizer:
             for buffer, anchor, param in zip(buffers, self.anchor, self.params, strict=True):
                 buffer.copy_(anchor).sub_(param.detach().cpu())
         self._sent = [p.detach().to("cpu", copy=True) for p in self.params]
-        report = self._report()
-        control = self.averager.step(
-            gather={"report": report.to_wire()}, weight=float(self.samples), timeout=self.averaging_timeout, wait=False
-        )
+        gather, weight = {"report": self._report().to_wire()}, float(self.samples)
+        if self.passes is None:
+            control = self.averager.step(gather=gather, weight=weight, timeout=self.averaging_timeout, wait=False)
+        else:
+            limit = 2.0 * self.tracker.target_batch_size  # the samples a whole step of the swarm stands for, and more
+            control = LevelRounds(
+                self.averager, self.passes(), gather=gather, weight=weight, timeout=self.averaging_timeout,
+                max_weight=limit, epoch=self.local_epoch,
+            )  # fmt: skip
         with self._state_lock:
             self.scheduled_grads = control
             self.local_epoch += 1

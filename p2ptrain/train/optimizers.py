@@ -131,6 +131,7 @@ def make_optimizer(
             aggregation=avg.aggregation,
             admission=admission,
             signer=signer,
+            group_size=avg.group_size,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.

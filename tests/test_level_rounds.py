@@ -1,0 +1,102 @@
+"""A grouped swarm's round (level_rounds.py): real optimizers on real DHT nodes average level by level."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+
+import pytest
+import torch
+from conftest import node_optimizers, swarm_nodes
+
+from p2ptrain.local_swarm import DEMO_PEER_FLAGS, LocalSwarm
+from p2ptrain.swarm.grouping import pass_groups
+from p2ptrain.train.stopping import stop_optimizer
+
+EPOCHS = 6
+SAMPLES = 32  # each peer's since the last global step: its weight (capped at its group's median: robust.py)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started = swarm_nodes(tmp_path, 4)
+    yield started
+    for node in started:
+        node.shutdown()
+
+
+def grouped(manifest, **averaging):
+    spec = dataclasses.replace(manifest.averaging, mode="local", aggregation="mean", group_size=2, **averaging)
+    return dataclasses.replace(manifest, averaging=spec)
+
+
+def test_four_peers_in_two_clusters_take_the_swarms_mean_in_two_levels(nodes, manifest, tmp_path):
+    """Clusters {0, 1} and {2, 3}: level 0 averages inside each, level 1 across (0 with 2, 1 with 3). Every peer then
+    takes the same outer step, with the mean of all four pseudo-gradients, as one group of four would; no peer ever
+    averaged with more than one other."""
+    manifest = grouped(manifest, compression="none")
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(4, 2) for _ in nodes]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())  # one swarm: the same start
+    opts = node_optimizers(tmp_path, nodes, models, manifest)
+    ids = [node.peer_id.to_base58() for node in nodes]
+    clusters = [ids[:2], ids[2:]]
+    try:
+        start = [p.detach().clone() for p in models[0].parameters()]
+        deltas = []
+        for i, (opt, model) in enumerate(zip(opts, models, strict=True)):
+            with torch.no_grad():  # what local steps would have done: each peer moved its own way
+                for param in model.parameters():
+                    param.add_(torch.randn_like(param) * 0.1 * (i + 1))
+            deltas.append([s - p.detach() for s, p in zip(start, model.parameters(), strict=True)])
+            opt.samples = SAMPLES
+            opt.passes = lambda me=ids[i]: pass_groups(me, clusters, 2)
+        for opt in opts:
+            opt._begin_round()  # noqa: SLF001 - what step() calls at the global step, without the training around it
+        landed = [threading.Thread(target=opt.wait_for_round, args=(60,)) for opt in opts]
+        for thread in landed:
+            thread.start()
+        for thread in landed:
+            thread.join(90)
+        outcomes = [opt.round_log.last[-1] for opt in opts]
+        assert all(o["ok"] and o["peers"] == 4 for o in outcomes), outcomes
+
+        avg = manifest.averaging
+        for j, first in enumerate(start):
+            mean = sum(d[j] for d in deltas) / len(deltas)
+            expected = first - avg.outer_lr * (mean + avg.outer_momentum * mean)  # Nesterov from zero momentum
+            for opt in opts:
+                torch.testing.assert_close(opt.anchor[j], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        for opt in opts:
+            stop_optimizer(opt, step_running=False)
+
+
+@pytest.mark.slow
+def test_a_grouped_swarm_of_four_real_peers_trains_level_by_level(tmp_path):
+    """``seed --group-size 2`` and three joins on 127.0.0.1: every global step each peer averages with one other
+    peer at each of two levels, the swarm's loss falls, and every round covers all four."""
+    swarm_flags = (
+        *("--target-batch-size", "96", "--matchmaking-time", "2", "--averaging-timeout", "20"),
+        *("--warmup-epochs", "2", "--lr", "3e-3", "--averaging", "local", "--compression", "fp16"),
+        *("--group-size", "2"),
+    )
+    peer_flags = (*DEMO_PEER_FLAGS, "--max-steps", str(EPOCHS), "--validate-every", str(EPOCHS))
+    with LocalSwarm(tmp_path, swarm_flags=swarm_flags, peer_flags=peer_flags) as swarm:
+        a = swarm.seed("a", "--wait-for-peers", "4")
+        invite = swarm.invite(a)
+        peers = [a, *(swarm.join(name, "--invite", invite, "--wait-for-peers", "4") for name in "bcd")]
+        for peer in peers:
+            peer.proc.wait(400)
+            assert peer.proc.returncode == 0, peer.log()[-3000:]
+    for peer in peers:
+        history = peer.status()["val_history"]
+        (_, first), (last_step, last) = history[0], history[-1]
+        assert last_step == EPOCHS and last < first - 0.5, (peer.name, history)
+        levels = re.findall(r"level (\d) of (\d) averaged in a group of (\d)", peer.log())
+        assert levels and all(total == "2" and size == "2" for _, total, size in levels), levels
+        assert {level for level, _, _ in levels} == {"0", "1"}, levels
+        rounds = [int(n) for n in re.findall(r"Round \d+: (\d) peers", peer.log())]
+        assert sum(n == 4 for n in rounds) >= EPOCHS - 2, (peer.name, rounds)
