@@ -11,6 +11,7 @@ the other region, and after one round of each every peer must hold the exact mea
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -20,13 +21,16 @@ from conftest import netns
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import bench_regions  # noqa: E402
-from netlab import missing_tools  # noqa: E402
+from netlab import NatLab, missing_tools  # noqa: E402
+
+from p2ptrain.local_swarm import LocalSwarm
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(bool(missing_tools()), reason=f"needs {', '.join(missing_tools())} for a network lab"),
 ]
 ROUNDS, PERIOD = 3, 7.0
+STEPS = 16
 
 
 def test_groups_form_inside_regions_first_and_the_swarm_reaches_one_mean(tmp_path):
@@ -53,4 +57,46 @@ def test_groups_form_inside_regions_first_and_the_swarm_reaches_one_mean(tmp_pat
     mean = statistics.fmean(range(4))
     for r in pairs:  # one round inside regions and one across: everybody at the mean
         assert all(abs(row["value"] - mean) < 1e-4 for row in by_round[r]), by_round[r]
+    assert netns() == before
+
+
+def test_a_grouped_swarm_of_real_peers_averages_inside_its_regions_first(tmp_path):
+    """``seed --group-size 2`` and three joins (the default host, a random port), two in each region: once the peers
+    have measured each other, every global step's first level pairs the two peers of a region and its second level
+    crosses, and the swarm trains with rounds that cover all four."""
+    before = netns()
+    lab = NatLab()
+    try:
+        eu = lab.region("eu", rtt_ms=75.0, inside_ms=5.0)
+        asia = lab.region("asia", rtt_ms=75.0, inside_ms=5.0)
+        hosts = [(eu if i % 2 == 0 else asia).host(f"h{i}") for i in range(4)]
+        swarm_flags = (
+            *("--target-batch-size", "64", "--matchmaking-time", "3", "--averaging-timeout", "30"),
+            *("--averaging", "local", "--compression", "fp16", "--group-size", "2"),
+        )
+        peer_flags = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--max-steps", str(STEPS))
+        with LocalSwarm(tmp_path, swarm_flags=swarm_flags, peer_flags=peer_flags) as swarm:
+            seeder = swarm.seed("p0", "--wait-for-peers", "4", prefix=hosts[0].prefix)
+            invite = swarm.invite(seeder)
+            peers = [seeder, *(swarm.join(f"p{i}", "--invite", invite, prefix=hosts[i].prefix) for i in (1, 2, 3))]
+            for peer in peers:
+                peer.proc.wait(420)
+            logs = {peer.name: peer.log() for peer in peers}
+            assert [peer.proc.returncode for peer in peers] == [0, 0, 0, 0], {n: t[-2000:] for n, t in logs.items()}
+    finally:
+        lab.remove()
+    region = {re.search(r"Peer (\w+), data in", text)[1]: int(name[1:]) % 2 for name, text in logs.items()}
+    for name, text in logs.items():
+        levels = [
+            (int(step), int(level), members.split())
+            for step, level, members in re.findall(
+                r"Global step (\d+): level (\d) of 2 averaged in a group of 2 \(([\w ]+)\)", text
+            )
+        ]
+        late = [(level, members) for step, level, members in levels if step >= STEPS // 2]  # probes have settled
+        assert late, (name, levels)
+        for level, members in late:
+            assert len({region[p] for p in members}) == (1 if level == 0 else 2), (name, level, members)
+        rounds = [int(n) for n in re.findall(r"Round \d+: (\d) peers", text)]
+        assert sum(n == 4 for n in rounds) >= len(rounds) // 2, (name, rounds)
     assert netns() == before

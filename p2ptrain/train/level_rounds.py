@@ -110,8 +110,9 @@ class LevelRounds:
                     self._control.cancel()
                 continue
             logger.info(
-                "Global step %d: level %d of %d averaged in a group of %d, %.2f s",
-                self.epoch, group.level, len(self.groups), outcome.group_size, outcome.round_s,
+                "Global step %d: level %d of %d averaged in a group of %d (%s), %.2f s",
+                self.epoch, group.level, len(self.groups), outcome.group_size,
+                " ".join(sorted(peer.to_base58() for peer in outcome)), outcome.round_s,
             )  # fmt: skip
             weight = min(self.max_weight, sum(_reported(outcome, "weight", mine, self.max_weight)))
             covers = int(min(1e6, sum(_reported(outcome, "covers", covers, 1e6))))
