@@ -60,6 +60,7 @@ def test_groups_form_inside_regions_first_and_the_swarm_reaches_one_mean(tmp_pat
     assert netns() == before
 
 
+@pytest.mark.extended  # 2-2.5 min: the peers must probe each other (every 30 s) before their groups settle
 def test_a_grouped_swarm_of_real_peers_averages_inside_its_regions_first(tmp_path):
     """``seed --group-size 2`` and three joins (the default host, a random port), two in each region: once the peers
     have measured each other, every global step's first level pairs the two peers of a region and its second level
