@@ -62,6 +62,7 @@ def vector_manifest(author: Ed25519PrivateKey, version: int) -> SwarmManifest:
             average_state_every=0 if version >= 5 else 5,
             aggregation="mean" if version == 1 else "centered_clip",
             group_size=8 if version >= 5 else 0,
+            sync_every=10 if version >= 5 else 0,
         ),
         admission="token" if version >= 3 else "open",
         files=VECTOR_FILES if version >= 4 else {},

@@ -53,15 +53,7 @@ def test_four_peers_in_two_clusters_take_the_swarms_mean_in_two_levels(nodes, ma
             deltas.append([s - p.detach() for s, p in zip(start, model.parameters(), strict=True)])
             opt.samples = SAMPLES
             opt.passes = lambda me=ids[i]: pass_groups(me, clusters, 2)
-        for opt in opts:
-            opt._begin_round()  # noqa: SLF001 - what step() calls at the global step, without the training around it
-        landed = [threading.Thread(target=opt.wait_for_round, args=(60,)) for opt in opts]
-        for thread in landed:
-            thread.start()
-        for thread in landed:
-            thread.join(90)
-        outcomes = [opt.round_log.last[-1] for opt in opts]
-        assert all(o["ok"] and o["peers"] == 4 for o in outcomes), outcomes
+        one_round(opts)
 
         avg = manifest.averaging
         for j, first in enumerate(start):
@@ -69,6 +61,49 @@ def test_four_peers_in_two_clusters_take_the_swarms_mean_in_two_levels(nodes, ma
             expected = first - avg.outer_lr * (mean + avg.outer_momentum * mean)  # Nesterov from zero momentum
             for opt in opts:
                 torch.testing.assert_close(opt.anchor[j], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        for opt in opts:
+            stop_optimizer(opt, step_running=False)
+
+
+def one_round(opts: list) -> None:
+    """Every optimizer begins its round at once (what ``step()`` does at the global step, without the training around
+    it) and lands it; all four must have averaged a round covering the four."""
+    for opt in opts:
+        opt._begin_round()  # noqa: SLF001
+    landed = [threading.Thread(target=opt.wait_for_round, args=(60,)) for opt in opts]
+    for thread in landed:
+        thread.start()
+    for thread in landed:
+        thread.join(90)
+    outcomes = [opt.round_log.last[-1] for opt in opts]
+    assert all(o["ok"] and o["peers"] == 4 for o in outcomes), outcomes
+
+
+def test_a_parameter_round_joins_anchors_that_parted(nodes, manifest, tmp_path):
+    """Anchors apart (as failed or split rounds leave them): a round of ``sync_every`` averages the parameters
+    themselves, uncompressed although the swarm's codec is int8, and every member takes their mean as its anchor."""
+    manifest = grouped(manifest, compression="int8", sync_every=1)
+    torch.manual_seed(1)
+    models = [torch.nn.Linear(4, 2) for _ in nodes]
+    opts = node_optimizers(tmp_path, nodes, models, manifest)
+    ids = [node.peer_id.to_base58() for node in nodes]
+    try:
+        for i, opt in enumerate(opts):
+            with torch.no_grad():
+                for anchor, param in zip(opt.anchor, opt.params, strict=True):
+                    anchor.add_(torch.randn_like(anchor) * 0.01)  # parted
+                    param.copy_(anchor - torch.randn_like(anchor) * 0.001)  # and trained a little since
+            opt.samples = SAMPLES
+            opt.passes = lambda me=ids[i]: pass_groups(me, [ids[:2], ids[2:]], 2)
+        sent = [[p.detach().clone() for p in opt.params] for opt in opts]
+        one_round(opts)
+        assert {opt.round_log.last[-1]["codec"] for opt in opts} == {"none"}
+        for j in range(len(sent[0])):
+            mean = sum(theirs[j] for theirs in sent) / len(sent)
+            for opt in opts:
+                torch.testing.assert_close(opt.anchor[j], mean, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(opt.params[j].detach(), mean, rtol=1e-6, atol=1e-7)
     finally:
         for opt in opts:
             stop_optimizer(opt, step_running=False)

@@ -69,6 +69,8 @@ def test_pinned_files_round_trip(key, manifest):
         (lambda d: d["averaging"].update(group_size=4), "group_size needs averaging mode local"),
         (lambda d: d["averaging"].update(group_size=4, mode="local", compression="randk"), "group_size needs a comp"),
         (lambda d: d.update(version=4) or d["averaging"].update(group_size=4, mode="local"), "before version 5"),
+        (lambda d: d["averaging"].update(sync_every=10), "sync_every needs averaging mode local"),
+        (lambda d: d["averaging"].update(sync_every=-1), "sync_every must be in"),
         (lambda d: d.update(files={"tokenizer/../../.bashrc": PINNED}), "files must map"),
         (lambda d: d.update(files={"weights/model.bin": PINNED}), "files must map"),
         (lambda d: d.update(files={"tokenizer/vocab.json": {**PINNED, "sha256": b"x" * 31}}), "files must map"),

@@ -77,6 +77,9 @@ def seed(
         int,
         typer.Option(help="local mode: average in groups of at most N nearby peers, then across (0: one group)"),
     ] = AveragingSpec.group_size,
+    sync_every: Annotated[
+        int, typer.Option(help="local mode: every N global steps average the parameters themselves (0: never)")
+    ] = AveragingSpec.sync_every,
     run_id: Annotated[str | None, typer.Option(help="swarm name (default: <model>-<random>)")] = None,
     init_weights: Annotated[
         str, typer.Option(help="local dir / HF cache name of safetensors weights; empty = random init")
@@ -121,6 +124,7 @@ def seed(
             average_state_every=average_state_every,
             aggregation=aggregation.value,
             group_size=group_size,
+            sync_every=sync_every,
         ),
         admission="token" if private else "open",
     )

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2ptrain.errors import ConfigError, ManifestInvalid
 
-MANIFEST_VERSION = 5  # 2 added averaging.aggregation, 3 admission, 4 files, 5 averaging.group_size; older manifests
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # are still read (ADDED_IN)
+MANIFEST_VERSION = 5  # 2 added averaging.aggregation, 3 admission, 4 files, 5 averaging.group_size/sync_every; older
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # manifests are still read (ADDED_IN)
 MAX_ENVELOPE_BYTES = 16 * 1024  # a manifest is a few hundred bytes; anything larger is refused unread
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 COMPRESSIONS = ("none", "fp16", "int8", "powersgd", "randk", "adaptive")  # protocols/averaging.md
@@ -42,6 +42,7 @@ ADDED_IN = (
     (3, None, "admission", "open"),
     (4, None, "files", {}),
     (5, "averaging", "group_size", 0),
+    (5, "averaging", "sync_every", 0),
 )
 GROUPED_COMPRESSIONS = ("none", "fp16", "int8", "adaptive")  # dense: a grouped round's levels chain their averages
 MAX_GROUP_SIZE = 256
@@ -86,6 +87,8 @@ class AveragingSpec:
     #   one of AGGREGATIONS (train/robust.py); absent from version 1 manifests, which averaged by "mean"
     group_size: int = 0  # 0: every peer looks for one group (hivemind's matchmaking); N >= 2 (mode "local"): groups of
     #   at most N nearby peers, then one peer of each group across (swarm/grouping.py, train/level_rounds.py)
+    sync_every: int = 0  # mode "local": every N global steps the round averages the parameters themselves, exactly
+    #   (4 bytes a value), and every member takes the average as its anchor; 0: never
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,9 @@ def _validate(m: SwarmManifest) -> None:
             f"group_size needs a compression among {GROUPED_COMPRESSIONS}",
         ),
         (m.version > 4 or m.averaging.group_size == 0, "a manifest before version 5 has one group for all"),
+        (0 <= m.averaging.sync_every <= 10**6, "sync_every must be in [0, 10**6] (0: never)"),
+        (m.averaging.sync_every == 0 or m.averaging.mode == "local", "sync_every needs averaging mode local"),
+        (m.version > 4 or m.averaging.sync_every == 0, "a manifest before version 5 never syncs parameters"),
         (_files_ok(m.files), f"files must map at most {MAX_FILES} names <kind>/<file> to their sha256/size/revision"),
     ]
     for ok, message in checks:

@@ -60,6 +60,11 @@ class CompressedAllReduce(AveragerHooks):
         self._residual: torch.Tensor | None = None
 
     def _choose(self, group_info: GroupInfo, user_gathered: dict, numel: int) -> tuple[Plan | None, Level]:
+        syncing = [isinstance(g, dict) and g.get("params") is True for g in user_gathered.values()]
+        if any(syncing):  # the local mode's parameters themselves (``sync_every``): exactly, or not at all
+            if not all(syncing):
+                raise AllreduceException("the members of this group disagree on what it averages (step numbers?)")
+            return None, Level("none")
         if self._fixed is not None:
             return None, self._fixed
         reports = [

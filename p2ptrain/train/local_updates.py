@@ -73,10 +73,13 @@ class LocalUpdateOptimizer:
         admission: Admission | None = None,
         signer: PartSigner | None = None,
         group_size: int = 0,
+        sync_every: int = 0,
     ):
         """``group_size``: a grouped swarm's (``level_rounds``); its rounds run over ``passes`` once the peer sets it
-        (this peer's groups at every level, read at each round's start)."""
-        self.group_size = group_size
+        (this peer's groups at every level, read at each round's start). ``sync_every``: every that many global
+        steps the round averages the parameters themselves, exactly, and every member takes the average as its anchor
+        (a round that failed or split leaves anchors apart, and averaging pseudo-gradients never joins them again)."""
+        self.group_size, self.sync_every, self._syncing = group_size, sync_every, False
         self.passes: Callable[[], list[Group]] | None = None
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
@@ -237,11 +240,15 @@ class LocalUpdateOptimizer:
     # the rounds ---------------------------------------------------------------------------------
 
     def _begin_round(self) -> None:
+        self._syncing = self.sync_every > 0 and (self.local_epoch + 1) % self.sync_every == 0
         with torch.no_grad(), self.averager.get_tensors() as buffers:
             for buffer, anchor, param in zip(buffers, self.anchor, self.params, strict=True):
-                buffer.copy_(anchor).sub_(param.detach().cpu())
+                if self._syncing:  # the parameters themselves
+                    buffer.copy_(param.detach().cpu())
+                else:  # the pseudo-gradient
+                    buffer.copy_(anchor).sub_(param.detach().cpu())
         self._sent = [p.detach().to("cpu", copy=True) for p in self.params]
-        gather, weight = {"report": self._report().to_wire()}, float(self.samples)
+        gather, weight = {"report": self._report().to_wire(), "params": self._syncing}, float(self.samples)
         if self.passes is None:
             control = self.averager.step(gather=gather, weight=weight, timeout=self.averaging_timeout, wait=False)
         else:
@@ -270,7 +277,11 @@ class LocalUpdateOptimizer:
             for i, (anchor, momentum, delta, param, sent) in enumerate(
                 zip(self.anchor, self.momentum, buffers, self.params, self._sent, strict=True)
             ):
-                outer_step_(anchor, momentum, delta, self.outer_lr, self.outer_momentum, masks and masks[i])
+                if self._syncing and outcome is not None:  # the members' average parameters: everybody's anchor
+                    anchor.copy_(delta)
+                else:
+                    delta = anchor - sent if self._syncing else delta  # a failed sync round: our own update
+                    outer_step_(anchor, momentum, delta, self.outer_lr, self.outer_momentum, masks and masks[i])
                 new = anchor + (param.detach().cpu() - sent)  # θ = anchor + the progress made during the round
                 if masks is None:
                     param.copy_(new)
@@ -281,7 +292,8 @@ class LocalUpdateOptimizer:
             self.round_log.succeeded(
                 self.local_epoch, outcome.group_size, outcome.codec, outcome.bytes_sent, outcome.round_s
             )
-            self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
+            if not self._syncing:  # a sync round's codec is not the policy's
+                self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
             rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
             plan = outcome.plan
             why = ""
@@ -289,14 +301,9 @@ class LocalUpdateOptimizer:
                 why = f" (predicted {plan.predicted_s:.2f} s, allowed {plan.allowed_s:.2f} s)"
             logger.info(
                 "Round %d: %d peers, codec %s, %.0f kB sent, %.2f s, %.2f MB/s%s",
-                self.local_epoch,
-                outcome.group_size,
-                outcome.codec,
-                outcome.bytes_sent / 1e3,
-                outcome.round_s,
-                rate / 1e6,
-                why,
-            )
+                self.local_epoch, outcome.group_size, outcome.codec, outcome.bytes_sent / 1e3, outcome.round_s,
+                rate / 1e6, why,
+            )  # fmt: skip
 
     def wait_for_round(self, timeout: float) -> None:
         """Land the round in flight, giving up on it (our own update is applied) after ``timeout`` s."""

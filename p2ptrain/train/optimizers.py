@@ -132,6 +132,7 @@ def make_optimizer(
             admission=admission,
             signer=signer,
             group_size=avg.group_size,
+            sync_every=avg.sync_every,
         )
     # hivemind warns (and may deadlock) unless a request times out faster than matchmaking lasts. Its
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
