@@ -98,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
                                       "lookup_s": 0.0, "value": _value(vector)}) + "\n")  # fmt: skip
                 continue
             averager.set_group_bits(mine.key_bits)
+            averager.set_target_group_size(len(mine.members))  # folded groups above level 0 may exceed the size
         control = averager.step(wait=False, timeout=args.period - 4, allow_retries=False)
         grouped_at, ok, size, members = None, False, 0, []
         while not control.done() and time.time() < start + args.period - 2:

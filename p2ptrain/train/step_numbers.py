@@ -33,9 +33,12 @@ class EpochReports:
 
 
 def group_epoch(outcome: dict, own: int, plausible: int) -> int | None:
-    """The highest global step the members of a gradient round reported (``EpochReports``), if above ``own`` and
-    at most ``plausible`` (the swarm's checked progress records): a member's word alone sends nobody to download
-    the state (a liar would, every round); while the records lag, the parameter check is the fallback."""
+    """The highest global step the members of a gradient round reported (``EpochReports``), if above ``own``: one
+    step ahead is believed at once, more only up to ``plausible`` (the swarm's checked progress records). Waiting for
+    the records to show the one step (they lag by seconds) left a peer behind its group comparing its parameters under
+    the wrong step number, and in NAT runs its resynchronisations came from the camps it split instead (14 of 16); it
+    would not stop a liar either, whose own progress record may claim a step or two ahead (``progress.EPOCH_SLACK``).
+    What bounds a liar is that the download it sends a peer to is checked against the members' sketches."""
     reported = [d.get("epoch") for d in outcome.values() if isinstance(d, dict)]
-    ahead = [e for e in reported if type(e) is int and own < e <= plausible]
+    ahead = [e for e in reported if type(e) is int and own < e <= max(own + 1, plausible)]
     return max(ahead, default=None)
