@@ -54,7 +54,8 @@ def test_four_peers_in_two_clusters_take_the_swarms_mean_in_two_levels(nodes, ma
             opt.samples = SAMPLES
             opt.passes = lambda me=ids[i]: pass_groups(me, clusters, 2)
         one_round(opts)
-
+        partners = [[others for _, others, _ in opt.round_log.last[-1]["levels"]] for opt in opts]
+        assert partners[0] == [[ids[1]], [ids[2]]] and partners[3] == [[ids[2]], [ids[1]]], partners
         avg = manifest.averaging
         for j, first in enumerate(start):
             mean = sum(d[j] for d in deltas) / len(deltas)
@@ -78,6 +79,7 @@ def one_round(opts: list) -> None:
         thread.join(90)
     outcomes = [opt.round_log.last[-1] for opt in opts]
     assert all(o["ok"] and o["peers"] == 4 for o in outcomes), outcomes
+    assert all([level for level, _, _ in o["levels"]] == [0, 1] for o in outcomes), outcomes  # for `status`
 
 
 def test_a_parameter_round_joins_anchors_that_parted(nodes, manifest, tmp_path):

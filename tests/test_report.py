@@ -145,6 +145,12 @@ def test_status_shows_the_persistent_ledger_instead_of_this_runs_counters():
         "grid": {"g_co2_per_kwh": 56.0, "source": "country average for France"},
     }
     text = describe_status(reply)
+    assert "Last round" not in text  # not a grouped swarm
+    grouped = {"step": 7, "ok": True, "peers": 4, "levels": [[0, ["QmNearby123456"], 0.08], [1, ["QmFar654321"], 0.4]]}
+    reply["peer"]["last_rounds"] = [grouped, {"step": 8, "ok": False, "reason": "timeout"}]
+    assert "Last round (global step 7): level 0 with …123456 (0.08 s); level 1 with …654321 (0.40 s)" in (
+        describe_status(reply)
+    )
     assert "Contributed to this swarm: 1,000 samples (1,024,000 tokens), 1.50 GPU-hours, 0.3000 kWh (measured)" in text
     assert "16.8 g CO2e" in text and "Grid: 56 g CO2e/kWh (country average for France)" in text
     assert "Contributed since start" not in text

@@ -304,10 +304,13 @@ class Prober:
 
     def read(self) -> tuple[dict[str, Near], list[str]]:
         """Read the members and everybody's near records now (a grouped swarm's peers do at each round's start, so
-        that their views of the swarm differ as little as possible)."""
-        members = [p for p in member_ids(self.dht, self.run_id) if p != self.me and len(p) <= 64]
-        self.records, self.members = read_near(self.dht, self.run_id), members
-        self._read_at = time.monotonic()
+        that their views of the swarm differ as little as possible); the last read if this one fails."""
+        try:
+            members = [p for p in member_ids(self.dht, self.run_id) if p != self.me and len(p) <= 64]
+            self.records, self.members = read_near(self.dht, self.run_id), members
+            self._read_at = time.monotonic()
+        except (RuntimeError, OSError, TimeoutError) as e:  # the DHT is shutting down or unreachable
+            logger.debug("Reading the members failed: %s", e)
         return self.records, self.members
 
     def publish(self) -> bool:

@@ -47,6 +47,7 @@ class RoundOutcome(dict):
     bytes_sent: float = 0.0
     group_size: int = 0
     plan: Plan | None = None  # adaptive: the prediction the level was chosen by
+    levels: tuple = ()  # a grouped round's (``level_rounds``): (level, the other members, seconds) of each level
 
 
 class CompressedAllReduce(AveragerHooks):

@@ -51,6 +51,7 @@ class LevelRounds:
     ):
         self.averager, self.groups, self.gather, self.timeout = averager, groups, gather, timeout
         self.weight, self.max_weight, self.epoch = weight, max_weight, epoch
+        self.me = averager.peer_id.to_base58()
         self._ended: Future = Future()
         self._cancelled = threading.Event()
         self._control: Any = None
@@ -83,7 +84,7 @@ class LevelRounds:
 
     def _levels(self) -> RoundOutcome:
         deadline = time.monotonic() + self.timeout
-        weight, covers, last, seconds, sent = self.weight, 1, None, 0.0, 0.0
+        weight, covers, last, seconds, sent, done = self.weight, 1, None, 0.0, 0.0, []
         for i, group in enumerate(self.groups):
             if self._cancelled.is_set():
                 raise RuntimeError("cancelled")
@@ -109,17 +110,18 @@ class LevelRounds:
                 if not self._control.done():
                     self._control.cancel()
                 continue
+            members = sorted(peer.to_base58() for peer in outcome)
             logger.info(
                 "Global step %d: level %d of %d averaged in a group of %d (%s), %.2f s",
-                self.epoch, group.level, len(self.groups), outcome.group_size,
-                " ".join(sorted(peer.to_base58() for peer in outcome)), outcome.round_s,
+                self.epoch, group.level, len(self.groups), outcome.group_size, " ".join(members), outcome.round_s,
             )  # fmt: skip
+            done.append((group.level, [p for p in members if p != self.me], round(outcome.round_s, 3)))
             weight = min(self.max_weight, sum(_reported(outcome, "weight", mine, self.max_weight)))
             covers = int(min(1e6, sum(_reported(outcome, "covers", covers, 1e6))))
             seconds, sent, last = seconds + outcome.round_s, sent + outcome.bytes_sent, outcome
         if last is None:
             raise RuntimeError(f"no level of the grid's {len(self.groups)} averaged")
-        last.round_s, last.bytes_sent, last.group_size = seconds, sent, covers
+        last.round_s, last.bytes_sent, last.group_size, last.levels = seconds, sent, covers, tuple(done)
         return last
 
 

@@ -290,7 +290,7 @@ class LocalUpdateOptimizer:
         self.scheduler.step()
         if outcome is not None:
             self.round_log.succeeded(
-                self.local_epoch, outcome.group_size, outcome.codec, outcome.bytes_sent, outcome.round_s
+                self.local_epoch, outcome.group_size, outcome.codec, outcome.bytes_sent, outcome.round_s, outcome.levels
             )
             if not self._syncing:  # a sync round's codec is not the policy's
                 self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]

@@ -44,16 +44,20 @@ class RoundLog:
         self.bytes_sent = self.bytes_received = 0.0
         self.last: list[dict[str, Any]] = []
 
-    def succeeded(self, step: int, peers: int, codec: str, payload: float | None, seconds: float | None) -> None:
+    def succeeded(
+        self, step: int, peers: int, codec: str, payload: float | None, seconds: float | None, levels: tuple = ()
+    ) -> None:
         """A round of ``peers`` members that averaged this peer's values; ``payload``: its bytes each way (None:
-        not known for this codec), ``seconds``: the all-reduce's time (None: not measured)."""
+        not known for this codec), ``seconds``: the all-reduce's time (None: not measured); ``levels``: a grouped
+        round's levels, each (level, the other members' peer ids, seconds)."""
         with self._lock:
             self.ok += 1
             self.bytes_sent += payload or 0.0
             self.bytes_received += payload or 0.0
             self._keep({"step": step, "ok": True, "peers": peers, "codec": codec,
                         "bytes": None if payload is None else round(payload),
-                        "seconds": None if seconds is None else round(seconds, 3)})  # fmt: skip
+                        "seconds": None if seconds is None else round(seconds, 3),
+                        **({"levels": [list(level) for level in levels]} if levels else {})})  # fmt: skip
 
     def failed_with(self, step: int, error: BaseException | str) -> str:
         reason = failure_reason(error)

@@ -26,6 +26,13 @@ def describe_status(reply: dict[str, Any]) -> str:
         if peer.get("nearest"):
             near = ", ".join(f"…{p[-6:]} {ms:.0f} ms" for p, ms in peer["nearest"])
             lines.append(f"Nearest members: {near}")
+        grouped = [r for r in peer.get("last_rounds", []) if r.get("ok") and r.get("levels")]
+        if grouped:  # a grouped swarm's last round: with whom, level by level (train/level_rounds.py)
+            levels = "; ".join(
+                f"level {level} with {', '.join('…' + p[-6:] for p in others)} ({seconds:.2f} s)"
+                for level, others, seconds in grouped[-1]["levels"]
+            )
+            lines.append(f"Last round (global step {grouped[-1]['step']}): {levels}")
         lines.append(describe_ledger(reply.get("ledger")))
     elif peer.get("state"):
         lines.append(f"Peer: {peer['state']}")
