@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_wan import Namespaces, namespaces_available  # noqa: E402
+from bench_wan import Namespaces, namespaces_available, sh  # noqa: E402
 
 PORT = 31900
 PHASES = ("allreduce", "encode", "decode", "aggregate", "sign", "verify")
@@ -158,6 +158,8 @@ def worker(args: argparse.Namespace) -> None:
             time.sleep(0.05)
         if not control.done() or control.stage != AveragingStage.FINISHED:
             control.cancel()
+        elif args.shares == "measured" and control.result().uplink:  # as the optimizers do after each round
+            averager.bandwidth = control.result().uplink
     rows.close()
     os._exit(0)
 
@@ -174,6 +176,10 @@ def asyncio_function(function) -> bool:  # noqa: ANN001
 def run(args: argparse.Namespace, work: Path) -> list[dict]:
     net = Namespaces(args.peers)
     net.shape(args.link_mbit)
+    if args.slow_mbit:  # peer 0's link, both ways, slower than the others'
+        tbf = ("tbf", "rate", f"{args.slow_mbit:.3f}mbit", "burst", "32768", "latency", "400ms")
+        sh("ip", "netns", "exec", net.names[0], "tc", "qdisc", "change", "dev", "eth0", "root", *tbf)
+        sh("tc", "qdisc", "change", "dev", net.host_ends[0], "root", *tbf)
     results, bootstrap = work / "rounds.jsonl", work / "bootstrap.txt"
     t0 = time.time() + 15 + 3.0 * args.peers  # every peer has started and joined the DHT by then
     procs = []
@@ -183,7 +189,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
                        "--t0", str(t0), "--period", str(args.period), "--rounds", str(args.rounds), "--results",
                        str(results), "--matchmaking", str(args.matchmaking), "--values", str(args.values), "--codec",
                        args.codec, "--aggregation", args.aggregation, "--home", str(work / f"peer{i}"), "--parts",
-                       args.parts]  # fmt: skip
+                       args.parts, "--shares", args.shares]  # fmt: skip
             command += ["--announce", str(bootstrap)] if i == 0 else ["--bootstrap", str(bootstrap)]
             log = open(work / f"peer{i}.log", "ab")  # noqa: SIM115 - closed with the process
             procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
@@ -205,24 +211,29 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     link = args.link_mbit * 1e6 / 8
     lines = [
         f"{args.peers} peers, {args.values:,} values, codec {args.codec}, aggregation {args.aggregation}, link "
-        f"{args.link_mbit} Mbit/s; medians over the peer-rounds with all {args.peers} peers",
+        f"{args.link_mbit} Mbit/s"
+        + (f" (peer 0: {args.slow_mbit} Mbit/s)" if args.slow_mbit else "")
+        + f"; medians over the peer-rounds with all {args.peers} peers",
         "",
-        "| parts | peer-rounds | payload ÷ link (s) | all-reduce (s) | ratio | CPU in the averager (s) | "
+        "| parts, shares | peer-rounds | payload ÷ link (s) | all-reduce (s) | ratio | smallest share | "
+        + "CPU in the averager (s) | "
         + " | ".join(f"{p} (s)" for p in PHASES[1:])
         + " |",
-        "|---" * (6 + len(PHASES) - 1) + "|",
+        "|---" * (7 + len(PHASES) - 1) + "|",
     ]
     for parts, rows in results.items():
         full = [r for r in rows if r["group"] == args.peers]
         if not full:
-            lines.append(f"| {parts} | 0 of {len(rows)} |" + " |" * (4 + len(PHASES)))
+            lines.append(f"| {parts} | 0 of {len(rows)} |" + " |" * (5 + len(PHASES)))
             continue
+        fractions = [min(r["shares"][-1][1]) / sum(r["shares"][-1][1]) for r in full if r.get("shares")]
+        share = f"{statistics.median(fractions):.2f}" if fractions else "—"
         ideal = statistics.median(r["bytes_sent"] for r in full) / link
         med = {
             key: statistics.median(r[key] for r in full) for key in ("round_s", "cpu_s", *(f"{p}_s" for p in PHASES))
         }
         lines.append(
-            f"| {parts} | {len(full)} | {ideal:.2f} | {med['round_s']:.2f} | {med['round_s'] / ideal:.2f}x | "
+            f"| {parts} | {len(full)} | {ideal:.2f} | {med['round_s']:.2f} | {med['round_s'] / ideal:.2f}x | {share} | "
             f"{med['cpu_s']:.2f} | " + " | ".join(f"{med[f'{p}_s']:.2f}" for p in PHASES[1:]) + " |"
         )
     return "\n".join(lines)
@@ -240,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matchmaking", type=float, default=2.0)
     parser.add_argument("--parts", choices=("hivemind", "p2ptrain", "both"), default="both",
                         help="hivemind's fixed 512 kB parts, p2ptrain's (codecs.part_size), or both")  # fmt: skip
+    parser.add_argument("--slow-mbit", type=float, default=0.0, help="peer 0's link (0: as the others')")
+    parser.add_argument(
+        "--shares", choices=("equal", "measured", "both"), default="equal",
+        help="shares of the vector: equal (no bandwidth reported), by measured uplinks, or both",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the peers' logs (printed where)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -255,14 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = {}
     for parts in ("hivemind", "p2ptrain") if args.parts == "both" else (args.parts,):
-        work = Path(tempfile.mkdtemp(prefix="p2pt-profile-"))
-        try:
-            results[parts] = run(argparse.Namespace(**{**vars(args), "parts": parts}), work)
-        finally:
-            if args.keep:
-                print(f"peers' logs ({parts} parts): {work}")
-            else:
-                shutil.rmtree(work, ignore_errors=True)
+        for shares in ("equal", "measured") if args.shares == "both" else (args.shares,):
+            label = f"{parts}, {shares} shares"
+            work = Path(tempfile.mkdtemp(prefix="p2pt-profile-"))
+            try:
+                results[label] = run(argparse.Namespace(**{**vars(args), "parts": parts, "shares": shares}), work)
+            finally:
+                if args.keep:
+                    print(f"peers' logs ({label}): {work}")
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
     print(table(results, args))
     if args.out:
         args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"}, "rounds": results},

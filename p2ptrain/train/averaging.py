@@ -31,6 +31,7 @@ from p2ptrain.compat.hivemind import AveragerHooks
 from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, part_size, shared_indices, sparsify_
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.policy import Plan, RoundReport, plan_round
+from p2ptrain.train.shares import uplink
 from p2ptrain.train.step_numbers import EpochReports
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class RoundOutcome(dict):
     group_size: int = 0
     plan: Plan | None = None  # adaptive: the prediction the level was chosen by
     levels: tuple = ()  # a grouped round's (``level_rounds``): (level, the other members, seconds) of each level
+    uplink: float | None = None  # bytes/s this member's part streams measured (``shares.uplink``); None: too small
 
 
 class CompressedAllReduce(AveragerHooks):
@@ -101,7 +103,7 @@ class CompressedAllReduce(AveragerHooks):
                     part_size_bytes=part_size(level.bytes_for(numel), len(group_info.peer_ids)),
                 )
                 started = time.perf_counter()
-                await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
+                runner = await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
                 round_s = time.perf_counter() - started
                 dense = values if indices is None else densify(values, indices, numel)
                 offset = 0
@@ -116,6 +118,7 @@ class CompressedAllReduce(AveragerHooks):
             outcome.group_size = len(group_info.peer_ids)
             outcome.ratio, outcome.group_id = level.ratio, group_info.group_id
             outcome.bytes_sent = payload_bytes(level, numel, len(group_info.peer_ids))
+            outcome.uplink = uplink(getattr(runner, "sends", {}))
             return outcome
         except BaseException as e:
             if isinstance(e, Exception):

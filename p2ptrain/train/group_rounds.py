@@ -8,7 +8,8 @@ this module fixes both for every averager p2ptrain runs, as a mixin, and makes t
    part for it would have to cross a relay, which is no data path (``nat.py``). Each member reports its
    reachability kind with its bandwidth in the group's all-gather; from the same reports every member derives
    the same shares (``nat.aggregates``): a member that cannot aggregate gets a share of 0 and only sends its part
-   and receives the average, as hivemind's client-mode peers do.
+   and receives the average, as hivemind's client-mode peers do. The others' shares follow the uplinks they
+   measured (``shares.py``).
 2. **A round that lost a part is not a success.** hivemind's all-reduce does not fail when one member's exchange
    with another fails: the sender keeps its own values for that part, the aggregator leaves the sender out, and
    the round still returns as averaged with everybody, so members end the step with different values and nobody
@@ -26,7 +27,6 @@ this module fixes both for every averager p2ptrain runs, as a mixin, and makes t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator  # noqa: UP035 - hivemind reads handlers' stream types from typing's only
@@ -42,12 +42,13 @@ from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 from p2ptrain.compat.hivemind import AveragerHooks, RunnerHooks, allreduce_to_values, input_part
 from p2ptrain.swarm.admission import Admission, NotAdmitted
 from p2ptrain.swarm.discovery import accusations_key, passes_key, revoked_key
-from p2ptrain.swarm.nat import REPORTED_KINDS, aggregates, cannot_average
+from p2ptrain.swarm.nat import REPORTED_KINDS
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.accusations import READ_EVERY_S, Accusations, Evidence, rms
 from p2ptrain.train.bans import Bans
 from p2ptrain.train.codecs import part_size
 from p2ptrain.train.robust import AverageBound, RobustPartReducer
+from p2ptrain.train.shares import TimedSends, with_shares
 from p2ptrain.train.signed_parts import PartSigner, Receipts
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class GroupRounds(Accusations, AveragerHooks):
             aggregation=self.aggregation, bans=self.bans, signer=self.signer, accuse=self.accuse, **kw,
         )  # fmt: skip
         check_whole(runner, group_info)
+        return runner
 
     # hivemind's handlers: a banned peer may not join a group this peer leads, nor download its state. In a group
     # that another member leads it stays a member (leaving would fail the round for everybody); the parts it sends
@@ -262,7 +264,7 @@ async def dht_get(dht: Any, key: str, timeout_s: float = 5.0) -> Any:
 VERSION = "p2pt3"  # in every averager's key prefix: bumped when what members exchange in a round changes
 
 
-class SameAverageRunner(RunnerHooks, AllReduceRunner):
+class SameAverageRunner(TimedSends, RunnerHooks, AllReduceRunner):
     """hivemind's all-reduce, in which every member ends with the same average (point 3 of the module docstring).
 
     Two small changes, on top of hivemind's code paths: the part reducer answers with an average from which hivemind's
@@ -351,34 +353,6 @@ def _take_averages(container: Any, own: int) -> None:
         register(peer_index, part_index, average.to(part.dtype))
 
     container.register_processed_part = register_average
-
-
-def with_shares(group_info: GroupInfo, serializer: Any) -> GroupInfo:
-    """``group_info`` with each member's reported [bandwidth, kind] replaced by the bandwidth hivemind shares the
-    vector by: 0 for a member that cannot aggregate (``nat.aggregates``)."""
-    entries = [serializer.loads(raw) for raw in group_info.gathered]
-    reported = [entry[0][:2] if isinstance(entry[0], list) else entry[0] for entry in entries]  # pass left out
-    if not all(isinstance(r, list) and len(r) == 2 and isinstance(r[1], str) for r in reported):
-        raise AllreduceException("a group member did not report its reachability (not a p2ptrain averager)")
-    kinds = [r[1] for r in reported]
-    if cannot_average(kinds):
-        raise AllreduceException(
-            f"no member of this group of {len(kinds)} can be reached directly by all the others (reachability "
-            f"{', '.join(kinds)}): looking for another group"
-        )
-    chosen = aggregates(kinds)
-    gathered = tuple(
-        serializer.dumps([r[0] if ok else 0.0, *entry[1:]])
-        for r, ok, entry in zip(reported, chosen, entries, strict=True)
-    )
-    if not all(chosen):
-        logger.debug(
-            "Group %s: members %s only send (reachability %s)",
-            group_info.group_id.hex()[:8],
-            [str(p)[-6:] for p, ok in zip(group_info.peer_ids, chosen, strict=True) if not ok],
-            kinds,
-        )
-    return dataclasses.replace(group_info, gathered=gathered)
 
 
 def check_whole(runner: Any, group_info: GroupInfo) -> None:

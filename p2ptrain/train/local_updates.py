@@ -294,6 +294,8 @@ class LocalUpdateOptimizer:
             )
             if not self._syncing:  # a sync round's codec is not the policy's
                 self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
+            if outcome.uplink:  # what the next groups share the vector by (shares.py)
+                self.averager.bandwidth = outcome.uplink
             rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
             plan = outcome.plan
             why = ""

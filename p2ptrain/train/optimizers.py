@@ -318,6 +318,8 @@ class SwarmOptimizer(compat.Optimizer):
 
     def _log_round(self, outcome: Any) -> None:
         peers = len(outcome)
+        if isinstance(outcome, RoundOutcome) and outcome.uplink:  # what the next groups share the vector by
+            self.grad_averager.bandwidth = outcome.uplink
         if isinstance(outcome, RoundOutcome) and outcome.codec:  # the compressed averagers measure their rounds
             self.round_log.succeeded(self.local_epoch, peers, outcome.codec, outcome.bytes_sent, outcome.round_s)
             return
