@@ -69,3 +69,46 @@ def test_a_peer_whose_rounds_keep_failing_while_others_train_is_told_to_rejoin()
     assert [stuck.after(own_update=True, peers=4) for _ in range(2)] == [False, False]  # counts again from 0
     assert stuck.after(own_update=False, peers=4) is False  # a round that worked
     assert [stuck.after(own_update=True, peers=1) for _ in range(5)] == [False] * 5  # alone: nobody to average with
+
+
+def test_a_restart_in_a_new_role_dials_again_a_peer_that_is_back_a_moment_later(tmp_path, monkeypatch, caplog):
+    """A volunteer behind NAT starts its DHT again in its new role, to the relays it met a moment ago; one that does
+    not answer right then (its daemon busy, a router's mapping not open yet) is dialled again, not given up on."""
+    import logging
+    import socket
+    import threading
+
+    import hivemind
+
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.swarm import nat, network
+    from p2ptrain.swarm.identity import ensure_identity, p2p_identity_path
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(network, "RESTART_WAIT_S", 1.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("relay", "me"):
+        (tmp_path / name).mkdir()
+    relay_id = ensure_identity(tmp_path / "relay")
+    ensure_identity(tmp_path / "me")
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{relay_id}"
+    started = []
+
+    def relay_back() -> None:
+        started.append(hivemind.DHT(start=True, host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"],
+                                    identity_path=str(p2p_identity_path(tmp_path / "relay"))))  # fmt: skip
+
+    timer = threading.Timer(1.5, relay_back)  # after the first dial has failed
+    timer.start()
+    settings = PeerSettings(data_dir=tmp_path / "me", host="127.0.0.1", port=0)
+    try:
+        dht = network.restart_dht(settings, tmp_path / "me", [address], nat.PUBLIC)
+        assert "try 2 of 3" in caplog.text, caplog.text
+        assert started and dht.peer_id != started[0].peer_id
+        dht.shutdown()
+    finally:
+        timer.join(30)
+        for node in started:
+            node.shutdown()

@@ -6,7 +6,9 @@ that notices when that role no longer fits.
 2. ``settle_role``: ask the peers it reached whether they can connect back (``reachability.check``), and the router
    whether it maps our port (``port_mapping``). Until then the DHT advertises only this machine's own addresses
    (``nat.Role.own_addrs_only``). Reachable through the router, start the DHT again advertising the mapping; behind
-   NAT, as ``nat.py`` says: with slots on the swarm's relays, or as a client if no relay gives it one.
+   NAT, as ``nat.py`` says: with slots on the swarm's relays, or as a client if no relay gives it one. A start in
+   the new role that reaches none of the peers met a moment ago is tried again before the peer gives up
+   (``restart_dht``).
 3. ``watch.NetworkWatch`` while the peer trains: notices when that role no longer fits (``watch.py``).
 
 ``claim_port`` resolves ``--port 0`` once, so that every stay listens on (and announces) the same port.
@@ -33,6 +35,7 @@ from p2ptrain.swarm.reachability import relayed
 logger = logging.getLogger(__name__)
 
 LAN_WAIT_S = 5.0  # --p2p py with mDNS and no peer given: how long to look for LAN peers
+RESTART_TRIES, RESTART_WAIT_S = 3, 2.0  # a start in a new role, to peers met a moment ago: a dial may fail once
 
 
 def start_dht(
@@ -90,6 +93,24 @@ def own_addrs(host: str, port: int) -> list[str] | None:
     return [f"/ip4/{ip}/tcp/{port}" for ip in ips]
 
 
+def restart_dht(
+    settings: PeerSettings, data_dir: Path, peers: list[str], role: nat.Role, validators: tuple = ()
+) -> hivemind.DHT:
+    """``start_dht`` again, in ``role``, to ``peers`` this one reached a moment ago: a daemon that could not connect
+    to any of them (one busy, a router's mapping not open yet) is started again, ``RESTART_TRIES`` times in all,
+    ``RESTART_WAIT_S`` apart, before the peer gives up with ``PeerUnreachable``."""
+    for attempt in range(1, RESTART_TRIES + 1):
+        try:
+            return start_dht(settings, data_dir, peers, [], role, validators)
+        except PeerUnreachable as e:
+            if attempt == RESTART_TRIES:
+                raise
+            logger.warning("Starting again (%s): %s; try %d of %d in %.0f s", role.describe(), e, attempt + 1,
+                           RESTART_TRIES, RESTART_WAIT_S)  # fmt: skip
+            time.sleep(RESTART_WAIT_S)
+    raise AssertionError("unreachable")
+
+
 def settle_role(
     settings: PeerSettings,
     data_dir: Path,
@@ -108,7 +129,7 @@ def settle_role(
     logger.info("Reachability: %s", reach.describe())
     if reach.kind == reachability.Kind.MAPPED:  # advertise what the router maps: start again, as a public peer
         dht.shutdown()
-        dht = start_dht(settings, data_dir, bootstrap, [], nat.mapped(reach), validators)
+        dht = restart_dht(settings, data_dir, bootstrap, nat.mapped(reach), validators)
         if wait_for_mapping(dht):  # the new daemon's own mapping (or the forwarded address peers observe)
             reach = reachability.check(dht)
         return dht, nat.mapped(reach)
@@ -119,19 +140,23 @@ def settle_role(
     if not relays:
         logger.warning("Behind NAT, and no member of the swarm can be reached directly: averaging as a client")
         role = nat.client(reach)
-        return start_dht(settings, data_dir, bootstrap, [], role, validators), role
+        return restart_dht(settings, data_dir, bootstrap, role, validators), role
     # go-libp2p's AutoRelay asks its static relays for slots only once it has connected to all of them (else it
     # waits 3 minutes): if one of them fails, the others are asked one at a time
     for some in [relays, *([r] for r in relays if len(relays) > 1)]:
         role = nat.behind_nat(reach, some)
-        dht = start_dht(settings, data_dir, some, [], role, validators)
+        try:
+            dht = restart_dht(settings, data_dir, some, role, validators)
+        except PeerUnreachable as e:  # none of these relays answers now: the next ones, or a client
+            logger.warning("No relay of %s answered: %s", some, e)
+            continue
         if nat.wait_for_reservation(dht, nat.RESERVATION_WAIT_S if some is relays else nat.RESERVATION_WAIT_S / 2):
             logger.info("Behind NAT: %s", role.describe())
             return dht, role
         dht.shutdown()
     logger.warning("None of %d relays gave this peer a slot: averaging as a client", len(relays))
     role = nat.client(reach)
-    return start_dht(settings, data_dir, relays, [], role, validators), role
+    return restart_dht(settings, data_dir, relays, role, validators), role
 
 
 def wait_for_mapping(dht: hivemind.DHT, timeout_s: float = port_mapping.WAIT_S) -> bool:
