@@ -247,6 +247,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
                     republisher.refresh()  # a peer found public offers itself as a relay at once
 
             watch = NetworkWatch(dht, role, manifest.run_id, on_network, lambda: known)
+            optimizer.on_links = watch.prober.neighbours.throughput  # published in the near record
             if manifest.averaging.group_size:  # each round's groups, from the members' records read at its start
                 regrouping = Regrouping(dht.peer_id.to_base58(), manifest.averaging.group_size)
                 optimizer.passes = lambda: regrouping.passes(*watch.prober.read())

@@ -23,3 +23,20 @@ def test_an_uplink_is_what_the_part_streams_sent_together():
     assert uplink({1: (parts, 1.0), 2: (parts, 1.0), 3: (parts, 1.0)}) == pytest.approx(3 * parts)
     # one aggregator slow to receive: the sends before it finished ran at the uplink's rate, not at its
     assert uplink({1: (parts, 1.0), 2: (parts, 1.0), 3: (parts, 5.0)}) == pytest.approx(2.2 * parts)
+
+
+def test_each_part_streams_rate_reaches_the_near_record():
+    from hivemind.p2p import PeerID
+
+    from p2ptrain.swarm.proximity import Coord, Neighbours, decode_near, encode_near
+    from p2ptrain.train.shares import MIN_LINK_BYTES, link_rates
+
+    ids = [PeerID(bytes([0x00, 0x04, i, i, i, i])) for i in range(3)]
+    rates = link_rates({1: (2_000_000, 0.5), 2: (MIN_LINK_BYTES // 2, 0.01)}, ids)
+    assert rates == {ids[1].to_base58(): pytest.approx(32.0)}  # 2 MB in 0.5 s; the small stream tells nothing
+    neighbours = Neighbours()
+    neighbours.rtt(ids[1].to_base58(), 12.0)
+    neighbours.throughput(rates)
+    neighbours.throughput({ids[1].to_base58(): 22.0})
+    near = decode_near(encode_near(Coord(), neighbours.nearest()))
+    assert near.neighbours[ids[1].to_base58()] == (12.0, pytest.approx(0.7 * 32.0 + 0.3 * 22.0))

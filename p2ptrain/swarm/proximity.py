@@ -67,6 +67,7 @@ def shard_of(peer: str) -> int:
 @dataclass
 class Measured:
     rtt_ms: float | None = None  # smoothed (EWMA 0.3)
+    mbit_s: float | None = None  # what this peer's part streams to it achieved in averaging rounds (EWMA 0.3)
 
 
 class Neighbours:
@@ -88,6 +89,13 @@ class Neighbours:
         with self._lock:
             entry = self._entry(peer)
             entry.rtt_ms = rtt_ms if entry.rtt_ms is None else 0.7 * entry.rtt_ms + 0.3 * rtt_ms
+
+    def throughput(self, links: dict[str, float]) -> None:
+        """What this peer's part streams achieved in a round, Mbit/s by peer id (``shares.link_rates``)."""
+        with self._lock:
+            for peer, mbit_s in links.items():
+                entry = self._entry(peer)
+                entry.mbit_s = mbit_s if entry.mbit_s is None else 0.7 * entry.mbit_s + 0.3 * mbit_s
 
     def get(self, peer: str) -> Measured | None:
         with self._lock:
@@ -168,7 +176,7 @@ class Near:
 
 def encode_near(coord: Coord, nearest: list[tuple[str, Measured]]) -> dict:
     rounded = [round(v, 2) for v in (coord.x, coord.y, coord.height, coord.error)]
-    rows = [[p, round(m.rtt_ms, 2), None] for p, m in nearest]  # throughput: not measured yet
+    rows = [[p, round(m.rtt_ms, 2), None if m.mbit_s is None else round(min(m.mbit_s, 1e6), 2)] for p, m in nearest]
     return {"c": rounded, "n": rows[:PUBLISHED_NEIGHBOURS]}
 
 

@@ -31,7 +31,7 @@ from p2ptrain.compat.hivemind import AveragerHooks
 from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, part_size, shared_indices, sparsify_
 from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.policy import Plan, RoundReport, plan_round
-from p2ptrain.train.shares import uplink
+from p2ptrain.train.shares import link_rates, uplink
 from p2ptrain.train.step_numbers import EpochReports
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class RoundOutcome(dict):
     plan: Plan | None = None  # adaptive: the prediction the level was chosen by
     levels: tuple = ()  # a grouped round's (``level_rounds``): (level, the other members, seconds) of each level
     uplink: float | None = None  # bytes/s this member's part streams measured (``shares.uplink``); None: too small
+    links: dict | None = None  # Mbit/s of each part stream, by peer id (``shares.link_rates``)
 
 
 class CompressedAllReduce(AveragerHooks):
@@ -118,7 +119,8 @@ class CompressedAllReduce(AveragerHooks):
             outcome.group_size = len(group_info.peer_ids)
             outcome.ratio, outcome.group_id = level.ratio, group_info.group_id
             outcome.bytes_sent = payload_bytes(level, numel, len(group_info.peer_ids))
-            outcome.uplink = uplink(getattr(runner, "sends", {}))
+            sends = getattr(runner, "sends", {})
+            outcome.uplink, outcome.links = uplink(sends), link_rates(sends, group_info.peer_ids)
             return outcome
         except BaseException as e:
             if isinstance(e, Exception):

@@ -41,6 +41,7 @@ from p2ptrain.train.level_rounds import LevelRounds
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.progress import CheckedProgressTracker
 from p2ptrain.train.round_log import RoundLog
+from p2ptrain.train.shares import take_measurements
 from p2ptrain.train.signed_parts import PartSigner
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class LocalUpdateOptimizer:
     # PeerOptimizer (optimizers.py) -------------------------------------------------------------------
 
     last_group: list[str] | None = None  # rounds average pseudo-gradients; the parameters are not compared
+    on_links: Callable[[dict[str, float]], None] | None = None  # per-link rates of each round (shares.py)
 
     def resume_at(self, epoch: int) -> None:
         self.local_epoch = epoch
@@ -294,8 +296,7 @@ class LocalUpdateOptimizer:
             )
             if not self._syncing:  # a sync round's codec is not the policy's
                 self.recent = [*self.recent, (outcome.level, outcome.round_s)][-8:]
-            if outcome.uplink:  # what the next groups share the vector by (shares.py)
-                self.averager.bandwidth = outcome.uplink
+            take_measurements(self.averager, outcome, self.on_links)
             rate = outcome.bytes_sent / outcome.round_s if outcome.round_s > 0 else math.inf
             plan = outcome.plan
             why = ""

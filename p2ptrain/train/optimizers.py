@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
 from p2ptrain.train.progress import CheckedProgressTracker, signs_with
 from p2ptrain.train.round_log import RoundLog
+from p2ptrain.train.shares import take_measurements
 from p2ptrain.train.signed_parts import PartSigner
 from p2ptrain.train.state_download import CheckedStateDownload, WholeStepState
 from p2ptrain.train.step_numbers import EpochReports, group_epoch
@@ -179,6 +181,7 @@ class PeerOptimizer(Protocol):
     tracker: ProgressTracker  # the swarm's progress: global step, peers, samples
     last_group: list[str] | None  # peer ids of the last gradient round's group (None: it failed, or no such round)
     round_log: RoundLog  # the gradient (or outer) rounds' outcomes, bytes and the last few
+    on_links: Callable[[dict[str, float]], None] | None  # told each round's per-link rates (``shares.py``)
 
     @property
     def local_epoch(self) -> int: ...  # global steps this peer has completed
@@ -246,6 +249,7 @@ class SwarmOptimizer(compat.Optimizer):
     progress_tracker_type = CheckedProgressTracker
     local_step_epoch = -1
     behind_at = -1  # the last step that applied a round whose group was ahead (``step_numbers``)
+    on_links: Callable[[dict[str, float]], None] | None = None  # per-link rates of each round (shares.py)
     last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
 
     def __init__(
@@ -318,8 +322,7 @@ class SwarmOptimizer(compat.Optimizer):
 
     def _log_round(self, outcome: Any) -> None:
         peers = len(outcome)
-        if isinstance(outcome, RoundOutcome) and outcome.uplink:  # what the next groups share the vector by
-            self.grad_averager.bandwidth = outcome.uplink
+        take_measurements(self.grad_averager, outcome, self.on_links)
         if isinstance(outcome, RoundOutcome) and outcome.codec:  # the compressed averagers measure their rounds
             self.round_log.succeeded(self.local_epoch, peers, outcome.codec, outcome.bytes_sent, outcome.round_s)
             return

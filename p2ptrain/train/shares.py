@@ -9,6 +9,8 @@ holds the whole group back as an aggregator. Here:
 - every other member reports the uplink it **measured** in its last rounds (``uplink``: bytes ÷ seconds of the part
   streams it sent, from ``TimedSends``), once its sends were large enough to get past the buffers on their way
   (``MIN_MEASURED_BYTES``); before that, nothing (hivemind then takes the others' mean);
+- each member also publishes the rate of each of its part streams, per peer, as the throughput slot of its near
+  record (``link_rates``, ``proximity.encode_near``);
 - a reported bandwidth is bounded by ``BANDWIDTH_BOUND`` × the group's median, so a member cannot take most of the
   vector (and the parts it aggregates) by claiming a huge uplink.
 """
@@ -31,6 +33,7 @@ from p2ptrain.swarm.nat import aggregates, cannot_average
 logger = logging.getLogger(__name__)
 
 MIN_MEASURED_BYTES = 4_000_000  # below, the unix socket, the daemon and the stream's window hold a round's sends
+MIN_LINK_BYTES = 1_000_000  # one stream's, for its rate to the peer (published in the near record)
 BANDWIDTH_BOUND = 4.0
 
 
@@ -86,6 +89,25 @@ def uplink(sends: dict[int, tuple[int, float]]) -> float | None:
             done = sum(size * min(1.0, until / seconds) if seconds > 0 else size for size, seconds in sends.values())
             rates.append(done / until)
     return max(rates, default=None)
+
+
+def link_rates(sends: dict[int, tuple[int, float]], peer_ids: Any) -> dict[str, float]:
+    """Mbit/s each part stream of a round achieved to its aggregator (by base58 peer id), for the streams large
+    enough to tell: what ``proximity`` publishes as this peer's throughput to its neighbours."""
+    return {
+        peer_ids[index].to_base58(): size * 8 / 1e6 / seconds
+        for index, (size, seconds) in sends.items()
+        if size >= MIN_LINK_BYTES and seconds > 0
+    }
+
+
+def take_measurements(averager: Any, outcome: Any, on_links: Any) -> None:
+    """After a round: the next groups share the vector by this member's measured uplink (its averager's reported
+    bandwidth), and ``on_links`` (when set: the prober's ``Neighbours.throughput``) learns the per-link rates."""
+    if getattr(outcome, "uplink", None):
+        averager.bandwidth = outcome.uplink
+    if getattr(outcome, "links", None) and on_links is not None:
+        on_links(outcome.links)
 
 
 class TimedSends:
