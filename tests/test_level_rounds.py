@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from conftest import node_optimizers, swarm_nodes
+from safetensors.torch import load_file
 
 from p2ptrain.local_swarm import DEMO_PEER_FLAGS, LocalSwarm
 from p2ptrain.swarm.grouping import pass_groups
@@ -114,11 +115,12 @@ def test_a_parameter_round_joins_anchors_that_parted(nodes, manifest, tmp_path):
 @pytest.mark.slow
 def test_a_grouped_swarm_of_four_real_peers_trains_level_by_level(tmp_path):
     """``seed --group-size 2`` and three joins on 127.0.0.1: every global step each peer averages with one other
-    peer at each of two levels, the swarm's loss falls, and every round covers all four."""
+    peer at each of two levels, the swarm's loss falls, nearly every round covers all four, and the swarm ends with
+    one set of agreed parameters."""
     swarm_flags = (
         *("--target-batch-size", "96", "--matchmaking-time", "2", "--averaging-timeout", "20"),
         *("--warmup-epochs", "2", "--lr", "3e-3", "--averaging", "local", "--compression", "fp16"),
-        *("--group-size", "2"),
+        *("--group-size", "2", "--sync-every", str(EPOCHS - 1)),
     )
     peer_flags = (*DEMO_PEER_FLAGS, "--max-steps", str(EPOCHS), "--validate-every", str(EPOCHS))
     with LocalSwarm(tmp_path, swarm_flags=swarm_flags, peer_flags=peer_flags) as swarm:
@@ -137,3 +139,15 @@ def test_a_grouped_swarm_of_four_real_peers_trains_level_by_level(tmp_path):
         assert {level for level, _, _ in levels} == {"0", "1"}, levels
         rounds = [int(n) for n in re.findall(r"Round \d+: (\d) peers", peer.log())]
         assert sum(n == 4 for n in rounds) >= EPOCHS - 2, (peer.name, rounds)
+    # one model at the end: the agreed parameters (the anchors; in local mode each peer's own parameters also hold
+    # its steps since) are the same on every peer, bit for bit when the last round that landed, a parameter round
+    # (--sync-every), covered all four everywhere
+    run = a.status()["run_id"]
+    finals = [load_file(str(tmp_path / p.name / "runs" / run / "checkpoint.safetensors")) for p in peers]
+    last = [re.findall(rf"Round {EPOCHS - 1}: (\d) peers, codec (\w+)", p.log()) for p in peers]
+    assert all(found and found[0][1] == "none" for found in last), last  # a parameter round: uncompressed
+    exact = all(found[0][0] == "4" for found in last)
+    for final in finals[1:]:
+        for key, anchor in finals[0].items():
+            if key.endswith(".anchor"):
+                assert torch.equal(final[key], anchor) if exact else torch.allclose(final[key], anchor, atol=0.05)
