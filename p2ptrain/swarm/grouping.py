@@ -15,10 +15,13 @@ Every peer derives the same groups from the same signed near records (``proximit
 3. **Levels** (``group``), Moshpit SGD's grid (Ryabinin et al., NeurIPS 2021) laid over the clusters: a peer's
    place is (its rank in its cluster, its cluster's digits in base ``size``). At level 0 a group is one cluster —
    nearby peers, every global step that is a multiple of ``levels``; at level ``l >= 1`` it is the peers of one rank
-   in the clusters that differ only in digit ``l`` — at most ``size`` peers, one per cluster, across regions.
-   Averaging at every level in turn gives every peer the exact mean of the whole swarm when the grid is full, and
-   contracts the differences between peers by the group size per round when it is not (Moshpit's analysis). With
-   ``N <= size`` there is one level and one group: everybody, as before.
+   in the clusters that differ only in digit ``l`` — one per cluster (two from a cluster one peer larger than the
+   smallest it meets: ``all_groups``), across regions. Averaging at every level in turn gives every peer the exact
+   mean of the whole swarm when the grid is full, and contracts the differences between peers by the group size per
+   round when it is not (Moshpit's analysis). With ``N <= size`` there is one level and one group: everybody.
+   ``group``/``Regrouping.at`` give one level per global step (Moshpit's way, averaging parameters: what
+   ``scripts/bench_scale.py`` and ``scripts/simulate_swarm.py`` run); ``seed``/``join`` run every level of a pass
+   within each step (``pass_groups``, ``train/level_rounds.py`` says why).
 
 The group key is a short hash of (level, the place's other coordinates), turned into hivemind's group bits, so
 peers of one group meet on one DHT key and nobody else's matchmaking reads it.
