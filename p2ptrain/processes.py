@@ -4,7 +4,9 @@ Two guarantees, both tested:
 - a clean stop leaves no child behind: ``reap_children`` waits for them, then kills stragglers with a warning;
 - a crash of the peer (even ``kill -9``) takes its children with it: ``die_with_parent`` makes every
   child forked from this process receive SIGKILL when the peer dies (Linux ``PR_SET_PDEATHSIG``).
-  Without it hivemind's DHT process and p2pd run on forever after the peer is killed.
+  Without it hivemind's DHT process and p2pd run on forever after the peer is killed. Linux sends it when the
+  *thread* that forked the child exits: the peer forks its DHT and averagers from its main thread, and so must
+  anything else that starts one (a child forked from a short-lived thread dies with that thread).
 """
 
 from __future__ import annotations
