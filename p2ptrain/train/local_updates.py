@@ -80,7 +80,7 @@ class LocalUpdateOptimizer:
         (this peer's groups at every level, read at each round's start). ``sync_every``: every that many global
         steps the round averages the parameters themselves, exactly, and every member takes the average as its anchor
         (a round that failed or split leaves anchors apart, and averaging pseudo-gradients never joins them again)."""
-        self.group_size, self.sync_every, self._syncing = group_size, sync_every, False
+        self.sync_every, self._syncing = sync_every, False
         self.passes: Callable[[], list[Group]] | None = None
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
