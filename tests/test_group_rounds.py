@@ -15,12 +15,12 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
 from p2ptrain.local_swarm import loopback_dhts
-from p2ptrain.swarm.nat import aggregates, cannot_average, offered_addrs, reported_kind
+from p2ptrain.swarm.nat import PY_DAEMON, aggregates, cannot_average, offered_addrs
 from p2ptrain.swarm.reachability import Kind
-from p2ptrain.train.group_rounds import GroupRounds, check_whole, with_shares
+from p2ptrain.train.group_rounds import GroupRounds, RoundOutcome, check_whole, with_shares
 
 D, M, N, S, U = Kind.DIRECT, Kind.MAPPED, Kind.NAT, Kind.SYMMETRIC_NAT, Kind.UNKNOWN
-NP = reported_kind(Kind.NAT, "py")  # behind a port-keeping NAT, with the Python daemon
+NP = Kind.NAT.value + PY_DAEMON  # behind a port-keeping NAT, an older Python daemon (before go-libp2p's roles)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +31,8 @@ NP = reported_kind(Kind.NAT, "py")  # behind a port-keeping NAT, with the Python
         ([M, S, S], [True, False, False]),
         ([U, N], [True, True]),  # the swarm's first peer, not checked yet, and a peer behind a port-keeping NAT
         ([S, S], [True, True]),  # nobody could: hivemind's own shares, the round fails or not as before
-        ([D, NP, NP], [True, True, True]),  # Python daemons hole-punch with each other
-        ([D, N, NP], [True, False, False]),  # but not with Go daemons: the public one aggregates
+        ([D, NP, NP], [True, True, True]),  # older Python daemons hole-punch with each other
+        ([D, N, NP], [True, False, False]),  # but not with anyone else's: the public one aggregates
     ],
 )
 def test_who_aggregates(kinds, expected):
@@ -44,7 +44,6 @@ def test_a_group_behind_two_kinds_of_nat_with_nobody_public_cannot_average():
     assert not cannot_average([D, N, S]) and not cannot_average([U, N, S])  # a public member aggregates
     assert not cannot_average([S, S]) and not cannot_average([N, N])  # one LAN, or hole punching: they may
     assert cannot_average([N, NP]) and not cannot_average([NP, NP]) and not cannot_average([D, N, NP])
-    assert reported_kind(Kind.NAT, "go") == "nat" and reported_kind(Kind.DIRECT, "py") == "direct"
 
 
 def test_every_member_derives_the_same_shares_from_the_gathered_reports():
@@ -97,9 +96,12 @@ class Rounds(GroupRounds, DecentralizedAverager):
     pass
 
 
-def average_once(cls, vectors: list[torch.Tensor], kinds=None, timeout: float = 30, failing=()) -> list[torch.Tensor]:
+def average_once(
+    cls, vectors: list[torch.Tensor], kinds=None, timeout: float = 30, failing=(), outcomes: list | None = None
+) -> list[torch.Tensor]:
     """One real averaging round of ``cls`` averagers (one per vector, fp16 on the wire); each member's result. The
-    members at the indices ``failing`` must fail the round, the others succeed."""
+    members at the indices ``failing`` must fail the round, the others succeed (their rounds' results go into
+    ``outcomes``)."""
     dhts = loopback_dhts(len(vectors))
     extra = [{} if kinds is None else {"reach_kind": kind} for kind in (kinds or vectors)]
     averagers = [
@@ -115,6 +117,7 @@ def average_once(cls, vectors: list[torch.Tensor], kinds=None, timeout: float = 
                     control.result(timeout=60)
             else:
                 assert len(control.result(timeout=60)) == len(vectors)
+                (outcomes if outcomes is not None else []).append(control.result())
         results = []
         for averager in averagers:
             with averager.get_tensors() as (tensor,):
@@ -142,6 +145,19 @@ def test_every_member_ends_with_the_same_average():
     assert spread(ours) == 0.0  # one average, bit for bit
     # the average itself is the mean of what crossed the wire: the inputs' fp16 rounding (2^-11 of |values| ≤ 5)
     assert float((ours[0] - mean).abs().max()) < 5 * 2**-11
+
+
+def test_hivemind_averagers_measure_the_uplink_their_shares_follow():
+    """hivemind's own averagers (the gradient mode's fp16 and none) report what their part streams achieved, as
+    p2ptrain's compressed ones do: the next round's shares follow the measured uplink (``shares.take_measurements``)
+    and the per-link rates reach the near record."""
+    outcomes = []
+    average_once(Rounds, [torch.randn(5_000_000) for _ in range(2)], outcomes=outcomes)  # 5 MB in fp16 each way
+    for outcome, other in zip(outcomes, reversed(outcomes), strict=True):
+        assert isinstance(outcome, RoundOutcome)
+        assert outcome.uplink is not None and outcome.uplink > 1e6, outcome.uplink  # bytes/s, on loopback
+        (peer,) = outcome.links  # the other member's aggregator, by its peer id
+        assert peer in {p.to_base58() for p in other} and outcome.links[peer] > 8
 
 
 def test_two_peers_behind_different_kinds_of_nat_do_not_wait_out_a_round_they_cannot_average(tmp_path):

@@ -29,28 +29,11 @@ from hivemind.utils.asyncio import enter_asynchronously
 
 from p2ptrain.compat.hivemind import AveragerHooks
 from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, part_size, shared_indices, sparsify_
-from p2ptrain.train.group_rounds import GroupRounds
+from p2ptrain.train.group_rounds import GroupRounds, RoundOutcome
 from p2ptrain.train.policy import Plan, RoundReport, plan_round
-from p2ptrain.train.shares import link_rates, uplink
 from p2ptrain.train.step_numbers import EpochReports
 
 logger = logging.getLogger(__name__)
-
-
-class RoundOutcome(dict):
-    """What ``step()`` returns: the members' gathered data, plus what this round cost."""
-
-    level: int = -1  # LADDER index when adaptive, else -1
-    codec: str = ""
-    ratio: float = 1.0  # < 1: only shared_indices(group_id, numel, ratio) were averaged; the rest are 0
-    group_id: bytes = b""
-    round_s: float = 0.0
-    bytes_sent: float = 0.0
-    group_size: int = 0
-    plan: Plan | None = None  # adaptive: the prediction the level was chosen by
-    levels: tuple = ()  # a grouped round's (``level_rounds``): (level, the other members, seconds) of each level
-    uplink: float | None = None  # bytes/s this member's part streams measured (``shares.uplink``); None: too small
-    links: dict | None = None  # Mbit/s of each part stream, by peer id (``shares.link_rates``)
 
 
 class CompressedAllReduce(AveragerHooks):
@@ -104,7 +87,7 @@ class CompressedAllReduce(AveragerHooks):
                     part_size_bytes=part_size(level.bytes_for(numel), len(group_info.peer_ids)),
                 )
                 started = time.perf_counter()
-                runner = await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
+                await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
                 round_s = time.perf_counter() - started
                 dense = values if indices is None else densify(values, indices, numel)
                 offset = 0
@@ -119,8 +102,6 @@ class CompressedAllReduce(AveragerHooks):
             outcome.group_size = len(group_info.peer_ids)
             outcome.ratio, outcome.group_id = level.ratio, group_info.group_id
             outcome.bytes_sent = payload_bytes(level, numel, len(group_info.peer_ids))
-            sends = getattr(runner, "sends", {})
-            outcome.uplink, outcome.links = uplink(sends), link_rates(sends, group_info.peer_ids)
             return outcome
         except BaseException as e:
             if isinstance(e, Exception):

@@ -9,7 +9,7 @@ this module fixes both for every averager p2ptrain runs, as a mixin, and makes t
    reachability kind with its bandwidth in the group's all-gather; from the same reports every member derives
    the same shares (``nat.aggregates``): a member that cannot aggregate gets a share of 0 and only sends its part
    and receives the average, as hivemind's client-mode peers do. The others' shares follow the uplinks they
-   measured (``shares.py``).
+   measured (``shares.py``): each round's ``RoundOutcome`` carries what this member's part streams achieved.
 2. **A round that lost a part is not a success.** hivemind's all-reduce does not fail when one member's exchange
    with another fails: the sender keeps its own values for that part, the aggregator leaves the sender out, and
    the round still returns as averaged with everybody, so members end the step with different values and nobody
@@ -47,17 +47,35 @@ from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.accusations import READ_EVERY_S, Accusations, Evidence, rms
 from p2ptrain.train.bans import Bans
 from p2ptrain.train.codecs import part_size
+from p2ptrain.train.policy import Plan
 from p2ptrain.train.robust import AverageBound, RobustPartReducer
-from p2ptrain.train.shares import TimedSends, with_shares
+from p2ptrain.train.shares import TimedSends, add_sends, link_rates, uplink, with_shares
 from p2ptrain.train.signed_parts import PartSigner, Receipts
 
 logger = logging.getLogger(__name__)
 
 
+class RoundOutcome(dict):
+    """What an averager's round returns (``step()``): the members' gathered data, plus what this round cost. The
+    compressed averagers fill in the codec's fields; every averager here, hivemind's own too, the measured ones."""
+
+    level: int = -1  # LADDER index when adaptive, else -1
+    codec: str = ""
+    ratio: float = 1.0  # < 1: only shared_indices(group_id, numel, ratio) were averaged; the rest are 0
+    group_id: bytes = b""
+    round_s: float = 0.0
+    bytes_sent: float = 0.0
+    group_size: int = 0
+    plan: Plan | None = None  # adaptive: the prediction the level was chosen by
+    levels: tuple = ()  # a grouped round's (``level_rounds``): (level, the other members, seconds) of each level
+    uplink: float | None = None  # bytes/s this member's part streams measured (``shares.uplink``); None: too small
+    links: dict | None = None  # Mbit/s of each part stream, by peer id (``shares.link_rates``)
+
+
 class GroupRounds(Accusations, AveragerHooks):
     """Mixin for hivemind's ``DecentralizedAverager`` subclasses (listed first among the bases).
 
-    ``reach_kind``: this peer's reachability kind (``nat.reported_kind``), reported in each round's all-gather;
+    ``reach_kind``: this peer's reachability kind (``reachability.Kind``), reported in each round's all-gather;
     ``aggregation``: how the parts this peer aggregates are checked and reduced (``robust.AGGREGATIONS``, from the
     manifest: every member of a swarm uses the same rule); ``admission``: a private swarm's rules (None: open), by
     which every member's pass is checked when it asks to join a group, when a group begins, and before it may
@@ -85,6 +103,7 @@ class GroupRounds(Accusations, AveragerHooks):
         self._refused_logged: dict[str, float] = {}
         self._revocations_read = -float("inf")
         self._tasks: set[asyncio.Task] = set()
+        self._sends: dict[bytes, dict[int, tuple[int, float]]] = {}  # a running round's part streams (``TimedSends``)
         if admission is not None or hasattr(self, "check_served_state"):  # hivemind's state download opens its
             self.get_stub = self._download_stub  # streams with ``self.get_stub``, and nothing else does
         self.signer = signer
@@ -116,7 +135,13 @@ class GroupRounds(Accusations, AveragerHooks):
         if kwargs.get("tensor_infos"):  # hivemind's averagers; p2ptrain's compressed ones size their parts themselves
             bytes_per_value = 4 * kwargs["compression"].estimate_compression_ratio(kwargs["tensor_infos"][0])
             kwargs["part_size_bytes"] = part_size(self.total_size * bytes_per_value, group_info.group_size)
-        return await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
+        try:
+            result = await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
+        finally:
+            sends = self._sends.pop(group_info.group_id, {})
+        outcome = result if isinstance(result, RoundOutcome) else RoundOutcome(result)
+        outcome.uplink, outcome.links = uplink(sends), link_rates(sends, group_info.peer_ids)
+        return outcome
 
     async def run_allreduce_inplace(self, tensors: Any, group_info: GroupInfo, group_id: bytes | None = None, **kw):
         bound = AverageBound(tensors, where=", ".join(map(str, group_info.peer_ids)))
@@ -125,6 +150,7 @@ class GroupRounds(Accusations, AveragerHooks):
             self, SameAverageRunner, tensors, group_info, group_id, refusal=bound.refusal,
             aggregation=self.aggregation, bans=self.bans, signer=self.signer, accuse=self.accuse, **kw,
         )  # fmt: skip
+        add_sends(self._sends.setdefault(group_info.group_id, {}), runner)
         check_whole(runner, group_info)
         return runner
 

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from p2ptrain.swarm.grouping import Group
-from p2ptrain.train.averaging import RoundOutcome
+from p2ptrain.train.group_rounds import RoundOutcome
 
 logger = logging.getLogger(__name__)
 

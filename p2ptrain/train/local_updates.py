@@ -35,8 +35,9 @@ from hivemind.dht import DHT
 
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.grouping import Group
-from p2ptrain.train.averaging import PseudoGradientAverager, RoundOutcome
+from p2ptrain.train.averaging import PseudoGradientAverager
 from p2ptrain.train.codecs import Level, shared_indices
+from p2ptrain.train.group_rounds import RoundOutcome
 from p2ptrain.train.level_rounds import LevelRounds
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.progress import CheckedProgressTracker

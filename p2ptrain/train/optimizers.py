@@ -27,9 +27,9 @@ from p2ptrain.compat import hivemind as compat
 from p2ptrain.settings import PeerSettings
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.manifest import AveragingSpec, SwarmManifest
-from p2ptrain.train.averaging import CompressedGradientAverager, RoundOutcome, payload_bytes
+from p2ptrain.train.averaging import CompressedGradientAverager, payload_bytes
 from p2ptrain.train.codecs import BYTES_PER_VALUE, DENSE, Level
-from p2ptrain.train.group_rounds import GroupRounds
+from p2ptrain.train.group_rounds import GroupRounds, RoundOutcome
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
 from p2ptrain.train.progress import CheckedProgressTracker, signs_with
 from p2ptrain.train.round_log import RoundLog
@@ -70,7 +70,7 @@ class GradientRounds(EpochReports, GroupRounds, GradientAverager):
 
     async def aggregate_with_group(self, *args: Any, **kwargs: Any) -> RoundOutcome:
         started = time.perf_counter()
-        outcome = RoundOutcome(await super().aggregate_with_group(*args, **kwargs))
+        outcome = await super().aggregate_with_group(*args, **kwargs)  # a RoundOutcome (``GroupRounds``)
         outcome.round_s = time.perf_counter() - started
         return outcome
 

@@ -110,6 +110,14 @@ def take_measurements(averager: Any, outcome: Any, on_links: Any) -> None:
         on_links(outcome.links)
 
 
+def add_sends(sends: dict[int, tuple[int, float]], runner: Any) -> None:
+    """Adds a finished runner's part streams (``TimedSends``) to a round's ``sends``: PowerSGD runs two all-reduces
+    in a round, one after the other, and the round's streams are both."""
+    for index, (size, seconds) in getattr(runner, "sends", {}).items():
+        before = sends.get(index, (0, 0.0))
+        sends[index] = (before[0] + size, before[1] + seconds)
+
+
 class TimedSends:
     """All-reduce runner mixin: the bytes and seconds of each part stream this member sends (``sends``, by the
     aggregator's index): from the first part asked for to the last written."""
