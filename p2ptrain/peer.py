@@ -206,8 +206,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             model.to(run.device)
             sigint = signal.getsignal(signal.SIGINT)
             discovery.read_revocations(dht, admission, joining.revocations_path(data_dir, manifest.run_id))
-            reported = nat.reported_kind(role.reach.kind, settings.p2p)
-            optimizer = make_optimizer(dht, model, manifest, settings, reported, admission, identity)
+            optimizer = make_optimizer(dht, model, manifest, settings, role.reach.kind.value, admission, identity)
             signal.signal(signal.SIGINT, sigint)  # hivemind's averager sets SIGINT to SIG_IGN (averager.py:334)
             path = checkpoint_path(data_dir, manifest.run_id)
 

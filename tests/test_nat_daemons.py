@@ -207,14 +207,18 @@ async def relayed_only(p2p: P2P, peer) -> bool:
     return bool(infos) and all("/p2p-circuit" in str(a) for i in infos for a in i.addrs)
 
 
-@pytest.mark.parametrize(("relay", "behind_nat"), [("go", ("go", "go")), ("py", ("py", "py"))], ids=["go", "py"])
+@pytest.mark.parametrize(
+    ("relay", "behind_nat"),
+    [("go", ("go", "go")), ("py", ("py", "py")), ("go", ("py", "go")), ("go", ("go", "py"))],
+    ids=["go", "py", "py-go", "go-py"],
+)
 def test_two_peers_behind_port_keeping_nats_hole_punch_a_direct_connection(lab, tmp_path, relay, behind_nat):
     """a and b sit behind NAT routers of their own (port-keeping, unsolicited inbound dropped), with the flags
     p2ptrain gives a peer behind NAT; s relays. go-libp2p hole-punches from an address that four peers have observed
     (``identify.ActivationThresh``), so x, y and z, public too, see them as well. b connects to a through s; DCUtR
     turns that into a direct connection, and a 1.5 MB call crosses from router to router, not through s. The same
-    with Python daemons behind NAT (py-libp2p's DCUtR) and a Python relay. Not here: a Python and a Go daemon behind
-    NAT (their dials cross, the connection fails its security handshake: ``p2pd/relay.py``)."""
+    with Python daemons behind NAT (py-libp2p's DCUtR) and a Python relay, and with one of each behind NAT, either
+    one called (``libp2p_patches.hole_punch_roles_like_go``)."""
     x_host, y_host, z_host, s_host = (lab.public(name) for name in "xyzs")
     home_a, home_b = lab.home("a"), lab.home("b")
     a_host, b_host = home_a.host("a"), home_b.host("b")

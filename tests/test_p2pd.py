@@ -91,22 +91,29 @@ def test_flags_hivemind_passes_are_accepted():
 
 def test_advertised_addresses_expand_all_interfaces_and_leave_loopback_out():
     """A host listening on 0.0.0.0 advertises its interfaces' addresses, never 0.0.0.0, and 127.0.0.1 only when it
-    has nothing else (another machine that dials 127.0.0.1 reaches itself). In a process of its own, as the daemon
-    runs: py-libp2p's protobufs and hivemind's cannot be loaded into one."""
+    has nothing else (another machine that dials 127.0.0.1 reaches itself); behind NAT, not the router's address
+    that peers observed it at (nobody can dial it), but its circuit addresses. In a process of its own, as the
+    daemon runs: py-libp2p's protobufs and hivemind's cannot be loaded into one."""
+    circuit = "/ip4/11.77.0.4/tcp/31337/p2p/12D3KooWJbhkGmLBoyQgG9un43J89dT3n9U2WBhHLLr86HB7t1Nv/p2p-circuit"
     code = (
         "import json, multiaddr; from p2ptrain.p2pd.flags import parse; from p2ptrain.p2pd.host import advertised\n"
+        "m = lambda *texts: [multiaddr.Multiaddr(t) for t in texts]\n"
         "f = advertised(parse([]), [])\n"
-        "both = f([multiaddr.Multiaddr('/ip4/0.0.0.0/tcp/31337'), multiaddr.Multiaddr('/ip4/127.0.0.1/tcp/4001')])\n"
-        "alone = f([multiaddr.Multiaddr('/ip4/127.0.0.1/tcp/4001')])\n"
-        "print(json.dumps([[str(a) for a in both], [str(a) for a in alone]]))"
+        "both = f(m('/ip4/0.0.0.0/tcp/31337', '/ip4/127.0.0.1/tcp/4001'))\n"
+        "alone = f(m('/ip4/127.0.0.1/tcp/4001'))\n"
+        "seen = m('/ip4/0.0.0.0/tcp/31337', '/ip4/11.77.0.5/tcp/31337')\n"
+        f"private = advertised(parse(['-forceReachabilityPrivate']), m('{circuit}'))(seen)\n"
+        "print(json.dumps([[str(a) for a in x] for x in (both, alone, f(seen), private)]))"
     )
-    both, alone = json.loads(
+    both, alone, public, private = json.loads(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     )
     others = [ip for ip in local_ipv4s() if not ip.startswith("127.")]
     loopback = ["/ip4/127.0.0.1/tcp/31337", "/ip4/127.0.0.1/tcp/4001"]
     assert both == ([f"/ip4/{ip}/tcp/31337" for ip in others] if others else loopback)
     assert alone == ["/ip4/127.0.0.1/tcp/4001"]  # --host 127.0.0.1: all it has
+    assert "/ip4/11.77.0.5/tcp/31337" in public  # observed, and it may be dialable (a peer's reach check tells)
+    assert "/ip4/11.77.0.5/tcp/31337" not in private and circuit in private, private
 
 
 def test_unknown_flag_exits_with_go_message(tmp_path):

@@ -56,12 +56,17 @@ def load_identity(path: str | None) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
-def expand_unspecified(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-    """``/ip4/0.0.0.0/tcp/N`` → one address per local IPv4 interface, as go-libp2p's ``host.Addrs()`` does."""
-    local = sorted(
+def local_ipv4() -> list[str]:
+    """This machine's IPv4 interface addresses, loopback first."""
+    return sorted(
         {a.address for nics in psutil.net_if_addrs().values() for a in nics if a.family.name == "AF_INET"},
         key=lambda ip: (not ipaddress.ip_address(ip).is_loopback, ip),
     )
+
+
+def expand_unspecified(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """``/ip4/0.0.0.0/tcp/N`` → one address per local IPv4 interface, as go-libp2p's ``host.Addrs()`` does."""
+    local = local_ipv4()
     out: list[multiaddr.Multiaddr] = []
     for addr in addrs:
         text = str(addr)
@@ -254,13 +259,21 @@ def advertised(options: Options, extra: list[multiaddr.Multiaddr]):  # noqa: ANN
     listens on and what peers observed it at, with ``0.0.0.0`` expanded to this machine's interface addresses
     (py-libp2p would advertise ``0.0.0.0`` itself, which another machine cannot dial), and ``extra`` (a port the
     router maps to us), read at each call. Loopback is left out when there is anything else: another machine that
-    dials ``127.0.0.1:31337`` reaches itself (py-libp2p's hole punching dials every known address of a peer)."""
+    dials ``127.0.0.1:31337`` reaches itself (py-libp2p's hole punching dials every known address of a peer).
+
+    Behind NAT (``-forceReachabilityPrivate``) the address peers observed is the router's, which nobody can dial: it
+    is left out, as go-libp2p's AutoRelay leaves it out. Each dial to it would leave the dialer's router holding
+    state for two minutes, and a hole-punching SYN from this peer that meets that state reaches the dialer's
+    listener as a plain inbound connection, on which both ends wait for the other to start the handshake."""
     announce = [multiaddr.Multiaddr(a) for a in options.announce_addrs]
 
     def factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         if announce:
             return list(announce)
         addrs = expand_unspecified([*(without_peer_id(a) for a in candidates), *extra])
+        if options.force_private:
+            own = set(local_ipv4())
+            addrs = [a for a in addrs if "/p2p-circuit" in str(a) or str(ip_of(a)) in own]
         return [a for a in addrs if not is_loopback(a)] or addrs
 
     return factory

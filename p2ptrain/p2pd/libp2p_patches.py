@@ -345,6 +345,27 @@ def hole_punches_from_the_listening_port() -> None:
     dcutr._p2ptrain_listen_source = True
 
 
+def hole_punch_roles_like_go() -> None:
+    """The peer that sends DCUtR's SYNC is the client of the punched connection, as go-libp2p makes it
+    (``holePunchConnect(..., isClient=true)`` in its holepuncher), and the peer that receives SYNC the server.
+
+    The two sides' dials cross (TCP simultaneous open): both ends hold an outbound socket, and only this choice says
+    which one starts the security handshake. py-libp2p 0.8.1 takes the spec's roles, the other way round, so with a
+    Go daemon both ends started Noise as initiators (or both waited) and the punched connection failed. Every Python
+    daemon of a swarm is p2ptrain's, so taking go-libp2p's roles keeps two Python daemons agreeing as well."""
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    if getattr(DCUtRProtocol, "_p2ptrain_go_roles", False):
+        return
+    perform = DCUtRProtocol._perform_hole_punch
+
+    async def _perform_hole_punch(self: DCUtRProtocol, peer_id, addrs, as_responder: bool = False) -> bool:  # noqa: ANN001
+        return await perform(self, peer_id, addrs, as_responder=not as_responder)
+
+    DCUtRProtocol._perform_hole_punch = _perform_hole_punch
+    DCUtRProtocol._p2ptrain_go_roles = True
+
+
 def install(speedups: bool = True) -> None:
     check_version()
     atomic_frame_writes()
@@ -353,6 +374,7 @@ def install(speedups: bool = True) -> None:
     mdns_advertises_interface_addrs()
     dials_leave_from_the_listening_port()
     hole_punches_from_the_listening_port()
+    hole_punch_roles_like_go()
     if speedups:
         buffer_tcp_reads()
         window_updates_like_go()

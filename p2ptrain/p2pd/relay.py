@@ -12,8 +12,9 @@
 A peer behind NAT also runs py-libp2p's hole punching (DCUtR, ``Relays.punch_holes``): over a relayed connection,
 both ends tell each other their router's address with their listening port (what a NAT that keeps ports maps it
 to), dial each other from that port at the same moment, and the two SYNs cross the routers as one connection (a TCP
-simultaneous open); the relayed connection is then closed. Between two Python daemons this works in the lab; between
-a Python and a Go daemon the dials cross but the connection fails its security handshake (not diagnosed).
+simultaneous open); the relayed connection is then closed. Both ends have outbound sockets, so which one starts the
+security handshake is agreed beforehand: the one that sent SYNC, as go-libp2p has it (``libp2p_patches``), so that
+a Python and a Go daemon punch holes to each other as two of a kind do (in the lab, ``tests/test_nat_daemons.py``).
 """
 
 from __future__ import annotations

@@ -146,17 +146,12 @@ def wait_for_reservation(dht: hivemind.DHT, timeout_s: float = RESERVATION_WAIT_
         time.sleep(0.5)
 
 
-PY_DAEMON = "/py"  # after "nat" in a group report: this member's daemon is p2ptrain-p2pd (``reported_kind``)
+# "nat/py": what a Python daemon behind a port-keeping NAT reported before 2026-12-06, when it could hole-punch only
+# with its own kind (py-libp2p took the other DCUtR roles than go-libp2p: ``p2pd/libp2p_patches.py``). Members now
+# report their kind alone; an older member's "nat/py" still keeps it from aggregating beside a Go daemon behind NAT.
+PY_DAEMON = "/py"
 NAT_KINDS = (Kind.NAT.value, Kind.NAT.value + PY_DAEMON)  # behind a port-keeping NAT: hole punching, within its kind
 REPORTED_KINDS = frozenset({*(k.value for k in Kind), *NAT_KINDS})
-
-
-def reported_kind(kind: Kind, p2p: str) -> str:
-    """What a member tells its group about its reachability: its kind and, behind a port-keeping NAT, whether its
-    daemon is the Python one. Python and Go daemons behind NAT each hole-punch with their own kind only (their DCUtR
-    dials cross, but the connection fails its security handshake: ``p2pd/relay.py``), so such a pair is no better
-    connected than a port-keeping and a symmetric NAT."""
-    return kind.value + PY_DAEMON if kind == Kind.NAT and p2p == "py" else kind.value
 
 
 def cannot_average(kinds: Sequence[str]) -> bool:
@@ -179,7 +174,7 @@ def _reached_by_all(kinds: Sequence[str]) -> list[bool]:
 def aggregates(kinds: Sequence[str]) -> list[bool]:
     """Which members of a group (by their reachability kinds, in group order) aggregate a part of its vector: never
     one behind a symmetric NAT; one behind a port-keeping NAT if no member is behind a symmetric one (it could not
-    reach it) or behind a port-keeping NAT with the other daemon (``reported_kind``); every other (public, or not
+    reach it) or behind a port-keeping NAT with an older Python daemon (``PY_DAEMON``); every other (public, or not
     checked yet: the first peer of a swarm, a LAN). If that leaves nobody (members all behind symmetric NATs,
     perhaps one LAN's: ``cannot_average`` refuses the other such groups), everybody: the round then succeeds or
     fails as it would have."""
