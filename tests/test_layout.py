@@ -25,7 +25,7 @@ from p2ptrain.errors import ConfigError
 PACKAGE = Path(__file__).resolve().parent.parent / "p2ptrain"
 GENERATED = {"p2pd_pb2.py"}
 MAX_LINES = 400
-COMPAT = {PACKAGE / "compat", PACKAGE / "p2pd" / "libp2p_patches.py"}
+COMPAT = {PACKAGE / "compat", PACKAGE / "p2pd" / "libp2p_patches.py", PACKAGE / "p2pd" / "hole_punching.py"}
 # hivemind's classes p2ptrain subclasses or drives: a private name of theirs may appear only in compat/hivemind.py
 HIVEMIND_CLASSES = (
     hivemind.Optimizer, hivemind.DHT, P2P, DecentralizedAverager, GradientAverager, PowerSGDGradientAverager,

@@ -1,9 +1,9 @@
 """Changes to py-libp2p 0.8.1, installed in the daemon process before its host starts: every touch of py-libp2p's
 private names is here (``tests/test_layout.py`` checks), and ``install`` refuses any other py-libp2p version.
 
-Six fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``,
-``mdns_advertises_interface_addrs``, ``dials_leave_from_the_listening_port`` (with ``dial_from``) and
-``hole_punches_from_the_listening_port``.
+Fixes, always installed: ``atomic_frame_writes``, ``circuit_addrs_advertised``, ``envelope_key_type_sent``,
+``mdns_advertises_interface_addrs``, ``dials_leave_from_the_listening_port`` (with ``dial_from``), and those of
+py-libp2p's hole punching (``hole_punching``).
 Three speed-ups (``install(speedups=False)`` leaves them out: the ``py-stock`` column of scripts/bench_p2pd.py):
 ``buffer_tcp_reads``, ``window_updates_like_go``, ``wait_for_credit_without_polling``.
 What goes over the network stays valid TCP/Noise/yamux.
@@ -15,6 +15,8 @@ import importlib.metadata
 import struct
 
 import trio
+
+from p2ptrain.p2pd import hole_punching
 
 SUPPORTED = "0.8.1"  # pyproject.toml pins it; the patches below are written against its source
 
@@ -327,45 +329,6 @@ def dials_leave_from_the_listening_port() -> None:
     TCP._p2ptrain_from_listen_port = True
 
 
-def hole_punches_from_the_listening_port() -> None:
-    """DCUtR's hole-punching dials leave from the address the host listens on (``0.0.0.0:31337``), not from the
-    first address it advertises, which can be one a dial cannot be bound to or leave from: ``127.0.0.1`` on a host
-    with nothing else, the router's address that peers observed behind NAT (seen: with ``127.0.0.1`` first, every
-    punch dial stayed on the machine)."""
-    from libp2p.relay.circuit_v2 import dcutr
-
-    if getattr(dcutr, "_p2ptrain_listen_source", False):
-        return
-
-    def local_tcp_listen_addrs(host) -> list[tuple[int, str, int]]:  # noqa: ANN001
-        found = (dcutr._tcp_ip_port(a) for a in host.get_transport_addrs() if "/p2p-circuit" not in str(a))
-        return [f for f in found if f is not None]
-
-    dcutr._local_tcp_listen_addrs = local_tcp_listen_addrs
-    dcutr._p2ptrain_listen_source = True
-
-
-def hole_punch_roles_like_go() -> None:
-    """The peer that sends DCUtR's SYNC is the client of the punched connection, as go-libp2p makes it
-    (``holePunchConnect(..., isClient=true)`` in its holepuncher), and the peer that receives SYNC the server.
-
-    The two sides' dials cross (TCP simultaneous open): both ends hold an outbound socket, and only this choice says
-    which one starts the security handshake. py-libp2p 0.8.1 takes the spec's roles, the other way round, so with a
-    Go daemon both ends started Noise as initiators (or both waited) and the punched connection failed. Every Python
-    daemon of a swarm is p2ptrain's, so taking go-libp2p's roles keeps two Python daemons agreeing as well."""
-    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-
-    if getattr(DCUtRProtocol, "_p2ptrain_go_roles", False):
-        return
-    perform = DCUtRProtocol._perform_hole_punch
-
-    async def _perform_hole_punch(self: DCUtRProtocol, peer_id, addrs, as_responder: bool = False) -> bool:  # noqa: ANN001
-        return await perform(self, peer_id, addrs, as_responder=not as_responder)
-
-    DCUtRProtocol._perform_hole_punch = _perform_hole_punch
-    DCUtRProtocol._p2ptrain_go_roles = True
-
-
 def install(speedups: bool = True) -> None:
     check_version()
     atomic_frame_writes()
@@ -373,8 +336,7 @@ def install(speedups: bool = True) -> None:
     envelope_key_type_sent()
     mdns_advertises_interface_addrs()
     dials_leave_from_the_listening_port()
-    hole_punches_from_the_listening_port()
-    hole_punch_roles_like_go()
+    hole_punching.install()
     if speedups:
         buffer_tcp_reads()
         window_updates_like_go()
