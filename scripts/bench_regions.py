@@ -7,12 +7,13 @@ between the regions (``scripts/wire.py`` holds the frames), every peer's link sh
 one run:
 
 - ``swarm``: hivemind's default, every peer on one matchmaking key (today's p2ptrain);
-- ``locality``: ``swarm/grouping.py``'s groups of at most ``--group-size``: inside a region at even rounds, one
-  peer per region at odd rounds.
+- ``locality``: what ``seed --group-size N`` runs: in each round, level 0 in a group of at most ``--group-size``
+  nearby peers (``swarm/grouping.py``), then level 1 with one peer per region (``train/level_rounds.py``).
 
-Per configuration: round success, the round's time (start to averaged values) by level, bytes sent per peer per
-round, bytes that crossed between the regions per round (the long cable's counters), and the spread of the peers'
-values after each round (0: all agree). JSON + Markdown.
+Per configuration: round success (with levels: every level averaged), the round's time (start to averaged values),
+the all-reduce's time by level (inside a region / across), bytes sent per peer per round, bytes that crossed between
+the regions per round (the long cable's counters), and the spread of the peers' values after each round (0: all
+agree). JSON + Markdown.
 
     .venv/bin/python scripts/bench_regions.py --out bench/regions.json     # ~4 min, as root
 """
@@ -86,22 +87,22 @@ def run(grouping: str, args: argparse.Namespace, work: Path) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
         lab.remove()
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    by_level: dict[str, list[float]] = {}
+    by_level: dict[str, list[float]] = {}  # locality: each level's all-reduce (without its matchmaking)
     for row in rows:
-        if row["ok"]:
-            by_level.setdefault(str(row["level"] if row["level"] is not None else "all"), []).append(row["end_s"])
+        for level, _, seconds in row.get("done") or []:
+            by_level.setdefault(str(level), []).append(seconds)
     spread = []
     for r in range(args.rounds):
         values = [row["value"] for row in rows if row["round"] == r]
         spread.append(statistics.pstdev(values) if len(values) > 1 else None)
     region = {row["me"]: row["peer"] % 2 for row in rows}
-    inside = [row for row in rows if row["ok"] and row["level"] == 0]
-    local = [len({region.get(p) for p in row["members"]}) == 1 for row in inside]
+    local = [len({region.get(p) for p in [row["me"], *others]}) == 1
+             for row in rows for level, others, _ in row.get("done") or [] if level == 0]  # fmt: skip
     return {
         "grouping": grouping,
         "peer_rounds": len(rows),
         "success_rate": sum(r["ok"] for r in rows) / max(1, len(rows)),
-        "round_s_median_by_level": {k: statistics.median(v) for k, v in sorted(by_level.items())},
+        "allreduce_s_median_by_level": {k: statistics.median(v) for k, v in sorted(by_level.items())},
         "round_s_median": statistics.median(done) if (done := [r["end_s"] for r in rows if r["ok"]]) else None,
         "level0_groups_inside_a_region": sum(local) / len(local) if local else None,
         "bytes_sent_per_peer_per_round": statistics.fmean(sent) / args.rounds,
@@ -120,12 +121,12 @@ def table(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        "| groups | success | round, median (s) | inside a region / across (s) | MB sent per peer per round "
+        "| groups | success | round, median (s) | all-reduce inside a region / across (s) | MB sent per peer per round "
         "| MB between the regions per round | spread after the last round |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
-        levels = r["round_s_median_by_level"]
+        levels = r["allreduce_s_median_by_level"]
         split = f"{levels['0']:.2f} / {levels['1']:.2f}" if "0" in levels and "1" in levels else "—"
         spread = [s for s in r["spread_by_round"] if s is not None]
         last = f"{spread[-1]:.3g}" if spread else "—"
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--period", type=float, default=10.0)
+    parser.add_argument("--period", type=float, default=14.0, help="seconds between rounds (levels: all in one)")
     parser.add_argument("--matchmaking", type=float, default=3.0)
     parser.add_argument("--between-ms", type=float, default=150.0)
     parser.add_argument("--inside-ms", type=float, default=5.0)

@@ -3,12 +3,18 @@
 
 Every peer runs in its own network namespace on one bridge (``bench_wan.Namespaces``), as its own process with its
 own DHT node and libp2p daemon, so the bytes it sends are counted on its own link. All peers start averaging rounds
-at the same wall-clock times (one every ``--period`` seconds), with p2ptrain's ``GroupRounds`` averager and the
-group size p2ptrain uses today (hivemind's default: unbounded, every peer tries to join one group). After
-``--churn-after`` rounds, 10 % of the peers (at least one) are killed (SIGKILL) and replaced by fresh ones.
+at the same wall-clock times (one every ``--period`` seconds). ``--grouping swarm``: hivemind's one key for all, with
+p2ptrain's ``GroupRounds`` averager (the default: unbounded, every peer tries to join one group; ``--group-size``
+bounds it). ``--grouping locality``: what ``seed --group-size N`` runs (local mode's ``PseudoGradientAverager``,
+uncompressed here so that the values are exact): each peer probes the others (``proximity.Prober``), derives the
+clusters and its groups at every level from the records it read at the round's start (``Regrouping.passes``), and
+runs the levels back to back in the round (``level_rounds.LevelRounds``). After ``--churn-after`` rounds, 10 % of
+the peers (at least one) are killed (SIGKILL) and replaced by fresh ones.
 
-Per N it reports: peers that formed a group and the time it took (from the round's start to the all-reduce), the
-round success rate (a round counts for a peer when its step returned averaged values), the group sizes, DHT find
+Per N it reports: peers that formed a group and the time it took (from the round's start to the all-reduce; with
+levels, the round's time less its all-reduces', per level), the round success rate (a round counts for a peer when
+its step returned averaged values; with levels, when every level did), the time a round took (its last level's end),
+the group sizes (with levels: how many peers' values a peer's result holds), DHT find
 RPCs per lookup (one ``get`` of an absent key per peer per round, the longest kind of lookup; hivemind asks several
 nodes per hop, so this counts RPCs, not hops), the lookup's latency, and bytes sent per peer per round (its link's
 tx counter). JSON + Markdown + a PNG plot.
@@ -55,7 +61,10 @@ def worker(args: argparse.Namespace) -> None:
     from p2ptrain.swarm.discovery import members_key
     from p2ptrain.swarm.grouping import Regrouping
     from p2ptrain.swarm.proximity import Prober
+    from p2ptrain.train.averaging import PseudoGradientAverager
+    from p2ptrain.train.codecs import Level
     from p2ptrain.train.group_rounds import GroupRounds
+    from p2ptrain.train.level_rounds import LevelRounds
 
     class Rounds(GroupRounds, DecentralizedAverager):
         pass
@@ -72,11 +81,13 @@ def worker(args: argparse.Namespace) -> None:
     if args.announce:
         Path(args.announce).write_text("\n".join(str(a) for a in dht.get_visible_maddrs()))
     me = dht.peer_id.to_base58()
-    vector = torch.full((VECTOR,), float(args.index))  # every peer its own value: the swarm's mean is known
-    averager = Rounds(
-        [vector], dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
-        target_group_size=args.group_size, start=True,
-    )  # fmt: skip
+    vector = torch.full((VECTOR,), 100.0 + args.index)  # its own value, the mean known; norms alike, as real data
+    common = dict(dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
+                  target_group_size=args.group_size, start=True)  # fmt: skip
+    if args.grouping == "locality":
+        averager = PseudoGradientAverager([vector], level=Level("none"), budget=0.0, dense=True, **common)
+    else:
+        averager = Rounds([vector], **common)
     prober = None
     if args.grouping == "locality":
         prober = Prober(dht, RUN, every_s=args.probe_every, read_every_s=args.period)
@@ -88,32 +99,42 @@ def worker(args: argparse.Namespace) -> None:
     for r in range(args.first_round, args.rounds):
         start = args.t0 + r * args.period
         time.sleep(max(0.0, start - time.time()))
-        level, expected = None, None
-        if prober is not None:  # the peer's group this round, from the near records it has read
-            mine = regrouping.at(r, prober.records, prober.members)
-            level, expected = mine.level, list(mine.members)
-            if len(mine.members) < 2:
+        levels, expected = None, None
+        if prober is not None:  # the peer's groups this round, from the near records it has read
+            groups = regrouping.passes(prober.records, prober.members)
+            expected = [list(g.members) for g in groups]  # each level's group, as this peer derived it
+            if all(len(g.members) < 2 for g in groups):
                 out.write(json.dumps({"round": r, "peer": args.index, "me": me, "ok": False, "alone": True,
-                                      "group": 1, "level": level, "grouped_s": None, "end_s": 0.0, "find_rpcs": 0,
+                                      "group": 1, "grouped_s": None, "end_s": 0.0, "find_rpcs": 0,
                                       "lookup_s": 0.0, "value": _value(vector)}) + "\n")  # fmt: skip
                 continue
-            averager.set_group_bits(mine.key_bits)
-            averager.set_target_group_size(len(mine.members))  # folded groups above level 0 may exceed the size
-        control = averager.step(wait=False, timeout=args.period - 4, allow_retries=False)
-        grouped_at, ok, size, members = None, False, 0, []
+            control = LevelRounds(averager, groups, gather={}, weight=1.0, timeout=args.period - 4, max_weight=1e6,
+                                  epoch=r)  # fmt: skip
+            levels = len(groups)
+        else:
+            control = averager.step(wait=False, timeout=args.period - 4, allow_retries=False)
+        grouped_at, ok, size, members, done = None, False, 0, [], []
         while not control.done() and time.time() < start + args.period - 2:
-            if grouped_at is None and control.stage in (AveragingStage.RUNNING_ALLREDUCE, AveragingStage.FINISHED):
+            stage = getattr(control, "stage", None)
+            if grouped_at is None and stage in (AveragingStage.RUNNING_ALLREDUCE, AveragingStage.FINISHED):
                 grouped_at = time.time() - start
             time.sleep(0.05)
+        end_s = time.time() - start
+        if not control.done():  # the next round must not meet this one's last level still running
+            control.cancel()
         try:
             gathered = control.result(timeout=1)
             size, ok, members = len(gathered), True, sorted(p.to_base58() for p in gathered)
+            if levels is not None:  # every level averaged, and the result holds that many peers' values
+                done, size = list(gathered.levels), gathered.group_size
+                ok = len(done) == sum(len(g.members) > 1 for g in groups)
+                grouped_at = (end_s - sum(seconds for _, _, seconds in done)) / max(1, len(done))
         except Exception:  # noqa: BLE001 - a failed round is a data point
             pass
         rpcs, lookup_s = dht.run_coroutine(probe)
-        row = {"round": r, "peer": args.index, "me": me, "ok": ok, "group": size, "members": members, "level": level,
-               "expected": expected, "grouped_s": grouped_at, "end_s": time.time() - start, "find_rpcs": rpcs,
-               "lookup_s": lookup_s, "value": _value(vector)}  # fmt: skip
+        row = {"round": r, "peer": args.index, "me": me, "ok": ok, "group": size, "members": members,
+               "levels": levels, "done": done, "expected": expected, "grouped_s": grouped_at, "end_s": end_s,
+               "find_rpcs": rpcs, "lookup_s": lookup_s, "value": _value(vector)}  # fmt: skip
         out.write(json.dumps(row) + "\n")
     out.close()
 
@@ -197,6 +218,7 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict:
 def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespace, churned: int) -> dict:
     grouped = [r["grouped_s"] for r in rows if r["grouped_s"] is not None]
     rpcs = [r["find_rpcs"] for r in rows]
+    rounds = sorted(r["end_s"] for r in rows if r["ok"])
     return {
         "peers": n,
         "rounds": args.rounds,
@@ -206,6 +228,9 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
         "missing_peer_rounds": n * args.rounds - len(rows),  # killed mid-round, or not yet replaced
         "group_formation_s_median": statistics.median(grouped) if grouped else None,
         "group_formation_s_p90": sorted(grouped)[int(0.9 * (len(grouped) - 1))] if grouped else None,
+        "round_s_median": statistics.median(rounds) if rounds else None,
+        "round_s_p90": rounds[int(0.9 * (len(rounds) - 1))] if rounds else None,
+        "levels": sorted({r["levels"] for r in rows if r.get("levels")}),  # locality: levels per round
         "group_sizes": sorted({r["group"] for r in rows if r["ok"]}),
         "find_rpcs_per_lookup_median": statistics.median(rpcs) if rpcs else None,
         "find_rpcs_per_lookup_max": max(rpcs) if rpcs else None,
@@ -219,7 +244,8 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
 
 def consensus(rows: list[dict], rounds: int) -> list[float | None]:
     """After each round, the spread (population standard deviation) of the peers' values: 0 when all agree. Peers
-    start at their index, so it begins at ~N/3.5; churn brings new peers in at their own index again."""
+    start at 100 + their index, so it begins at ~N/3.5; churn brings new peers in at their own value again (a robust
+    aggregator's bound refuses averages 10× a member's own norm: values of 0..N would make the low ones refuse)."""
     spread = []
     for r in range(rounds):
         values = [row["value"] for row in rows if row["round"] == r]
@@ -235,15 +261,19 @@ def table(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        "| peers | success | group formation median / p90 (s) | group sizes | find RPCs per lookup (median / max) "
-        "| lookup (s) | bytes sent per peer per round | spread of values after the last round |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peers | levels | success | group formation median / p90 (s) | round median / p90 (s) | group sizes "
+        "| find RPCs per lookup (median / max) | lookup (s) | bytes sent per peer per round "
+        "| spread of values after the last round |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sizes"]:
         formation = (f"{s['group_formation_s_median']:.1f} / {s['group_formation_s_p90']:.1f}"
                      if s["group_formation_s_median"] is not None else "—")  # fmt: skip
+        rounds = (f"{s['round_s_median']:.1f} / {s['round_s_p90']:.1f}"
+                  if s.get("round_s_median") is not None else "—")  # fmt: skip
         lines.append(
-            f"| {s['peers']} | {100 * s['success_rate']:.0f} % | {formation} | {s['group_sizes']} | "
+            f"| {s['peers']} | {s.get('levels') or [1]} | {100 * s['success_rate']:.0f} % | {formation} | {rounds} | "
+            f"{s['group_sizes']} | "
             f"{s['find_rpcs_per_lookup_median']} / {s['find_rpcs_per_lookup_max']} | {s['lookup_s_median']:.2f} | "
             f"{s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB | {_spread(s)} |"
         )

@@ -1,27 +1,37 @@
 #!/usr/bin/env python3
 """The scale benchmark's protocol in a discrete-event simulation: hundreds to 10,000 peers, a modelled network.
 
-What is real: the grouping (``p2ptrain.swarm.grouping``: the clusters and the Moshpit levels every peer derives,
-from near records built from the peers' positions) and the rule that peers whose group keys are equal meet in one
-hivemind group (of at most the target size: hivemind's leader stops accepting followers there). What is modelled:
-time and bytes, with constants measured on real peers (``scripts/bench_scale.py``, ``bench/scale*.json``):
+The protocol is what ``seed --averaging local --group-size N`` runs (``train/level_rounds.py``): at each global step
+every peer derives its groups at every level of the grid from the records it read (``Regrouping.passes``) and runs
+the levels back to back, each averaging what the one before left, weighted by what each member's value stands for
+times its ``Group.share``. What is real: the grouping (``p2ptrain.swarm.grouping``: the clusters and the levels
+every peer derives, from near records built from the peers' positions) and the rule that peers whose group keys
+are equal meet in one hivemind group (of at most the target size the leader set: its group's expected members).
+``--grouping swarm`` is hivemind's one key for all (groups of ``--group-size`` of whoever answers, or one group).
+What is modelled: time and bytes, with constants measured on real peers (``scripts/bench_scale.py``,
+``bench/scale*.json``):
 
-- a group forms ``join_s`` after the round starts when it fills up to its target size, else after hivemind's
+- a level's group forms ``join_s`` after its last member is ready when it fills its target, else after hivemind's
   ``min_matchmaking_s``; plus one DHT lookup (``lookup_rpcs(N)`` RPCs, ``hops(N)`` round trips);
 - its all-reduce moves ``2 (g - 1) / g`` of the vector per member over the slowest member's link, in
   ``2 + g / 8`` round trips of the farthest pair, plus ``part_cpu_s`` of CPU per part per member — on the lab
   machine all N peers share ``cores`` cores (``--lab``), in the world each peer has its own;
-- a round fails for a group if a member dies during it, or if it exceeds the averaging timeout;
-- bytes sent per peer per round: ``framing`` × the all-reduce's share + the DHT's upkeep (``upkeep_bps``) + the
-  lookups' RPCs + the near and member records read at each regrouping (``record_bytes`` per member);
-- churn: ``--churn`` of the peers are killed at random rounds and replaced by new ones with their own value;
-  a dead peer stays in the others' views until its records expire (``ttl_rounds``), a new one enters them one
-  round late. Every peer reads the records at each cycle's start; ``--views`` distinct views model peers that
-  read the DHT at different moments (a random few recent changes missing from each).
+- a level fails for a group if a member dies during the round, or if it ends after the averaging timeout (one
+  timeout for the whole round, as ``LevelRounds`` has); it is not retried, and the next level gets the values
+  the members hold;
+- bytes sent per peer per round: ``framing`` × the all-reduces' shares + the DHT's upkeep (``upkeep_bps``) + one
+  lookup per level + the near and member records read at the round's start (``record_bytes`` per member);
+- churn: ``--churn`` of the peers are killed at random rounds and replaced by new ones that download a live
+  peer's state; a dead peer stays in the others' views until its records expire (``ttl_rounds``), a new one
+  enters them one round late. ``--views`` distinct views model peers that read the DHT at different moments (a
+  random few recent changes missing from each).
 
-Each peer holds a scalar (drawn from N(0, 1) at the start; a joiner copies a live peer's, as a late joiner downloads
-the swarm's state); a successful group sets its members' scalars to their mean, so the spread of the scalars
-(population standard deviation, 1 at the start) is the consensus distance between peers' models.
+Each peer holds a scalar anchor (0 at the start: one model) and at each round sends a pseudo-gradient drawn from
+N(0, 1); the round's result is added to its anchor (its own pseudo-gradient when no level averaged). Averaging
+pseudo-gradients never joins anchors that parted, so the spread of the anchors (population standard deviation)
+is the consensus distance between peers' models; with ``--sync-every K`` every K-th round averages the anchors
+themselves, as ``--sync-every`` does. ``results_apart_by_round`` is the spread of what peers applied (0: one
+average for all).
 
     .venv/bin/python scripts/simulate_swarm.py --calibrate        # simulated vs measured at N = 4..32 (the lab)
     .venv/bin/python scripts/simulate_swarm.py --sizes 100,1000,10000 --out bench/scale.json
@@ -57,7 +67,7 @@ class Model:
     upkeep_bps: float = 27_000.0  # the DHT's own traffic per peer (measured: ~0.55 MB per 20 s beyond the payload)
     rpc_bytes: float = 600.0
     record_bytes: float = 300.0  # a member's near + membership records, as read at a regrouping
-    timeout_s: float = 16.0  # bench_scale's averaging timeout: the period minus 4 s
+    timeout_s: float = 30.0  # the manifest's averaging timeout (calibration: bench_scale's, the period minus 4 s)
 
 
 @dataclass
@@ -109,7 +119,7 @@ class Swarm:
         region = self.world.regions[self.count % len(self.world.regions)]
         spread = self.world.inside_ms
         alive = self.alive() if born >= 0 else []
-        value = self.rng.choice(alive).value if alive else self.rng.gauss(0, 1)  # a joiner downloads a peer's state
+        value = self.rng.choice(alive).value if alive else 0.0  # one model at the start; a joiner downloads a state
         peer = Peer(name, region[1] + self.rng.gauss(0, spread), region[2] + self.rng.gauss(0, spread),
                     self.rng.uniform(0.5, 5.0) * min(1.0, spread), value, born)  # fmt: skip
         self.peers[name] = peer
@@ -141,87 +151,107 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
     grouping_size = args.group_size if args.grouping == "locality" else None
     target = args.group_size or None  # hivemind's target group size (0, None: unbounded)
     ttl_rounds = max(1, round(300 / args.period))
+    timeout = args.timeout or model.timeout_s
     kills = {r: [] for r in range(args.rounds)}
     churned = max(1, math.ceil(args.churn * n)) if args.churn else 0
     for _ in range(churned):  # as bench_scale.py: all at once after round ``churn_after``; else spread over the run
         at = args.churn_after if args.calibrate else rng.randrange(1, args.rounds)
         kills[min(at, args.rounds - 1)].append(None)
-    rows, spread = [], []
-    views: list[tuple[list[list[str]], int]] = []  # (clusters, cycle start) per view
-    cycle_length = 1
+    rows, spread, apart, formed = [], [], [], []
+    level_count = 1
     for r in range(args.rounds):
         alive = swarm.alive()
-        # the views of the swarm: at each cycle's start, read from the records (dead ones linger, new ones lag)
-        if grouping_size and (not views or r % cycle_length == 0):  # as Regrouping does
+        syncing = bool(getattr(args, "sync_every", 0)) and r % args.sync_every == args.sync_every - 1
+        # what each peer averages this round: its pseudo-gradient, or on a parameter round its anchor itself
+        sent = {p.name: p.value if syncing else rng.gauss(0.0, 1.0) for p in alive}
+        values, weights = dict(sent), dict.fromkeys(sent, 1.0)
+        placed: list[dict] = []  # per view, per level: peer -> Group
+        if grouping_size:  # every peer derives its groups from the records it read at the round's start
             records = swarm.records()
             listed = [p.name for p in swarm.peers.values()
                       if p.born < r and (p.died is None or r - p.died < ttl_rounds)]  # fmt: skip
             recent = [p.name for p in swarm.peers.values() if r - 3 <= p.born < r]
-            views = []
             for v in range(args.views):
                 missing = set(random.Random(r * 31 + v).sample(recent, len(recent) // 2)) if v else set()
-                views.append((clusters(records, [p for p in listed if p not in missing], grouping_size), r))
-            cycle_length = levels(len(views[0][0]), grouping_size)
-        # every alive peer's key this round
-        keys: dict[str, list[Peer]] = {}
-        placed = [all_groups(found, grouping_size, r) for found, _ in views] if grouping_size else []
-        for i, peer in enumerate(alive):
-            if not grouping_size:
-                keys.setdefault("swarm", []).append(peer)
-                continue
-            mine = placed[i % len(placed)].get(peer.name)  # None: its own view lacks it (it joined just now)
-            alone = mine is None or len(mine.members) < 2
-            keys.setdefault(f"alone-{peer.name}" if alone else mine.key_bits, []).append(peer)
+                found = clusters(records, [p for p in listed if p not in missing], grouping_size)
+                level_count = levels(len(found), grouping_size)
+                placed.append([all_groups(found, grouping_size, level) for level in range(level_count)])
+        else:
+            level_count = 1
         dying = set()
         for _ in kills[r]:
             victim = rng.choice([p for p in alive if p.name not in dying])
             dying.add(victim.name)
-        groups = []
-        for members in keys.values():
-            if grouping_size:
-                members.sort(key=lambda p: p.name)
-            else:  # one key for all: hivemind's leaders take followers in no order p2ptrain controls
-                rng.shuffle(members)
-            size = target or len(members)
-            groups += [members[k : k + size] for k in range(0, len(members), size)]
-        busy = sum(len(g) * 2 * (len(g) - 1) for g in groups if len(g) > 1) * model.part_cpu_s  # CPU-seconds
+        elapsed = {p.name: 0.0 for p in alive}  # each peer's time into the round
+        failed = {p.name: False for p in alive}
+        formations, payloads = [], {p.name: 0.0 for p in alive}
         lookup = lookup_rpcs(len(alive), model)
-        for g in groups:
-            size = len(g)
-            if size < 2:
-                rows.append({"ok": False, "group": 1, "time_s": None, "bytes": _bytes(0, lookup, 0, args, model)})
-                continue
-            far = max(swarm.rtt(a, b) for a in g for b in g) / 1000
-            link = world.mbit_s * 1e6 / 8
-            if world.loss:  # each member talks to size - 1 others at once, each flow capped by its round trip
-                link = min(link, (size - 1) * 1460 * 1.22 / (max(far, 1e-4) * math.sqrt(world.loss)))
-            payload = 2 * (size - 1) / size * args.vector_bytes
-            filled = target is not None and size >= target
-            formation = (model.join_s if filled else model.min_matchmaking_s) + math.log2(len(alive)) * (
-                far + model.rpc_s
-            )
-            cpu = 2 * (size - 1) * model.part_cpu_s  # this member's parts, on a core of its own
-            if world.cores:  # the lab: every group's all-reduce at once on the shared cores; the CPU time T stretches
-                cpu = max(cpu, math.sqrt(cpu * busy / world.cores))  # until T * cores = busy * T / (its own work)
-            allreduce = payload / link + (2 + size / 8) * far + cpu
-            total = formation + allreduce
-            killed = any(p.name in dying for p in g) and total > args.period / 2  # peers are killed mid-period
-            ok = total < (args.timeout or model.timeout_s) and not killed
-            reads = len(swarm.peers) if grouping_size and views and views[0][1] == r else 0
-            row = {"ok": ok, "group": size, "formation_s": formation, "time_s": total,
-                   "bytes": _bytes(payload, lookup, reads, args, model)}  # fmt: skip
-            rows += [row] * size
-            if ok:
-                mean = statistics.fmean(p.value for p in g)
-                for p in g:
-                    p.value = mean
+        for level in range(level_count):
+            keys: dict[str, list[tuple[Peer, float]]] = {}  # key -> (member, the group's expected size)
+            for i, peer in enumerate(alive):
+                if not grouping_size:
+                    keys.setdefault("swarm", []).append((peer, target))  # None: unbounded, never "filled"
+                    continue
+                view = placed[i % len(placed)]
+                mine = view[level].get(peer.name) if level < len(view) else None  # None: its view lacks it
+                if mine is None or len(mine.members) < 2:
+                    continue  # alone at this level: nothing to average
+                keys.setdefault(mine.key_bits, []).append((peer, len(mine.members), mine.share))
+            groups = []
+            for members in keys.values():
+                if grouping_size:
+                    members.sort(key=lambda m: m[0].name)
+                else:  # one key for all: hivemind's leaders take followers in no order p2ptrain controls
+                    rng.shuffle(members)
+                size = members[0][1] or len(members)  # the leader's target (``LevelRounds``: its expected members)
+                groups += [members[k : k + size] for k in range(0, len(members), size)]
+            busy = sum(len(g) * 2 * (len(g) - 1) for g in groups if len(g) > 1) * model.part_cpu_s  # CPU-seconds
+            for g in groups:
+                peers = [m[0] for m in g]
+                if len(peers) < 2:
+                    failed[peers[0].name] = True  # its group never formed
+                    continue
+                far = max(swarm.rtt(a, b) for a in peers for b in peers) / 1000
+                link = world.mbit_s * 1e6 / 8
+                if world.loss:  # each member talks to size - 1 others at once, each flow capped by its round trip
+                    link = min(link, (len(g) - 1) * 1460 * 1.22 / (max(far, 1e-4) * math.sqrt(world.loss)))
+                payload = 2 * (len(g) - 1) / len(g) * args.vector_bytes
+                filled = g[0][1] is not None and len(g) >= g[0][1]
+                formation = (model.join_s if filled else model.min_matchmaking_s) + math.log2(len(alive)) * (
+                    far + model.rpc_s
+                )
+                cpu = 2 * (len(g) - 1) * model.part_cpu_s  # this member's parts, on a core of its own
+                if world.cores:  # the lab: every group's all-reduce at once on the shared cores; its CPU time T
+                    cpu = max(cpu, math.sqrt(cpu * busy / world.cores))  # stretches until T * cores = busy * T / own
+                start = max(elapsed[p.name] for p in peers)  # its members meet when the last one is done before
+                end = start + formation + payload / link + (2 + len(g) / 8) * far + cpu
+                killed = any(p.name in dying for p in peers) and end > args.period / 2  # killed mid-period
+                ok = end - start <= (timeout - start) / (level_count - level) and not killed  # its share of the rest
+                formations.append(formation)
+                for p in peers:
+                    elapsed[p.name] = min(end, timeout)
+                    payloads[p.name] += payload
+                    failed[p.name] |= not ok
+                if ok:  # the weighted mean, each member's weight what its value stands for times its share
+                    share = [m[2] if len(m) > 2 else 1.0 for m in g]
+                    total = sum(weights[p.name] * s for p, s in zip(peers, share, strict=True))
+                    mean = sum(weights[p.name] * s * values[p.name] for p, s in zip(peers, share, strict=True)) / total
+                    for p in peers:
+                        values[p.name], weights[p.name] = mean, total
+        reads = len(swarm.peers) if grouping_size else 0
+        for p in alive:  # the outer step: the round's result, or the peer's own update if no level averaged
+            result = values[p.name]
+            p.value = result if syncing else p.value + result
+            rows.append({"ok": not failed[p.name] and payloads[p.name] > 0, "time_s": elapsed[p.name],
+                         "bytes": _bytes(payloads[p.name], lookup * level_count, reads, args, model)})  # fmt: skip
+        formed += formations
+        apart.append(statistics.pstdev([values[p.name] for p in alive]) if not syncing and len(alive) > 1 else 0.0)
         for name in dying:
             swarm.peers[name].died = r
             swarm.add(born=r + 1)
-        values = [p.value for p in swarm.alive()]
-        spread.append(statistics.pstdev(values))
+        spread.append(statistics.pstdev([p.value for p in swarm.alive()]))
     times = sorted(row["time_s"] for row in rows if row["ok"])
-    formation = sorted(row["formation_s"] for row in rows if row.get("formation_s") is not None)
+    formation = sorted(formed)
     return {
         "peers": n,
         "rounds": args.rounds,
@@ -230,11 +260,11 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
         "group_formation_s_median": statistics.median(formation) if formation else None,
         "round_s_median": statistics.median(times) if times else None,
         "round_s_p90": times[int(0.9 * (len(times) - 1))] if times else None,
-        "group_sizes": sorted({row["group"] for row in rows if row["ok"]}),
         "find_rpcs_per_lookup": round(lookup_rpcs(n, model), 1),
         "bytes_sent_per_peer_per_round": statistics.fmean(row["bytes"] for row in rows),
-        "consensus_by_round": spread,
-        "levels": cycle_length,
+        "consensus_by_round": spread,  # the spread of the peers' anchors (0: one model)
+        "results_apart_by_round": apart,  # the spread of what the peers applied in the round (0: one average)
+        "levels": level_count,
     }
 
 
@@ -254,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-after", type=int, default=2)
     parser.add_argument("--views", type=int, default=3, help="distinct views of the swarm's records per cycle")
     parser.add_argument("--vector-bytes", type=float, default=400_000)
-    parser.add_argument("--timeout", type=float, default=None, help="averaging timeout (default: the bench's 16 s)")
+    parser.add_argument("--timeout", type=float, default=None, help="averaging timeout (default: the manifest's 30 s)")
+    parser.add_argument("--sync-every", type=int, default=0, help="every K rounds average the anchors themselves")
     parser.add_argument("--lab", action="store_true", help="the lab's network and 2 shared cores (calibration)")
     parser.add_argument("--calibrate", action="store_true", help="N = 4..32 in the lab, next to bench/scale*.json")
     parser.add_argument("--out", type=Path, default=None, help="merge the results into this JSON (as 'simulated')")
@@ -312,7 +343,7 @@ def plot(report: dict, path: Path) -> Path:
             axes[1].plot(peers, [results[n]["round_s_median"] for n in sizes], "o" + style, label=label)
             axes[2].plot(peers, [results[n]["bytes_sent_per_peer_per_round"] / 1e6 for n in sizes], "o" + style,
                          label=label)  # fmt: skip
-    axes[0].set(title="consensus distance", xlabel="round", yscale="log")
+    axes[0].set(title="spread of the anchors (consensus distance)", xlabel="global step", yscale="log")
     axes[1].set(title="median round (s)", xlabel="peers", xscale="log")
     axes[2].set(title="MB sent per peer per round", xlabel="peers", xscale="log")
     for ax in axes:
@@ -331,7 +362,8 @@ def calibrate(args: argparse.Namespace, model: Model) -> list[dict]:
         for real in report.get("sizes", []):
             same = {"calibrate": True, "rounds": report["rounds"], "period": report["period_s"], "churn": 0.1,
                     "group_size": report.get("group_size"), "churn_after": report["churn_after"],
-                    "grouping": report.get("grouping", "swarm"), "vector_bytes": report["vector_bytes"]}  # fmt: skip
+                    "grouping": report.get("grouping", "swarm"), "vector_bytes": report["vector_bytes"],
+                    "timeout": report["period_s"] - 4}  # fmt: skip
             sim = simulate(real["peers"], argparse.Namespace(**{**vars(args), **same}), LAB, model)
             rows.append({"run": path.stem, "peers": real["peers"], "grouping": same["grouping"],
                          "group_size": same["group_size"], "simulated": sim, "measured": real})  # fmt: skip
@@ -341,8 +373,8 @@ def calibrate(args: argparse.Namespace, model: Model) -> list[dict]:
 def calibration_table(rows: list[dict]) -> str:
     lines = [
         "| run | peers | groups | round success sim / real | group formation median sim / real (s) "
-        "| MB sent per peer per round sim / real |",
-        "|---|---|---|---|---|---|",
+        "| round median sim / real (s) | MB sent per peer per round sim / real |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         sim, real = row["simulated"], row["measured"]
@@ -350,6 +382,7 @@ def calibration_table(rows: list[dict]) -> str:
             f"| {row['run']} | {row['peers']} | {row['grouping']}, {row['group_size'] or 'unbounded'} | "
             f"{100 * sim['success_rate']:.0f} / {100 * real['success_rate']:.0f} % | "
             f"{_f(sim['group_formation_s_median'])} / {_f(real['group_formation_s_median'])} | "
+            f"{_f(sim['round_s_median'])} / {_f(real.get('round_s_median'))} | "
             f"{sim['bytes_sent_per_peer_per_round'] / 1e6:.2f} / {real['bytes_sent_per_peer_per_round'] / 1e6:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -358,7 +391,7 @@ def calibration_table(rows: list[dict]) -> str:
 def projection_table(results: dict[str, dict], args: argparse.Namespace) -> str:
     lines = [
         f"| peers | groups | levels | round success | round median / p90 (s) | MB sent per peer per round "
-        f"| DHT RPCs per lookup | spread after 1 / 2 / all {args.rounds} rounds |",
+        f"| DHT RPCs per lookup | anchors' spread after 1 / 2 / all {args.rounds} rounds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n, r in results.items():

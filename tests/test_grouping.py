@@ -200,15 +200,12 @@ def test_a_pass_over_unequal_clusters_gives_every_peer_the_exact_weighted_mean(s
     assert all(w == pytest.approx(total) for w in weights.values())  # what the next step's weights start from
 
 
-def test_a_peer_regroups_only_when_a_pass_over_the_levels_begins():
+def test_a_peer_places_a_newcomer_at_the_next_step():
     peers, rtt = two_regions(2)
     records = records_from(settle(peers, rtt))
-    me = peers[0]
-    regrouping = Regrouping(me, 2)
-    first = regrouping.at(0, records, peers[1:])
-    assert first.level == 0 and first.members == ("peer-a-00", "peer-a-01")
+    regrouping = Regrouping(peers[0], 2)
+    first = regrouping.passes(records, peers[1:])
+    assert [g.level for g in first] == [0, 1] and first[0].members == ("peer-a-00", "peer-a-01")
     newcomer = records_from({"peer-a-99": Coord()})
-    later = regrouping.at(1, {**records, **newcomer}, [*peers[1:], "peer-a-99"])  # mid-pass: same clusters
-    assert later.level == 1 and "peer-a-99" not in later.members
-    regrouping.at(2, {**records, **newcomer}, [*peers[1:], "peer-a-99"])  # a new pass: the newcomer is placed
-    assert any("peer-a-99" in g for g in regrouping.clusters)
+    regrouping.passes({**records, **newcomer}, [*peers[1:], "peer-a-99"])
+    assert any("peer-a-99" in c for c in regrouping.clusters)

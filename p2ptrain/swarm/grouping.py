@@ -19,9 +19,9 @@ Every peer derives the same groups from the same signed near records (``proximit
    smallest it meets: ``all_groups``), across regions. Averaging at every level in turn gives every peer the exact
    mean of the whole swarm when the grid is full, and contracts the differences between peers by the group size per
    round when it is not (Moshpit's analysis). With ``N <= size`` there is one level and one group: everybody.
-   ``group``/``Regrouping.at`` give one level per global step (Moshpit's way, averaging parameters: what
-   ``scripts/bench_scale.py`` and ``scripts/simulate_swarm.py`` run); ``seed``/``join`` run every level of a pass
-   within each step (``pass_groups``, ``train/level_rounds.py`` says why).
+   Moshpit runs one level per step, averaging parameters; ``seed``/``join`` run every level of a pass within each
+   step (``pass_groups``, ``Regrouping``; ``train/level_rounds.py`` says why), and so do
+   ``scripts/bench_scale.py`` and ``scripts/simulate_swarm.py``.
 
 The group key is a short hash of (level, the place's other coordinates), turned into hivemind's group bits, so
 peers of one group meet on one DHT key and nobody else's matchmaking reads it.
@@ -225,9 +225,9 @@ def _digits(index: int, base: int, count: int) -> tuple[int, ...]:
 
 
 class Regrouping:
-    """This peer's groups step after step: the clusters are derived again only when a new pass over the levels
-    begins (``step % levels == 0``), so that every level of one pass uses the same clusters — which the exact mean
-    after a pass needs — and every peer regroups at the same steps."""
+    """This peer's groups at each global step: every level of one pass (``pass_groups``), from clusters derived again
+    at each step's start from the records then read, so that a newcomer is placed at once and every level of the
+    step uses the same clusters, which the exact mean after the step needs."""
 
     def __init__(self, me: str, size: int):
         self.me, self.size = me, size
@@ -237,9 +237,3 @@ class Regrouping:
         """This peer's groups at every level of one pass (``pass_groups``), from clusters derived again each time."""
         self.clusters = clusters(records, [*members, self.me], self.size)
         return pass_groups(self.me, self.clusters, self.size)
-
-    def at(self, step: int, records: Mapping[str, Near], members: list[str]) -> Group:
-        known = any(self.me in g for g in self.clusters)
-        if not known or step % levels(len(self.clusters), self.size) == 0:
-            self.clusters = clusters(records, [*members, self.me], self.size)
-        return group(self.me, self.clusters, self.size, step)
