@@ -80,7 +80,23 @@ def hole_punches_started_by_the_callee() -> None:
     DCUtRProtocol._p2ptrain_callee_starts = True
 
 
+def no_plain_dial_before_a_punch() -> None:
+    """A try starts with the DCUtR exchange, not with py-libp2p's "unilateral upgrade": a plain dial, from the
+    listening port, to every address the peerstore holds for the peer, which after a first try includes the
+    router addresses the peer sent (stored for 10 minutes). That dial leaves this peer's router holding state for
+    the peer's router address, and the peer's punching SYN that meets it reaches this peer's listener as a plain
+    inbound connection, on which neither end starts the handshake (the failure of a Go peer dialling an advertised
+    router address, ``host.advertised``). A peer reached only through a relay is one p2ptrain found behind NAT."""
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    async def _try_unilateral_upgrade(self: DCUtRProtocol, peer_id) -> bool:  # noqa: ANN001, ARG001
+        return False
+
+    DCUtRProtocol._try_unilateral_upgrade = _try_unilateral_upgrade
+
+
 def install() -> None:
     hole_punches_from_the_listening_port()
     hole_punch_roles_like_go()
     hole_punches_started_by_the_callee()
+    no_plain_dial_before_a_punch()
