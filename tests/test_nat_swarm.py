@@ -147,7 +147,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
     assert netns() == before
 
 
-@pytest.mark.extended  # 2-4 min each; on the code of 2026-12-06 evening mixed 3 of 3, py 1 of 3 (README)
+@pytest.mark.extended  # 2-4 min each; on the code of 2026-12-06 evening mixed 3 of 3, py 2 of 4 (README)
 @pytest.mark.parametrize("daemons", ["mixed", "py"])
 def test_volunteers_behind_nats_train_through_relays_of_either_daemon(tmp_path, daemons):
     """The Python daemon behind NAT and as a relay. ``mixed``: S runs Go, R Python, volunteer A Python, B Go;
