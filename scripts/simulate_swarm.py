@@ -187,10 +187,10 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
         formations, payloads = [], {p.name: 0.0 for p in alive}
         lookup = lookup_rpcs(len(alive), model)
         for level in range(level_count):
-            keys: dict[str, list[tuple[Peer, float]]] = {}  # key -> (member, the group's expected size)
+            keys: dict[str, list[tuple[Peer, int | None, float]]] = {}  # key -> (member, expected size, its share)
             for i, peer in enumerate(alive):
                 if not grouping_size:
-                    keys.setdefault("swarm", []).append((peer, target))  # None: unbounded, never "filled"
+                    keys.setdefault("swarm", []).append((peer, target, 1.0))  # None: unbounded, never "filled"
                     continue
                 view = placed[i % len(placed)]
                 mine = view[level].get(peer.name) if level < len(view) else None  # None: its view lacks it
@@ -233,7 +233,7 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
                     payloads[p.name] += payload
                     failed[p.name] |= not ok
                 if ok:  # the weighted mean, each member's weight what its value stands for times its share
-                    share = [m[2] if len(m) > 2 else 1.0 for m in g]
+                    share = [m[2] for m in g]
                     total = sum(weights[p.name] * s for p, s in zip(peers, share, strict=True))
                     mean = sum(weights[p.name] * s * values[p.name] for p, s in zip(peers, share, strict=True)) / total
                     for p in peers:

@@ -148,13 +148,13 @@ def test_every_member_ends_with_the_same_average():
 
 
 def test_hivemind_averagers_measure_the_uplink_their_shares_follow():
-    """hivemind's own averagers (the gradient mode's fp16 and none) report what their part streams achieved, as
-    p2ptrain's compressed ones do: the next round's shares follow the measured uplink (``shares.take_measurements``)
-    and the per-link rates reach the near record."""
+    """hivemind's own averagers (the gradient mode's fp16 and none, PowerSGD) report what their part streams
+    achieved and how long the round took, as p2ptrain's compressed ones do: the next round's shares follow the
+    measured uplink (``shares.take_measurements``) and the per-link rates reach the near record."""
     outcomes = []
     average_once(Rounds, [torch.randn(5_000_000) for _ in range(2)], outcomes=outcomes)  # 5 MB in fp16 each way
     for outcome, other in zip(outcomes, reversed(outcomes), strict=True):
-        assert isinstance(outcome, RoundOutcome)
+        assert isinstance(outcome, RoundOutcome) and outcome.round_s > 0  # PowerSGD's, too, were not timed
         assert outcome.uplink is not None and outcome.uplink > 1e6, outcome.uplink  # bytes/s, on loopback
         (peer,) = outcome.links  # the other member's aggregator, by its peer id
         assert peer in {p.to_base58() for p in other} and outcome.links[peer] > 8

@@ -135,11 +135,13 @@ class GroupRounds(Accusations, AveragerHooks):
         if kwargs.get("tensor_infos"):  # hivemind's averagers; p2ptrain's compressed ones size their parts themselves
             bytes_per_value = 4 * kwargs["compression"].estimate_compression_ratio(kwargs["tensor_infos"][0])
             kwargs["part_size_bytes"] = part_size(self.total_size * bytes_per_value, group_info.group_size)
+        started = time.perf_counter()
         try:
             result = await super().aggregate_with_group(with_shares(group_info, self.serializer), *args, **kwargs)
         finally:
             sends = self._sends.pop(group_info.group_id, {})
         outcome = result if isinstance(result, RoundOutcome) else RoundOutcome(result)
+        outcome.round_s = outcome.round_s or time.perf_counter() - started  # the compressed ones time the all-reduce
         outcome.uplink, outcome.links = uplink(sends), link_rates(sends, group_info.peer_ids)
         return outcome
 

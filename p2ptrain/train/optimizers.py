@@ -8,7 +8,6 @@ steps, then averaged pseudo-gradients); ``stopping.py`` ends either within a bou
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -29,7 +28,7 @@ from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.manifest import AveragingSpec, SwarmManifest
 from p2ptrain.train.averaging import CompressedGradientAverager, payload_bytes
 from p2ptrain.train.codecs import BYTES_PER_VALUE, DENSE, Level
-from p2ptrain.train.group_rounds import GroupRounds, RoundOutcome
+from p2ptrain.train.group_rounds import GroupRounds
 from p2ptrain.train.local_updates import LocalUpdateOptimizer
 from p2ptrain.train.progress import CheckedProgressTracker, signs_with
 from p2ptrain.train.round_log import RoundLog
@@ -65,14 +64,7 @@ TRACKER_OPTS = {"min_refresh_period": 0.5, "max_refresh_period": 2.0, "default_r
 
 
 class GradientRounds(EpochReports, GroupRounds, GradientAverager):
-    """hivemind's gradient averager (codecs none, fp16) with p2ptrain's group rules (``group_rounds``); its rounds
-    return a ``RoundOutcome`` with the time the all-reduce took (what the dashboard shows of each round)."""
-
-    async def aggregate_with_group(self, *args: Any, **kwargs: Any) -> RoundOutcome:
-        started = time.perf_counter()
-        outcome = await super().aggregate_with_group(*args, **kwargs)  # a RoundOutcome (``GroupRounds``)
-        outcome.round_s = time.perf_counter() - started
-        return outcome
+    """hivemind's gradient averager (codecs none, fp16) with p2ptrain's group rules (``group_rounds``)."""
 
 
 class PowerSGDRounds(EpochReports, GroupRounds, PowerSGDGradientAverager):
@@ -323,14 +315,13 @@ class SwarmOptimizer(compat.Optimizer):
     def _log_round(self, outcome: Any) -> None:
         peers = len(outcome)
         take_measurements(self.grad_averager, outcome, self.on_links)
-        if isinstance(outcome, RoundOutcome) and outcome.codec:  # the compressed averagers measure their rounds
+        if outcome.codec:  # the compressed averagers measure their payload
             self.round_log.succeeded(self.local_epoch, peers, outcome.codec, outcome.bytes_sent, outcome.round_s)
             return
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
         dense = self.grad_codec in BYTES_PER_VALUE  # hivemind's dense codecs; PowerSGD's size is its own
         payload = payload_bytes(Level(self.grad_codec), numel, peers) if dense else None
-        seconds = outcome.round_s if isinstance(outcome, RoundOutcome) else None  # PowerSGD's: not measured
-        self.round_log.succeeded(self.local_epoch, peers, self.grad_codec, payload, seconds)
+        self.round_log.succeeded(self.local_epoch, peers, self.grad_codec, payload, outcome.round_s)
 
     # PeerOptimizer, beyond what hivemind.Optimizer has
     def resume_at(self, epoch: int) -> None:
