@@ -55,7 +55,7 @@ def hole_punches_started_by_the_callee() -> None:
 
     py-libp2p's DCUtR drives a try to every peer it reaches only through a relay, from both ends at once: two
     sessions whose dials leave from the same port to the same address, where one socket each can exist, and whose
-    roles cross (seen: every try between two Python daemons in a swarm failed that way)."""
+    roles cross."""
     from libp2p.rcmgr import Direction
     from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
