@@ -34,12 +34,11 @@ from p2ptrain.swarm.reachability import Message
 from p2ptrain.train import end_of_run
 from p2ptrain.train.accusations import Evidence, Packed, judge, listed
 from p2ptrain.train.codecs import Int8Compression
-from p2ptrain.train.local_updates import check_state
 from p2ptrain.train.param_check import read_sketches
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.robust import AGGREGATIONS, check_contributions, reduce_parts
 from p2ptrain.train.signed_parts import Unverified, part_digest, read_cert, read_stamp
-from p2ptrain.train.state_download import check_downloaded_state, decode_download
+from p2ptrain.train.state_download import check_downloaded_state, check_state, decode_download
 from p2ptrain.volunteer.control_socket import COMMANDS, MAX_MESSAGE, ControlServer
 
 BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

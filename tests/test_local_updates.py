@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 
 import hivemind
 import pytest
 import torch
+from conftest import node_optimizers, swarm_nodes
 
 from p2ptrain.train.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-from p2ptrain.train.local_updates import LocalUpdateOptimizer, check_state
+from p2ptrain.train.local_updates import LocalUpdateOptimizer
 from p2ptrain.train.optimizers import TRACKER_OPTS
+from p2ptrain.train.state_download import check_state
+from p2ptrain.train.stopping import stop_optimizer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,6 +75,31 @@ def test_alone_an_outer_step_with_lr_1_lands_where_the_local_steps_went(dht):
     for anchor, param in zip(opt.anchor, model.parameters(), strict=True):
         torch.testing.assert_close(anchor, param.detach())
     opt.shutdown()
+
+
+def test_a_peer_behind_the_swarm_takes_the_swarms_number_for_its_round(tmp_path, manifest):
+    """A peer whose round begins after another's began (the other's progress record is a step ahead) labels it with
+    the swarm's step, so that the two agree on which rounds average parameters (``sync_every``)."""
+    nodes = swarm_nodes(tmp_path, 2)
+    local = dataclasses.replace(manifest.averaging, mode="local", sync_every=3)
+    model = torch.nn.Linear(3, 2)
+    behind, ahead = node_optimizers(
+        tmp_path, nodes, [model, torch.nn.Linear(3, 2)], dataclasses.replace(manifest, averaging=local)
+    )
+    try:
+        ahead.tracker.report_local_progress(3, 1)  # it began the swarm's step 2: it is at 3, with a sample
+        deadline = time.monotonic() + 30
+        while behind.tracker.global_epoch < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert behind.tracker.global_epoch == 3
+        train_step(model, behind)  # the swarm is ahead: the round begins at once
+        assert behind.scheduled_grads is not None and behind.local_epoch == 3
+        assert behind._syncing  # step 2 is a parameter round with sync_every 3, for both
+    finally:
+        for opt in (behind, ahead):
+            stop_optimizer(opt, step_running=False)
+        for node in nodes:
+            node.shutdown()
 
 
 def test_checkpoint_round_trip_keeps_anchor_and_outer_momentum(dht, dht2, tmp_path):

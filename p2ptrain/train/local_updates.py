@@ -44,6 +44,7 @@ from p2ptrain.train.progress import CheckedProgressTracker
 from p2ptrain.train.round_log import RoundLog
 from p2ptrain.train.shares import take_measurements
 from p2ptrain.train.signed_parts import PartSigner
+from p2ptrain.train.state_download import check_state
 
 logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5  # progress reports to the swarm, at most this often
@@ -243,6 +244,14 @@ class LocalUpdateOptimizer:
     # the rounds ---------------------------------------------------------------------------------
 
     def _begin_round(self) -> None:
+        # The round is the swarm's step: a peer that started its round after others had started theirs (its
+        # tracker sees their next step) takes their number, as hivemind's Optimizer does. Members of a group must
+        # agree on it (a parameter round comes every ``sync_every`` steps), and without this an offset between
+        # peers that average together is never closed.
+        swarm_round = self.tracker.global_epoch - 1
+        if swarm_round > self.local_epoch:
+            logger.info("Global step %d: the swarm is at step %d; this round is its", self.local_epoch, swarm_round)
+            self.local_epoch = swarm_round
         self._syncing = self.sync_every > 0 and (self.local_epoch + 1) % self.sync_every == 0
         with torch.no_grad(), self.averager.get_tensors() as buffers:
             for buffer, anchor, param in zip(buffers, self.anchor, self.params, strict=True):
@@ -348,24 +357,6 @@ class LocalUpdateOptimizer:
         with self._state_lock:
             epoch = self.local_epoch - (self.scheduled_grads is not None)
             return {"epoch": epoch}, [t.clone() for t in (*self.anchor, *self._momenta())]
-
-
-def check_state(metadata: Any, tensors: Any, ours: list[torch.Tensor]) -> int:
-    """The global step of a state another peer sent (``current_state``'s form), if it can replace ``ours``.
-
-    Raises:
-        ValueError: metadata without a non-negative int epoch, another number of tensors, a shape or dtype unlike
-            ours, or a non-finite value."""
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
-        raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
-    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(ours):
-        raise ValueError(f"expected {len(ours)} tensors")
-    for i, (theirs, mine) in enumerate(zip(tensors, ours, strict=True)):
-        if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
-            raise ValueError(f"tensor {i} does not match ours in shape/dtype")
-        if not torch.isfinite(theirs).all():
-            raise ValueError(f"tensor {i} is not finite")
-    return metadata["epoch"]
 
 
 def outer_step_(

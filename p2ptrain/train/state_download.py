@@ -37,7 +37,6 @@ from hivemind.compression import deserialize_torch_tensor
 from hivemind.utils.streaming import combine_from_streaming
 
 from p2ptrain.train.group_rounds import dht_get
-from p2ptrain.train.local_updates import check_state
 from p2ptrain.train.param_check import read_sketches, sketch, sketch_key
 
 AGREE_RELATIVE = 0.05  # a served coordinate agrees with a member's within 5 % (+ AGREE_ABSOLUTE): room for the
@@ -172,3 +171,21 @@ def close(served: np.ndarray, member: np.ndarray) -> bool:
     a, b = served.astype(np.float64), member.astype(np.float64)
     near = np.abs(a - b) <= AGREE_RELATIVE * np.abs(b) + AGREE_ABSOLUTE
     return bool(near.mean() >= AGREE_SHARE)
+
+
+def check_state(metadata: Any, tensors: Any, ours: list[torch.Tensor]) -> int:
+    """The global step of a state another peer sent (``current_state``'s form), if it can replace ``ours``.
+
+    Raises:
+        ValueError: metadata without a non-negative int epoch, another number of tensors, a shape or dtype unlike
+            ours, or a non-finite value."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+        raise ValueError(f"bad metadata {str(metadata)[:100]!r}")
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(ours):
+        raise ValueError(f"expected {len(ours)} tensors")
+    for i, (theirs, mine) in enumerate(zip(tensors, ours, strict=True)):
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            raise ValueError(f"tensor {i} does not match ours in shape/dtype")
+        if not torch.isfinite(theirs).all():
+            raise ValueError(f"tensor {i} is not finite")
+    return metadata["epoch"]
