@@ -125,6 +125,17 @@ class AveragerHooks:
         except Exception as e:  # noqa: BLE001 - reported to the caller
             future.set_exception(e)
 
+    async def _shutdown(self, timeout: float | None) -> None:
+        """hivemind's, for a round in flight too: hivemind 1.1 calls ``finalize`` on the future of each running group
+        instead of on its runner (an AttributeError in the averager's thread at every stop during a round)."""
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().finalize(cancel=True)
+            else:
+                future.cancel()
+
     def terminate(self) -> None:
         """Terminate the averager's process (as hivemind's shutdown does past its grace period) without leaving the
         peer's futures locked: ``terminate_processes``."""
