@@ -47,7 +47,8 @@ class PeerStatus:
     last_rounds: list[dict] = field(default_factory=list)  # the last 20: step, ok, peers, codec, bytes, seconds…
     resynced_at: int | None = None  # global step reached by downloading the swarm's state after parting from it
     samples_per_s: float = 0.0
-    compute_s: float = 0.0  # seconds in forward/backward since training started (utilization = compute_s / wall)
+    compute_s: float = 0.0  # seconds in forward/backward since training started
+    optimizer_s: float = 0.0  # ... in the optimizer's own update (utilization = (compute_s + optimizer_s) / wall)
     val_s: float = 0.0  # seconds spent measuring the held-out loss
     training_since: float | None = None  # unix time the training loop started
     resumed_from_epoch: int | None = None  # set when the local checkpoint was loaded

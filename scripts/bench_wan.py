@@ -178,7 +178,8 @@ class Result:
     wall_s: float = 0.0
     samples: int = 0
     val_points: list[tuple[float, int, float]] = field(default_factory=list)  # (seconds, swarm samples, loss)
-    compute_utilization: float = 0.0
+    compute_utilization: float = 0.0  # training compute (forward, backward, the optimizer's update) ÷ wall time
+    compute_utilization_fwd_bwd: float = 0.0  # forward and backward alone ÷ wall time (this table's before 12-06)
     bytes_per_peer_per_step: float | None = None
     global_steps: int = 0
     final_val_loss_equal_tokens: float | None = None
@@ -232,16 +233,17 @@ def run_config(config: Config, net: Namespaces | None, budget: int, time_cap_s: 
             sent = [net.tx_bytes(i) - tx0[i] for i in range(config.peers)]
         # utilization while training: compute_s and updated_at come from the same status write, before
         # the peers are stopped one by one (the last ones would otherwise count their wait for the first)
-        utilizations = [
-            s.get("compute_s", 0) / max(1e-9, s["updated_at"] - s["training_since"] - s.get("val_s", 0))
-            for s in statuses
-            if s.get("training_since")
+        walls = [
+            (s, s["updated_at"] - s["training_since"] - s.get("val_s", 0)) for s in statuses if s.get("training_since")
         ]
+        utilizations = [(s.get("compute_s", 0) + s.get("optimizer_s", 0)) / max(1e-9, wall) for s, wall in walls]
+        fwd_bwd = [s.get("compute_s", 0) / max(1e-9, wall) for s, wall in walls]
         for peer in peers:
             swarm.stop(peer, signal.SIGTERM, timeout_s=20)
         statuses = [p.status() for p in peers]
     result.global_steps = max(s.get("epoch", 0) for s in statuses)
     result.compute_utilization = statistics.mean(utilizations) if utilizations else 0.0
+    result.compute_utilization_fwd_bwd = statistics.mean(fwd_bwd) if fwd_bwd else 0.0
     if net and result.global_steps:
         result.bytes_per_peer_per_step = statistics.mean(sent) / result.global_steps
     result.rounds = parse_rounds(first)
@@ -410,10 +412,11 @@ def table(report: dict) -> str:
         f", {report['peers']} peers, {report['samples_per_config']} samples per config, "
         f"target held-out loss {report['target_val_loss'] and round(report['target_val_loss'], 3)}",
         "",
-        "| config | time to target (s) | speed-up vs hivemind | compute utilization | bytes/peer/step "
-        "| final loss (equal tokens) | vs hivemind | vs uncompressed | wall (s) | global steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | time to target (s) | speed-up vs hivemind | compute utilization (fwd/bwd only) | bytes/peer/step "
+        "| fp32 ÷ bytes | final loss (equal tokens) | vs hivemind | vs uncompressed | wall (s) | global steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fp32 = payload_bytes(Level("none"), report["parameters"], report["peers"])  # a global step's, uncompressed
     for name, r in configs.items():
         ttt, base_ttt = r["time_to_target_s"], base.get("time_to_target_s")
         speedup = f"{base_ttt / ttt:.1f}x" if ttt and base_ttt else "—"
@@ -421,9 +424,12 @@ def table(report: dict) -> str:
         rel = f"{(loss / base_loss - 1) * 100:+.1f}%" if loss and base_loss else "—"
         full = configs.get("p2ptrain_uncompressed", {}).get("final_val_loss_equal_tokens")
         rel_full = f"{(loss / full - 1) * 100:+.1f}%" if loss and full else "—"
-        bps = f"{r['bytes_per_peer_per_step'] / 1e3:,.0f} kB" if r["bytes_per_peer_per_step"] else "—"
+        sent = r["bytes_per_peer_per_step"]
+        bps, factor = (f"{sent / 1e3:,.0f} kB", f"{fp32 / sent:.1f}x") if sent and sent >= 1e3 else ("—", "—")
+        fwd_bwd = r.get("compute_utilization_fwd_bwd")
+        utilization = f"{r['compute_utilization']:.0%}" + (f" ({fwd_bwd:.0%})" if fwd_bwd is not None else "")
         lines.append(
-            f"| {name} | {ttt and round(ttt, 1)} | {speedup} | {r['compute_utilization']:.0%} | {bps} "
+            f"| {name} | {ttt and round(ttt, 1)} | {speedup} | {utilization} | {bps} | {factor} "
             f"| {loss and round(loss, 4)} | {rel} | {rel_full} | {r['wall_s']:.0f} | {r['global_steps']} |"
         )
     link_bytes_s = report["link_mbit"] * 1e6 / 8

@@ -11,7 +11,9 @@ decoding parts with the codec, aggregating the parts it reduces, signing its par
 time close to the wall time means the round waits for the processor, not the link.
 
 By default it runs twice, side by side: with hivemind's fixed 512 kB parts, and with p2ptrain's
-(``codecs.part_size``: a quarter of each member's share).
+(``codecs.part_size``: a quarter of each member's share). ``--beside training`` runs one CPU-bound process next to
+each peer (one torch thread, as each ``bench_wan`` peer trains): what the same rounds cost when the peers' training
+shares the processor, as in ``bench_wan`` on this machine (4 peers on 2 cores); ``both``: without, then with.
 
     sudo .venv/bin/python scripts/profile_round.py --link-mbit 13.6 --codec int8     # ~3 min on 2 cores
 """
@@ -170,6 +172,16 @@ def asyncio_function(function) -> bool:  # noqa: ANN001
     return inspect.iscoroutinefunction(function)
 
 
+def training() -> None:
+    """A peer's training as the processor sees it: one torch thread computing without pause, until killed."""
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256) / 16
+    while True:
+        a = torch.tanh(a @ a)
+
+
 # -- the driver -------------------------------------------------------------------------------------------------
 
 
@@ -182,7 +194,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
         sh("tc", "qdisc", "change", "dev", net.host_ends[0], "root", *tbf)
     results, bootstrap = work / "rounds.jsonl", work / "bootstrap.txt"
     t0 = time.time() + 15 + 3.0 * args.peers  # every peer has started and joined the DHT by then
-    procs = []
+    procs, loads = [], []
     try:
         for i in range(args.peers):
             command = [*net.prefix(i), sys.executable, __file__, "--worker", "--index", str(i), "--host", net.host(i),
@@ -193,6 +205,9 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
             command += ["--announce", str(bootstrap)] if i == 0 else ["--bootstrap", str(bootstrap)]
             log = open(work / f"peer{i}.log", "ab")  # noqa: SIM115 - closed with the process
             procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            if args.beside == "training":
+                load = [sys.executable, __file__, "--training"]
+                loads.append(subprocess.Popen(load, stderr=log, start_new_session=True))
             if i == 0:
                 deadline = time.time() + 60
                 while not bootstrap.exists() and time.time() < deadline:
@@ -200,7 +215,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
         for proc in procs:
             proc.wait(timeout=t0 - time.time() + args.rounds * args.period + 60)
     finally:
-        for proc in procs:  # the whole session: the peer's averager, DHT and daemon processes outlive its os._exit
+        for proc in procs + loads:  # the whole session: a peer's averager, DHT and daemon outlive its os._exit
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         net.remove()
@@ -215,7 +230,7 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         + (f" (peer 0: {args.slow_mbit} Mbit/s)" if args.slow_mbit else "")
         + f"; medians over the peer-rounds with all {args.peers} peers",
         "",
-        "| parts, shares | peer-rounds | payload ÷ link (s) | all-reduce (s) | ratio | smallest share | "
+        "| parts, shares, beside | peer-rounds | payload ÷ link (s) | all-reduce (s) | ratio | smallest share | "
         + "CPU in the averager (s) | "
         + " | ".join(f"{p} (s)" for p in PHASES[1:])
         + " |",
@@ -256,9 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         "--shares", choices=("equal", "measured", "both"), default="equal",
         help="shares of the vector: equal (no bandwidth reported), by measured uplinks, or both",
     )  # fmt: skip
+    parser.add_argument(
+        "--beside",
+        choices=("nothing", "training", "both"),
+        default="nothing",
+        help="a CPU-bound process beside each peer, as its training (both: without, then with)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the peers' logs (printed where)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--training", action="store_true", help=argparse.SUPPRESS)
     for flag, kind in (("--index", int), ("--host", str), ("--t0", float), ("--results", str), ("--home", str),
                        ("--announce", str), ("--bootstrap", str)):  # fmt: skip
         parser.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
@@ -266,21 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.training:
+        training()
     if not namespaces_available():
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
     results = {}
     for parts in ("hivemind", "p2ptrain") if args.parts == "both" else (args.parts,):
         for shares in ("equal", "measured") if args.shares == "both" else (args.shares,):
-            label = f"{parts}, {shares} shares"
-            work = Path(tempfile.mkdtemp(prefix="p2pt-profile-"))
-            try:
-                results[label] = run(argparse.Namespace(**{**vars(args), "parts": parts, "shares": shares}), work)
-            finally:
-                if args.keep:
-                    print(f"peers' logs ({label}): {work}")
-                else:
-                    shutil.rmtree(work, ignore_errors=True)
+            for beside in ("nothing", "training") if args.beside == "both" else (args.beside,):
+                label = f"{parts}, {shares} shares, {beside}"
+                work = Path(tempfile.mkdtemp(prefix="p2pt-profile-"))
+                try:
+                    variant = {**vars(args), "parts": parts, "shares": shares, "beside": beside}
+                    results[label] = run(argparse.Namespace(**variant), work)
+                finally:
+                    if args.keep:
+                        print(f"peers' logs ({label}): {work}")
+                    else:
+                        shutil.rmtree(work, ignore_errors=True)
     print(table(results, args))
     if args.out:
         args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"}, "rounds": results},

@@ -19,6 +19,7 @@ FROM_STATUS = (
     ("p2ptrain_validation_loss", "gauge", "Held-out loss at the last measurement.", "val_loss"),
     ("p2ptrain_swarm_peers", "gauge", "Peers in the swarm, as the progress records count them.", "peers"),
     ("p2ptrain_compute_seconds_total", "counter", "Seconds this peer spent in forward and backward.", "compute_s"),
+    ("p2ptrain_optimizer_seconds_total", "counter", "Seconds in the optimizer's own update.", "optimizer_s"),
 )
 
 

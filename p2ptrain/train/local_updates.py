@@ -94,6 +94,7 @@ class LocalUpdateOptimizer:
         self.local_epoch = 0
         self.samples = 0  # since the last global step
         self.compute_s = 0.0  # between step() calls since the last round: the peer's forward/backward time
+        self.inner_step_s = 0.0  # in the inner optimizer's steps, all told: training compute, as forward/backward
         self.recent: list[tuple[int, float]] = []  # (level, round seconds) of the last rounds, newest last
         self.scheduled_grads: StepControl | LevelRounds | None = None  # the round in flight
         self._state_lock = threading.Lock()  # a served state's anchor, momentum and step are of one moment
@@ -130,6 +131,7 @@ class LocalUpdateOptimizer:
             self.compute_s += max(0.0, now - self._left_step_at - self._idle_s)
         self._idle_s = 0.0
         self.inner.step()
+        self.inner_step_s += time.perf_counter() - now
         self.samples += self.batch_size
         unreported = self.samples - self.tracker.local_progress.samples_accumulated
         completes = self.tracker.global_progress.samples_accumulated + unreported >= self.tracker.target_batch_size

@@ -174,6 +174,7 @@ class PeerOptimizer(Protocol):
     last_group: list[str] | None  # peer ids of the last gradient round's group (None: it failed, or no such round)
     round_log: RoundLog  # the gradient (or outer) rounds' outcomes, bytes and the last few
     on_links: Callable[[dict[str, float]], None] | None  # told each round's per-link rates (``shares.py``)
+    inner_step_s: float  # seconds in the optimizer's own update, all told (training compute, not communication)
 
     @property
     def local_epoch(self) -> int: ...  # global steps this peer has completed
@@ -243,6 +244,7 @@ class SwarmOptimizer(compat.Optimizer):
     behind_at = -1  # the last step that applied a round whose group was ahead (``step_numbers``)
     on_links: Callable[[dict[str, float]], None] | None = None  # per-link rates of each round (shares.py)
     last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
+    inner_step_s = 0.0  # hivemind updates inside step(), after the round, in one call: not told apart (< 2 % here)
 
     def __init__(
         self,

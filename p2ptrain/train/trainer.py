@@ -247,6 +247,7 @@ class Trainer:
                 loss=loss_ema,
                 samples_per_s=rate_ema,
                 compute_s=self.compute_s,
+                optimizer_s=self.opt.inner_step_s,
                 peers=max(1, self.opt.tracker.global_progress.num_peers),  # 0 until the first fetch
             )
             if self.opt.local_epoch != epoch:
