@@ -30,21 +30,20 @@ from typing import Any
 
 import torch
 from hivemind.averaging.control import StepControl
-from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
 
 from p2ptrain.swarm.admission import Admission
 from p2ptrain.swarm.grouping import Group
-from p2ptrain.train.averaging import PseudoGradientAverager
-from p2ptrain.train.codecs import Level, shared_indices
+from p2ptrain.train.codecs import Level
 from p2ptrain.train.group_rounds import RoundOutcome
 from p2ptrain.train.level_rounds import LevelRounds
+from p2ptrain.train.outer_step import averaged_masks, outer_step_
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.progress import CheckedProgressTracker
 from p2ptrain.train.round_log import RoundLog
 from p2ptrain.train.shares import take_measurements
 from p2ptrain.train.signed_parts import PartSigner
-from p2ptrain.train.state_download import check_state
+from p2ptrain.train.state_download import StateSharingAverager, check_state
 
 logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5  # progress reports to the swarm, at most this often
@@ -94,7 +93,6 @@ class LocalUpdateOptimizer:
         self.local_epoch = 0
         self.samples = 0  # since the last global step
         self.compute_s = 0.0  # between step() calls since the last round: the peer's forward/backward time
-        self.inner_step_s = 0.0  # in the inner optimizer's steps, all told: training compute, as forward/backward
         self.recent: list[tuple[int, float]] = []  # (level, round seconds) of the last rounds, newest last
         self.scheduled_grads: StepControl | LevelRounds | None = None  # the round in flight
         self._state_lock = threading.Lock()  # a served state's anchor, momentum and step are of one moment
@@ -104,7 +102,7 @@ class LocalUpdateOptimizer:
         self._idle_s = 0.0
         self.round_log = RoundLog()
         self.tracker = CheckedProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
-        self.averager = _StateSharingAverager(
+        self.averager = StateSharingAverager(
             [torch.zeros_like(a) for a in self.anchor],
             owner=self,
             level=level,
@@ -202,6 +200,7 @@ class LocalUpdateOptimizer:
 
     last_group: list[str] | None = None  # rounds average pseudo-gradients; the parameters are not compared
     on_links: Callable[[dict[str, float]], None] | None = None  # per-link rates of each round (shares.py)
+    inner_step_s = 0.0  # in the inner optimizer's steps, all told: training compute, as forward/backward is
 
     def resume_at(self, epoch: int) -> None:
         self.local_epoch = epoch
@@ -246,14 +245,9 @@ class LocalUpdateOptimizer:
     # the rounds ---------------------------------------------------------------------------------
 
     def _begin_round(self) -> None:
-        # The round is the swarm's step: a peer that started its round after others had started theirs (its
-        # tracker sees their next step) takes their number, as hivemind's Optimizer does. Members of a group must
-        # agree on it (a parameter round comes every ``sync_every`` steps), and without this an offset between
-        # peers that average together is never closed.
-        swarm_round = self.tracker.global_epoch - 1
-        if swarm_round > self.local_epoch:
-            logger.info("Global step %d: the swarm is at step %d; this round is its", self.local_epoch, swarm_round)
-            self.local_epoch = swarm_round
+        if (step := self._next_round()) > self.local_epoch:
+            logger.info("Global step %d: the swarm is at step %d; this round is its", self.local_epoch, step)
+            self.local_epoch = step
         self._syncing = self.sync_every > 0 and (self.local_epoch + 1) % self.sync_every == 0
         with torch.no_grad(), self.averager.get_tensors() as buffers:
             for buffer, anchor, param in zip(buffers, self.anchor, self.params, strict=True):
@@ -285,7 +279,7 @@ class LocalUpdateOptimizer:
         except BaseException as e:  # noqa: BLE001 - any failure means: apply our own pseudo-gradient
             logger.info("Global step %d: averaging failed (%s); applying our own update", self.local_epoch, e)
             self.round_log.failed_with(self.local_epoch, e)
-        masks = self._masks(outcome)
+        masks = None if outcome is None else averaged_masks(outcome.group_id, outcome.ratio, self.anchor)
         with self._state_lock, torch.no_grad(), self.averager.get_tensors() as buffers:
             self.scheduled_grads = None
             for i, (anchor, momentum, delta, param, sent) in enumerate(
@@ -332,6 +326,12 @@ class LocalUpdateOptimizer:
 
     # helpers ------------------------------------------------------------------------------------
 
+    def _next_round(self) -> int:
+        """The step the next round stands for: ours, or the swarm's when a peer began it already (its tracker record
+        is a step ahead), as hivemind's Optimizer takes. Members of a group must agree on it (a parameter round comes
+        every ``sync_every`` steps), and an offset between peers that average together would never close."""
+        return max(self.local_epoch, self.tracker.global_epoch - 1)
+
     def _report(self) -> RoundReport:
         """What the next group learns about us: our level, typical and shortest round time, compute time."""
         if not self.recent or self.recent[-1][0] < 0:
@@ -343,15 +343,6 @@ class LocalUpdateOptimizer:
     def _momenta(self) -> list[torch.Tensor]:
         return self.momentum
 
-    def _masks(self, outcome: RoundOutcome | None) -> list[torch.Tensor] | None:
-        """Per-parameter boolean masks of the coordinates the round averaged; None when all were."""
-        if outcome is None or outcome.ratio >= 1.0:
-            return None
-        sizes = [a.numel() for a in self.anchor]
-        flat = torch.zeros(sum(sizes), dtype=torch.bool)
-        flat[shared_indices(outcome.group_id, sum(sizes), outcome.ratio)] = True
-        return [m.view_as(a) for m, a in zip(flat.split(sizes), self.anchor, strict=True)]
-
     def current_state(self) -> tuple[dict, list[torch.Tensor]]:
         """A copy of the anchor and outer momentum, and the global step they are at: one before ours while a round
         is in flight (the step counts from the round's start, the anchor moves at its end). hivemind reads each
@@ -359,35 +350,3 @@ class LocalUpdateOptimizer:
         with self._state_lock:
             epoch = self.local_epoch - (self.scheduled_grads is not None)
             return {"epoch": epoch}, [t.clone() for t in (*self.anchor, *self._momenta())]
-
-
-def outer_step_(
-    anchor: torch.Tensor,
-    momentum: torch.Tensor,
-    delta: torch.Tensor,
-    lr: float,
-    mu: float,
-    mask: torch.Tensor | None,
-) -> None:
-    """Nesterov SGD on the anchor with the averaged pseudo-gradient ``delta``, only where ``mask`` is set.
-
-    Coordinates outside the mask were not averaged this round: neither they nor their momentum move.
-    """
-    if mask is None:
-        momentum.mul_(mu).add_(delta)
-        anchor.sub_(delta + mu * momentum, alpha=lr)
-        return
-    momentum[mask] = mu * momentum[mask] + delta[mask]
-    anchor[mask] -= lr * (delta[mask] + mu * momentum[mask])
-
-
-class _StateSharingAverager(PseudoGradientAverager):
-    """Serves the owner's anchor, outer momentum and global step to peers that download state."""
-
-    def __init__(self, tensors: list[torch.Tensor], *, owner: LocalUpdateOptimizer, **kwargs: Any):
-        self._owner = owner  # used in this (host) process only: get_current_state runs here
-        super().__init__(tensors, **kwargs)
-
-    def get_current_state(self):
-        metadata, tensors = self._owner.current_state()
-        return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]

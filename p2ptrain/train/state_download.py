@@ -21,7 +21,8 @@ hang the step and the state server both, and to crash the process: ``tests/test_
 each when its turn in the stream comes: over a slow or relayed link the later tensors are read after the server's
 next optimizer step, and the joiner gets parameters and Adam moments of different steps under a third step's number;
 it then differs from the swarm after its first round (measured behind NATs: 0.02 learning rates apart, median, one
-step after each download, and so downloads again).
+step after each download, and so downloads again). The local mode's ``StateSharingAverager`` serves copies as well
+(``LocalUpdateOptimizer.current_state``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.utils.streaming import combine_from_streaming
 
+from p2ptrain.train.averaging import PseudoGradientAverager
 from p2ptrain.train.group_rounds import dht_get
 from p2ptrain.train.param_check import read_sketches, sketch, sketch_key
 
@@ -189,3 +191,16 @@ def check_state(metadata: Any, tensors: Any, ours: list[torch.Tensor]) -> int:
         if not torch.isfinite(theirs).all():
             raise ValueError(f"tensor {i} is not finite")
     return metadata["epoch"]
+
+
+class StateSharingAverager(PseudoGradientAverager):
+    """The local mode's averager; it serves its owner's anchor, outer momentum and global step
+    (``LocalUpdateOptimizer.current_state``) to peers that download state."""
+
+    def __init__(self, tensors: list[torch.Tensor], *, owner: Any, **kwargs: Any):
+        self._owner = owner  # used in this (host) process only: get_current_state runs here
+        super().__init__(tensors, **kwargs)
+
+    def get_current_state(self):
+        metadata, tensors = self._owner.current_state()
+        return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
