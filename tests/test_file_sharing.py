@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import hivemind
@@ -217,6 +218,32 @@ def test_a_peer_asked_to_stop_leaves_a_fetch_from_a_stuck_peer_at_once(
     found = provide(joiner, pinning, tmp_path / "joiner", stop)  # the stuck peer would hold it for 30 s per file
     assert 1.0 <= time.monotonic() - started < 3.0
     assert "tokenizer" not in found and not any((tmp_path / "joiner").rglob("tokenizer.json"))
+
+
+async def _busy_at_first(_dht, node, paths: dict) -> None:
+    """A peer that answers its first file request "busy" and serves the ones after it (in its DHT's process)."""
+    asked = []
+
+    async def handle(_info, reader, writer) -> None:
+        sha = await reader.readexactly(32)
+        asked.append(sha)
+        writer.write(file_sharing.BUSY if len(asked) == 1 else file_sharing.SERVED + Path(paths[sha]).read_bytes())
+        await writer.drain()
+        writer.close()
+
+    await node.p2p.add_binary_stream_handler(file_sharing.PROTOCOL, handle)
+
+
+def test_the_only_peer_that_holds_a_file_is_asked_again_when_it_was_busy(
+    pinning, seeder_cache, tmp_path, two_nodes, monkeypatch
+):
+    holder, joiner = two_nodes
+    paths = {f.sha256: str(seeder_cache / f.name) for f in pinned(pinning, "tokenizer")}
+    holder.run_coroutine(partial(_busy_at_first, paths=paths))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    found = provide(joiner, pinning, tmp_path / "joiner")
+    assert found["tokenizer"] == str(store(tmp_path / "joiner", pinned(pinning, "tokenizer")))
+    assert same_ids(found["tokenizer"])
 
 
 def test_initial_weights_named_by_the_manifest_come_from_peers_too(manifest, tmp_path, two_nodes, monkeypatch):

@@ -36,6 +36,7 @@ PER_MINUTE = 32  # requests a peer answers per asker
 PEERS_ASKED = 8  # peers asked for one file, at most
 MIN_RATE = 100_000  # bytes/s: a transfer slower than this is given up (and the next peer asked)
 HUB_TIMEOUT_S = 30.0
+RETRY_AFTER_S = 1.0  # before asking the peers a second time for a file none of them gave
 SERVED, NOT_HERE, BUSY = b"\x01", b"\x00", b"\x02"
 
 
@@ -232,15 +233,21 @@ async def _fetch_from_peers(_dht: Any, node: Any, wants: list[tuple[bytes, int, 
     peers = [info.peer_id for info in await node.p2p.list_peers()]
     random.shuffle(peers)
     took, refused = [], []
+    asking = peers[:PEERS_ASKED]
     for sha, size, name, directory in wants:
-        file = Pinned("", name, sha, size, "")
-        for peer in peers[:PEERS_ASKED]:
+        file, liars = Pinned("", name, sha, size, ""), set()
+        for turn, peer in enumerate(asking * 2):  # each peer twice: busy, or one stream that failed, is no answer
+            if turn == len(asking):
+                await asyncio.sleep(RETRY_AFTER_S)
+            if peer in liars:
+                continue
             try:
                 await asyncio.wait_for(_fetch_one(node.p2p, peer, file, Path(directory)), 30.0 + size / MIN_RATE)
             except Mismatch as e:
                 refused.append((name, peer.to_base58(), str(e)))
+                liars.add(peer)
                 continue
-            except Exception as e:  # noqa: BLE001 - a peer without the file, gone or slow: ask the next
+            except Exception as e:  # noqa: BLE001 - a peer without the file, gone, busy or slow: ask the next
                 logger.debug("Peer %s did not give %s: %r", peer, name, e)
                 continue
             took.append((sha, peer.to_base58()))
