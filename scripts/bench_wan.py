@@ -179,7 +179,7 @@ class Result:
     samples: int = 0
     val_points: list[tuple[float, int, float]] = field(default_factory=list)  # (seconds, swarm samples, loss)
     compute_utilization: float = 0.0  # training compute (forward, backward, the optimizer's update) ÷ wall time
-    compute_utilization_fwd_bwd: float = 0.0  # forward and backward alone ÷ wall time (this table's before 12-06)
+    compute_utilization_fwd_bwd: float = 0.0  # forward and backward alone ÷ wall time
     bytes_per_peer_per_step: float | None = None
     global_steps: int = 0
     final_val_loss_equal_tokens: float | None = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -294,19 +295,21 @@ def main(argv: list[str] | None = None) -> int:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
     results = {}
-    for parts in ("hivemind", "p2ptrain") if args.parts == "both" else (args.parts,):
-        for shares in ("equal", "measured") if args.shares == "both" else (args.shares,):
-            for beside in ("nothing", "training") if args.beside == "both" else (args.beside,):
-                label = f"{parts}, {shares} shares, {beside}"
-                work = Path(tempfile.mkdtemp(prefix="p2pt-profile-"))
-                try:
-                    variant = {**vars(args), "parts": parts, "shares": shares, "beside": beside}
-                    results[label] = run(argparse.Namespace(**variant), work)
-                finally:
-                    if args.keep:
-                        print(f"peers' logs ({label}): {work}")
-                    else:
-                        shutil.rmtree(work, ignore_errors=True)
+    both = lambda value, pair: pair if value == "both" else (value,)  # noqa: E731
+    for parts, shares, beside in itertools.product(
+        both(args.parts, ("hivemind", "p2ptrain")), both(args.shares, ("equal", "measured")),
+        both(args.beside, ("nothing", "training")),
+    ):  # fmt: skip
+        label = f"{parts}, {shares} shares, {beside}"
+        work = Path(tempfile.mkdtemp(prefix="p2pt-profile-"))
+        try:
+            results[label] = run(argparse.Namespace(**{**vars(args), "parts": parts, "shares": shares,
+                                                        "beside": beside}), work)  # fmt: skip
+        finally:
+            if args.keep:
+                print(f"peers' logs ({label}): {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
     print(table(results, args))
     if args.out:
         args.out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"}, "rounds": results},

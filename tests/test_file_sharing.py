@@ -246,6 +246,36 @@ def test_the_only_peer_that_holds_a_file_is_asked_again_when_it_was_busy(
     assert same_ids(found["tokenizer"])
 
 
+async def _holds_nothing(_dht, node) -> None:
+    """A peer that answers every file request "not here", counting them (in its DHT's process)."""
+    global ASKED_NOT_HERE
+    ASKED_NOT_HERE = 0
+
+    async def handle(_info, reader, writer) -> None:
+        global ASKED_NOT_HERE
+        await reader.readexactly(32)
+        ASKED_NOT_HERE += 1
+        writer.write(file_sharing.NOT_HERE)
+        await writer.drain()
+        writer.close()
+
+    await node.p2p.add_binary_stream_handler(file_sharing.PROTOCOL, handle)
+
+
+async def _asked_not_here(_dht, _node) -> int:
+    return ASKED_NOT_HERE
+
+
+def test_a_peer_that_does_not_hold_a_file_is_asked_for_it_once(pinning, seeder_cache, tmp_path, two_nodes, monkeypatch):
+    """ "Not here" is an answer: unlike "busy" or a failed stream, it is not asked again."""
+    other, joiner = two_nodes
+    other.run_coroutine(_holds_nothing)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(DatasetError, match="nor any of the swarm's peers"):
+        provide(joiner, pinning, tmp_path / "joiner")
+    assert other.run_coroutine(_asked_not_here) == len(pinned(pinning, "tokenizer"))
+
+
 def test_initial_weights_named_by_the_manifest_come_from_peers_too(manifest, tmp_path, two_nodes, monkeypatch):
     """``seed --init-weights weights/start`` (a directory of the seeder's): a joiner without it takes its files."""
     import torch

@@ -153,6 +153,10 @@ class Mismatch(ValueError):
     """Bytes that are not the pinned file: more than its size, or another hash."""
 
 
+class NotHere(ValueError):
+    """The peer does not serve the file: an answer, not a failure (it is not asked again)."""
+
+
 class CheckedFile:
     """A pinned file being received: kept in its directory only if all its bytes match the manifest. Use as a
     context manager; ``add`` each block, then ``finish``."""
@@ -235,17 +239,20 @@ async def _fetch_from_peers(_dht: Any, node: Any, wants: list[tuple[bytes, int, 
     took, refused = [], []
     asking = peers[:PEERS_ASKED]
     for sha, size, name, directory in wants:
-        file, liars = Pinned("", name, sha, size, ""), set()
+        file, answered = Pinned("", name, sha, size, ""), set()
         for turn, peer in enumerate(asking * 2):  # each peer twice: busy, or one stream that failed, is no answer
             if turn == len(asking):
                 await asyncio.sleep(RETRY_AFTER_S)
-            if peer in liars:
+            if peer in answered:
                 continue
             try:
                 await asyncio.wait_for(_fetch_one(node.p2p, peer, file, Path(directory)), 30.0 + size / MIN_RATE)
+            except NotHere:
+                answered.add(peer)
+                continue
             except Mismatch as e:
                 refused.append((name, peer.to_base58(), str(e)))
-                liars.add(peer)
+                answered.add(peer)
                 continue
             except Exception as e:  # noqa: BLE001 - a peer without the file, gone, busy or slow: ask the next
                 logger.debug("Peer %s did not give %s: %r", peer, name, e)
@@ -261,8 +268,10 @@ async def _fetch_one(p2p: Any, peer: Any, file: Pinned, directory: Path) -> None
         writer.write(file.sha256)
         await writer.drain()
         status = await reader.readexactly(1)
+        if status == NOT_HERE:
+            raise NotHere("not served there")
         if status != SERVED:
-            raise ValueError("busy" if status == BUSY else "not served there")
+            raise ValueError("busy")
         with CheckedFile(file, directory, f"peer {peer}") as received:
             while received.size < file.size:
                 block = await reader.read(min(CHUNK, file.size - received.size))
