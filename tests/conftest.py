@@ -24,9 +24,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one to
 def pytest_itemcollected(item) -> None:
     """Swarm tests (``slow``) run one after another on one xdist worker (``--dist loadgroup``): each trains on about
     1.5 of this machine's cores, and two at once stretch their rounds past the averaging timeouts. A light one (a single
-    peer, under one core) is marked ``slow(alone=False)`` and runs beside the others. The NAT and distance labs and the
-    daemons' slow tests stay in the group: beside other tests, a volunteer's port mapping was not confirmed within 2
-    minutes in one CI run, and a Python daemon's handler error once did not reach its caller."""
+    peer, or averagers and DHT nodes that do not train: under one core) is marked ``slow(alone=False)`` and runs
+    beside the others. The NAT and distance labs stay in the group: beside other tests, a volunteer's port mapping
+    was not confirmed within 2 minutes in one CI run."""
     marker = item.get_closest_marker("slow")
     if marker and marker.kwargs.get("alone", True):
         item.add_marker(pytest.mark.xdist_group("swarm"))

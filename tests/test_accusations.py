@@ -147,7 +147,7 @@ def test_a_docket_keeps_the_last_pieces_and_lists_them():
     assert listed([["x", b"short"], "junk", [1, ids[0]]]) == [] and listed(None) == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(alone=False)  # in-process averagers on a small vector, no training
 def test_a_peer_that_never_met_the_liar_bans_it_on_the_evidence_of_those_that_did(tmp_path):
     """Real averagers with their peers' identities: three honest members and a liar (behind a symmetric NAT, so it
     aggregates nothing) that sends NaN. The honest aggregators refuse its parts and list the evidence; a fifth peer

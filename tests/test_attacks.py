@@ -34,9 +34,9 @@ def check_report(report: dict, attacks: list[str], rules: list[str]) -> None:
 
 
 def test_one_liar_in_four_is_contained_by_the_default_rule(tmp_path):
-    """The two attacks that hurt the plain mean most here: the scaled one is refused by the norm check; the small
-    consistent shift passes every check and is bounded by CenteredClip."""
-    attacks = ["scaled", "little_is_enough"]
+    """The attack that passes every check, a small consistent shift, is bounded by CenteredClip. (The scaled one,
+    refused by the norm check, is the next test's, with two liars.)"""
+    attacks = ["little_is_enough"]
     code, report = run_harness(
         tmp_path,
         "--steps",

@@ -277,7 +277,7 @@ def test_daemon_start_status_game_pause_resume_stop(tmp_path):
         _kill_tree(pid)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(alone=False)  # one peer, and no deadline tighter than minutes
 def test_a_killed_daemon_restarts_from_its_checkpoint_with_the_same_identity(tmp_path):
     daemon = DaemonUnderTest(tmp_path)
     pid = int(daemon.cli("daemon", "start").stdout.split("pid ")[1].split(")")[0])

@@ -55,6 +55,27 @@ def test_codecarbon_meters_this_machine_and_says_how():
     assert meter.read() == EnergyReading()  # stopped
 
 
+def test_the_cpu_model_comes_from_proc_cpuinfo_as_py_cpuinfo_finds_it(tmp_path, monkeypatch):
+    """codecarbon's CPU model (its TDP table's key) read from /proc/cpuinfo is py-cpuinfo's own answer, without
+    py-cpuinfo's second interpreter; a file that names no model leaves py-cpuinfo in charge."""
+    import cpuinfo
+
+    from p2ptrain.compat.codecarbon import read_cpu_model_from_proc
+
+    original = cpuinfo.get_cpu_info
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", original)  # restored after the test, whatever it patches
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n")
+    read_cpu_model_from_proc(str(tmp_path / "arm"))
+    assert cpuinfo.get_cpu_info is original
+    if "model name" not in open("/proc/cpuinfo").read():
+        pytest.skip("this machine's /proc/cpuinfo names no model")
+    read_cpu_model_from_proc()
+    started = time.perf_counter()
+    fast = cpuinfo.get_cpu_info()["brand_raw"]
+    assert time.perf_counter() - started < 0.1
+    assert fast and fast == original()["brand_raw"]
+
+
 FAKE_NVML = """
 import sys, time, types
 mode = sys.argv[1]  # "counter": the GPU has NVML's energy counter; "power": only its power draw

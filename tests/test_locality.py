@@ -55,8 +55,11 @@ def test_groups_form_inside_regions_first_and_the_swarm_reaches_one_mean(tmp_pat
     done = [r for r in range(ROUNDS) if all(row["ok"] for row in by_round[r])]
     assert done, f"no round completed every level on all peers: {rows}"
     mean = 100 + statistics.fmean(range(4))  # the peers' values are 100 + their index
-    for r in done:  # one level inside regions and one across: everybody at the mean
-        assert all(abs(row["value"] - mean) < 1e-4 for row in by_round[r]), by_round[r]
+    for r in done:  # one level inside regions and one across: everybody at one value, the mean
+        values = {row["peer"]: row["value"] for row in by_round[r]}
+        assert max(values.values()) - min(values.values()) < 1e-4, (r, values, rows)
+        if all(row["ok"] for row in rows if row["round"] < r):  # (an earlier round that failed on some members
+            assert abs(values[0] - mean) < 1e-4, (r, values, rows)  # only may have moved the sum)
     assert netns() == before
 
 

@@ -550,7 +550,7 @@ def test_cancelled_writes_leave_the_connection_intact():
     assert not unpatched["connection_alive"], unpatched
 
 
-@pytest.mark.slow
+@pytest.mark.slow(alone=False)  # daemons and DHT nodes, no training: under one core
 @pytest.mark.parametrize("kinds", [["py"] * 5, ["go", "py", "go", "py", "py"]], ids=["py", "mixed"])
 def test_dht_store_get_across_five_nodes(kinds):
     dhts = _dht_swarm(kinds)
@@ -567,7 +567,7 @@ def test_dht_store_get_across_five_nodes(kinds):
             dht.shutdown()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(alone=False)  # four averagers on a small vector, no training
 @pytest.mark.parametrize("kinds", [["py"] * 4, ["go", "py", "go", "py"]], ids=["py", "mixed"])
 def test_decentralized_averager_allreduce_four_peers(kinds):
     dhts = _dht_swarm(kinds)

@@ -230,7 +230,7 @@ def test_a_banned_sender_is_left_out_unchecked():
     assert torch.allclose(asyncio.run(round_()), torch.full(SHAPE, 1.0))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(alone=False)  # in-process averagers on a small vector, no training
 def test_a_banned_liar_is_left_out_even_when_its_copy_would_pass():
     """Real averagers, 3 honest and a liar (behind a symmetric NAT, so it aggregates nothing and every part is
     judged by an honest member). The liar sends NaN for 2 rounds, is refused, and banned; then it sends copies that

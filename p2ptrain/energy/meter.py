@@ -145,6 +145,7 @@ class CodecarbonMeter:
         try:
             from codecarbon import OfflineEmissionsTracker
 
+            codecarbon_compat.read_cpu_model_from_proc()
             self._tracker = OfflineEmissionsTracker(
                 country_iso_code="USA",  # unused: p2ptrain applies its own intensity; set so that nothing geolocates
                 save_to_file=False,
