@@ -143,7 +143,7 @@ def test_a_peer_behind_nat_is_reached_through_a_relay(lab, tmp_path, relay, behi
                 b_host, caller, stack, tmp_path, host_maddrs=["/ip4/0.0.0.0/tcp/4001"], initial_peers=s_at, **b_flags
             )
             # s learns a's circuit address from a's identify push in moments; a Go relay that finds itself public
-            # starts a new relay service and forgets the slot, and a takes it again (p2pd.relay.RESERVE_EVERY_S: 30 s)
+            # starts a new relay service and forgets the slot, and a takes it again (p2pd.relay.EARLY_RESERVE_S)
             deadline = time.monotonic() + 45
             while True:
                 try:

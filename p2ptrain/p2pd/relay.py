@@ -19,6 +19,7 @@ a Python and a Go daemon punch holes to each other as two of a kind do (in the l
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import multiaddr
@@ -40,6 +41,9 @@ logger = logging.getLogger("p2pd.relay")
 LIMITS = RelayLimits(duration=120, data=1 << 20, max_circuit_conns=16, max_reservations=64, reservation_ttl=3600)
 RESERVE_TIMEOUT_S = 10.0
 RESERVE_EVERY_S = 30.0  # go-libp2p's autorelay refreshes every minute; a reservation is a few hundred bytes
+# the first waits are shorter: a Go relay that has just started replaces its relay service, forgetting every slot,
+# once AutoNAT finds it public (seconds after its first peers dial back), and a slot lost then would be gone 30 s
+EARLY_RESERVE_S = (3.0, 6.0, 12.0)
 
 
 def is_circuit(addr: multiaddr.Multiaddr) -> bool:
@@ -69,12 +73,12 @@ class Relays:
 
     async def _reserve(self, node, text: str, nursery: trio.Nursery) -> None:  # noqa: ANN001
         """Hold a slot on one relay: reserve, advertise the circuit address, and reserve again every
-        ``RESERVE_EVERY_S`` (a relay may lose its slots: the Go daemon replaces its relay service once it finds
-        itself public, and a restarted relay knows nobody)."""
+        ``RESERVE_EVERY_S``, sooner at first (``EARLY_RESERVE_S``): a relay may lose its slots (the Go daemon
+        replaces its relay service once it finds itself public, and a restarted relay knows nobody)."""
         info = info_from_p2p_addr(multiaddr.Multiaddr(text))
         circuit = _circuit_of(text)
         held = None  # unknown yet
-        while True:
+        for attempt in itertools.count():
             try:
                 with trio.fail_after(RESERVE_TIMEOUT_S):
                     await node.connect(info.peer_id, list(info.addrs))
@@ -92,7 +96,7 @@ class Relays:
             elif not granted and held is not False:
                 logger.warning("relay %s: no slot (%s)", text, why)
             held = granted
-            await trio.sleep(RESERVE_EVERY_S)
+            await trio.sleep(EARLY_RESERVE_S[attempt] if attempt < len(EARLY_RESERVE_S) else RESERVE_EVERY_S)
 
     async def punch_holes(self, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """py-libp2p's DCUtR until cancelled: it tries (up to 3 times) with each peer it is connected to only through
