@@ -174,7 +174,7 @@ class ThrottledEvent(threading.Event):
     def __init__(self, every_s: float, step: Callable[[], int]):
         super().__init__()
         self.every_s, self.step = every_s, step
-        self._not_before, self._step_then, self._changed = -math.inf, None, threading.Condition()
+        self._due, self._step, self._changed = -math.inf, None, threading.Condition()
 
     def hurry(self) -> None:
         with self._changed:
@@ -184,16 +184,16 @@ class ThrottledEvent(threading.Event):
     def flush(self) -> None:
         """End the wait at once, whatever the step (the shutdown's last record)."""
         with self._changed:
-            self._not_before = -math.inf
+            self._due = -math.inf
         self.hurry()
 
     def wait(self, timeout: float | None = None) -> bool:
         woke = super().wait(timeout)
         with self._changed:
             if woke:
-                due = lambda: time.monotonic() >= self._not_before or self.step() != self._step_then  # noqa: E731
-                self._changed.wait_for(due, max(0.0, self._not_before - time.monotonic()))
-            self._not_before, self._step_then = time.monotonic() + self.every_s, self.step()  # it publishes now
+                due = lambda: time.monotonic() >= self._due or self.step() != self._step  # noqa: E731
+                self._changed.wait_for(due, max(0.0, self._due - time.monotonic()))
+            self._due, self._step = time.monotonic() + self.every_s, self.step()  # the reporter publishes now
         return woke
 
 
