@@ -36,7 +36,6 @@ import functools
 import logging
 import math
 import re
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +58,6 @@ RATE_BOUND = 10.0
 WARN_EVERY_S = 60.0
 PASSES_EVERY_S = 30.0  # a private swarm's passes are read again this often, or sooner for a record from a new peer
 PASSES_SOON_S = 5.0  # for one peer not admitted (a stranger's records do not make every read a DHT lookup)
-REPORT_EVERY_S = 1.0  # a peer's progress record is published at most this often within a global step
 OWNER = re.compile(rb"\[owner:(ssh-rsa [A-Za-z0-9+/=]+)\]")  # hivemind's subkey of a record signed by its writer
 
 
@@ -162,41 +160,6 @@ def _writer(record: LocalTrainingProgress) -> str:
         return "a progress record with an unreadable peer id"
 
 
-class ThrottledEvent(threading.Event):
-    """hivemind's "publish this peer's progress now" event, at most once per ``every_s`` within a global step: a
-    wait that ``set()`` ends returns only when ``every_s`` has passed since the previous one returned (however it
-    ended), or at once when ``step()`` (the peer's global step) is not the one it was then. The reporter publishes
-    the latest count when the wait returns. hivemind publishes at every local batch: on a GPU several records a
-    second per peer, all under one DHT key, so that its few nearest nodes take the whole swarm's writes; the
-    readers extrapolate a record with its samples per second anyway. ``hurry()`` wakes a waiting reporter to look
-    at ``step()`` again."""
-
-    def __init__(self, every_s: float, step: Callable[[], int]):
-        super().__init__()
-        self.every_s, self.step = every_s, step
-        self._due, self._step, self._changed = -math.inf, None, threading.Condition()
-
-    def hurry(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-        self.set()
-
-    def flush(self) -> None:
-        """End the wait at once, whatever the step (the shutdown's last record)."""
-        with self._changed:
-            self._due = -math.inf
-        self.hurry()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        woke = super().wait(timeout)
-        with self._changed:
-            if woke:
-                due = lambda: time.monotonic() >= self._due or self.step() != self._step  # noqa: E731
-                self._changed.wait_for(due, max(0.0, self._due - time.monotonic()))
-            self._due, self._step = time.monotonic() + self.every_s, self.step()  # the reporter publishes now
-        return woke
-
-
 class CheckedProgressTracker(ProgressTracker):
     """hivemind's ``ProgressTracker`` that reads the swarm's progress through ``plausible``; with ``bound``, only
     records signed by the peers they name (``bound_to_signers``), and with ``admission`` (a private swarm's) only those
@@ -208,22 +171,6 @@ class CheckedProgressTracker(ProgressTracker):
         self._asked: dict[str, float] = {}  # when the passes were last read for a peer not admitted
         self._warned_at: dict[bytes, float] = {}
         super().__init__(*args, **kwargs)  # it reads the swarm's progress once already
-
-    @property
-    def should_report_progress(self) -> ThrottledEvent:
-        return self._report_now
-
-    @should_report_progress.setter
-    def should_report_progress(self, _: threading.Event) -> None:  # hivemind's __init__ assigns a plain Event
-        self._report_now = ThrottledEvent(REPORT_EVERY_S, lambda: self.local_progress.epoch)
-
-    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
-        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
-        self.should_report_progress.hurry()  # a new global step is published at once, a count within the second
-
-    def shutdown(self, timeout: float | None = None) -> None:
-        self.should_report_progress.flush()
-        super().shutdown(timeout)
 
     def swarm_progress(self, metadata: Any) -> GlobalTrainingProgress:
         notes: dict[bytes, str] = {}
