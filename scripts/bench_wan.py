@@ -8,7 +8,7 @@ regime of a GPT-2-small peer on a 100 Mbit/s uplink. Configs, side by side, on t
 
     single              one peer alone, no network
     hivemind_default    gradients, fp16, every global step (target batch = peers x batch)
-    p2ptrain_fixed      local updates (DiLoCo), int8 pseudo-gradients, every H local steps
+    p2ptrain_fixed      local updates (DiLoCo), int8 pseudo-gradients (--fixed), every H local steps
     p2ptrain_adaptive   local updates, codec chosen per round by the adaptive policy
     p2ptrain_adaptive_halved   the same, with every link's rate halved midway
 
@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-cap", type=float, default=900.0, help="seconds per config at most")
     parser.add_argument("--link-mbit", type=float, help="override the automatic link rate")
     parser.add_argument("--comm-budget", type=float, help="the adaptive configs' --comm-budget [default: manifest's]")
+    codecs = ("fp16", "int8", "int4", "int2")
+    parser.add_argument("--fixed", default="int8", choices=codecs, help="the codec of p2ptrain_fixed")
     parser.add_argument("--loopback", action="store_true", help="do not use namespaces even as root")
     parser.add_argument("--smoke", action="store_true", help="a short run (CI): fewer rounds, one config")
     parser.add_argument("--only", nargs="*", help="run only these configs")
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [
         Config("single", 1, (*common, "--target-batch-size", str(BATCH), "--compression", "none"), n * h),
         Config("hivemind_default", n, (*common, "--target-batch-size", str(n * BATCH), "--compression", "fp16"), h),
-        Config("p2ptrain_fixed", n, (*local, "--compression", "int8")),
+        Config("p2ptrain_fixed", n, (*local, "--compression", args.fixed)),
         # the loss bar's reference: the same local-update training, averaged without any compression
         Config("p2ptrain_uncompressed", n, (*local, "--compression", "none")),
         Config("p2ptrain_adaptive", n, (*adaptive,)),
@@ -376,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": numel,
         "compute_s_per_batch": step_s,
         "samples_per_config": budget,
+        "fixed_codec": args.fixed,
         "target_val_loss": target,
         "configs": {name: vars(r) for name, r in results.items()},
     }
@@ -410,7 +413,8 @@ def table(report: dict) -> str:
         f"Link {report['link_mbit']:.1f} Mbit/s "
         f"{'(tbf-shaped namespaces)' if report['shaped'] else '(UNSHAPED loopback)'}"
         f", {report['peers']} peers, {report['samples_per_config']} samples per config, "
-        f"target held-out loss {report['target_val_loss'] and round(report['target_val_loss'], 3)}",
+        f"target held-out loss {report['target_val_loss'] and round(report['target_val_loss'], 3)}; "
+        f"p2ptrain_fixed: {report.get('fixed_codec', 'int8')}",
         "",
         "| config | time to target (s) | speed-up vs hivemind | compute utilization (fwd/bwd only) | bytes/peer/step "
         "| fp32 ÷ bytes | final loss (equal tokens) | vs hivemind | vs uncompressed | wall (s) | global steps |",

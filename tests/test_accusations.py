@@ -22,7 +22,7 @@ from p2ptrain.train.accusations import EVIDENCE_BOUND, Docket, Evidence, judge, 
 from p2ptrain.train.bans import Bans
 from p2ptrain.train.signed_parts import PartSigner, Receipts, Unverified, part_digest, read_cert, read_stamp
 
-PREFIX, GROUP = "run_grad_averager_p2pt3", b"g" * 32
+PREFIX, GROUP = "run_grad_averager_p2pt4", b"g" * 32
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_a_signature_binds_the_part_its_round_and_its_aggregator(keys):
         Evidence(PREFIX, b"h" * 32, accuser, 0, evidence.part, evidence.cert, evidence.signature),  # other round
         Evidence(PREFIX, GROUP, b"x" + accuser[1:], 0, evidence.part, evidence.cert, evidence.signature),  # sent to
         Evidence(PREFIX, GROUP, accuser, 1, evidence.part, evidence.cert, evidence.signature),  # another part
-        Evidence("other_p2pt3", GROUP, accuser, 0, evidence.part, evidence.cert, evidence.signature),  # averager
+        Evidence("other_p2pt4", GROUP, accuser, 0, evidence.part, evidence.cert, evidence.signature),  # averager
     ]
     for forged in elsewhere:
         with pytest.raises(Unverified, match="signature does not verify"):
@@ -93,7 +93,7 @@ def test_evidence_convinces_only_when_damning_by_the_judges_own_measure(keys):
     assert judge(shifted, PREFIX, accuser, rms([own])) == (accused, "")
     # evidence about another averager, or served by a peer it was not sent to
     with pytest.raises(Unverified, match="another averager or peer"):
-        judge(nan, "other_p2pt3", accuser, None)
+        judge(nan, "other_p2pt4", accuser, None)
     with pytest.raises(Unverified, match="another averager or peer"):
         judge(nan, PREFIX, PeerID.from_base58(peer_of(keys[2])).to_bytes(), None)
 

@@ -159,7 +159,7 @@ def test_a_stock_hivemind_peer_without_a_token_is_refused_and_cannot_download_st
     common = dict(prefix="priv", target_group_size=3, min_matchmaking_time=3.0, request_timeout=1.0, start=True)
     a = Rounds([torch.zeros(8)], dht=dhts[0], admission=rules(author, a_pass), **common)
     b = Rounds([torch.ones(8)], dht=dhts[1], admission=rules(author, b_pass), **common)
-    common["prefix"] = "priv_p2pt3"  # the key prefix p2ptrain's averagers use
+    common["prefix"] = "priv_p2pt4"  # the key prefix p2ptrain's averagers use
     stranger = StockRounds([torch.full((8,), 100.0)], dht=dhts[2], **common)
     try:
         # before any round, passes are known from the DHT records peers publish; the stranger has none. It offers

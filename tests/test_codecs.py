@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
+import numpy as np
 import pytest
 import torch
 from hivemind.averaging.partition import TensorPartContainer
-from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from hivemind.compression import CompressionInfo, Uniform8BitQuantization, deserialize_torch_tensor
+from hivemind.proto import runtime_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2ptrain.train.averaging import payload_bytes
-from p2ptrain.train.codecs import DENSE, LADDER, MAX_PART_BYTES, Level, densify, part_size, shared_indices, sparsify_
+from p2ptrain.train.codecs import (
+    DENSE,
+    LADDER,
+    MAX_PART_BYTES,
+    Level,
+    codec_loss,
+    densify,
+    pack,
+    part_size,
+    shared_indices,
+    sparsify_,
+    unpack,
+)
 from p2ptrain.train.policy import RoundReport, choose_level
 
 
 @pytest.mark.parametrize(
     "codec, bound",
-    [("none", 0.0), ("fp16", 1e-3), ("int8", 0.03)],  # relative RMS error
+    [("none", 0.0), ("fp16", 1e-3), ("int8", 0.03), ("int4", 0.11), ("int2", 0.36)],  # relative RMS error
 )
 def test_dense_codecs_round_trip_within_their_bounds(codec, bound):
     x = torch.randn(100_000) * 3
@@ -29,15 +44,42 @@ def test_dense_codecs_round_trip_within_their_bounds(codec, bound):
     assert len(wire.buffer) <= Level(codec).bytes_for(x.numel()) * 1.01 + 4096  # bytes as the policy assumes
 
 
-def test_int8_decoder_refuses_malformed_input():
-    x = torch.randn(1000)
-    wire = DENSE["int8"]().compress(x, CompressionInfo.from_tensor(x))
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2"])
+def test_quantized_decoder_refuses_malformed_input(codec):
+    x = torch.randn(1001)
+    wire = DENSE[codec]().compress(x, CompressionInfo.from_tensor(x))
     wire.buffer = wire.buffer[:-1]
     with pytest.raises(ValueError, match="does not match"):
         deserialize_torch_tensor(wire)
     wire.buffer = (17).to_bytes(8, "little") + wire.buffer[8:]
     with pytest.raises(ValueError, match="codebook"):
         deserialize_torch_tensor(wire)
+
+
+def test_int8_is_hiveminds_uniform_8bit_byte_for_byte():
+    x = torch.randn(3000) * 2 + 0.5
+    ours = DENSE["int8"]().compress(x, CompressionInfo.from_tensor(x))
+    assert ours.buffer == Uniform8BitQuantization().compress(x, CompressionInfo.from_tensor(x)).buffer
+    assert ours.compression == runtime_pb2.UNIFORM_8BIT
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([8, 4, 2]), codes=st.lists(st.integers(0, 255), max_size=50))
+def test_codes_pack_and_unpack_to_themselves(bits, codes):
+    codes = np.asarray([c % 2**bits for c in codes], dtype=np.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == -(-codes.size * bits // 8)
+    assert np.array_equal(unpack(packed, bits, codes.size), codes)
+
+
+def test_two_bit_bins_are_symmetric_and_keep_the_mean():
+    """Mid-rise bins: a symmetric input gets a symmetric codebook; the bucket means keep the part's mean."""
+    x = torch.randn(100_000)
+    x = torch.cat([x, -x])
+    wire = DENSE["int2"]().compress(x, CompressionInfo.from_tensor(x))
+    codebook = np.frombuffer(wire.buffer, offset=8, count=4, dtype=np.float32)
+    np.testing.assert_allclose(codebook, -codebook[::-1], atol=1e-3)
+    assert abs(float(deserialize_torch_tensor(wire).mean() - x.mean())) < 1e-4
 
 
 def test_shared_indices_are_deterministic_sorted_unique_and_about_the_ratio():
@@ -87,7 +129,8 @@ def test_payload_of_a_butterfly_all_reduce():
 
 
 @pytest.mark.parametrize("codec, numel, group", [("int8", 470_528, 4), ("fp16", 470_528, 4), ("int8", 470_528, 8),
-                                                  ("none", 5_000_000, 4), ("int8", 124_000_000, 16)])  # fmt: skip
+                                                  ("none", 5_000_000, 4), ("int8", 124_000_000, 16),
+                                                  ("int4", 470_528, 4), ("int2", 470_528, 8)])  # fmt: skip
 def test_every_member_aggregates_a_share_of_the_vector(codec, numel, group):
     """hivemind gives each member whole parts: with its 512 kB parts gpt2-tiny's vector in int8 was one part, which
     one member aggregated alone (4x payload ÷ link). With ``part_size`` every member gets its share, within a part."""
@@ -176,3 +219,60 @@ def test_time_that_bytes_do_not_buy_is_not_scaled_with_the_payload():
     without = RoundReport(level=5, round_s=0.9, compute_s=4.0)
     assert choose_level([with_floor], N, 0.5) == 3 < choose_level([without], N, 0.5)
     assert RoundReport.from_wire(with_floor.to_wire()) == with_floor
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2"])
+def test_codec_loss_is_what_hiveminds_parts_lose_on_the_wire(codec):
+    """``codec_loss`` against the bytes hivemind's own part container sends to each aggregator: the values minus
+    the loss are what the aggregators decode, exactly; the parts this member aggregates lose nothing."""
+    torch.manual_seed(1)
+    values, fractions, own = torch.randn(300_000), [1.0, 0.0, 2.0, 1.0], 2
+    compression, size = DENSE[codec](), part_size(Level(codec).bytes_for(300_000), 4)
+    lost = codec_loss(values, fractions, compression, size, own)
+
+    async def decoded_by_each_aggregator() -> list[torch.Tensor]:
+        info = (CompressionInfo.from_tensor(values, key=0),)
+        container = TensorPartContainer([values], fractions, compression=compression, part_size_bytes=size,
+                                        tensor_infos=info)  # fmt: skip
+        out = []
+        for member in range(len(fractions)):
+            async for wire in container.iterate_input_parts_for(member):
+                decoded = deserialize_torch_tensor(wire)
+                out.append(torch.zeros_like(decoded) if member == own else decoded)
+        return out
+
+    parts = asyncio.run(decoded_by_each_aggregator())
+    received = torch.cat(parts)
+    own_parts = lost == 0
+    assert 0.4 < float(own_parts.float().mean()) < 0.6  # fractions: this member aggregates half the vector
+    torch.testing.assert_close((values - lost)[~own_parts], received[~own_parts], rtol=0, atol=1e-6)
+    assert float(lost[~own_parts].norm()) > 0
+
+
+@pytest.mark.parametrize("codec", ["int4", "int2"])
+def test_a_round_hands_each_member_what_the_codec_took_from_it(codec):
+    """Three real averagers, 4- or 2-bit values, one member behind a symmetric NAT (it aggregates nothing). Each
+    member's feedback is 0 on the parts it aggregated, and what the aggregators decoded (values − feedback)
+    averages, through the codec once more on the way back, to the round's result: the same bits for every member."""
+    from test_group_rounds import average_once
+
+    from p2ptrain.train.averaging import PseudoGradientAverager
+
+    torch.manual_seed(2)
+    vectors, feedback = [torch.randn(50_000) for _ in range(3)], []
+
+    def averager(tensors, **kwargs):
+        feedback.append([torch.zeros_like(t).share_memory_() for t in tensors])
+        own = feedback[-1]
+        return PseudoGradientAverager(tensors, level=Level(codec), budget=1, aggregation="mean", feedback=own, **kwargs)
+
+    results = average_once(averager, vectors, kinds=["direct", "direct", "symmetric-nat"])
+    lost = [f[0] for f in feedback]
+    assert float((lost[2] == 0).float().mean()) < 0.01  # it aggregated nothing: every part went through the codec
+    for member in (0, 1):
+        assert 0.3 < float((lost[member] == 0).float().mean()) < 0.7  # about half the vector is its own share
+    decoded_mean = torch.stack([v - f for v, f in zip(vectors, lost, strict=True)]).mean(0)
+    size = part_size(Level(codec).bytes_for(50_000), 3)
+    expected = decoded_mean - codec_loss(decoded_mean, [1.0], DENSE[codec](), size, own=-1)
+    for result in results:  # the same bits for all, whoever aggregated the part
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)

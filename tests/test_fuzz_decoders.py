@@ -33,7 +33,7 @@ from p2ptrain.swarm.proximity import decode_near
 from p2ptrain.swarm.reachability import Message
 from p2ptrain.train import end_of_run
 from p2ptrain.train.accusations import Evidence, Packed, judge, listed
-from p2ptrain.train.codecs import Int8Compression
+from p2ptrain.train.codecs import UniformQuantization
 from p2ptrain.train.param_check import read_sketches
 from p2ptrain.train.policy import RoundReport
 from p2ptrain.train.robust import AGGREGATIONS, check_contributions, reduce_parts
@@ -158,13 +158,15 @@ def test_reachability_messages_parse_or_raise_value_error(data):
 @BOUNDED
 @given(
     st.binary(max_size=2000),
+    st.sampled_from([b"", *(n.to_bytes(8, "little") for n in (4, 16, 256, 3, 2**63))]),  # codebook sizes
     st.lists(st.integers(0, 3000), max_size=4),  # the wire's sizes are uint32
     st.sampled_from(["float32", "float16", "int64", "bool", ""]),
 )
-def test_int8_tensors_decode_or_raise_value_error(buffer, shape, dtype):
+def test_quantized_tensors_decode_or_raise_value_error(buffer, codebook_size, shape, dtype):
+    buffer = codebook_size + buffer
     tensor = runtime_pb2.Tensor(buffer=buffer, size=shape, dtype=dtype, compression=runtime_pb2.UNIFORM_8BIT)
     try:
-        decoded = Int8Compression().extract(tensor)
+        decoded = UniformQuantization(8).extract(tensor)
     except ValueError:
         return
     assert list(decoded.shape) == shape

@@ -186,3 +186,42 @@ def test_a_late_joiner_in_gradient_mode_refuses_a_poisoned_state(dht, poison, ca
         joiner.shutdown()
         server.shutdown()
         joiner_dht.shutdown()
+
+
+def test_what_the_codec_took_from_a_pseudo_gradient_stays_in_the_parameters(tmp_path, manifest):
+    """Two real peers average 2-bit pseudo-gradients. Afterwards (no local step meanwhile) each peer's next
+    pseudo-gradient, anchor − θ, is exactly what the codec took from its last one (its ``feedback``): 0 on the part
+    it aggregated itself, the 2-bit rounding elsewhere. Both anchors moved by the same average."""
+    nodes = swarm_nodes(tmp_path, 2)
+    local = dataclasses.replace(manifest.averaging, mode="local", compression="int2", matchmaking_time_s=1.0)
+    adam = dataclasses.replace(manifest.optimizer, lr=0.01, warmup_epochs=0)  # steps far above float32's rounding
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(300, 300) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())  # one swarm, one starting point
+    two_batches = dataclasses.replace(manifest, averaging=local, optimizer=adam, target_batch_size=32)
+    opts = node_optimizers(tmp_path, nodes, models, two_batches)
+    try:
+        start = [p.detach().clone() for p in models[0].parameters()]
+        for _ in range(2):  # two batches each: a whole target batch, the round begins
+            for i, (model, opt) in enumerate(zip(models, opts, strict=True)):
+                model(torch.randn(16, 300) + i).pow(2).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        for opt in opts:
+            opt.wait_for_round(timeout=30)
+            assert opt.round_log.ok == 1, opt.round_log.failed
+        for a, b in zip(opts[0].anchor, opts[1].anchor, strict=True):
+            assert torch.equal(a, b)
+        assert not all(torch.equal(a, s) for a, s in zip(opts[0].anchor, start, strict=True))
+        for model, opt in zip(models, opts, strict=True):
+            kept = torch.cat(
+                [(a - p.detach()).reshape(-1) for a, p in zip(opt.anchor, model.parameters(), strict=True)]
+            )
+            lost = torch.cat([f.reshape(-1) for f in opt.feedback])
+            assert float((kept - lost).norm()) < 1e-3 * float(lost.norm()), (kept.norm(), lost.norm())
+            assert 0.2 < float((lost == 0).float().mean()) < 0.8 and float(lost.norm()) > 0
+    finally:
+        for opt in opts:
+            stop_optimizer(opt, step_running=False)
+        for node in nodes:
+            node.shutdown()

@@ -12,7 +12,7 @@
 - ``signed_parts``  every sent part signed with a key the peer's identity certifies; unsigned parts refused
 - ``accusations``   refused parts kept as evidence, listed in the DHT; others' evidence judged by this peer
 - ``state_download`` a late joiner's downloaded state, checked before hivemind applies it
-- ``codecs``        fp16 / int8 / random-k, the ladder of compression levels
+- ``codecs``        fp16 / int8 / int4 / int2 / random-k, what the codec takes (error feedback), the ladder
 - ``policy``        the adaptive level every group member derives from the same reports
 - ``param_check``   after each global step, members compare sketches of their parameters; a stray resyncs
 - ``step_numbers``  the members of a gradient round number the step they take with it alike

@@ -40,6 +40,7 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
+from p2ptrain.train import codecs  # noqa: F401 - evidence decodes with p2ptrain's codecs, which it registers
 from p2ptrain.train.signed_parts import MAX_EVIDENCE_BYTES, Unverified, part_digest, read_cert, verify
 
 logger = logging.getLogger(__name__)

@@ -6,9 +6,12 @@ runs in the averager process once a group has formed — the way hivemind's own 
    the fixed one from the manifest;
 2. flatten the local tensors, add the error-feedback residual (gradient mode; in local mode the
    parameters themselves carry what was not sent), keep the shared random-k coordinates;
-3. run hivemind's all-reduce on that vector with the level's codec;
+3. run hivemind's all-reduce on that vector with the level's codec, and beside it work out what the codec
+   takes from the parts this member sends (``codecs.codec_loss``);
 4. write the average back in place (``GroupRounds`` has refused a non-finite or far-off one) and
-   commit the new residual. A failed round changes nothing: hivemind then falls back to local values.
+   commit the new residual, the codec's loss included (gradient mode), or hand that loss to the local
+   mode's optimizer (``feedback``), whose parameters keep it. A failed round changes nothing: hivemind
+   then falls back to local values.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.asyncio import enter_asynchronously
 
 from p2ptrain.compat.hivemind import AveragerHooks
-from p2ptrain.train.codecs import DENSE, LADDER, Level, densify, part_size, shared_indices, sparsify_
+from p2ptrain.train.codecs import DENSE, LADDER, Level, codec_loss, densify, part_size, shared_indices, sparsify_
 from p2ptrain.train.group_rounds import GroupRounds, RoundOutcome
 from p2ptrain.train.policy import Plan, RoundReport, plan_round
 from p2ptrain.train.step_numbers import EpochReports
@@ -39,12 +42,22 @@ logger = logging.getLogger(__name__)
 class CompressedAllReduce(AveragerHooks):
     """Mixin for ``DecentralizedAverager`` subclasses; call ``_init_compression`` before their ``__init__``."""
 
-    def _init_compression(self, fixed: Level | None, budget: float, error_feedback: bool, dense: bool = False) -> None:
+    def _init_compression(
+        self,
+        fixed: Level | None,
+        budget: float,
+        error_feedback: bool,
+        dense: bool = False,
+        feedback: list[torch.Tensor] | None = None,
+    ) -> None:
         """``dense``: adaptive on the dense rungs of the ladder only (a grouped swarm's levels chain their averages,
-        which random-k's per-round coordinates would not)."""
+        which random-k's per-round coordinates would not). ``feedback``: tensors shaped as the averaged ones, in
+        shared memory, into which a successful round writes what the codec took from this member's values (0 where
+        it took nothing), for the owner to keep."""
         self._fixed, self._budget, self._error_feedback = fixed, budget, error_feedback
         self._ladder = tuple(level for level in LADDER if level.ratio >= 1.0) if dense else LADDER
         self._residual: torch.Tensor | None = None
+        self._feedback = feedback
 
     def _choose(self, group_info: GroupInfo, user_gathered: dict, numel: int) -> tuple[Plan | None, Level]:
         syncing = [isinstance(g, dict) and g.get("params") is True for g in user_gathered.values()]
@@ -78,7 +91,8 @@ class CompressedAllReduce(AveragerHooks):
                 else:
                     indices = shared_indices(group_info.group_id, numel, level.ratio)
                     values = sparsify_(flat, residual, indices)
-                fractions = await asyncio.get_event_loop().run_in_executor(
+                loop = asyncio.get_event_loop()
+                fractions = await loop.run_in_executor(
                     None, load_balance_peers, values.numel(), download, min_vector_size
                 )
                 kwargs.update(
@@ -86,16 +100,26 @@ class CompressedAllReduce(AveragerHooks):
                     tensor_infos=(CompressionInfo.from_tensor(values, key=0),),
                     part_size_bytes=part_size(level.bytes_for(numel), len(group_info.peer_ids)),
                 )
+                lost = None
+                if level.codec != "none" and (self._error_feedback or self._feedback is not None):
+                    own = group_info.peer_ids.index(self.peer_id)
+                    partition = (fractions, kwargs["compression"], kwargs["part_size_bytes"], own)
+                    # beside the all-reduce (which overwrites ``values`` with the average), on a copy
+                    lost = loop.run_in_executor(None, codec_loss, values.clone(), *partition)
                 started = time.perf_counter()
-                await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
+                try:
+                    await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
+                finally:
+                    lost = lost if lost is None else await lost
                 round_s = time.perf_counter() - started
+                if lost is not None and indices is not None:
+                    lost = densify(lost, indices, numel)
                 dense = values if indices is None else densify(values, indices, numel)
-                offset = 0
-                for tensor in local_tensors:
-                    tensor.copy_(dense[offset : offset + tensor.numel()].view_as(tensor))
-                    offset += tensor.numel()
+                split_like(dense, local_tensors)
                 if self._error_feedback:
-                    self._residual = residual
+                    self._residual = residual if lost is None else residual.add_(lost)
+                if self._feedback is not None:
+                    split_like(lost if lost is not None else torch.zeros(numel), self._feedback)
             outcome = RoundOutcome(user_gathered)
             outcome.level, outcome.codec, outcome.round_s = plan.level if plan else -1, level.describe(), round_s
             outcome.plan = plan
@@ -107,6 +131,14 @@ class CompressedAllReduce(AveragerHooks):
             if isinstance(e, Exception):
                 logger.warning("Averaging round failed: %r", e)
             raise AllreduceException(f"Unable to run All-Reduce: {e!r}") from e
+
+
+def split_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the flat vector into ``tensors``, in order."""
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def payload_bytes(level: Level, numel: int, group_size: int) -> float:
@@ -126,7 +158,14 @@ class PseudoGradientAverager(GroupRounds, CompressedAllReduce, DecentralizedAver
     """Averages the local-update mode's pseudo-gradients; adaptive when ``level`` is None."""
 
     def __init__(
-        self, tensors: list[torch.Tensor], *, level: Level | None, budget: float, dense: bool = False, **kwargs: Any
+        self,
+        tensors: list[torch.Tensor],
+        *,
+        level: Level | None,
+        budget: float,
+        dense: bool = False,
+        feedback: list[torch.Tensor] | None = None,
+        **kwargs: Any,
     ):
-        self._init_compression(level, budget, error_feedback=False, dense=dense)
+        self._init_compression(level, budget, error_feedback=False, dense=dense, feedback=feedback)
         super().__init__(averaged_tensors=tensors, **kwargs)

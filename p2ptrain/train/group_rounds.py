@@ -289,7 +289,7 @@ async def dht_get(dht: Any, key: str, timeout_s: float = 5.0) -> Any:
         return None
 
 
-VERSION = "p2pt3"  # in every averager's key prefix: bumped when what members exchange in a round changes
+VERSION = "p2pt4"  # in every averager's key prefix: bumped when what members exchange in a round changes
 
 
 class SameAverageRunner(TimedSends, RunnerHooks, AllReduceRunner):

@@ -5,7 +5,8 @@ Every peer runs its inner optimizer (AdamW) on every batch. When the swarm has p
 signal hivemind's Optimizer uses), each peer computes its *pseudo-gradient* Δ = θ_anchor − θ (how far
 its local steps moved it from the last agreed parameters), the group averages Δ — compressed, and
 weighted by samples — and every peer applies the average to θ_anchor with the outer optimizer
-(SGD, Nesterov momentum). Then θ = the new θ_anchor.
+(SGD, Nesterov momentum). Then θ = the new θ_anchor, less what the codec took from this peer's Δ
+(error feedback: the next Δ carries it).
 
 Communication overlaps computation: the round runs in the averager process while the peer keeps
 taking local steps; when it lands, the local progress made meanwhile (θ − θ_sent) is kept on top of
@@ -101,6 +102,9 @@ class LocalUpdateOptimizer:
         self._reported_at = -math.inf
         self._idle_s = 0.0
         self.round_log = RoundLog()
+        # what the codec took from this peer's last pseudo-gradient, written by the averager's process: the
+        # parameters keep it, so the next pseudo-gradient sends it (grouped rounds chain levels: none there)
+        self.feedback = None if group_size > 0 else [torch.zeros_like(a).share_memory_() for a in self.anchor]
         self.tracker = CheckedProgressTracker(dht, run_id, target_batch_size, start=True, **tracker_opts)
         self.averager = StateSharingAverager(
             [torch.zeros_like(a) for a in self.anchor],
@@ -118,6 +122,7 @@ class LocalUpdateOptimizer:
             admission=admission,
             signer=signer,
             dense=group_size > 0,
+            feedback=self.feedback,
             start=True,
         )
 
@@ -291,6 +296,8 @@ class LocalUpdateOptimizer:
                     delta = anchor - sent if self._syncing else delta  # a failed sync round: our own update
                     outer_step_(anchor, momentum, delta, self.outer_lr, self.outer_momentum, masks and masks[i])
                 new = anchor + (param.detach().cpu() - sent)  # θ = anchor + the progress made during the round
+                if outcome is not None and self.feedback is not None:  # + what the codec did not carry
+                    new -= self.feedback[i]
                 if masks is None:
                     param.copy_(new)
                 else:  # elsewhere θ keeps its local progress: the next pseudo-gradient carries it

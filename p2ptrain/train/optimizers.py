@@ -132,11 +132,12 @@ def make_optimizer(
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
     if avg.compression == "powersgd":
         grad_averager = partial(PowerSGDRounds, averager_rank=avg.powersgd_rank)
-    elif avg.compression in ("randk", "int8"):
+    elif avg.compression in ("randk", "int8", "int4", "int2"):
         grad_averager = partial(CompressedGradientAverager, level=fixed_level(avg))
     else:
         grad_averager = GradientRounds
-    dense = DENSE.get(avg.compression, Float16Compression)
+    # parameters and optimizer state are averaged in int8 at the least (they carry no error feedback)
+    dense = DENSE["int8"] if avg.compression in ("int4", "int2") else DENSE.get(avg.compression, Float16Compression)
     return SwarmOptimizer(
         **common,
         params=groups,
