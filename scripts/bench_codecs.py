@@ -64,6 +64,8 @@ VARIANTS = (
     Variant("int4 random-0.1+ef", Level("int4", 0.1), True),
     Variant("int2 random-0.2", Level("int2", 0.2)),
     Variant("int2 random-0.2+ef", Level("int2", 0.2), True),
+    Variant("int8 random-0.02", Level("int8", 0.02)),
+    Variant("int2 random-0.08+ef", Level("int2", 0.08), True),
     Variant("int8 random-0.01", Level("int8", 0.01)),
     Variant("int2 random-0.04+ef", Level("int2", 0.04), True),
 )
@@ -214,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outer-lr", type=float, default=AveragingSpec.outer_lr)
     parser.add_argument("--outer-momentum", type=float, default=AveragingSpec.outer_momentum)
     parser.add_argument("--only", nargs="*", help="run only these variants")
+    parser.add_argument("--merge", type=Path, nargs="+", help="no training: one report of these runs' reports")
     parser.add_argument("--out", type=Path, default=Path("bench_codecs.json"))
     args = parser.parse_args(argv)
+    if args.merge:
+        return write(merged([json.loads(path.read_text()) for path in args.merge]), args.out)
     torch.set_num_threads(2)
     variants = [v for v in VARIANTS if not args.only or v.name in args.only]
     report = {"workers": args.workers, "local_steps": args.local_steps, "rounds": args.rounds, "seeds": args.seeds}
@@ -227,10 +232,22 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(seed)
             figures = train(variant, args.workers, args.local_steps, args.rounds, seed, outer)
             report["results"][variant.name][str(seed)] = figures
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    return write(report, args.out)
+
+
+def merged(reports: list[dict]) -> dict:
+    """Runs of the same settings (variants run apart, e.g. to add one) as one report."""
+    settings = [{k: v for k, v in r.items() if k != "results"} for r in reports]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit(f"these runs differ in their settings: {settings}")
+    return {**settings[0], "results": {name: runs for r in reports for name, runs in r["results"].items()}}
+
+
+def write(report: dict, out: Path) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
     markdown = table(report)
-    args.out.with_suffix(".md").write_text(markdown)
+    out.with_suffix(".md").write_text(markdown)
     print(markdown)
     return 0
 

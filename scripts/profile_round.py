@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
 
         setattr(owner, name, wrapper)
 
-    for codec in set(codecs.DENSE.values()):
+    for codec in {type(make()) for make in codecs.DENSE.values()}:
         timed(codec, "compress", "encode")
         timed(codec, "extract", "decode")
     timed(GroupRounds, "run_allreduce_inplace", "allreduce")
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--values", type=int, default=470_528, help="the vector's size (gpt2-tiny's parameters)")
-    parser.add_argument("--codec", default="int8", choices=("none", "fp16", "int8"))
+    parser.add_argument("--codec", default="int8", choices=("none", "fp16", "int8", "int4", "int2"))
     parser.add_argument("--aggregation", default="centered_clip", help="the manifest's averaging.aggregation")
     parser.add_argument("--link-mbit", type=float, default=13.6)
     parser.add_argument("--rounds", type=int, default=5)
