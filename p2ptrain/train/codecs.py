@@ -166,9 +166,9 @@ class Level:
 
 
 # From least to most compressed; each rung roughly halves the bytes of the one before. At 0.1 byte a value and
-# below, 2-bit values on more coordinates ended training lower than int8 values on fewer, on every seed of
-# bench/codecs-sparse.md (at 0.01 byte: 2.81 vs 3.58); at 0.5, int8 on half beat dense int4 (bench/codecs.md);
-# at 0.25 they tied, and the rung stayed int8.
+# below, 2-bit values on 4x the coordinates ended training lower than int8 values on fewer, on every seed
+# (bench/codecs.md, bench/codecs-outer-lr-0.35.md; at 0.01 byte 2.81 vs 3.58); at 0.5, int8 on half beat dense
+# int4; at 0.25 they tied, and the rung stayed int8.
 LADDER: tuple[Level, ...] = (
     Level("fp16"),
     Level("int8"),
