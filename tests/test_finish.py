@@ -287,11 +287,10 @@ def test_the_training_loop_polls_for_the_end_without_waiting_on_the_dht(nodes):
     # a poll starts a get or reads its answer, it never waits for one (a blocking get took 4-24 ms here, up to
     # the 15 s bound on a slow DHT): so the first poll cannot know yet, although the record is there
     assert not watch.poll()
-    polls, deadline = 1, time.monotonic() + 20
-    while not watch.poll() and time.monotonic() < deadline:
-        polls += 1
+    deadline = time.monotonic() + 20
+    while not watch.poll() and time.monotonic() < deadline:  # the second poll may already know
         time.sleep(0.01)
-    assert watch.done and polls >= 2, "never saw the announcement"
+    assert watch.done, "never saw the announcement"
     assert not FinishWatch(nodes[0], key, 40).poll()  # its own announcement does not count
 
 
