@@ -77,6 +77,48 @@ def test_alone_an_outer_step_with_lr_1_lands_where_the_local_steps_went(dht):
     opt.shutdown()
 
 
+@pytest.mark.parametrize("shutdown", ["between steps", "while a step waits for the round"])
+def test_at_shutdown_a_step_lands_the_cancelled_round_without_waiting_for_the_averager(dht, shutdown):
+    """The averager's process holds its tensors' lock for as long as a round it runs lasts (on a slow link, up to
+    the averaging timeout): a step that lands a cancelled round applies its own update without that lock, and
+    begins no new round, so the peer's last checkpoint is not held up."""
+    import threading
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = make(dht, model)
+    for _ in range(2):  # the round begins
+        train_step(model, opt)
+    assert opt.scheduled_grads is not None
+    held, release = threading.Event(), threading.Event()
+    if shutdown == "while a step waits for the round":
+        wait = opt.wait_for_round
+        opt.wait_for_round = lambda timeout: (opt.cancel_rounds(), wait(timeout))
+
+    def averager_in_a_round() -> None:
+        with opt.averager.get_tensors():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=averager_in_a_round, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        if shutdown == "between steps":
+            opt.cancel_rounds()  # what the peer's shutdown does
+        started = time.monotonic()
+        for _ in range(2):  # lands the cancelled round; the next round would be due
+            train_step(model, opt)
+        assert time.monotonic() - started < 3
+        assert opt.scheduled_grads is None and opt.round_log.failed  # own update applied, no new round
+        for anchor, param in zip(opt.anchor, model.parameters(), strict=True):  # lr 1: the anchor went to θ_sent
+            assert not torch.equal(anchor, param.detach())  # and θ kept the steps taken since
+    finally:
+        release.set()
+        holder.join(10)
+        opt.shutdown()
+
+
 def test_a_peer_behind_the_swarm_takes_the_swarms_number_for_its_round(tmp_path, manifest):
     """A peer whose round begins after another's began (the other's progress record is a step ahead) labels it with
     the swarm's step, so that the two agree on which rounds average parameters (``sync_every``)."""

@@ -82,7 +82,7 @@ class LocalUpdateOptimizer:
         (this peer's groups at every level, read at each round's start). ``sync_every``: every that many global
         steps the round averages the parameters themselves, exactly, and every member takes the average as its anchor
         (a round that failed or split leaves anchors apart, and averaging pseudo-gradients never joins them again)."""
-        self.sync_every, self._syncing = sync_every, False
+        self.sync_every, self._syncing, self._stopping = sync_every, False, False
         self.passes: Callable[[], list[Group]] | None = None
         self.params = [p for group in param_groups for p in group["params"]]
         self.inner = inner(param_groups)
@@ -143,11 +143,12 @@ class LocalUpdateOptimizer:
             self._reported_at = now
         if self.scheduled_grads is not None and self.scheduled_grads.done():
             self._finish_round()
-        if self.tracker.ready_to_update_epoch:
+        if self.tracker.ready_to_update_epoch and not self._stopping:
             # A round still in flight when the next is due is waited for: starting late would make us
             # miss the others' matchmaking. The wait is not compute time, so the policy sees it.
             self.wait_for_round(timeout=self.averaging_timeout)
-            self._begin_round()
+            if not self._stopping:  # a shutdown during the wait: no new round
+                self._begin_round()
         self._left_step_at = time.perf_counter()
 
     def mark_idle(self, seconds: float) -> None:
@@ -229,6 +230,9 @@ class LocalUpdateOptimizer:
         self.wait_for_round(timeout=timeout_s)
 
     def cancel_rounds(self, forget: bool = False) -> None:
+        """At shutdown: the round in flight fails (our own update is applied when the step lands it), and no
+        new one begins."""
+        self._stopping = True
         control = self.scheduled_grads
         if control is not None and not control.done():
             control.cancel()
@@ -285,15 +289,18 @@ class LocalUpdateOptimizer:
             logger.info("Global step %d: averaging failed (%s); applying our own update", self.local_epoch, e)
             self.round_log.failed_with(self.local_epoch, e)
         masks = None if outcome is None else averaged_masks(outcome.group_id, outcome.ratio, self.anchor)
-        with self._state_lock, torch.no_grad(), self.averager.get_tensors() as buffers:
+        # A failed round's update is our own pseudo-gradient, anchor − θ_sent: not read from the averager's
+        # tensors, whose lock its process holds until a round it still runs ends (up to the averaging timeout).
+        averaged = self.averager.get_tensors() if outcome is not None else contextlib.nullcontext(None)
+        with self._state_lock, torch.no_grad(), averaged as buffers:
             self.scheduled_grads = None
+            deltas = buffers if buffers is not None else [a - s for a, s in zip(self.anchor, self._sent, strict=True)]
             for i, (anchor, momentum, delta, param, sent) in enumerate(
-                zip(self.anchor, self.momentum, buffers, self.params, self._sent, strict=True)
+                zip(self.anchor, self.momentum, deltas, self.params, self._sent, strict=True)
             ):
                 if self._syncing and outcome is not None:  # the members' average parameters: everybody's anchor
                     anchor.copy_(delta)
                 else:
-                    delta = anchor - sent if self._syncing else delta  # a failed sync round: our own update
                     outer_step_(anchor, momentum, delta, self.outer_lr, self.outer_momentum, masks and masks[i])
                 new = anchor + (param.detach().cpu() - sent)  # θ = anchor + the progress made during the round
                 if outcome is not None and self.feedback is not None:  # + what the codec did not carry
