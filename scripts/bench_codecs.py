@@ -5,8 +5,8 @@ pseudo-gradients averaged through each ladder level's real codec, side by side o
 The network is left out on purpose: this measures only what compression does to the loss, at equal
 tokens, so that rungs of equal bytes (int8 on a quarter of the coordinates, int4 on half, int2 on all)
 can be compared without the link's noise. The averaging is the all-reduce's arithmetic, part by part:
-the vector is cut into ``codecs.part_size`` parts, each aggregated by one worker in turn (its own part
-exact, the others' decoded from the codec's bytes), and the average goes back to every worker through
+hivemind's parts of ``codecs.part_size`` and their aggregators (each worker's own parts exact, the others'
+decoded from the codec's bytes), and the average goes back to every worker through
 the codec once more (every member ends with the same bits, as ``group_rounds.SameAverageRunner``
 makes it). Random-k masks are ``codecs.shared_indices``; the outer step is ``outer_step.outer_step_``.
 
@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from p2ptrain.swarm.manifest import AveragingSpec, OptimizerSpec
 from p2ptrain.train.codecs import DENSE, Level, part_size, shared_indices
@@ -77,32 +79,22 @@ def through(codec, values: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce(vectors: list[torch.Tensor], level: Level, numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The group's average as every member receives it, and what each member's vector lost on its way out."""
+    """The group's average as every member receives it, and what each member's vector lost on its way out: the
+    parts and their aggregators are hivemind's (``TensorPartContainer``, equal shares), as in the all-reduce."""
     n, codec = len(vectors), DENSE[level.codec]()
-    info = CompressionInfo.from_tensor(vectors[0])
-    per_part = int(part_size(level.bytes_for(numel), n) / (4 * codec.estimate_compression_ratio(info)))
-    pieces = [v.split(per_part) for v in vectors]
-    parts = len(pieces[0])
+    size = part_size(level.bytes_for(numel), n)
+    info = (CompressionInfo.from_tensor(vectors[0], key=0),)
+    pieces = [
+        TensorPartContainer([v], [1.0] * n, compression=codec, part_size_bytes=size, tensor_infos=info) for v in vectors
+    ]
     average, lost = [], [[] for _ in vectors]
-    for p in range(parts):
-        aggregator = p * n // parts
-        received = [piece[p] if i == aggregator else through(codec, piece[p]) for i, piece in enumerate(pieces)]
-        for i in range(n):
-            lost[i].append(pieces[i][p] - received[i])
-        average.append(through(codec, torch.stack(received).mean(0)))
+    for aggregator in range(n):
+        for parts in zip(*(container.get_raw_input_parts(aggregator) for container in pieces), strict=True):
+            received = [part if i == aggregator else through(codec, part) for i, part in enumerate(parts)]
+            for i in range(n):
+                lost[i].append(parts[i] - received[i])
+            average.append(through(codec, torch.stack(received).mean(0)))
     return torch.cat(average), [torch.cat(parts_lost) for parts_lost in lost]
-
-
-def flat(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def load_flat_(model: torch.nn.Module, vector: torch.Tensor) -> None:
-    offset = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(vector[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
 
 
 def train(variant: Variant, workers: int, local_steps: int, rounds: int, seed: int, outer: tuple[float, float]) -> dict:
@@ -118,7 +110,7 @@ def train(variant: Variant, workers: int, local_steps: int, rounds: int, seed: i
         torch.optim.AdamW(param_groups(m, defaults.weight_decay), lr=LR, betas=(defaults.beta1, defaults.beta2))
         for m in models
     ]
-    anchor = flat(models[0]).clone()
+    anchor = parameters_to_vector(models[0].parameters()).detach().clone()
     numel = anchor.numel()
     momentum = torch.zeros(numel)
     sent_bytes, curve, errors, started = 0.0, [], [], time.monotonic()
@@ -131,7 +123,7 @@ def train(variant: Variant, workers: int, local_steps: int, rounds: int, seed: i
                 lm_loss(model, corpus.train_batch(r * local_steps + step, BATCH)).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), defaults.clip_grad_norm)
                 optimizer.step()
-        deltas = [anchor - flat(m) for m in models]  # pseudo-gradients
+        deltas = [anchor - parameters_to_vector(m.parameters()).detach() for m in models]  # pseudo-gradients
         mask = None
         if variant.level.ratio < 1.0:
             indices = shared_indices(f"{seed}-{r}".encode(), numel, variant.level.ratio)
@@ -158,13 +150,14 @@ def train(variant: Variant, workers: int, local_steps: int, rounds: int, seed: i
                     new[mask] -= own_lost
             if mask is not None:
                 new[~mask] = (anchor - own)[~mask]  # outside the mask: the worker's own parameters
-            load_flat_(model, new)
+            vector_to_parameters(new, model.parameters())
         if (r + 1) % max(1, rounds // 6) == 0 or r + 1 == rounds:
             curve.append((r + 1, held_out(anchor, corpora[0], tokenizer.vocab_size, spec.seq_len, seed)))
             print(f"  {variant.name}: round {r + 1}, held-out loss of the anchor {curve[-1][1]:.4f}", flush=True)
+    worker = parameters_to_vector(models[0].parameters()).detach()
     return {
         "final_loss": curve[-1][1],
-        "worker_loss": held_out(flat(models[0]), corpora[0], tokenizer.vocab_size, spec.seq_len, seed),
+        "worker_loss": held_out(worker, corpora[0], tokenizer.vocab_size, spec.seq_len, seed),
         "curve": curve,
         "average_error": sum(errors) / len(errors),
         "bytes_per_value": variant.level.bytes_for(numel) / numel,
@@ -176,7 +169,7 @@ def train(variant: Variant, workers: int, local_steps: int, rounds: int, seed: i
 
 def held_out(anchor: torch.Tensor, corpus, vocab_size: int, seq_len: int, seed: int) -> float:
     model = build_model(MODEL, vocab_size, seq_len, seed=seed)
-    load_flat_(model, anchor)
+    vector_to_parameters(anchor, model.parameters())
     return evaluate(model, corpus.val_blocks(), 32, torch.device("cpu"))
 
 

@@ -81,7 +81,7 @@ def test_each_global_step_becomes_one_point_per_curve(tmp_path, wandb_offline):
     assert log.write()
     log.close()
     for sink, found in (("tensorboard", scalars(out / "run-1")), ("wandb", wandb_history(wandb_offline))):
-        assert found.get("train/loss") == [(1, 5.5), (2, 4.5)], (sink, found)  # (once in CI: no train/loss, which?)
+        assert found.get("train/loss") == [(1, 5.5), (2, 4.5)], (sink, found)
         assert found["train/held_out_loss"] == [(2, pytest.approx(4.9))]
         assert found["averaging/rounds_failed"] == [(1, 0.0), (2, 2.0)] and found["swarm/peers"][-1] == (2, 2.0)
         assert found["energy/kwh"] == [(2, pytest.approx(1.0))] and found["energy/g_co2e"] == [(2, 475.0)]

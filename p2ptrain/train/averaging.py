@@ -100,17 +100,17 @@ class CompressedAllReduce(AveragerHooks):
                     tensor_infos=(CompressionInfo.from_tensor(values, key=0),),
                     part_size_bytes=part_size(level.bytes_for(numel), len(group_info.peer_ids)),
                 )
-                lost = None
+                loss = None
                 if level.codec != "none" and (self._error_feedback or self._feedback is not None):
                     own = group_info.peer_ids.index(self.peer_id)
                     partition = (fractions, kwargs["compression"], kwargs["part_size_bytes"], own)
                     # beside the all-reduce (which overwrites ``values`` with the average), on a copy
-                    lost = loop.run_in_executor(None, codec_loss, values.clone(), *partition)
+                    loss = loop.run_in_executor(None, codec_loss, values.clone(), *partition)
                 started = time.perf_counter()
                 try:
                     await self.run_allreduce_inplace([values], group_info, peer_fractions=fractions, **kwargs)
                 finally:
-                    lost = lost if lost is None else await lost
+                    lost = None if loss is None else await loss
                 round_s = time.perf_counter() - started
                 if lost is not None and indices is not None:
                     lost = densify(lost, indices, numel)
@@ -118,8 +118,11 @@ class CompressedAllReduce(AveragerHooks):
                 split_like(dense, local_tensors)
                 if self._error_feedback:
                     self._residual = residual if lost is None else residual.add_(lost)
-                if self._feedback is not None:
-                    split_like(lost if lost is not None else torch.zeros(numel), self._feedback)
+                if self._feedback is not None and lost is not None:
+                    split_like(lost, self._feedback)
+                elif self._feedback is not None:  # the codec took nothing (fp32, or a parameter round)
+                    for tensor in self._feedback:
+                        tensor.zero_()
             outcome = RoundOutcome(user_gathered)
             outcome.level, outcome.codec, outcome.round_s = plan.level if plan else -1, level.describe(), round_s
             outcome.plan = plan
