@@ -10,6 +10,7 @@ to start with any other version.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import multiprocessing.process
@@ -80,6 +81,49 @@ async def disconnect(p2p: P2P, peer_id: PeerID) -> None:
     await p2p._client.disconnect(peer_id)
 
 
+# -- tasks ------------------------------------------------------------------------------------------------------------
+
+
+class TaskHolder:
+    """A task factory that keeps every task it makes until the task ends (``hold_tasks_until_done``)."""
+
+    def __init__(self, previous: Callable | None) -> None:
+        self.previous, self.tasks = previous, set()
+
+    def keep(self, task: asyncio.Task) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task:
+        task = self.previous(loop, coro, **kwargs) if self.previous else asyncio.Task(coro, loop=loop, **kwargs)
+        self.keep(task)
+        return task
+
+
+def hold_tasks_until_done() -> None:
+    """Keep every task of the running event loop, those pending now and every later one, until it ends.
+
+    hivemind's DHT and averager processes start a task for each request and drop it, and asyncio refers to tasks
+    weakly. A task whose pending wait is on an ``MPFuture`` (a DHT call, a step's trigger) is then held only by a
+    reference cycle (the future's event wakes the task, whose frame holds the future), and the garbage collector
+    destroys it mid-way ("Task was destroyed but it is pending!"): its ``finally`` clauses never finish. In
+    matchmaking that leaves the search and declare locks of ``PotentialLeaders`` held for good, and the averager
+    never finds a group again ("could not find a group" after every round's full timeout); a DHT call fails with
+    ``GeneratorExit``. Idempotent."""
+    loop = asyncio.get_running_loop()
+    if isinstance(loop.get_task_factory(), TaskHolder):
+        return
+    holder = TaskHolder(loop.get_task_factory())
+    for task in asyncio.all_tasks(loop):
+        holder.keep(task)
+    loop.set_task_factory(holder)
+
+
+async def hold_dht_tasks(_dht: hivemind.DHT, _node: Any) -> None:
+    """``hold_tasks_until_done`` in a DHT's process: ``dht.run_coroutine(hold_dht_tasks)``."""
+    hold_tasks_until_done()
+
+
 # -- averagers --------------------------------------------------------------------------------------------------------
 
 
@@ -95,6 +139,14 @@ class AveragerHooks:
     async def aggregate_with_group(self, group_info: GroupInfo, *args: Any, **kwargs: Any) -> Any:
         """Run one round with a formed group (hivemind: ``DecentralizedAverager._aggregate_with_group``)."""
         return await super()._aggregate_with_group(group_info, *args, **kwargs)
+
+    def run_in_background(self, *args: Any, **kwargs: Any) -> None:
+        """hivemind's, then ``hold_tasks_until_done`` in the averager's process (its first request)."""
+        super().run_in_background(*args, **kwargs)
+        self._outer_pipe.send(("_hold_tasks_until_done", [], {}))
+
+    async def _hold_tasks_until_done(self) -> None:
+        hold_tasks_until_done()
 
     @property
     def p2p(self) -> P2P:

@@ -26,6 +26,7 @@ from typing import Any
 import hivemind
 from hivemind.p2p import P2PDaemonError
 
+from p2ptrain.compat.hivemind import hold_dht_tasks
 from p2ptrain.errors import ConfigError, PeerUnreachable, PortInUse
 from p2ptrain.settings import PeerSettings
 from p2ptrain.swarm import discovery, nat, p2p_stack, port_mapping, reachability
@@ -77,6 +78,7 @@ def start_dht(
             raise PeerUnreachable(f"the p2p daemon failed to start: {e}") from None
         if validators:
             dht.add_validators(list(validators))
+        dht.run_coroutine(hold_dht_tasks)
         dht.run_coroutine(reachability.serve)
         if not peers and settings.p2p == "py" and settings.mdns:
             meet_lan_peers(dht)

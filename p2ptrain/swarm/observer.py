@@ -31,6 +31,7 @@ def observe(
     """
     from hivemind.p2p import P2PDaemonError
 
+    from p2ptrain.compat.hivemind import hold_dht_tasks
     from p2ptrain.processes import descendants, die_with_parent
     from p2ptrain.swarm.discovery import fetch_manifest
 
@@ -48,6 +49,7 @@ def observe(
         ) from None
     children = [p for p in descendants() if p.pid not in before]
     try:
+        dht.run_coroutine(hold_dht_tasks)
         if run_id is None:
             run_id = fetch_manifest(dht, manifest_hash)[0].run_id
             dht.add_validators(validators(run_id))
