@@ -32,11 +32,12 @@ def test_a_volunteer_on_the_lan_finds_the_swarm_without_an_invite(tmp_path):
             seed = swarm.seed("seed", prefix=lan.prefix(0))
             run_id = swarm.wait_for(seed, lambda s: s.get("state") == "training", 120, "training")["run_id"]
             volunteer = swarm.join("volunteer", prefix=lan.prefix(1))
+            # and, beside it, the same bare join without mDNS: it starts a swarm of its own (discovery is what
+            # makes the difference)
+            alone = swarm.join("alone", "--no-mdns", prefix=lan.prefix(1))
             status = swarm.wait_for(volunteer, lambda s: s.get("state") == "training", 120, "training")
             assert status["run_id"] == run_id, volunteer.log()[-3000:]
             assert "Found 1 peer(s) on the LAN" in volunteer.log()
-            # and without mDNS the same bare join starts a swarm of its own: discovery is what made the difference
-            alone = swarm.join("alone", "--no-mdns", prefix=lan.prefix(1))
             status = swarm.wait_for(alone, lambda s: s.get("state") == "training", 120, "training")
             assert status["run_id"] != run_id
     finally:
