@@ -114,9 +114,9 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             punched = lambda p: p.status().get("connections", {}).get("hole-punched", 0) >= 1  # noqa: E731
             wait_until(lambda: punched(va) and punched(vb), 240, "a hole-punched connection A-B", everyone)
             assert "(hole-punched through both NATs)" in va.log()
-            wait_until(advanced(everyone, 4), 240, "four more global steps", everyone)
+            wait_until(advanced(everyone, 3), 240, "three more global steps", everyone)
             between_homes = lab.counters(home_a).get(home_b.router.ip, 0)
-            assert between_homes > 1_000_000, (lab.counters(home_a), va.status())  # averaging parts, hole-punched
+            assert between_homes > 600_000, (lab.counters(home_a), va.status())  # averaging parts, hole-punched
 
             # after each global step the members agree, or whoever left resynchronises: soon all agree
             def all_agree() -> bool:
@@ -129,7 +129,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             swarm.stop(seeder, signal.SIGKILL)
             rest = [second, va, vb]
             to_r = {home.name: lab.counters(home).get(r.ip, 0) for home in (home_a, home_b)}
-            wait_until(advanced(rest, 4), 240, "four global steps without S", rest)
+            wait_until(advanced(rest, 3), 240, "three global steps without S", rest)
             for home in (home_a, home_b):
                 assert lab.counters(home).get(r.ip, 0) - to_r[home.name] > 200_000, lab.counters(home)
 
@@ -156,7 +156,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             # 4. S returns (same data directory: same identity and port): A rejoins and trains with it
             back = swarm.join("S", *p2p["S"], prefix=s.prefix)
             wait_until(lambda: "Rejoining the swarm: a relay is reachable again" in va.log(), 120, "rejoin", [back, va])
-            wait_until(lambda: min(epoch(back), epoch(va)) >= paused_at + 3, 300, "training again", [back, va])
+            wait_until(lambda: min(epoch(back), epoch(va)) >= paused_at + 2, 300, "training again", [back, va])
             assert not va.status().get("network_isolated")
     finally:
         lab.remove()
