@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from p2ptrain.swarm.reachability import direct_peers
 from p2ptrain.swarm.watch import PUNCH_GRACE_S, PUNCH_SPACING_S, PunchSchedule, connection_kinds, ours_to_punch
 
@@ -122,3 +124,30 @@ def test_a_restart_in_a_new_role_dials_again_a_peer_that_is_back_a_moment_later(
         done.set()
         worker.join(30)
         relay.shutdown()
+
+
+@pytest.mark.slow(alone=False)  # 17 s of a sleeping daemon
+def test_a_daemon_slow_to_start_is_waited_for(tmp_path, monkeypatch):
+    """A Python daemon on a loaded machine took longer than hivemind's 15 s to start, and the volunteer rejoining
+    through it exited ("Daemon failed to start in 15.0 seconds"): the peer waits ``DAEMON_START_S``. Here the
+    daemon starts 17 s late."""
+    import time
+
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.swarm import nat, network, p2p_stack
+    from p2ptrain.swarm.identity import ensure_identity
+
+    slow = tmp_path / "slow-p2pd"
+    slow.write_text(f'#!/bin/sh\nsleep 17\nexec "{p2p_stack.python_daemon()}" "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setattr(p2p_stack, "python_daemon", lambda: slow)
+    (tmp_path / "me").mkdir()
+    ensure_identity(tmp_path / "me")
+    settings = PeerSettings(data_dir=tmp_path / "me", host="127.0.0.1", port=0, p2p="py", mdns=False)
+    started = time.monotonic()
+    dht = network.start_dht(settings, tmp_path / "me", [], [], nat.PUBLIC)
+    try:
+        assert time.monotonic() - started > 17
+        assert dht.get_visible_maddrs()
+    finally:
+        dht.shutdown()

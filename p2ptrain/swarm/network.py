@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 LAN_WAIT_S = 5.0  # --p2p py with mDNS and no peer given: how long to look for LAN peers
 RESTART_TRIES, RESTART_WAIT_S = 3, 2.0  # a start in a new role, to peers met a moment ago: a dial may fail once
+# hivemind waits 15 s for its daemon; a Python daemon on a loaded machine (four peers, their daemons and relays on
+# two cores) has taken longer, and a volunteer rejoining in a new role then exited. A daemon that cannot reach its
+# bootstrap peers still fails at once (it exits and says so).
+DAEMON_START_S = 60.0
 
 
 def start_dht(
@@ -59,6 +63,7 @@ def start_dht(
                 host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"],
                 announce_maddrs=announce,
                 identity_path=str(p2p_identity_path(data_dir)),
+                startup_timeout=DAEMON_START_S,
                 # its own stop takes ~0.1 s, but a request left in its pipe by an averager process that
                 # has just exited stalls it 3 s each (hivemind dht.py _run): do not wait that out
                 shutdown_timeout=1.0,
