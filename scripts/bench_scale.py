@@ -58,6 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     from hivemind.dht.protocol import DHTProtocol
     from hivemind.utils import get_dht_time
 
+    from p2ptrain.compat.hivemind import hold_dht_tasks
     from p2ptrain.swarm.discovery import members_key
     from p2ptrain.swarm.grouping import Regrouping
     from p2ptrain.swarm.proximity import Prober
@@ -78,6 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     DHTProtocol.call_find = counted
     initial = [line for line in Path(args.bootstrap).read_text().split()] if args.bootstrap else []
     dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/{PORT}"], initial_peers=initial, wait_timeout=30)
+    dht.run_coroutine(hold_dht_tasks)  # as a peer's DHT does (swarm/network.py)
     if args.announce:
         Path(args.announce).write_text("\n".join(str(a) for a in dht.get_visible_maddrs()))
     me = dht.peer_id.to_base58()
