@@ -90,6 +90,7 @@ def test_at_shutdown_a_step_lands_the_cancelled_round_without_waiting_for_the_av
     for _ in range(2):  # the round begins
         train_step(model, opt)
     assert opt.scheduled_grads is not None
+    sent = [s.clone() for s in opt._sent]  # θ_sent: the parameters this round's pseudo-gradient was taken at
     held, release = threading.Event(), threading.Event()
     if shutdown == "while a step waits for the round":
         wait = opt.wait_for_round
@@ -111,8 +112,9 @@ def test_at_shutdown_a_step_lands_the_cancelled_round_without_waiting_for_the_av
             train_step(model, opt)
         assert time.monotonic() - started < 3
         assert opt.scheduled_grads is None and opt.round_log.failed  # own update applied, no new round
-        for anchor, param in zip(opt.anchor, model.parameters(), strict=True):  # lr 1: the anchor went to θ_sent
-            assert not torch.equal(anchor, param.detach())  # and θ kept the steps taken since
+        for anchor, at, param in zip(opt.anchor, sent, model.parameters(), strict=True):
+            assert torch.allclose(anchor, at)  # outer lr 1, its own update: the anchor went to θ_sent
+            assert not torch.equal(param.detach(), at)  # and θ kept the steps taken since
     finally:
         release.set()
         holder.join(10)
