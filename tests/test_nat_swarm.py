@@ -118,6 +118,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             wait_until(advanced(everyone, 3), 240, "three more global steps", everyone)
             between_homes = lab.counters(home_a).get(home_b.router.ip, 0)
             assert between_homes > 600_000, (lab.counters(home_a), va.status())  # averaging parts, hole-punched
+            print(f"router counters after phase 1: A's {lab.counters(home_a)}, B's {lab.counters(home_b)}")
 
             # after each global step the members agree, or whoever left resynchronises: soon all agree
             def all_agree() -> bool:
@@ -133,6 +134,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             wait_until(advanced(rest, 3), 240, "three global steps without S", rest)
             for home in (home_a, home_b):
                 assert lab.counters(home).get(r.ip, 0) - to_r[home.name] > 200_000, lab.counters(home)
+            print(f"router counters after phase 2: A's {lab.counters(home_a)}, B's {lab.counters(home_b)}; R is {r.ip}")
 
             # 3. no reachable peer is left: A and B say so, and train on together over their direct connection
             swarm.stop(second)
@@ -210,6 +212,7 @@ def test_volunteers_behind_nats_train_through_python_relays(tmp_path):
             wait_until(advanced(rest, 3), 240, "three global steps without S", rest)
             for home in (home_a, home_b):
                 assert lab.counters(home).get(r.ip, 0) - to_r[home.name] > 200_000, lab.counters(home)
+            print(f"router counters after phase 2: A's {lab.counters(home_a)}, B's {lab.counters(home_b)}; R is {r.ip}")
 
             def all_agree() -> bool:
                 compared = [[c for c in p.status().get("param_history", []) if c[2] > 0] for p in rest]
