@@ -212,8 +212,7 @@ class NetworkWatch:
         if not self.rejoin.is_set():
             logger.info("Rejoining the swarm: %s", reason)
             self.reason = reason
-            self.rejoin.set()
-            self.gate.set(Verdict(True))
+            self.rejoin.set()  # a trainer paused by ``gate`` stays paused: it leaves with the stay, taking no step
 
     def _on_reach(self, reach: reachability.Reach) -> None:
         """A new finding: the status says it; a new role means rejoining (not checked yet → public is the same one)."""
