@@ -56,6 +56,7 @@ from p2ptrain.swarm.identity import author_key, ensure_identity, ensure_private_
 from p2ptrain.swarm.invite import Invite
 from p2ptrain.swarm.joining import JoinRequest, SeedRequest
 from p2ptrain.swarm.pinned_files import pin_all
+from p2ptrain.swarm.reachability import Reach
 from p2ptrain.swarm.signed_records import PeerRecords
 from p2ptrain.swarm.watch import NetworkWatch, meet_members
 from p2ptrain.train.checkpoint import CheckpointInfo, checkpoint_path, load_checkpoint, save_checkpoint
@@ -89,6 +90,7 @@ class Run:
     corpus: Corpus | None = None
     accountant: Accountant | None = None
     dht: hivemind.DHT | None = None  # the current stay's (None between stays)
+    reach: Reach | None = None  # what the last stay found out about its reachability (the next one's fallback)
     announced: bool = False
     ledger_closed: bool = False
     stays: int = 0
@@ -192,7 +194,7 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
             validators = (LedgerValidator([manifest.run_id]), PeerRecords([manifest.run_id], identity))
             run.dht.add_validators(list(validators))
             # c. the network role (the DHT may start again in it)
-            dht, role = network.settle_role(settings, data_dir, run.dht, manifest.run_id, known, validators)
+            dht, role = network.settle_role(settings, data_dir, run.dht, manifest.run_id, known, validators, run.reach)
             run.dht = dht
             files = provide(dht, manifest, data_dir, stop)  # the tokenizer's, initial weights': checked; served
             if stop.is_set():
@@ -302,6 +304,8 @@ def stay(run: Run, request: SeedRequest | JoinRequest, stop: threading.Event) ->
         finally:
             # h. leave: ``parts`` stops what was started, in the reverse order
             leaving.set()
+            if watch is not None:
+                run.reach = watch.reach
             ending.begin(watch is not None and watch.rejoin.is_set() and not stop.is_set() and not run.failure)
             status.update(state="rejoining" if ending.rejoining else "stopping")
     return ending.rejoining

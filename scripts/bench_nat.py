@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -176,13 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-s", type=float, default=90.0)
     parser.add_argument("--only", nargs="*", choices=CONFIGS)
     parser.add_argument("--out", type=Path, default=Path("bench_nat.json"))
+    parser.add_argument("--keep", action="store_true", help="keep the peers' data directories and logs")
     args = parser.parse_args(argv)
     missing = missing_tools(upnp="nat_upnp" in (args.only or CONFIGS))
     if missing:
         print(f"bench_nat: needs {', '.join(missing)} (run scripts/setup-system.sh as root)", file=sys.stderr)
         return 2
     report = {"link_mbit": args.link_mbit, "measure_s": args.measure_s, "results": {}}
-    with tempfile.TemporaryDirectory(prefix="p2ptrain-bench-nat-") as work:
+    work = tempfile.mkdtemp(prefix="p2ptrain-bench-nat-")
+    if args.keep:
+        print(f"the peers' data and logs stay in {work}", flush=True)
+    try:
         for config in args.only or CONFIGS:
             print(f"[{config}] …", flush=True)
             result = run(config, args.link_mbit, args.measure_s, Path(work))
@@ -192,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result.global_steps} steps, {result.between_homes_share:.0%} between homes",
                 flush=True,
             )
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(report))

@@ -259,6 +259,7 @@ def test_a_volunteer_whose_router_offers_upnp_maps_its_port_and_is_reachable_dir
             assert f"dnat ip to {u.ip}:{PORT}" in rules, rules
             wait_until(lambda: epoch(volunteer) >= 3, 180, "training", [seeder, volunteer])
             assert volunteer.status()["network_role"] == "aggregates and relays for peers behind NAT"
+            assert "Rejoining the swarm" not in volunteer.log()  # its first role was the mapped one
     finally:
         lab.remove()
     assert netns() == before

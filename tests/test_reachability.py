@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from functools import partial
 
 import hivemind
@@ -76,3 +77,23 @@ def test_a_bad_request_is_refused_not_crashing():
         reachability.Message.FromString(b"\x92\x01\x02")  # a list, not a map
     with pytest.raises(ValueError):
         reachability.Message.FromString(b"\x00" * 1000)
+
+
+def test_a_check_nobody_answers_is_no_news(dhts, monkeypatch):
+    """A peer answers one ask per caller per interval, so a check soon after another can find nobody to ask. The
+    checker keeps its last finding then: a peer that took "not checked yet" for a finding saw the next one as a
+    change of role and rejoined the swarm, again and again."""
+    a, b, _ = dhts
+    a.run_coroutine(serve)  # with the default interval
+    for name, seconds in (("WATCH_ADDRESSES_S", 0.2), ("CHECK_EVERY_S", 0.5), ("UNKNOWN_RETRY_S", 0.5)):
+        monkeypatch.setattr(reachability, name, seconds)
+    first = reachability.check(b)
+    assert first.kind == Kind.DIRECT
+    changes = []
+    checker = reachability.Checker(b, changes.append, first=first)
+    checker.start()
+    try:
+        time.sleep(2 * reachability.MIN_INTERVAL_PER_CALLER_S)  # ~20 checks: a's answer to two or three of them
+    finally:
+        checker.stop()
+    assert changes == []

@@ -31,7 +31,7 @@ from p2ptrain.errors import ConfigError, PeerUnreachable, PortInUse
 from p2ptrain.settings import PeerSettings
 from p2ptrain.swarm import discovery, nat, p2p_stack, port_mapping, reachability
 from p2ptrain.swarm.identity import p2p_identity_path
-from p2ptrain.swarm.reachability import relayed
+from p2ptrain.swarm.reachability import Reach, relayed
 
 logger = logging.getLogger(__name__)
 
@@ -123,20 +123,29 @@ def settle_role(
     run_id: str,
     bootstrap: list[str],
     validators: tuple = (),
+    previous: Reach | None = None,
 ) -> tuple[hivemind.DHT, nat.Role]:
     """Find out whether peers can reach this one and start the DHT again in the role for it (step 2 of the module
-    docstring). Returns the DHT to use (``dht`` itself, or its replacement) and the role."""
+    docstring). Returns the DHT to use (``dht`` itself, or its replacement) and the role. ``previous``: what the
+    last stay found, taken if no peer answers now (else the next check would find it again, and rejoin again)."""
     reach = reachability.check(dht)
+    answered = time.monotonic()
+    if reach.kind == reachability.Kind.UNKNOWN and previous is not None and previous.kind != reachability.Kind.UNKNOWN:
+        logger.info("No peer answered the reachability check yet: as the last stay found")
+        reach = previous
     if reach.behind_nat:  # a router that offers UPnP has mapped the daemon's port: ask again with the mapping
         mapping = port_mapping.find_mapping(settings.port, reachability.local_ips())
-        if mapping is not None:
-            reach = reachability.check(dht, mapped=(mapping[1],))
+        if mapping is not None:  # once the peers that just answered will again (one ask per caller per interval)
+            time.sleep(max(0.0, answered + reachability.MIN_INTERVAL_PER_CALLER_S - time.monotonic()))
+            again = reachability.check(dht, mapped=(mapping[1],))
+            reach = reach if again.kind == reachability.Kind.UNKNOWN else again  # nobody answered: no news
     logger.info("Reachability: %s", reach.describe())
     if reach.kind == reachability.Kind.MAPPED:  # advertise what the router maps: start again, as a public peer
         dht.shutdown()
         dht = restart_dht(settings, data_dir, bootstrap, nat.mapped(reach), validators)
         if wait_for_mapping(dht):  # the new daemon's own mapping (or the forwarded address peers observe)
-            reach = reachability.check(dht)
+            again = reachability.check(dht)  # one that did not reach it is no news: the watch checks again later
+            reach = again if again.public else reach
         return dht, nat.mapped(reach)
     if not reach.behind_nat:
         return dht, nat.Role(reach)

@@ -330,6 +330,9 @@ class Checker:
             except Exception as e:  # noqa: BLE001 - the DHT is shutting down; nothing to report
                 logger.debug("reachability check failed: %s", e)
                 result = self.last
+            if result.kind == Kind.UNKNOWN and self.last.kind != Kind.UNKNOWN:  # nobody answered: the last finding
+                next_check = self._clock() + UNKNOWN_RETRY_S  # stands (peers answer a caller once per interval)
+                continue
             if result != self.last:
                 logger.info("Reachability: %s", result.describe())
                 self.last = result
