@@ -8,7 +8,8 @@ regime of a GPT-2-small peer on a 100 Mbit/s uplink. Configs, side by side, on t
 
     single              one peer alone, no network
     hivemind_default    gradients, fp16, every global step (target batch = peers x batch)
-    p2ptrain_fixed      local updates (DiLoCo), int8 pseudo-gradients (--fixed), every H local steps
+    p2ptrain_fixed      local updates (DiLoCo), int8 pseudo-gradients (--fixed), every H local steps;
+                        with several --fixed levels, p2ptrain_fixed_<codec>[-<ratio>] for each
     p2ptrain_adaptive   local updates, codec chosen per round by the adaptive policy
     p2ptrain_adaptive_halved   the same, with every link's rate halved midway
 
@@ -43,7 +44,7 @@ import torch
 from p2ptrain.local_swarm import LocalPeer, LocalSwarm
 from p2ptrain.train.averaging import payload_bytes
 from p2ptrain.train.checkpoint import checkpoint_path
-from p2ptrain.train.codecs import Level
+from p2ptrain.train.codecs import LADDER, Level
 from p2ptrain.train.data import open_corpus
 from p2ptrain.train.models import build_model, evaluate, lm_loss, model_spec
 from p2ptrain.train.tokenizer import load_tokenizer
@@ -309,8 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     # DiLoCo's 0.7 is for ~500 local steps; at 16, uncompressed averaging ended 0.47 higher with it than with 0.35
     # (2.73 vs 2.26, 3 seeds of scripts/bench_codecs.py) and varied by 20 % from run to run here
     parser.add_argument("--outer-lr", type=float, default=0.35, help="the local-mode configs' --outer-lr")
-    codecs = ("fp16", "int8", "int4", "int2")
-    parser.add_argument("--fixed", default="int8", choices=codecs, help="the codec of p2ptrain_fixed")
+    parser.add_argument(
+        "--fixed", nargs="+", type=fixed_level, default=[Level("int8")], metavar="LEVEL",
+        help="the codec of p2ptrain_fixed: fp16, int8, int4, int2, or CODEC:RATIO for random-k (int2:0.2); several "
+        "give a config each; 'ladder': every rung of the adaptive policy's ladder",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target-loss", type=float, help="the target held-out loss [default: hivemind_default's final loss + 1%%]"
+    )
     parser.add_argument("--loopback", action="store_true", help="do not use namespaces even as root")
     parser.add_argument("--smoke", action="store_true", help="a short run (CI): fewer rounds, one config")
     parser.add_argument("--only", nargs="*", help="run only these configs")
@@ -319,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.peers, args.rounds, args.time_cap = 2, 3, 60.0
+    args.fixed = list(dict.fromkeys(level for given in args.fixed for level in ([given] if given else LADDER)))
 
     n, h = args.peers, args.local_steps
     budget = n * BATCH * h * args.rounds  # samples: equal tokens for every config
@@ -341,16 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     configs = [
         Config("single", 1, (*common, "--target-batch-size", str(BATCH), "--compression", "none"), n * h),
         Config("hivemind_default", n, (*common, "--target-batch-size", str(n * BATCH), "--compression", "fp16"), h),
-        Config("p2ptrain_fixed", n, (*local, "--compression", args.fixed)),
+        *(Config(fixed_name(level, args.fixed), n, (*local, *compression_flags(level))) for level in args.fixed),
         # the loss bar's reference: the same local-update training, averaged without any compression
         Config("p2ptrain_uncompressed", n, (*local, "--compression", "none")),
         Config("p2ptrain_adaptive", n, (*adaptive,)),
         Config("p2ptrain_adaptive_halved", n, (*adaptive,), 1, halve_at_fraction=0.5),
     ]
     if args.smoke:  # the script's machinery end to end; the comparisons are the real run's
-        configs = [configs[4]]
-    if args.only:
-        configs = [c for c in configs if c.name in args.only]
+        configs = [c for c in configs if c.name == "p2ptrain_adaptive"]
+    if args.only:  # "p2ptrain_fixed" names every fixed config
+        configs = [c for c in configs if c.name in args.only or c.name.split("_")[:2] == ["p2ptrain", "fixed"]
+                   and "p2ptrain_fixed" in args.only]  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-"))
     net = Namespaces(n) if shaped else None
     results: dict[str, Result] = {}
@@ -374,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    target = targeted(results)
+    target = targeted(results, args.target_loss)
     report = {
         "shaped": shaped,
         "link_mbit": mbit,
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": numel,
         "compute_s_per_batch": step_s,
         "samples_per_config": budget,
-        "fixed_codec": args.fixed,
+        "fixed_codec": ", ".join(level.describe() for level in args.fixed),
         "outer_lr": args.outer_lr,
         "target_val_loss": target,
         "configs": {name: vars(r) for name, r in results.items()},
@@ -397,12 +406,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def targeted(results: dict[str, Result]) -> float | None:
-    """Target = the baseline's final loss at equal tokens (+1%); fills in every config's time to reach it."""
-    base = results.get("hivemind_default")
-    if base is None or base.final_val_loss_equal_tokens is None:
+def fixed_level(text: str) -> Level | None:
+    """``--fixed``: a dense codec, ``CODEC:RATIO`` for random-k, or ``ladder`` (None: every rung)."""
+    if text == "ladder":
         return None
-    target = base.final_val_loss_equal_tokens * 1.01
+    codec, _, ratio = text.partition(":")
+    try:
+        level = Level(codec, float(ratio) if ratio else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the ratio is not a number") from None
+    if codec not in ("fp16", "int8", "int4", "int2") or not 0.001 <= level.ratio <= 1.0 or (ratio and codec == "fp16"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected fp16, int8, int4, int2 or int8/int4/int2:RATIO")
+    return level
+
+
+def compression_flags(level: Level) -> tuple[str, ...]:
+    """The manifest's codec for a ladder level (``optimizers.fixed_level`` reads it back)."""
+    if level.ratio >= 1.0:
+        return ("--compression", level.codec)
+    random_k = "randk" if level.codec == "int8" else f"randk-{level.codec}"
+    return ("--compression", random_k, "--sparsity", f"{level.ratio:g}")
+
+
+def fixed_name(level: Level, levels: list[Level]) -> str:
+    if len(levels) == 1:
+        return "p2ptrain_fixed"
+    return f"p2ptrain_fixed_{level.codec}" + (f"-{level.ratio:g}" if level.ratio < 1.0 else "")
+
+
+def targeted(results: dict[str, Result], given: float | None = None) -> float | None:
+    """Target = the baseline's final loss at equal tokens (+1%), or ``given`` (a run without the baseline); fills in
+    every config's time to reach it."""
+    base = results.get("hivemind_default")
+    if given is None and (base is None or base.final_val_loss_equal_tokens is None):
+        return None
+    target = given or base.final_val_loss_equal_tokens * 1.01
     for r in results.values():
         r.time_to_target_s = next((t for t, _, loss in r.val_points if loss <= target), None)
         if r.time_to_target_s is None and r.final_val_loss_equal_tokens is not None:
@@ -441,6 +479,18 @@ def table(report: dict) -> str:
             f"| {name} | {ttt and round(ttt, 1)} | {speedup} | {utilization} | {bps} | {factor} "
             f"| {loss and round(loss, 4)} | {rel} | {rel_full} | {r['wall_s']:.0f} | {r['global_steps']} |"
         )
+    fixed = {name: r for name, r in configs.items() if name.startswith("p2ptrain_fixed")}
+    adaptive = configs.get("p2ptrain_adaptive")
+    if adaptive and len(fixed) > 1:
+        order = lambda name: (fixed[name]["time_to_target_s"] or float("inf"), fixed[name]["wall_s"])  # noqa: E731
+        best = min(fixed, key=order)
+        lines += [
+            "",
+            f"Adaptive vs the best of {len(fixed)} fixed codecs ({best}): time to target "
+            f"{adaptive['time_to_target_s'] and round(adaptive['time_to_target_s'], 1)} s vs "
+            f"{fixed[best]['time_to_target_s'] and round(fixed[best]['time_to_target_s'], 1)} s, wall to equal tokens "
+            f"{adaptive['wall_s']:.0f} s vs {fixed[best]['wall_s']:.0f} s",
+        ]
     link_bytes_s = report["link_mbit"] * 1e6 / 8
     for name, r in configs.items():
         if r["rounds"]:

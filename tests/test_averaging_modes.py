@@ -18,7 +18,8 @@ EPOCHS = 8
 @pytest.mark.parametrize(
     "mode, codec",
     [
-        ("gradients", "randk"),
+        ("gradients", "randk-int2"),  # random-k on 2-bit values; int8's random-k as a level of adaptive's ladder
+        pytest.param("gradients", "randk", marks=pytest.mark.extended),
         ("gradients", "powersgd"),
         pytest.param("local", "randk", marks=pytest.mark.extended),  # local-adaptive runs the same path, and more
         ("local", "adaptive"),

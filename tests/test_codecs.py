@@ -14,6 +14,7 @@ from hivemind.proto import runtime_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2ptrain.swarm.manifest import COMPRESSIONS, AveragingSpec
 from p2ptrain.train.averaging import payload_bytes
 from p2ptrain.train.codecs import (
     DENSE,
@@ -28,6 +29,7 @@ from p2ptrain.train.codecs import (
     sparsify_,
     unpack,
 )
+from p2ptrain.train.optimizers import fixed_level
 from p2ptrain.train.policy import RoundReport, choose_level
 
 
@@ -276,3 +278,12 @@ def test_a_round_hands_each_member_what_the_codec_took_from_it(codec):
     expected = decoded_mean - codec_loss(decoded_mean, [1.0], DENSE[codec](), size, own=-1)
     for result in results:  # the same bits for all, whoever aggregated the part
         torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)
+
+
+def test_every_rung_of_the_ladder_can_be_a_swarms_fixed_codec():
+    """bench_wan compares the adaptive policy with each rung it chooses from, run as a fixed codec."""
+    for level in LADDER:
+        compression = level.codec if level.ratio >= 1.0 else {"int8": "randk"}.get(level.codec, f"randk-{level.codec}")
+        spec = AveragingSpec(compression=compression, sparsity=min(level.ratio, 1.0), mode="local")
+        assert compression in COMPRESSIONS and fixed_level(spec) == level, (compression, level)
+    assert fixed_level(AveragingSpec(compression="randk-int4", sparsity=0.3)) == Level("int4", 0.3)

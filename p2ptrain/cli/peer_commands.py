@@ -53,7 +53,9 @@ def seed(
     compression: Annotated[
         Codec, typer.Option(help="codec on the wire (adaptive: chosen per round from measured links)")
     ] = DEFAULT_CODEC,
-    sparsity: Annotated[float, typer.Option(help="randk: fraction of coordinates sent")] = AveragingSpec.sparsity,
+    sparsity: Annotated[
+        float, typer.Option(help="randk, randk-int4, randk-int2: fraction of coordinates sent")
+    ] = AveragingSpec.sparsity,
     aggregation: Annotated[
         Aggregation,
         typer.Option(help="how each part's copies are combined: robust to dishonest peers unless 'mean'"),

@@ -32,7 +32,7 @@ MANIFEST_VERSION = 5  # 2 added averaging.aggregation, 3 admission, 4 files, 5 a
 READABLE_VERSIONS = (1, 2, 3, 4, 5)  # manifests are still read (ADDED_IN)
 MAX_ENVELOPE_BYTES = 16 * 1024  # a manifest is a few hundred bytes; anything larger is refused unread
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-COMPRESSIONS = ("none", "fp16", "int8", "int4", "int2", "powersgd", "randk", "adaptive")  # protocols/averaging.md
+COMPRESSIONS = ("none", "fp16", "int8", "int4", "int2", "powersgd", "randk", "randk-int4", "randk-int2", "adaptive")
 MODES = ("gradients", "local")
 AGGREGATIONS = ("centered_clip", "trimmed_mean", "median", "mean")  # train/robust.py
 ADMISSIONS = ("open", "token")  # swarm/admission.py
@@ -72,7 +72,7 @@ class AveragingSpec:
     #   "powersgd": mode "gradients" only)
     mode: str = "gradients"  # "gradients": average gradients every global step (hivemind.Optimizer);
     #   "local": DiLoCo — local AdamW steps, then average pseudo-gradients once per global step
-    sparsity: float = 0.1  # random-k: the fraction of coordinates sent each round
+    sparsity: float = 0.1  # random-k (randk, randk-int4, randk-int2): the fraction of coordinates sent each round
     powersgd_rank: int = 4  # PowerSGD: rank of the low-rank factors
     outer_lr: float = 0.7  # local mode: outer SGD learning rate on the averaged pseudo-gradient
     outer_momentum: float = 0.9  # local mode: outer Nesterov momentum

@@ -132,7 +132,7 @@ def make_optimizer(
     # averager_opts reach only the state averager (optimizer.py:263), so the gradient averager gets it here.
     if avg.compression == "powersgd":
         grad_averager = partial(PowerSGDRounds, averager_rank=avg.powersgd_rank)
-    elif avg.compression in ("randk", "int8", "int4", "int2"):
+    elif avg.compression in ("int8", "int4", "int2", *RANDOM_K):
         grad_averager = partial(CompressedGradientAverager, level=fixed_level(avg))
     else:
         grad_averager = GradientRounds
@@ -374,8 +374,11 @@ class SwarmOptimizer(compat.Optimizer):
         super().load_state_from_peers(**kwargs)
 
 
+RANDOM_K = {"randk": "int8", "randk-int4": "int4", "randk-int2": "int2"}  # the codec of each random-k's values
+
+
 def fixed_level(avg: AveragingSpec) -> Level:
-    """The manifest's fixed codec as a ladder level (random-k values travel as int8)."""
-    if avg.compression == "randk":
-        return Level("int8", avg.sparsity)
+    """The manifest's fixed codec as a ladder level: random-k at ``sparsity``, or a dense codec."""
+    if avg.compression in RANDOM_K:
+        return Level(RANDOM_K[avg.compression], avg.sparsity)
     return Level(avg.compression)
