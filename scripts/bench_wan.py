@@ -47,6 +47,7 @@ from p2ptrain.train.checkpoint import checkpoint_path
 from p2ptrain.train.codecs import LADDER, Level
 from p2ptrain.train.data import open_corpus
 from p2ptrain.train.models import build_model, evaluate, lm_loss, model_spec
+from p2ptrain.train.optimizers import manifest_codec
 from p2ptrain.train.tokenizer import load_tokenizer
 
 MODEL, BATCH, SUBNET = "gpt2-tiny", 8, "10.77.0"
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     # (2.73 vs 2.26, 3 seeds of scripts/bench_codecs.py) and varied by 20 % from run to run here
     parser.add_argument("--outer-lr", type=float, default=0.35, help="the local-mode configs' --outer-lr")
     parser.add_argument(
-        "--fixed", nargs="+", type=fixed_level, default=[Level("int8")], metavar="LEVEL",
+        "--fixed", nargs="+", type=parse_level, default=[Level("int8")], metavar="LEVEL",
         help="the codec of p2ptrain_fixed: fp16, int8, int4, int2, or CODEC:RATIO for random-k (int2:0.2); several "
         "give a config each; 'ladder': every rung of the adaptive policy's ladder",
     )  # fmt: skip
@@ -358,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:  # the script's machinery end to end; the comparisons are the real run's
         configs = [c for c in configs if c.name == "p2ptrain_adaptive"]
     if args.only:  # "p2ptrain_fixed" names every fixed config
-        configs = [c for c in configs if c.name in args.only or c.name.split("_")[:2] == ["p2ptrain", "fixed"]
-                   and "p2ptrain_fixed" in args.only]  # fmt: skip
+        fixed = "p2ptrain_fixed" in args.only
+        configs = [c for c in configs if c.name in args.only or fixed and c.name.startswith("p2ptrain_fixed")]
     work = Path(tempfile.mkdtemp(prefix="p2ptrain-bench-"))
     net = Namespaces(n) if shaped else None
     results: dict[str, Result] = {}
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fixed_level(text: str) -> Level | None:
+def parse_level(text: str) -> Level | None:
     """``--fixed``: a dense codec, ``CODEC:RATIO`` for random-k, or ``ladder`` (None: every rung)."""
     if text == "ladder":
         return None
@@ -421,11 +422,8 @@ def fixed_level(text: str) -> Level | None:
 
 
 def compression_flags(level: Level) -> tuple[str, ...]:
-    """The manifest's codec for a ladder level (``optimizers.fixed_level`` reads it back)."""
-    if level.ratio >= 1.0:
-        return ("--compression", level.codec)
-    random_k = "randk" if level.codec == "int8" else f"randk-{level.codec}"
-    return ("--compression", random_k, "--sparsity", f"{level.ratio:g}")
+    compression, sparsity = manifest_codec(level)
+    return ("--compression", compression, *(() if sparsity is None else ("--sparsity", f"{sparsity:g}")))
 
 
 def fixed_name(level: Level, levels: list[Level]) -> str:

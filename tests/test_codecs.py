@@ -29,7 +29,7 @@ from p2ptrain.train.codecs import (
     sparsify_,
     unpack,
 )
-from p2ptrain.train.optimizers import fixed_level
+from p2ptrain.train.optimizers import fixed_level, manifest_codec
 from p2ptrain.train.policy import RoundReport, choose_level
 
 
@@ -283,7 +283,7 @@ def test_a_round_hands_each_member_what_the_codec_took_from_it(codec):
 def test_every_rung_of_the_ladder_can_be_a_swarms_fixed_codec():
     """bench_wan compares the adaptive policy with each rung it chooses from, run as a fixed codec."""
     for level in LADDER:
-        compression = level.codec if level.ratio >= 1.0 else {"int8": "randk"}.get(level.codec, f"randk-{level.codec}")
-        spec = AveragingSpec(compression=compression, sparsity=min(level.ratio, 1.0), mode="local")
+        compression, sparsity = manifest_codec(level)
+        spec = AveragingSpec(compression=compression, sparsity=sparsity or 0.1, mode="local")
         assert compression in COMPRESSIONS and fixed_level(spec) == level, (compression, level)
     assert fixed_level(AveragingSpec(compression="randk-int4", sparsity=0.3)) == Level("int4", 0.3)

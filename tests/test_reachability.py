@@ -97,3 +97,21 @@ def test_a_check_nobody_answers_is_no_news(dhts, monkeypatch):
     finally:
         checker.stop()
     assert changes == []
+
+
+def test_a_stay_whose_first_check_finds_nobody_takes_the_last_stays_finding(tmp_path):
+    """Alone, nobody answers; a peer rejoining takes what its last stay found rather than "not checked yet" (from
+    which its watch's next check would be a change of role, and another rejoin)."""
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.swarm.network import settle_role
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        settings = PeerSettings(data_dir=tmp_path, host="127.0.0.1")
+        _, role = settle_role(settings, tmp_path, dht, "run", [])
+        assert role.reach.kind == Kind.UNKNOWN
+        last = reachability.Reach(Kind.DIRECT, "127.0.0.1", reachability.listen_port(dht.get_visible_maddrs()))
+        same, role = settle_role(settings, tmp_path, dht, "run", [], previous=last)
+        assert same is dht and role.reach == last and role.describe() == "aggregates and relays for peers behind NAT"
+    finally:
+        dht.shutdown()

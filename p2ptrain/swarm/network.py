@@ -128,17 +128,13 @@ def settle_role(
     """Find out whether peers can reach this one and start the DHT again in the role for it (step 2 of the module
     docstring). Returns the DHT to use (``dht`` itself, or its replacement) and the role. ``previous``: what the
     last stay found, taken if no peer answers now (else the next check would find it again, and rejoin again)."""
-    reach = reachability.check(dht)
+    reach = reachability.news(reachability.check(dht), previous)
     answered = time.monotonic()
-    if reach.kind == reachability.Kind.UNKNOWN and previous is not None and previous.kind != reachability.Kind.UNKNOWN:
-        logger.info("No peer answered the reachability check yet: as the last stay found")
-        reach = previous
     if reach.behind_nat:  # a router that offers UPnP has mapped the daemon's port: ask again with the mapping
         mapping = port_mapping.find_mapping(settings.port, reachability.local_ips())
         if mapping is not None:  # once the peers that just answered will again (one ask per caller per interval)
             time.sleep(max(0.0, answered + reachability.MIN_INTERVAL_PER_CALLER_S - time.monotonic()))
-            again = reachability.check(dht, mapped=(mapping[1],))
-            reach = reach if again.kind == reachability.Kind.UNKNOWN else again  # nobody answered: no news
+            reach = reachability.news(reachability.check(dht, mapped=(mapping[1],)), reach)
     logger.info("Reachability: %s", reach.describe())
     if reach.kind == reachability.Kind.MAPPED:  # advertise what the router maps: start again, as a public peer
         dht.shutdown()

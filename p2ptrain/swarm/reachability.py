@@ -279,6 +279,11 @@ def mapped_ports(maddrs: list[Any], own_ips: set[str]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ports))
 
 
+def news(found: Reach, known: Reach | None) -> Reach:
+    """``found``, unless nobody answered (peers answer a caller once per interval): then what was ``known``."""
+    return known if found.kind == Kind.UNKNOWN and known is not None else found
+
+
 def check(dht: hivemind.DHT, mapped: tuple[int, ...] | None = None) -> Reach:
     """Ask now (a few seconds at most). ``mapped``: ports a router maps to us (default: those of our advertised
     addresses at an IP that is not this machine's)."""

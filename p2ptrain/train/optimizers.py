@@ -382,3 +382,10 @@ def fixed_level(avg: AveragingSpec) -> Level:
     if avg.compression in RANDOM_K:
         return Level(RANDOM_K[avg.compression], avg.sparsity)
     return Level(avg.compression)
+
+
+def manifest_codec(level: Level) -> tuple[str, float | None]:
+    """The manifest's ``compression`` and ``sparsity`` (None: dense) that ``fixed_level`` reads as ``level``."""
+    if level.ratio >= 1.0:
+        return level.codec, None
+    return next(name for name, codec in RANDOM_K.items() if codec == level.codec), level.ratio
