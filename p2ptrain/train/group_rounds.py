@@ -13,15 +13,16 @@ this module fixes both for every averager p2ptrain runs, as a mixin, and makes t
 2. **A round that lost a part is not a success.** hivemind's all-reduce does not fail when one member's exchange
    with another fails: the sender keeps its own values for that part, the aggregator leaves the sender out, and
    the round still returns as averaged with everybody, so members end the step with different values and nobody
-   says so. Here a member whose result is missing a part (it kept its own values for some of the vector) fails
-   the round, which hivemind then retries or reports as failed ("proceeding with local gradients"); a member
-   that had to leave a sender out of the part it aggregated says so in the log. The parameter check after each
-   global step (``param_check.py``) then finds and resynchronises any member whose parameters left the group's.
+   says so. Here an aggregator fails every part it could not average with every member, and a member whose
+   result is missing a part fails the round (``same_average``): every member fails alike, and hivemind retries the
+   round or reports it failed ("proceeding with local gradients"). The parameter check after each global step
+   (``param_check.py``) finds and resynchronises a member whose parameters left the group's all the same.
 3. **One average for all.** hivemind's aggregator sends each member the compressed *difference* between the
    average and that member's part, which each adds to its own values: with fp16 every member ends off the average
    by the rounding of its *own* part. Here the aggregator sends the average itself, compressed, and each member,
-   the aggregator included, takes that decompressed average: all hold the same values. Members of older versions
-   must not be in the same group (they would add an average as a difference): ``VERSION`` is in the key prefix.
+   the aggregator included, takes that decompressed average (``same_average``): all hold the same values. Members
+   of older versions must not be in the same group (they would add an average as a difference): ``VERSION`` is in
+   the key prefix.
 """
 
 from __future__ import annotations
@@ -31,26 +32,25 @@ import logging
 import time
 from typing import Any, AsyncIterator  # noqa: UP035 - hivemind reads handlers' stream types from typing's only
 
-import torch
-from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
+from hivemind.averaging.allreduce import AllreduceException
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter
 
-from p2ptrain.compat.hivemind import AveragerHooks, RunnerHooks, allreduce_to_values, input_part
+from p2ptrain.compat.hivemind import AveragerHooks, allreduce_to_values
 from p2ptrain.swarm.admission import Admission, NotAdmitted
 from p2ptrain.swarm.discovery import accusations_key, passes_key, revoked_key
 from p2ptrain.swarm.nat import REPORTED_KINDS
 from p2ptrain.swarm.reachability import Kind
-from p2ptrain.train.accusations import READ_EVERY_S, Accusations, Evidence, rms
+from p2ptrain.train.accusations import READ_EVERY_S, Accusations, rms
 from p2ptrain.train.bans import Bans
 from p2ptrain.train.codecs import part_size
 from p2ptrain.train.policy import Plan
-from p2ptrain.train.robust import AverageBound, RobustPartReducer
-from p2ptrain.train.shares import TimedSends, add_sends, link_rates, uplink, with_shares
-from p2ptrain.train.signed_parts import PartSigner, Receipts
+from p2ptrain.train.robust import AverageBound
+from p2ptrain.train.same_average import SameAverageRunner, check_whole
+from p2ptrain.train.shares import add_sends, link_rates, uplink, with_shares
+from p2ptrain.train.signed_parts import PartSigner
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class GroupRounds(Accusations, AveragerHooks):
     which every member's pass is checked when it asks to join a group, when a group begins, and before it may
     download this peer's state; ``signer``: this peer's part key, with which this averager signs its parts, refuses
     unsigned ones, keeps evidence and judges other peers' (``accusations.py``; None: none of that, for tests)."""
+
+    runner_type = SameAverageRunner  # what runs each all-reduce (a subclass in tests)
 
     def __init__(
         self,
@@ -149,7 +151,7 @@ class GroupRounds(Accusations, AveragerHooks):
         bound = AverageBound(tensors, where=", ".join(map(str, group_info.peer_ids)))
         self.own_rms = rms(tensors)
         runner = await allreduce_to_values(
-            self, SameAverageRunner, tensors, group_info, group_id, refusal=bound.refusal,
+            self, self.runner_type, tensors, group_info, group_id, refusal=bound.refusal,
             aggregation=self.aggregation, bans=self.bans, signer=self.signer, accuse=self.accuse, **kw,
         )  # fmt: skip
         add_sends(self._sends.setdefault(group_info.group_id, {}), runner)
@@ -290,111 +292,3 @@ async def dht_get(dht: Any, key: str, timeout_s: float = 5.0) -> Any:
 
 
 VERSION = "p2pt4"  # in every averager's key prefix: bumped when what members exchange in a round changes
-
-
-class SameAverageRunner(TimedSends, RunnerHooks, AllReduceRunner):
-    """hivemind's all-reduce, in which every member ends with the same average (point 3 of the module docstring).
-
-    Two small changes, on top of hivemind's code paths: the part reducer answers with an average from which hivemind's
-    "average minus the sender's part" is the average itself (what goes on the wire, exactly); and this member's
-    container keeps the averages it receives (and the one it aggregated itself, after the same compression) as
-    values, which ``GroupRounds`` copies into the tensors: every member's tensors become the same bits. A part
-    whose aggregator failed keeps this member's own values. The parts this member aggregates are checked and
-    reduced by ``aggregation`` (``robust.RobustPartReducer``) instead of hivemind's plain mean."""
-
-    def __init__(
-        self, *, aggregation: str, bans: Bans | None = None, signer: PartSigner | None = None, accuse: Any = None,
-        **kwargs: Any,
-    ):  # fmt: skip
-        super().__init__(**kwargs)
-        self.signer, self.accuse = signer, accuse
-        self.receipts = None if signer is None else Receipts(
-            self.prefix, self.group_id, self.peer_id.to_bytes(), self.sender_peer_ids, bans
-        )  # fmt: skip
-        shapes = tuple(part.shape for part in self.parts_for_local_averaging)
-        where = f"{self.group_id.hex()[:8]} ({len(self.ordered_peer_ids)} peers)"
-        reducer = RobustPartReducer(
-            shapes, self.sender_peer_ids, aggregation, where, bans, self.group_id, on_refuse=self._evidence
-        )  # fmt: skip
-        self.tensor_part_reducer.finished.set()  # hivemind's own, unused: finished, it leaves without a warning
-        self.tensor_part_reducer = _AnswerAverage(reducer)
-        own = self.ordered_peer_ids.index(self.peer_id)
-        _take_averages(self.tensor_part_container, own)
-
-    async def generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
-        """hivemind's messages to one aggregator, each part stamped with its signature (``signed_parts.py``)."""
-        aggregator, part_index = self.ordered_peer_ids[peer_index].to_bytes(), 0
-        async for message in super().generate_input_for_peer(peer_index):
-            if self.signer is not None:
-                where = (self.prefix, self.group_id, aggregator, part_index, message.tensor_part)  # hashing: ~0.3 ms
-                message.peer_id = await asyncio.get_running_loop().run_in_executor(None, self.signer.stamp_part, *where)
-            part_index += 1
-            yield message
-
-    def accumulate_parts_streaming(self, stream: AsyncIterator[Any], sender_index: int) -> AsyncIterator[Any]:
-        if self.receipts is not None:
-            stream = self.receipts.checked(stream, sender_index)
-        return super().accumulate_parts_streaming(stream, sender_index)
-
-    def _evidence(self, sender_index: int, part_index: int) -> None:
-        """Hand the part of a sender the reducer refused to the averager as evidence (``accusations.py``)."""
-        kept = None if self.receipts is None else self.receipts.kept(sender_index, part_index)
-        if kept is not None and self.accuse is not None:
-            evidence = Evidence(self.prefix, self.group_id, self.peer_id.to_bytes(), *kept).encode()
-            self.accuse(str(self.sender_peer_ids[sender_index]), evidence)
-
-
-class _Average:
-    """An averaged part for which ``average - sender_part`` is the average: hivemind computes that difference
-    (allreduce.py ``_accumulate_parts_streaming`` and the local part in ``_communicate_with_peer``) and nothing else."""
-
-    def __init__(self, average: torch.Tensor):
-        self.average = average
-
-    def __sub__(self, _sender_part: torch.Tensor) -> torch.Tensor:
-        return self.average
-
-
-class _AnswerAverage:
-    """A ``TensorPartReducer`` whose ``accumulate_part`` answers with the average itself (``_Average``)."""
-
-    def __init__(self, reducer: Any):
-        self._reducer = reducer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reducer, name)
-
-    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, **kwargs: Any):
-        return _Average(await self._reducer.accumulate_part(sender_index, part_index, tensor_part, **kwargs))
-
-
-def _take_averages(container: Any, own: int) -> None:
-    """Make ``container`` (a ``TensorPartContainer``) hold values: each average registered (this member's own part
-    after the codec the others received it through), and its own values for a failed aggregator's parts."""
-    register = container.register_processed_part
-    container.return_deltas = False  # what register_failed_reducer then keeps: the member's own values
-
-    def register_average(peer_index: int, part_index: int, average: torch.Tensor) -> None:
-        part, info = input_part(container, peer_index, part_index)
-        if peer_index == own and average is not part:  # what the other members receive: the average after the codec
-            average = deserialize_torch_tensor(container.compression.compress(average, info))
-        register(peer_index, part_index, average.to(part.dtype))
-
-    container.register_processed_part = register_average
-
-
-def check_whole(runner: Any, group_info: GroupInfo) -> None:
-    """Raise if this member's result is missing a part; log the senders its own part had to leave out."""
-    container = runner.tensor_part_container
-    if runner.banned_senders:
-        logger.warning(
-            "Averaging round with %d peers: %s sent nothing in time; the part this peer aggregated averages the "
-            "others only",
-            group_info.group_size,
-            ", ".join(str(p) for p in runner.banned_senders),
-        )
-    if container.failed_size:
-        raise AllreduceException(
-            f"{container.failed_size:,} of {container.total_size:,} values came back from nobody (an aggregating peer "
-            f"failed or was unreachable): the round with {group_info.group_size} peers is incomplete"
-        )
