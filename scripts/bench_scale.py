@@ -239,9 +239,26 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
         "lookup_s_median": statistics.median(r["lookup_s"] for r in rows) if rows else None,
         "bytes_sent_per_peer_per_round": statistics.mean(sent) / args.rounds if sent else None,
         "alone_peer_rounds": sum(bool(r.get("alone")) for r in rows),  # locality: no other peer in its group
+        "agreeing_views": agreeing_views(rows),
         "consensus_by_round": consensus(rows, args.rounds),
         "vector_bytes": VECTOR * 4,
     }
+
+
+def agreeing_views(rows: list[dict]) -> float | None:
+    """Locality: the share of peer-rounds whose groups, at every level, are the groups that each of their members
+    (among the peers that reported that round) derived too. A peer whose partners derived other groups waits for
+    members that are not coming; None without levels."""
+    views: dict[int, dict[str, list]] = {}
+    for row in rows:
+        if row.get("expected"):
+            views.setdefault(row["round"], {})[row["me"]] = row["expected"]
+    checked = [
+        all(len(seen[q]) > i and seen[q][i] == group for i, group in enumerate(groups) for q in group if q in seen)
+        for seen in views.values()
+        for groups in seen.values()
+    ]
+    return sum(checked) / len(checked) if checked else None
 
 
 def consensus(rows: list[dict], rounds: int) -> list[float | None]:
@@ -265,8 +282,8 @@ def table(report: dict) -> str:
         "",
         "| peers | levels | success | group formation median / p90 (s) | round median / p90 (s) | group sizes "
         "| find RPCs per lookup (median / max) | lookup (s) | bytes sent per peer per round "
-        "| spread of values after the last round |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| spread of values after the last round | same groups as their partners |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sizes"]:
         formation = (f"{s['group_formation_s_median']:.1f} / {s['group_formation_s_p90']:.1f}"
@@ -277,9 +294,13 @@ def table(report: dict) -> str:
             f"| {s['peers']} | {s.get('levels') or [1]} | {100 * s['success_rate']:.0f} % | {formation} | {rounds} | "
             f"{s['group_sizes']} | "
             f"{s['find_rpcs_per_lookup_median']} / {s['find_rpcs_per_lookup_max']} | {s['lookup_s_median']:.2f} | "
-            f"{s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB | {_spread(s)} |"
+            f"{s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB | {_spread(s)} | {_share(s.get('agreeing_views'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f} %"
 
 
 def _spread(size: dict) -> str:
