@@ -7,9 +7,10 @@ at the same wall-clock times (one every ``--period`` seconds). ``--grouping swar
 p2ptrain's ``GroupRounds`` averager (the default: unbounded, every peer tries to join one group; ``--group-size``
 bounds it). ``--grouping locality``: what ``seed --group-size N`` runs (local mode's ``PseudoGradientAverager``,
 uncompressed here so that the values are exact): each peer probes the others (``proximity.Prober``), derives the
-clusters and its groups at every level from the records it read at the round's start (``Regrouping.passes``), and
-runs the levels back to back in the round (``level_rounds.LevelRounds``). After ``--churn-after`` rounds, 10 % of
-the peers (at least one) are killed (SIGKILL) and replaced by fresh ones.
+clusters and its groups at every level from the members and records it reads at the round's start (``Prober.read``,
+``Regrouping.passes``, as ``seed``/``join`` do), and runs the levels back to back in the round
+(``level_rounds.LevelRounds``). After ``--churn-after`` rounds, 10 % of the peers (at least one) are killed
+(SIGKILL) and replaced by fresh ones.
 
 Per N it reports: peers that formed a group and the time it took (from the round's start to the all-reduce; with
 levels, the round's time less its all-reduces', per level), the round success rate (a round counts for a peer when
@@ -102,8 +103,11 @@ def worker(args: argparse.Namespace) -> None:
         start = args.t0 + r * args.period
         time.sleep(max(0.0, start - time.time()))
         levels, expected = None, None
-        if prober is not None:  # the peer's groups this round, from the near records it has read
-            groups = regrouping.passes(prober.records, prober.members)
+        seen = None
+        if prober is not None:  # the peer's groups this round, from the members and records read now (as peers do)
+            records, members = prober.read()
+            groups = regrouping.passes(records, members)
+            seen = [len(members) + 1, len(records)]
             expected = [list(g.members) for g in groups]  # each level's group, as this peer derived it
             if all(len(g.members) < 2 for g in groups):
                 out.write(json.dumps({"round": r, "peer": args.index, "me": me, "ok": False, "alone": True,
@@ -136,7 +140,7 @@ def worker(args: argparse.Namespace) -> None:
         rpcs, lookup_s = dht.run_coroutine(probe)
         row = {"round": r, "peer": args.index, "me": me, "ok": ok, "group": size, "members": members,
                "levels": levels, "done": done, "expected": expected, "grouped_s": grouped_at, "end_s": end_s,
-               "find_rpcs": rpcs, "lookup_s": lookup_s, "value": _value(vector)}  # fmt: skip
+               "find_rpcs": rpcs, "lookup_s": lookup_s, "value": _value(vector), "seen": seen}  # fmt: skip
         out.write(json.dumps(row) + "\n")
     out.close()
 
@@ -240,6 +244,7 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
         "bytes_sent_per_peer_per_round": statistics.mean(sent) / args.rounds if sent else None,
         "alone_peer_rounds": sum(bool(r.get("alone")) for r in rows),  # locality: no other peer in its group
         "agreeing_views": agreeing_views(rows),
+        "seen_min_median": _seen(rows),  # locality: [members, near records] a peer read at a round's start
         "consensus_by_round": consensus(rows, args.rounds),
         "vector_bytes": VECTOR * 4,
     }
@@ -259,6 +264,13 @@ def agreeing_views(rows: list[dict]) -> float | None:
         for groups in seen.values()
     ]
     return sum(checked) / len(checked) if checked else None
+
+
+def _seen(rows: list[dict]) -> list | None:
+    seen = [r["seen"] for r in rows if r.get("seen")]
+    if not seen:
+        return None
+    return [[min(s[i] for s in seen), statistics.median(s[i] for s in seen)] for i in (0, 1)]
 
 
 def consensus(rows: list[dict], rounds: int) -> list[float | None]:
