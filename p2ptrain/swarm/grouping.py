@@ -8,10 +8,14 @@ Every peer derives the same groups from the same signed near records (``proximit
 2. **Clusters** (``clusters``): ``k = ceil(N / size)`` clusters of at most ``ceil(N / k)`` peers each (balanced,
    so that every cluster has about as many ranks as the others), by average-linkage agglomeration: the two closest
    clusters that fit together merge, until ``k`` are left; if none fit before that, the smallest clusters are
-   dissolved into the nearest ones with room. Peers on one LAN (a fraction of a millisecond apart) merge first.
-   Distances are rounded to whole milliseconds first, so that two peers whose views differ by the last probe's
-   jitter still agree. Agglomeration costs O(N²) memory and O(N³) time, so a swarm larger than ``BLOCK`` is
-   first cut into blocks along its coordinates: 0.4 s at 300 peers, 0.5 s at 1,000, 2.8 s at 10,000.
+   dissolved into the nearest ones with room. Clustering compares distance *classes*, not milliseconds
+   (``CLASS_EDGES_MS``: nearby, one continent, across an ocean, farther): every peer derives the groups from its own
+   read of records that change with every probe, and in its few milliseconds a round trip moves by its jitter, a
+   coordinate with every sample, and a pair drops in and out of a peer's published nearest. Whole milliseconds let
+   all of that reorder the merges (at 32 peers in one lab 8 of 32 derived the same groups as their partners); classes
+   change only when a pair crosses an edge, and ties merge in peer-id order, the same everywhere. Agglomeration
+   costs O(N²) memory and O(N³) time, so a swarm larger than ``BLOCK`` is first cut into blocks along its
+   coordinates: 0.4 s at 300 peers, 0.5 s at 1,000, 2.8 s at 10,000.
 3. **Levels** (``group``), Moshpit SGD's grid (Ryabinin et al., NeurIPS 2021) laid over the clusters: a peer's
    place is (its rank in its cluster, its cluster's digits in base ``size``). At level 0 a group is one cluster —
    nearby peers, every global step that is a multiple of ``levels``; at level ``l >= 1`` it is the peers of one rank
@@ -29,6 +33,7 @@ peers of one group meet on one DHT key and nobody else's matchmaking reads it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from collections.abc import Mapping
@@ -41,8 +46,19 @@ from p2ptrain.swarm.proximity import Coord, Near
 KEY_BITS = 24
 
 
+# Upper edges of the distance classes, in ms of round trip: a metro area (or one lab: a probe through the DHT's RPC
+# takes a few ms even on one machine, so no edge can tell a LAN from a city), a continent, across an ocean; beyond.
+CLASS_EDGES_MS = (20.0, 80.0, 250.0)
+
+
+def distance_class(rtt_ms: float) -> float:
+    """The class of a round trip (0 for nearby, one more per ``CLASS_EDGES_MS`` edge it reaches; inf: unknown)."""
+    return float(bisect.bisect_right(CLASS_EDGES_MS, rtt_ms)) if math.isfinite(rtt_ms) else math.inf
+
+
 def distances(records: Mapping[str, Near], peers: list[str]) -> dict[tuple[str, str], float]:
-    """Round trip (whole ms) between every two of ``peers``: measured where either measured it, else estimated."""
+    """The distance class (``distance_class``) between every two of ``peers``, of the round trip measured where
+    either measured it, else estimated from their coordinates."""
     table: dict[tuple[str, str], float] = {}
     for i, a in enumerate(peers):
         for b in peers[i + 1 :]:
@@ -57,7 +73,7 @@ def distances(records: Mapping[str, Near], peers: list[str]) -> dict[tuple[str, 
                 value = records[a].coord.distance(records[b].coord)
             else:
                 value = math.inf  # a peer with no record: nobody knows where it is
-            table[a, b] = table[b, a] = float(round(value)) if math.isfinite(value) else value
+            table[a, b] = table[b, a] = distance_class(value)
     return table
 
 
@@ -96,7 +112,7 @@ def _agglomerate(records: Mapping[str, Near], peers: list[str], size: int) -> li
     index = {p: i for i, p in enumerate(peers)}
     original = np.zeros((n, n))
     for (a, b), value in dist.items():
-        original[index[a], index[b]] = min(value, UNKNOWN_MS)
+        original[index[a], index[b]] = min(value, UNKNOWN)
     matrix = original.copy()
     np.fill_diagonal(matrix, np.inf)
     members: list[list[int]] = [[i] for i in range(n)]
@@ -125,7 +141,7 @@ def _agglomerate(records: Mapping[str, Near], peers: list[str], size: int) -> li
     return [[peers[k] for k in sorted(g)] for g in _chain(groups, original)]
 
 
-UNKNOWN_MS = 1e6  # the distance to a peer with no near record: farther than anything measured, still finite
+UNKNOWN = 1e6  # the distance to a peer with no near record: farther than any class, still finite
 
 
 def _closest_pair(matrix: np.ndarray, sizes: np.ndarray, alive: np.ndarray, limit: float) -> tuple[int, int] | None:

@@ -3,7 +3,9 @@ coordinate that lets any peer estimate the distance between two peers it never m
 
 - ``Neighbours``: the last measurements to at most ``MAX_NEIGHBOURS`` peers (least recently seen dropped first):
   round-trip time from light probes (a DHT ping, the smaller of two so that a fresh connection's handshake does not
-  count). Achieved throughput has a column in the record but nothing measures it yet: it is always null.
+  count; the peer's round trip is the smallest of its last ``RTT_WINDOW`` samples, which is what the coordinate
+  moves by, so that a queue or a busy scheduler's spike moves neither), and the throughput this peer's part
+  streams to it achieved in averaging rounds (``shares.link_rates``, smoothed; null for a peer never averaged with).
 - ``Vivaldi``: a network coordinate (Dabek et al., SIGCOMM 2004; the height variant that Serf and Consul use): two
   dimensions plus a height, in milliseconds, moved a little towards agreement with each round trip measured to a
   peer whose coordinate is known. The distance between two coordinates estimates their round trip.
@@ -28,9 +30,9 @@ import math
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hivemind
 from hivemind.p2p import PeerID
@@ -64,10 +66,14 @@ def shard_of(peer: str) -> int:
     return hashlib.sha256(peer.encode()).digest()[0] % SHARDS
 
 
+RTT_WINDOW = 5  # round trips kept per peer: its measured round trip is the smallest of them
+
+
 @dataclass
 class Measured:
-    rtt_ms: float | None = None  # smoothed (EWMA 0.3)
+    rtt_ms: float | None = None  # the smallest of the last ``RTT_WINDOW`` samples (``Neighbours.rtt``)
     mbit_s: float | None = None  # what this peer's part streams to it achieved in averaging rounds (EWMA 0.3)
+    samples: deque = field(default_factory=lambda: deque(maxlen=RTT_WINDOW), repr=False, compare=False)
 
 
 class Neighbours:
@@ -85,10 +91,15 @@ class Neighbours:
             self._peers.popitem(last=False)
         return entry
 
-    def rtt(self, peer: str, rtt_ms: float) -> None:
+    def rtt(self, peer: str, rtt_ms: float) -> float:
+        """Take a round-trip sample; return the peer's measured round trip, the smallest of its recent samples: a
+        sample is the path's delay plus whatever queue or busy scheduler it met (on a loaded machine, hundreds of
+        ms), and the smallest is the path's. A path that really got longer shows after ``RTT_WINDOW`` samples."""
         with self._lock:
             entry = self._entry(peer)
-            entry.rtt_ms = rtt_ms if entry.rtt_ms is None else 0.7 * entry.rtt_ms + 0.3 * rtt_ms
+            entry.samples.append(rtt_ms)
+            entry.rtt_ms = min(entry.samples)
+            return entry.rtt_ms
 
     def throughput(self, links: dict[str, float]) -> None:
         """What this peer's part streams achieved in a round, Mbit/s by peer id (``shares.link_rates``)."""
@@ -302,10 +313,10 @@ class Prober:
         self._random.shuffle(known)
         chosen = (fresh + known)[: self.probes]
         times = self.dht.run_coroutine(functools.partial(_ping, chosen)) if chosen else {}
-        for peer, rtt_ms in times.items():
-            self.neighbours.rtt(peer, rtt_ms)
+        for peer, sample_ms in times.items():
+            rtt_ms = self.neighbours.rtt(peer, sample_ms)
             remote = self.records.get(peer)
-            if remote is not None:
+            if remote is not None:  # the filtered round trip: one spike would throw the coordinate far off
                 self.vivaldi.observe(rtt_ms, remote.coord)
         self.publish()
         self.on_probe(self.neighbours.nearest())
