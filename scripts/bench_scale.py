@@ -85,8 +85,10 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.announce).write_text("\n".join(str(a) for a in dht.get_visible_maddrs()))
     me = dht.peer_id.to_base58()
     vector = torch.full((VECTOR,), 100.0 + args.index)  # its own value, the mean known; norms alike, as real data
+    # allreduce_timeout: what seed/join give their averagers (the averaging timeout); without it an all-reduce whose
+    # member was killed mid-round waits for good, and every later round of that peer waits behind it
     common = dict(dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
-                  target_group_size=args.group_size, start=True)  # fmt: skip
+                  target_group_size=args.group_size, allreduce_timeout=args.period - 4, start=True)  # fmt: skip
     if args.grouping == "locality":
         averager = PseudoGradientAverager([vector], level=Level("none"), budget=0.0, dense=True, **common)
     else:
