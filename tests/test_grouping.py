@@ -21,6 +21,7 @@ from p2ptrain.swarm.grouping import (
 from p2ptrain.swarm.proximity import (
     MAX_COORD_MS,
     RTT_WINDOW,
+    SETTLED_ERROR,
     Coord,
     Measured,
     Near,
@@ -40,8 +41,9 @@ def two_regions(per_region: int, inside_ms: float = 5.0, between_ms: float = 150
     return peers, rtt
 
 
-def settle(peers, rtt, rounds: int = 60, seed: int = 0) -> dict[str, Coord]:
-    """Vivaldi as the prober runs it: each peer measures a few random others per round."""
+def settle(peers, rtt, rounds: int = 60, seed: int = 0, published: bool = False) -> dict[str, Coord]:
+    """Vivaldi as the prober runs it: each peer measures a few random others per round (``published``: the
+    coordinates as the near records carry them)."""
     rng = random.Random(seed)
     nodes = {p: Vivaldi(seed=p) for p in peers}
     for _ in range(rounds):
@@ -49,7 +51,7 @@ def settle(peers, rtt, rounds: int = 60, seed: int = 0) -> dict[str, Coord]:
             for q in rng.sample([o for o in peers if o != p], 3):
                 jitter = rng.uniform(0.9, 1.1)
                 nodes[p].observe(rtt(p, q) * jitter, nodes[q].coord)
-    return {p: n.coord for p, n in nodes.items()}
+    return {p: n.published() if published else n.coord for p, n in nodes.items()}
 
 
 def test_vivaldi_coordinates_estimate_round_trips_between_and_inside_regions():
@@ -79,6 +81,33 @@ def test_coordinates_follow_the_path_not_a_loaded_machines_spikes(filtered):
     estimates = [nodes[p].coord.distance(nodes[q].coord) for p in peers for q in peers if p < q]
     nearby = sum(distance_class(ms) == 0 for ms in estimates) / len(estimates)
     assert nearby == 1.0 if filtered else nearby < 0.5, nearby
+
+
+def test_a_coordinate_is_published_as_settled_once_and_for_good():
+    node = Vivaldi(seed="x")
+    assert node.published().error == 1.0  # fresh: readers estimate nothing from it
+    other = Coord(10.0, 0.0, 0.01, 0.1)
+    for _ in range(50):
+        node.observe(10.0, other)
+    assert node.settled and node.published().error <= SETTLED_ERROR
+    for i in range(30):
+        node.observe(500.0 if i % 2 else 1.0, other)  # its error climbs again; what it publishes stays settled
+    assert node.coord.error > SETTLED_ERROR and node.published().error == SETTLED_ERROR
+
+
+@pytest.mark.parametrize("error", [1.0, pytest.param(0.3, marks=pytest.mark.xfail(strict=True))])
+def test_a_newcomers_moving_coordinate_does_not_move_the_groups(error):
+    """A newcomer's coordinate jumps between reads until it settles; its one measured round trip places it. Were its
+    coordinate taken as settled (error 0.3), the three reads would group differently."""
+    peers, rtt = two_regions(8)
+    coords = settle(peers, rtt, published=True)
+    views = []
+    for seed in range(3):
+        rng = random.Random(seed)
+        newcomer = Coord(rng.uniform(-200, 200), rng.uniform(-200, 200), rng.uniform(0, 50), error)
+        records = records_from({**coords, "peer-a-99": newcomer}, {"peer-a-99": {"peer-a-00": 5.0}})
+        views.append(clusters(records, [*peers, "peer-a-99"], 4))
+    assert views[0] == views[1] == views[2]
 
 
 def test_vivaldi_stays_bounded_on_absurd_samples():
@@ -158,7 +187,7 @@ def test_views_that_differ_by_the_probes_jitter_derive_the_same_clusters(inside_
     for seed in range(3):
         rng = random.Random(seed)
         noisy = lambda p, q: rtt(p, q) * rng.uniform(0.9, 1.1) + rng.uniform(0, 8)  # noqa: B023, E731
-        coords = settle(peers, noisy, seed=seed)
+        coords = settle(peers, noisy, seed=seed, published=True)
         measured = {p: {q: noisy(p, q) for q in rng.sample([o for o in peers if o != p], 8)} for p in peers}
         views.append(clusters(records_from(coords, measured), peers, 4))
     assert views[0] == views[1] == views[2]

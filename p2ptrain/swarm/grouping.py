@@ -3,7 +3,8 @@
 Every peer derives the same groups from the same signed near records (``proximity.py``), with no coordinator:
 
 1. **Distance** between two peers: the round trip one of them measured to the other (the mean if both did), else
-   the estimate from their Vivaldi coordinates. Measured distances count first because, in a small swarm, they
+   the estimate from their Vivaldi coordinates once both have settled (``proximity.Vivaldi.published``), else
+   unknown. Measured distances count first because, in a small swarm, they
    exist for every pair after a few probes, while coordinates take a while to settle.
 2. **Clusters** (``clusters``): ``k = ceil(N / size)`` clusters of at most ``ceil(N / k)`` peers each (balanced,
    so that every cluster has about as many ranks as the others), by average-linkage agglomeration: the two closest
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from p2ptrain.swarm.proximity import Coord, Near
+from p2ptrain.swarm.proximity import SETTLED_ERROR, Coord, Near
 
 KEY_BITS = 24
 
@@ -58,7 +59,7 @@ def distance_class(rtt_ms: float) -> float:
 
 def distances(records: Mapping[str, Near], peers: list[str]) -> dict[tuple[str, str], float]:
     """The distance class (``distance_class``) between every two of ``peers``, of the round trip measured where
-    either measured it, else estimated from their coordinates."""
+    either measured it, else estimated from their coordinates if both have settled, else unknown."""
     table: dict[tuple[str, str], float] = {}
     for i, a in enumerate(peers):
         for b in peers[i + 1 :]:
@@ -69,10 +70,10 @@ def distances(records: Mapping[str, Near], peers: list[str]) -> dict[tuple[str, 
             ]
             if measured:
                 value = sum(measured) / len(measured)
-            elif a in records and b in records:
+            elif a in records and b in records and max(records[a].coord.error, records[b].coord.error) <= SETTLED_ERROR:
                 value = records[a].coord.distance(records[b].coord)
             else:
-                value = math.inf  # a peer with no record: nobody knows where it is
+                value = math.inf  # no record, or a coordinate not settled yet (``Vivaldi.published``): unknown
             table[a, b] = table[b, a] = distance_class(value)
     return table
 

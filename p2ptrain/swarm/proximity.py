@@ -144,13 +144,26 @@ class Coord:
 MIN_HEIGHT_MS = 0.01
 
 
+SETTLED_ERROR = 0.5  # a coordinate is settled once its error first gets this low (``Vivaldi.published``)
+
+
 class Vivaldi:
     """This peer's coordinate, moved by each measured round trip (``ce``, ``cc``: the paper's constants)."""
 
     def __init__(self, seed: str = "", ce: float = 0.25, cc: float = 0.25):
         self.coord = Coord(height=MIN_HEIGHT_MS)
         self.ce, self.cc = ce, cc
+        self.settled = False  # once true, for good
         self._random = random.Random(seed)
+
+    def published(self) -> Coord:
+        """The coordinate as the near record carries it: error 1 until it has settled (its error at or below
+        ``SETTLED_ERROR`` once), then at most ``SETTLED_ERROR``. Readers estimate distances only between settled
+        coordinates (``grouping.distances``): a newcomer's moves with every sample, and an error that went up and
+        down across the threshold would make peers reading at different moments place it differently. Settling
+        happens once per peer, so it changes the groups once."""
+        error = min(self.coord.error, SETTLED_ERROR) if self.settled else 1.0
+        return Coord(self.coord.x, self.coord.y, self.coord.height, error)
 
     def observe(self, rtt_ms: float, remote: Coord) -> Coord:
         own = self.coord
@@ -170,6 +183,7 @@ class Vivaldi:
         if magnitude > 1e-6:
             height = max(MIN_HEIGHT_MS, own.height + force * (own.height + remote.height) / (magnitude + 1e-9))
         self.coord = Coord(_clamp(x), _clamp(y), min(height, MAX_COORD_MS), error)
+        self.settled = self.settled or error <= SETTLED_ERROR
         return self.coord
 
 
@@ -333,7 +347,7 @@ class Prober:
         return self.records, self.members
 
     def publish(self) -> bool:
-        value = encode_near(self.vivaldi.coord, self.neighbours.nearest())
+        value = encode_near(self.vivaldi.published(), self.neighbours.nearest())
         expiration = get_dht_time() + RECORD_TTL_S
         key = near_key(self.run_id, shard_of(self.me))
         future = self.dht.store(key, value, expiration, subkey=self.me, return_future=True)
