@@ -20,6 +20,7 @@ from p2ptrain.swarm.nat import PY_DAEMON, aggregates, cannot_average, offered_ad
 from p2ptrain.swarm.reachability import Kind
 from p2ptrain.train.group_rounds import GroupRounds, RoundOutcome, with_shares
 from p2ptrain.train.same_average import SameAverageRunner, check_whole
+from p2ptrain.train.signed_parts import PartSigner
 
 D, M, N, S, U = Kind.DIRECT, Kind.MAPPED, Kind.NAT, Kind.SYMMETRIC_NAT, Kind.UNKNOWN
 NP = Kind.NAT.value + PY_DAEMON  # behind a port-keeping NAT, an older Python daemon (before go-libp2p's roles)
@@ -186,6 +187,46 @@ def test_a_part_that_lost_a_member_fails_the_round_on_every_member(tmp_path):
     # the parts averaged before the drop are the same on every member; none took a part without the flaky one
     first = slice(0, 1000)
     assert all(torch.equal(r[first], results[0][first]) for r in results)
+
+
+class StripsItsStamps(SameAverageRunner):
+    """A member that sends its parts unsigned (``signed_parts``): the aggregators refuse it."""
+
+    async def generate_input_for_peer(self, peer_index: int):
+        async for message in super().generate_input_for_peer(peer_index):
+            message.peer_id = b""
+            yield message
+
+
+def test_a_refused_sender_fails_its_own_round_only(tmp_path):
+    """A sender the aggregators refuse on purpose (here: unsigned parts) is left out without failing the round: the
+    two signed members end it with one average of their own values, the unsigned one fails. Were a refusal a lost
+    part, one peer sending garbage would stop every round of its group."""
+    from test_progress import identified_dhts
+
+    nodes = identified_dhts(tmp_path, 3)
+    unsigned = type("Rounds", (Rounds,), {"runner_type": StripsItsStamps})  # hivemind names handlers by class
+    vectors = [torch.full((2_000_000,), float(i)) for i in range(3)]
+    averagers = [
+        kind([v.clone()], dht=dht, signer=PartSigner(key), prefix="test", target_group_size=3, min_group_size=3,
+             min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=5, compression=Float16Compression(),
+             reach_kind=reach, start=True)
+        for kind, v, (dht, key), reach in zip([Rounds, Rounds, unsigned], vectors, nodes, [D, D, S], strict=True)
+    ]  # fmt: skip
+    try:
+        controls = [a.step(wait=False, timeout=8) for a in averagers]
+        for control in controls[:2]:
+            assert len(control.result(timeout=60)) == 3
+        with pytest.raises(AllreduceException):
+            controls[2].result(timeout=60)
+        for averager in averagers[:2]:
+            with averager.get_tensors() as (tensor,):
+                assert torch.all(tensor == 0.5)  # the signed members' mean; the unsigned one's 2.0 left out
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht, _ in nodes:
+            dht.shutdown()
 
 
 def test_hivemind_averagers_measure_the_uplink_their_shares_follow():

@@ -163,11 +163,10 @@ def _take_averages(container: Any, own: int) -> None:
 def check_whole(runner: Any, group_info: GroupInfo) -> None:
     """Raise if this member's result is missing a part, saying which senders the parts it aggregated lost."""
     container = runner.tensor_part_container
-    left_out = getattr(runner, "left_out", [])
-    if left_out:
+    if runner.left_out:
         raise AllreduceException(
-            f"{', '.join(map(str, left_out))} sent nothing in time for the parts this peer aggregates: the round "
-            f"with {group_info.group_size} peers fails on every member"
+            f"{', '.join(map(str, runner.left_out))} sent nothing in time for the parts this peer aggregates: the "
+            f"round with {group_info.group_size} peers fails on every member"
         )
     if container.failed_size:
         raise AllreduceException(
