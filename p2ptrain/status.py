@@ -46,6 +46,7 @@ class PeerStatus:
     bytes_received: float = 0.0
     last_rounds: list[dict] = field(default_factory=list)  # the last 20: step, ok, peers, codec, bytes, seconds…
     resynced_at: int | None = None  # global step reached by downloading the swarm's state after parting from it
+    falling_behind: dict | None = None  # each download ends a step behind: downloads, download_s, step_s (keeping_up)
     samples_per_s: float = 0.0
     compute_s: float = 0.0  # seconds in forward/backward since training started
     optimizer_s: float = 0.0  # ... in the optimizer's own update (utilization = (compute_s + optimizer_s) / wall)

@@ -64,7 +64,7 @@ def test_connections_are_counted_by_kind_and_a_peer_with_one_direct_connection_i
 
 
 def test_a_peer_whose_rounds_keep_failing_while_others_train_is_told_to_rejoin():
-    from p2ptrain.train.trainer import StuckRounds
+    from p2ptrain.train.keeping_up import StuckRounds
 
     stuck = StuckRounds(limit=3)
     assert [stuck.after(own_update=True, peers=4) for _ in range(3)] == [False, False, True]

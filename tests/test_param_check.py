@@ -149,8 +149,9 @@ def test_a_resync_moves_the_step_loop_on_so_it_stops_at_the_last_step(tmp_path):
 
     from p2ptrain.settings import PeerSettings
     from p2ptrain.status import StatusWriter
+    from p2ptrain.train.keeping_up import StuckRounds
     from p2ptrain.train.round_log import RoundLog
-    from p2ptrain.train.trainer import StuckRounds, Trainer
+    from p2ptrain.train.trainer import Trainer
 
     opt = SimpleNamespace(
         local_epoch=5,

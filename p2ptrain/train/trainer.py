@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Protocol
 
 import hivemind
@@ -27,6 +27,7 @@ from p2ptrain.swarm.losses import publish_losses
 from p2ptrain.swarm.manifest import SwarmManifest
 from p2ptrain.train import end_of_run
 from p2ptrain.train.data import Corpus
+from p2ptrain.train.keeping_up import FallingBehind, StuckRounds
 from p2ptrain.train.models import autocast_for, evaluate, lm_loss
 from p2ptrain.train.optimizers import PeerOptimizer
 from p2ptrain.train.param_check import ParamCheck
@@ -80,6 +81,7 @@ class Trainer:
         comparable = optimizer.shared_params() is not None
         self._param_check = ParamCheck(optimizer.tracker.dht, manifest.run_id) if comparable else None
         self._stuck = StuckRounds()
+        self._behind = FallingBehind()
         self._on_stuck = on_stuck  # asks the peer to rejoin the swarm, with new averagers
 
     def catch_up(self) -> None:
@@ -298,8 +300,18 @@ class Trainer:
         """Publish our parameters' sketch for this step; resynchronise if the last verdict says we left the swarm's
         parameters (``param_check``)."""
         if self.opt.behind_group_at(epoch):  # its sketch would not be of the others' step: not published
+            started = time.monotonic()
             self._resync(epoch, "its round's group was ahead; this peer missed their last steps")
+            ended = time.monotonic()
+            lag = self._behind.after_download(ended, self.opt.tracker.global_epoch, ended - started)
+            if lag is not None:
+                logger.warning("Falling behind: %s", lag.message())
+                self.status.update(force=True, falling_behind=asdict(lag))
             return
+        self._behind.kept_up()
+        if self.status.status.falling_behind:
+            logger.info("Caught up with the swarm: a global step with this peer's group")
+            self.status.update(force=True, falling_behind=None)
         lr = self.opt.learning_rate()
         own = self.opt.own_update_at(epoch)
         group = None if own else self.opt.last_group
@@ -345,24 +357,3 @@ class Trainer:
         if epoch % self.settings.checkpoint_every == 0:
             self._save()
         return epoch
-
-
-STUCK_STEPS = 6  # global steps in a row from our own gradients, with others in the swarm, before rejoining
-
-
-@dataclass
-class StuckRounds:
-    """Tells when this peer's gradient rounds have failed ``limit`` global steps in a row while other peers train:
-    its averager is stuck (seen: after a round cancelled at the wrong moment inside hivemind's matchmaking, every
-    later round of that peer found no group, and it trained on alone while the swarm went on without it)."""
-
-    limit: int = STUCK_STEPS
-    in_a_row: int = 0
-
-    def after(self, own_update: bool, peers: int) -> bool:
-        """After a global step: was its update our own (the round failed), with ``peers`` in the swarm?"""
-        self.in_a_row = self.in_a_row + 1 if own_update and peers > 1 else 0
-        if self.in_a_row < self.limit:
-            return False
-        self.in_a_row = 0
-        return True

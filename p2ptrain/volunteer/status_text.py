@@ -33,6 +33,12 @@ def describe_status(reply: dict[str, Any]) -> str:
                 for level, others, seconds in grouped[-1]["levels"]
             )
             lines.append(f"Last round (global step {grouped[-1]['step']}): {levels}")
+        lag = peer.get("falling_behind")
+        if lag:  # train/keeping_up.py
+            lines.append(
+                f"Falling behind: each state download ({lag['download_s']:.1f} s) ends after the swarm's next step "
+                f"({lag['step_s']:.1f} s): this peer cannot catch up on this link"
+            )
         lines.append(describe_ledger(reply.get("ledger")))
     elif peer.get("state"):
         lines.append(f"Peer: {peer['state']}")

@@ -1,0 +1,75 @@
+"""Whether this peer keeps up with the swarm: two ways of falling out of its rounds that no single step shows.
+
+- ``StuckRounds``: its gradient rounds find no group step after step while others train (its averager is stuck:
+  the peer rejoins with new ones).
+- ``FallingBehind``: each state download ends a step behind the swarm. A peer that parted from the swarm downloads
+  its state; when the download takes longer than the swarm's global step, the swarm has stepped on by the time it
+  ends, the peer's next round is the swarm's next step, and it applies that average to parameters a step old
+  (``step_numbers``): it downloads again, and again. Nothing but longer steps (the swarm's target batch size) or a
+  faster link ends that, so the peer says so, with the two durations, instead of resynchronising silently forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STUCK_STEPS = 6  # global steps in a row from our own gradients, with others in the swarm, before rejoining
+BEHIND_DOWNLOADS = 3  # state downloads in a row, each ending a step behind the swarm, before saying so
+
+
+@dataclass
+class StuckRounds:
+    """Tells when this peer's gradient rounds have failed ``limit`` global steps in a row while other peers train:
+    its averager is stuck (seen: after a round cancelled at the wrong moment inside hivemind's matchmaking, every
+    later round of that peer found no group, and it trained on alone while the swarm went on without it)."""
+
+    limit: int = STUCK_STEPS
+    in_a_row: int = 0
+
+    def after(self, own_update: bool, peers: int) -> bool:
+        """After a global step: was its update our own (the round failed), with ``peers`` in the swarm?"""
+        self.in_a_row = self.in_a_row + 1 if own_update and peers > 1 else 0
+        if self.in_a_row < self.limit:
+            return False
+        self.in_a_row = 0
+        return True
+
+
+@dataclass(frozen=True)
+class Lag:
+    """The measured reason a peer cannot catch up: its downloads' mean duration and the swarm's step."""
+
+    downloads: int
+    download_s: float
+    step_s: float
+
+    def message(self) -> str:
+        return (
+            f"this peer fell a step behind the swarm after each of its last {self.downloads} state downloads: a "
+            f"download takes {self.download_s:.1f} s, the swarm steps every {self.step_s:.1f} s. It cannot catch up "
+            "while its downloads are slower than the swarm's global steps (a slow link, or steps too short for the "
+            "model: the swarm's --target-batch-size sets their length)"
+        )
+
+
+@dataclass
+class FallingBehind:
+    """The chain of state downloads that each ended a step behind the swarm (module docstring)."""
+
+    limit: int = BEHIND_DOWNLOADS
+    chain: list[tuple[float, int, float]] = field(default_factory=list)  # (ended at, swarm's step then, seconds)
+
+    def after_download(self, ended_at: float, swarm_step: int, seconds: float) -> Lag | None:
+        """After a download that followed a round whose group was ahead; a ``Lag`` every ``limit`` in a row."""
+        self.chain.append((ended_at, swarm_step, seconds))
+        if len(self.chain) < self.limit:
+            return None
+        (first_at, first_step, _), (last_at, last_step, _) = self.chain[0], self.chain[-1]
+        mean_s = sum(s for _, _, s in self.chain) / len(self.chain)
+        step_s = (last_at - first_at) / max(1, last_step - first_step)
+        self.chain = []  # the next report counts anew
+        return Lag(self.limit, mean_s, step_s)
+
+    def kept_up(self) -> None:
+        """After a global step taken with its group: the chain, if any, is broken."""
+        self.chain = []

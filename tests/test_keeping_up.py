@@ -1,0 +1,68 @@
+"""A peer whose state downloads outlast the swarm's global steps says it cannot catch up (train/keeping_up.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from types import SimpleNamespace
+
+from p2ptrain.settings import PeerSettings
+from p2ptrain.status import StatusWriter
+from p2ptrain.train.keeping_up import FallingBehind, Lag
+from p2ptrain.train.trainer import Trainer
+
+
+def test_three_downloads_in_a_row_that_end_behind_measure_the_download_and_the_step():
+    behind = FallingBehind(limit=3)
+    assert behind.after_download(10.0, 20, 3.0) is None
+    assert behind.after_download(14.0, 22, 3.5) is None
+    lag = behind.after_download(18.0, 24, 4.0)
+    assert lag == Lag(downloads=3, download_s=3.5, step_s=2.0)
+    assert "a download takes 3.5 s, the swarm steps every 2.0 s" in lag.message()
+    assert behind.after_download(22.0, 26, 3.0) is None  # counts anew
+    behind.kept_up()
+    assert behind.after_download(30.0, 30, 3.0) is None and behind.after_download(31.0, 31, 3.0) is None
+
+
+def test_the_trainer_reports_a_peer_that_falls_behind_after_every_download_and_clears_it_once_caught_up(
+    tmp_path, caplog
+):
+    """The trainer's step bookkeeping with a stand-in optimizer whose downloads take 0.2 s while the swarm steps
+    twice during each: the peer's round after every download is the swarm's next step."""
+    swarm = SimpleNamespace(global_epoch=10)
+    behind = {"now": True}
+
+    def download():
+        time.sleep(0.2)
+        opt.local_epoch = swarm.global_epoch  # the state it gets is the one served when it asked
+        swarm.global_epoch += 2  # ... and the swarm stepped on meanwhile
+
+    opt = SimpleNamespace(
+        local_epoch=10,
+        tracker=swarm,
+        behind_group_at=lambda epoch: behind["now"],
+        load_state_from_peers=download,
+        learning_rate=lambda: 0.1,
+        own_update_at=lambda epoch: False,
+        last_group=None,
+        shared_params=lambda: [],
+        offer_state_first=lambda epoch: None,
+    )
+    trainer = Trainer.__new__(Trainer)  # the step bookkeeping only: no model, no swarm
+    trainer.opt, trainer._behind, trainer.lock = opt, FallingBehind(), threading.Lock()
+    trainer.status = StatusWriter(tmp_path / "status.json")
+    trainer.settings = PeerSettings(data_dir=tmp_path)
+    trainer._param_check = SimpleNamespace(after_step=lambda *args: None)
+    with caplog.at_level(logging.INFO, logger="p2ptrain.train.trainer"):
+        for _ in range(3):
+            trainer._compare_params(opt.local_epoch + 1)
+    lag = trainer.status.status.falling_behind
+    assert lag["downloads"] == 3 and 0.2 <= lag["download_s"] < 1.0 and 0.1 <= lag["step_s"] < 0.5, lag
+    assert "Falling behind: this peer fell a step behind the swarm after each of its last 3 state downloads" in (
+        caplog.text
+    )
+    behind["now"] = False  # a global step with its own group: caught up
+    with caplog.at_level(logging.INFO, logger="p2ptrain.train.trainer"):
+        trainer._compare_params(opt.local_epoch + 1)
+    assert trainer.status.status.falling_behind is None and "Caught up with the swarm" in caplog.text
