@@ -81,14 +81,18 @@ def test_a_peer_behind_its_group_downloads_the_state_without_publishing_its_sket
     from types import SimpleNamespace
 
     from p2ptrain.status import StatusWriter
+    from p2ptrain.train.keeping_up import FallingBehind
     from p2ptrain.train.trainer import Trainer
 
     downloads = []
-    opt = SimpleNamespace(local_epoch=7, behind_group_at=lambda epoch: epoch == 7)
+    opt = SimpleNamespace(
+        local_epoch=7, behind_group_at=lambda epoch: epoch == 7, tracker=SimpleNamespace(global_epoch=9)
+    )
     opt.load_state_from_peers = lambda: (downloads.append(opt.local_epoch), setattr(opt, "local_epoch", 9))
     trainer = Trainer.__new__(Trainer)  # the check's bookkeeping only: no model, no swarm
     trainer.opt, trainer.lock, trainer.status = opt, threading.Lock(), StatusWriter(tmp_path / "status.json")
     trainer._param_check = SimpleNamespace(after_step=lambda *args: pytest.fail("published a sketch"))
+    trainer._behind = FallingBehind()
     trainer._compare_params(7)
     assert downloads == [7] and opt.local_epoch == 9
     assert "its round's group was ahead" in caplog.text and "now at global step 9" in caplog.text
