@@ -16,7 +16,7 @@ internet a peer meets that many in seconds; here the bootstrap nodes and S are t
 4. S comes back (same data directory, so the same identity and port): A rejoins and trains with it.
 
 CI runs the story with both daemons in one swarm (S Go, R Python, A Python, B Go: each daemon relays, sits behind
-NAT and hole-punches to the other); ``-m extended`` runs it all-Go, and a shorter one all-Python.
+NAT and hole-punches to the other); ``-m extended`` runs it all-Go and all-Python.
 """
 
 from __future__ import annotations
@@ -81,10 +81,14 @@ def advanced(peers: list[LocalPeer], steps: int) -> callable:
     return lambda: all(epoch(p) >= start[p.name] + steps for p in peers)
 
 
-STORY_DAEMONS = {"mixed": {"S": "go", "R": "py", "A": "py", "B": "go"}, "go": dict.fromkeys("SRAB", "go")}
+STORY_DAEMONS = {
+    "mixed": {"S": "go", "R": "py", "A": "py", "B": "go"},
+    "go": dict.fromkeys("SRAB", "go"),
+    "py": dict.fromkeys("SRAB", "py"),
+}
 
 
-@pytest.mark.parametrize("daemons", ["mixed", pytest.param("go", marks=pytest.mark.extended)])  # 3-4 min each
+@pytest.mark.parametrize("daemons", ["mixed", *(pytest.param(d, marks=pytest.mark.extended) for d in ("go", "py"))])
 def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path, daemons):
     """``mixed``: the seeder runs the Go daemon, the second public peer the Python one, and so do the volunteers
     (A Python, B Go), so that each daemon is a relay (S first, R once S is gone), a volunteer behind NAT, and
@@ -119,7 +123,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             punched = lambda p: p.status().get("connections", {}).get("hole-punched", 0) >= 1  # noqa: E731
             wait_until(lambda: punched(va) and punched(vb), 240, "a hole-punched connection A-B", everyone)
             assert "(hole-punched through both NATs)" in va.log()
-            wait_until(advanced(everyone, 3), 240, "three more global steps", everyone)
+            wait_until(advanced(everyone, 2), 240, "two more global steps", everyone)
             between_homes = lab.counters(home_a).get(home_b.router.ip, 0)
             assert between_homes > 600_000, (lab.counters(home_a), va.status())  # averaging parts, hole-punched
             counts = {home.name: nonzero(lab.counters(home)) for home in (home_a, home_b)}
@@ -136,7 +140,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             swarm.stop(seeder, signal.SIGKILL)
             rest = [second, va, vb]
             to_r = {home.name: lab.counters(home).get(r.ip, 0) for home in (home_a, home_b)}
-            wait_until(advanced(rest, 3), 240, "three global steps without S", rest)
+            wait_until(advanced(rest, 2), 240, "two global steps without S", rest)
             for home in (home_a, home_b):
                 assert lab.counters(home).get(r.ip, 0) - to_r[home.name] > 200_000, lab.counters(home)
             counts = {home.name: nonzero(lab.counters(home)) for home in (home_a, home_b)}
@@ -150,7 +154,7 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             wait_until(lambda: all(p.status().get("network_no_relay") for p in volunteers), 150, "no relay", volunteers)
             for volunteer in volunteers:
                 assert "The swarm has no relay: no member is reachable directly" in volunteer.log()
-            wait_until(advanced(volunteers, 3), 120, "A and B training on together", volunteers)
+            wait_until(advanced(volunteers, 2), 120, "A and B training on together", volunteers)
 
             # 3b. B leaves too: A alone, with no relay, waits instead of training apart
             swarm.stop(vb)
@@ -172,65 +176,6 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             wait_until(together, 300, "training again", [back, va])
             assert not va.status().get("network_isolated")
             assert "Resumed after" not in va.log()  # it left paused: no global step alone on the way out
-    finally:
-        lab.remove()
-    assert netns() == before
-
-
-@pytest.mark.extended  # 2-4 min; on the code of 2026-12-06 evening 2 of 4 runs passed (README)
-def test_volunteers_behind_nats_train_through_python_relays(tmp_path):
-    """All four peers on the Python daemon, with the swarm's three public DHT bootstrap nodes (Go), as in the story
-    above. Both volunteers find themselves behind a port-keeping NAT, take relay slots and punch a hole to each
-    other (the routers count A-B traffic). When S is killed the volunteers go on through R, a Python relay, and the
-    routers count their traffic to R."""
-    p2p = {name: ("--p2p", "py") for name in "SRAB"}
-    before = netns()
-    lab = NatLab()
-    try:
-        x, y, z, s, r = (lab.public(name) for name in "xyzsr")
-        home_a, home_b = lab.home("a"), lab.home("b")
-        a, b = home_a.host("a"), home_b.host("b")
-        bootstrap_x = DhtNode(x, tmp_path, [])
-        time.sleep(2.0)  # its daemon is up before y bootstraps from it
-        nodes = [bootstrap_x, *(DhtNode(h, tmp_path, [bootstrap_x.maddr]) for h in (y, z))]
-        boot = [flag for node in nodes for flag in ("--initial-peers", node.maddr)]
-        with LocalSwarm(tmp_path, swarm_flags=NAT_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
-            seeder = swarm.seed("S", *p2p["S"], *boot, "--wait-for-peers", "4", prefix=s.prefix)
-            invite = swarm.invite(seeder)
-            second = swarm.join("R", *p2p["R"], "--invite", invite, *boot, prefix=r.prefix)
-            va, vb = (
-                swarm.join(n, *p2p[n], "--invite", invite, *boot, prefix=h.prefix) for n, h in (("A", a), ("B", b))
-            )
-            everyone = [seeder, second, va, vb]
-
-            wait_until(lambda: all(epoch(p) >= 3 for p in everyone), 240, "training on all four", everyone)
-            assert second.status()["reachability"] == f"reachable directly at {r.ip}:{PORT}"
-            for volunteer, home in ((va, home_a), (vb, home_b)):
-                status = volunteer.status()
-                assert status["reachability"].startswith(f"behind NAT ({home.router.ip})"), status
-                assert re.match(r"reachable through \d relay", status["network_role"]), status
-            punched = lambda p: p.status().get("connections", {}).get("hole-punched", 0) >= 1  # noqa: E731
-            wait_until(lambda: punched(va) and punched(vb), 120, "a hole-punched connection A-B", everyone)
-            # a round of all four: A compared its parameters with the three others' after it, and all agreed
-            all_four = lambda: any(c[1] == c[2] == 3 for c in va.status().get("param_history", []))  # noqa: E731
-            wait_until(all_four, 120, "a round of all four that left them equal", everyone)
-            assert lab.counters(home_a).get(home_b.router.ip, 0) > 200_000, lab.counters(home_a)  # through the hole
-
-            # S dies: the volunteers go on through R, the Python relay, and average with it
-            swarm.stop(seeder, signal.SIGKILL)
-            rest = [second, va, vb]
-            to_r = {home.name: lab.counters(home).get(r.ip, 0) for home in (home_a, home_b)}
-            wait_until(advanced(rest, 3), 240, "three global steps without S", rest)
-            for home in (home_a, home_b):
-                assert lab.counters(home).get(r.ip, 0) - to_r[home.name] > 200_000, lab.counters(home)
-            counts = {home.name: nonzero(lab.counters(home)) for home in (home_a, home_b)}
-            print(f"router counters after phase 2, bytes by address: {counts}; R is {r.ip}")
-
-            def all_agree() -> bool:
-                compared = [[c for c in p.status().get("param_history", []) if c[2] > 0] for p in rest]
-                return all(checks and checks[-1][1] == checks[-1][2] for checks in compared)
-
-            wait_until(all_agree, 120, "every member agreeing with the others' parameters", rest)
     finally:
         lab.remove()
     assert netns() == before
