@@ -14,12 +14,14 @@ from p2ptrain.train.trainer import Trainer
 
 
 def test_three_downloads_in_a_row_that_end_behind_measure_the_download_and_the_step():
-    behind = FallingBehind(limit=3)
+    behind = FallingBehind(matchmaking_s=5.0, limit=3)
     assert behind.after_download(10.0, 20, 3.0) is None
     assert behind.after_download(14.0, 22, 3.5) is None
     lag = behind.after_download(18.0, 24, 4.0)
-    assert lag == Lag(downloads=3, download_s=3.5, step_s=2.0)
-    assert "a download takes 3.5 s, the swarm steps every 2.0 s" in lag.message()
+    assert lag == Lag(downloads=3, download_s=3.5, step_s=2.0, matchmaking_s=5.0)
+    assert "a download takes 3.5 s, the swarm steps every 2.0 s and forms each round's group over the 5 s" in (
+        lag.message()
+    )
     assert behind.after_download(22.0, 26, 3.0) is None  # counts anew
     behind.kept_up()
     assert behind.after_download(30.0, 30, 3.0) is None and behind.after_download(31.0, 31, 3.0) is None

@@ -3,10 +3,11 @@
 - ``StuckRounds``: its gradient rounds find no group step after step while others train (its averager is stuck:
   the peer rejoins with new ones).
 - ``FallingBehind``: each state download ends a step behind the swarm. A peer that parted from the swarm downloads
-  its state; when the download takes longer than the swarm's global step, the swarm has stepped on by the time it
-  ends, the peer's next round is the swarm's next step, and it applies that average to parameters a step old
-  (``step_numbers``): it downloads again, and again. Nothing but longer steps (the swarm's target batch size) or a
-  faster link ends that, so the peer says so, with the two durations, instead of resynchronising silently forever.
+  its state; hivemind forms each gradient round's group over the matchmaking time before the step is due, so a peer
+  back from a download that took most of a step has missed its step's group, waits in matchmaking for the next one
+  (the swarm's next step), and applies that average to parameters a step old (``step_numbers``): it downloads again,
+  and again. Nothing but longer steps (the swarm's target batch size) or a faster link ends that, so the peer says
+  so, with the durations, instead of resynchronising silently forever.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ class Lag:
     downloads: int
     download_s: float
     step_s: float
+    matchmaking_s: float
 
     def message(self) -> str:
         return (
             f"this peer fell a step behind the swarm after each of its last {self.downloads} state downloads: a "
-            f"download takes {self.download_s:.1f} s, the swarm steps every {self.step_s:.1f} s. It cannot catch up "
-            "while its downloads are slower than the swarm's global steps (a slow link, or steps too short for the "
-            "model: the swarm's --target-batch-size sets their length)"
+            f"download takes {self.download_s:.1f} s, the swarm steps every {self.step_s:.1f} s and forms each "
+            f"round's group over the {self.matchmaking_s:.0f} s before it, so back from a download this peer meets "
+            "the swarm's next round instead of its own. It cannot catch up while a download takes most of a global "
+            "step (a slow link, or steps too short for the model: the swarm's --target-batch-size sets their length)"
         )
 
 
@@ -56,6 +59,7 @@ class Lag:
 class FallingBehind:
     """The chain of state downloads that each ended a step behind the swarm (module docstring)."""
 
+    matchmaking_s: float = 5.0  # the swarm's (the manifest's matchmaking time)
     limit: int = BEHIND_DOWNLOADS
     chain: list[tuple[float, int, float]] = field(default_factory=list)  # (ended at, swarm's step then, seconds)
 
@@ -68,7 +72,7 @@ class FallingBehind:
         mean_s = sum(s for _, _, s in self.chain) / len(self.chain)
         step_s = (last_at - first_at) / max(1, last_step - first_step)
         self.chain = []  # the next report counts anew
-        return Lag(self.limit, mean_s, step_s)
+        return Lag(self.limit, mean_s, step_s, self.matchmaking_s)
 
     def kept_up(self) -> None:
         """After a global step taken with its group: the chain, if any, is broken."""

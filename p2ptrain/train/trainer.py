@@ -81,7 +81,7 @@ class Trainer:
         comparable = optimizer.shared_params() is not None
         self._param_check = ParamCheck(optimizer.tracker.dht, manifest.run_id) if comparable else None
         self._stuck = StuckRounds()
-        self._behind = FallingBehind()
+        self._behind = FallingBehind(manifest.averaging.matchmaking_time_s)
         self._on_stuck = on_stuck  # asks the peer to rejoin the swarm, with new averagers
 
     def catch_up(self) -> None:
