@@ -83,6 +83,44 @@ def one_round(opts: list) -> None:
     assert all([level for level, _, _ in o["levels"]] == [0, 1] for o in outcomes), outcomes  # for `status`
 
 
+def test_members_meet_only_in_rounds_of_the_same_global_step(nodes, manifest, tmp_path):
+    """Four real averagers in clusters {0, 1} and {2, 3}; peer 3's round is numbered a step behind the others' (as
+    when its tracker saw the swarm's step a moment late). It meets nobody, at either level, where it used to meet
+    its partners' next round on the same key; the three others still average with each other."""
+    from p2ptrain.train.level_rounds import LevelRounds
+
+    manifest = grouped(manifest, compression="none")
+    models = [torch.nn.Linear(4, 2) for _ in nodes]
+    opts = node_optimizers(tmp_path, nodes, models, manifest)
+    ids = [node.peer_id.to_base58() for node in nodes]
+    clusters = [ids[:2], ids[2:]]
+    try:
+        rounds = [
+            LevelRounds(
+                opt.averager,
+                pass_groups(ids[i], clusters, 2),
+                gather={},
+                weight=1.0,
+                timeout=20.0,
+                max_weight=1e6,
+                epoch=7 if i < 3 else 6,
+            )
+            for i, opt in enumerate(opts)
+        ]
+        outcomes = []
+        for control in rounds:
+            try:
+                outcomes.append([peer.to_base58() for peer in control.result(timeout=60)])
+            except BaseException as e:  # noqa: BLE001 - a round in which no level averaged
+                outcomes.append(repr(e))
+        assert "no level of the grid's 2 averaged" in outcomes[3], outcomes
+        levels = [[others for _, others, _ in control.result().levels] for control in rounds[:3]]
+        assert levels[0] == [[ids[1]], [ids[2]]] and levels[1] == [[ids[0]]] and levels[2] == [[ids[0]]], levels
+    finally:
+        for opt in opts:
+            stop_optimizer(opt, step_running=False)
+
+
 def test_a_parameter_round_joins_anchors_that_parted(nodes, manifest, tmp_path):
     """Anchors apart (as failed or split rounds leave them): a round of ``sync_every`` averages the parameters
     themselves, uncompressed although the swarm's codec is int8, and every member takes their mean as its anchor."""

@@ -29,7 +29,9 @@ Every peer derives the same groups from the same signed near records (``proximit
    ``scripts/bench_scale.py`` and ``scripts/simulate_swarm.py``.
 
 The group key is a short hash of (level, the place's other coordinates), turned into hivemind's group bits, so
-peers of one group meet on one DHT key and nobody else's matchmaking reads it.
+peers of one group meet on one DHT key and nobody else's matchmaking reads it; a round mixes its global step into it
+(``step_bits``), so that a member a step behind its partners (its tracker a moment late) meets nobody rather than
+their next step's group.
 """
 
 from __future__ import annotations
@@ -229,6 +231,14 @@ def all_groups(cluster_list: list[list[str]], size: int, step: int) -> dict[str,
             own = sum(cluster_of[q] == cluster_of[p] for q in members) if level else 1
             groups[p] = Group(level, bits, tuple(sorted(members)), 1.0 / own)
     return groups
+
+
+def step_bits(key_bits: str, step: int) -> str:
+    """A group's matchmaking bits for its round of global step ``step``. Without the step, a member whose round began
+    a step late met its partners' next round on the same key: it mixed pseudo-gradients of two steps, or failed
+    their parameter round (``--sync-every``) and every level after it."""
+    digest = hashlib.sha256(f"{key_bits}/{step}".encode()).digest()
+    return bin(int.from_bytes(digest[:4], "big"))[2:].rjust(32, "0")[: len(key_bits)]
 
 
 def pass_groups(peer: str, cluster_list: list[list[str]], size: int) -> list[Group]:

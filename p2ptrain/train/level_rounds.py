@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from p2ptrain.swarm.grouping import Group
+from p2ptrain.swarm.grouping import Group, step_bits
 from p2ptrain.train.group_rounds import RoundOutcome
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class LevelRounds:
             if len(group.members) < 2:
                 continue  # alone at this level (a cluster of one, or a grid not full): nothing to average
             left = max(0.5, (deadline - time.monotonic()) / (len(self.groups) - i))
-            self.averager.set_group_bits(group.key_bits)
+            self.averager.set_group_bits(step_bits(group.key_bits, self.epoch))
             self.averager.set_target_group_size(len(group.members))
             mine = weight * group.share
             self._control = self.averager.step(  # no retries: the others of this group move on to the next level
