@@ -199,4 +199,5 @@ def test_status_names_the_nearest_members_and_their_round_trips():
 def test_status_says_when_a_peer_cannot_catch_up_with_the_swarm():
     peer = {"run_id": "run", "model": "gpt2-tiny", "falling_behind": {"downloads": 3, "download_s": 3.4, "step_s": 2.5}}
     text = describe_status({"daemon_pid": 7, "state": "training", "peer": peer, "ledger": None})
-    assert "Falling behind: each state download (3.4 s) ends after the swarm's next step (2.5 s)" in text
+    expected = "Falling behind: back from each state download (3.4 s; the swarm steps every 2.5 s) this peer had missed"
+    assert expected in text

@@ -225,8 +225,7 @@ def all_groups(cluster_list: list[list[str]], size: int, step: int) -> dict[str,
     cluster_of = {p: c for c, members in enumerate(cluster_list) for p in members}
     groups: dict[str, Group] = {}
     for where, members in together.items():
-        digest = hashlib.sha256(repr(where).encode()).digest()
-        bits = bin(int.from_bytes(digest[:4], "big"))[2:].rjust(32, "0")[:KEY_BITS]
+        bits = _hash_bits(repr(where), KEY_BITS)
         for p in members:
             own = sum(cluster_of[q] == cluster_of[p] for q in members) if level else 1
             groups[p] = Group(level, bits, tuple(sorted(members)), 1.0 / own)
@@ -237,8 +236,13 @@ def step_bits(key_bits: str, step: int) -> str:
     """A group's matchmaking bits for its round of global step ``step``. Without the step, a member whose round began
     a step late met its partners' next round on the same key: it mixed pseudo-gradients of two steps, or failed
     their parameter round (``--sync-every``) and every level after it."""
-    digest = hashlib.sha256(f"{key_bits}/{step}".encode()).digest()
-    return bin(int.from_bytes(digest[:4], "big"))[2:].rjust(32, "0")[: len(key_bits)]
+    return _hash_bits(f"{key_bits}/{step}", len(key_bits))
+
+
+def _hash_bits(text: str, count: int) -> str:
+    """The first ``count`` (at most 32) bits of sha256(``text``), as hivemind's group bits."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return bin(int.from_bytes(digest[:4], "big"))[2:].rjust(32, "0")[:count]
 
 
 def pass_groups(peer: str, cluster_list: list[list[str]], size: int) -> list[Group]:

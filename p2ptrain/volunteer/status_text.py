@@ -36,8 +36,8 @@ def describe_status(reply: dict[str, Any]) -> str:
         lag = peer.get("falling_behind")
         if lag:  # train/keeping_up.py
             lines.append(
-                f"Falling behind: each state download ({lag['download_s']:.1f} s) ends after the swarm's next step "
-                f"({lag['step_s']:.1f} s): this peer cannot catch up on this link"
+                f"Falling behind: back from each state download ({lag['download_s']:.1f} s; the swarm steps every "
+                f"{lag['step_s']:.1f} s) this peer had missed its step's round: it cannot catch up on this link"
             )
         lines.append(describe_ledger(reply.get("ledger")))
     elif peer.get("state"):
