@@ -52,9 +52,11 @@ NAT_SWARM_FLAGS = (*DEMO_SWARM_FLAGS, "--target-batch-size", "256", "--matchmaki
 
 
 def wait_until(condition, timeout_s: float, what: str, peers: list[LocalPeer]) -> None:
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
     while time.monotonic() < deadline:
         if condition():
+            print(f"{what}: {time.monotonic() - start:.0f} s", flush=True)  # where the story's time goes (-s)
             return
         for peer in peers:
             if not peer.alive():
