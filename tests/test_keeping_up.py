@@ -61,10 +61,58 @@ def test_the_trainer_reports_a_peer_that_falls_behind_after_every_download_and_c
             trainer._compare_params(opt.local_epoch + 1)
     lag = trainer.status.status.falling_behind
     assert lag["downloads"] == 3 and 0.2 <= lag["download_s"] < 1.0 and 0.1 <= lag["step_s"] < 0.5, lag
-    assert "Falling behind: this peer fell a step behind the swarm after each of its last 3 state downloads" in (
+    assert "Falling behind: this peer took no global step with the swarm between its last 3 state downloads" in (
         caplog.text
     )
     behind["now"] = False  # a global step with its own group: caught up
     with caplog.at_level(logging.INFO, logger="p2ptrain.train.trainer"):
         trainer._compare_params(opt.local_epoch + 1)
     assert trainer.status.status.falling_behind is None and "Caught up with the swarm" in caplog.text
+
+
+def test_a_peer_whose_round_after_each_download_finds_nobody_falls_behind(tmp_path, caplog):
+    """Rounds are keyed by step: back from a download, the peer's round finds its step's group gone, it steps on its
+    own gradients, and the parameter check sends it to download again. A global step with a group ends the chain."""
+    swarm = SimpleNamespace(global_epoch=10)
+    rounds = {"fail": True}
+
+    def download():
+        time.sleep(0.1)
+        opt.local_epoch = swarm.global_epoch
+        swarm.global_epoch += 1
+
+    opt = SimpleNamespace(
+        local_epoch=10,
+        tracker=swarm,
+        behind_group_at=lambda epoch: False,
+        load_state_from_peers=download,
+        learning_rate=lambda: 0.1,
+        own_update_at=lambda epoch: rounds["fail"],
+        last_group=None,
+        shared_params=lambda: [],
+        offer_state_first=lambda epoch: None,
+    )
+    left = SimpleNamespace(epoch=0, agreeing=0, others=1, left=True, lead=False, reason=lambda: "our own update")
+    trainer = Trainer.__new__(Trainer)
+    trainer.opt, trainer._behind, trainer.lock = opt, FallingBehind(), threading.Lock()
+    trainer.status = StatusWriter(tmp_path / "status.json")
+    trainer.settings = PeerSettings(data_dir=tmp_path)
+    check = lambda epoch, *args: replace_epoch(left, epoch) if rounds["fail"] else None  # noqa: E731
+    trainer._param_check = SimpleNamespace(after_step=check)
+    with caplog.at_level(logging.INFO, logger="p2ptrain.train.trainer"):
+        for _ in range(2):
+            trainer._compare_params(opt.local_epoch + 1)
+        assert trainer.status.status.falling_behind is None  # two downloads: not yet
+        rounds["fail"] = False  # a step with a group between them: the chain starts anew
+        trainer._compare_params(opt.local_epoch + 1)
+        rounds["fail"] = True
+        for _ in range(2):
+            trainer._compare_params(opt.local_epoch + 1)
+        assert trainer.status.status.falling_behind is None
+        trainer._compare_params(opt.local_epoch + 1)
+    assert trainer.status.status.falling_behind["downloads"] == 3
+    assert "Falling behind: this peer took no global step with the swarm" in caplog.text
+
+
+def replace_epoch(verdict: SimpleNamespace, epoch: int) -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(verdict), "epoch": epoch})

@@ -2,12 +2,12 @@
 
 - ``StuckRounds``: its gradient rounds find no group step after step while others train (its averager is stuck:
   the peer rejoins with new ones).
-- ``FallingBehind``: each state download ends a step behind the swarm. A peer that parted from the swarm downloads
-  its state; hivemind forms each gradient round's group over the matchmaking time before the step is due, so a peer
-  back from a download that took most of a step has missed its step's group, waits in matchmaking for the next one
-  (the swarm's next step), and applies that average to parameters a step old (``step_numbers``): it downloads again,
-  and again. Nothing but longer steps (the swarm's target batch size) or a faster link ends that, so the peer says
-  so, with the durations, instead of resynchronising silently forever.
+- ``FallingBehind``: no global step with its group between one state download and the next. A peer that parted
+  from the swarm downloads its state; hivemind forms each gradient round's group over the matchmaking time before
+  the step is due, so a peer back from a download that took most of a step has missed its step's group: its round
+  finds nobody (rounds are keyed by step: ``step_numbers``), it steps on its own gradients, its parameters leave the
+  swarm's, and it downloads again, and again. Nothing but longer steps (the swarm's target batch size) or a faster
+  link ends that, so the peer says so, with the durations, instead of resynchronising silently forever.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STUCK_STEPS = 6  # global steps in a row from our own gradients, with others in the swarm, before rejoining
-BEHIND_DOWNLOADS = 3  # state downloads in a row, each ending a step behind the swarm, before saying so
+BEHIND_DOWNLOADS = 3  # state downloads with no global step taken with a group between them, before saying so
 
 
 @dataclass
@@ -47,24 +47,24 @@ class Lag:
 
     def message(self) -> str:
         return (
-            f"this peer fell a step behind the swarm after each of its last {self.downloads} state downloads: a "
+            f"this peer took no global step with the swarm between its last {self.downloads} state downloads: a "
             f"download takes {self.download_s:.1f} s, the swarm steps every {self.step_s:.1f} s and forms each "
-            f"round's group over the {self.matchmaking_s:.0f} s before it, so back from a download this peer meets "
-            "the swarm's next round instead of its own. It cannot catch up while a download takes most of a global "
-            "step (a slow link, or steps too short for the model: the swarm's --target-batch-size sets their length)"
+            f"round's group over the {self.matchmaking_s:.0f} s before it, so back from a download this peer has "
+            "missed its step's round. It cannot catch up while a download takes most of a global step (a slow link, "
+            "or steps too short for the model: the swarm's --target-batch-size sets their length)"
         )
 
 
 @dataclass
 class FallingBehind:
-    """The chain of state downloads that each ended a step behind the swarm (module docstring)."""
+    """The chain of state downloads with no global step taken with a group between them (module docstring)."""
 
     matchmaking_s: float = 5.0  # the swarm's (the manifest's matchmaking time)
     limit: int = BEHIND_DOWNLOADS
     chain: list[tuple[float, int, float]] = field(default_factory=list)  # (ended at, swarm's step then, seconds)
 
     def after_download(self, ended_at: float, swarm_step: int, seconds: float) -> Lag | None:
-        """After a download that followed a round whose group was ahead; a ``Lag`` every ``limit`` in a row."""
+        """After a state download; a ``Lag`` every ``limit`` in a row."""
         self.chain.append((ended_at, swarm_step, seconds))
         if len(self.chain) < self.limit:
             return None
@@ -75,5 +75,5 @@ class FallingBehind:
         return Lag(self.limit, mean_s, step_s, self.matchmaking_s)
 
     def kept_up(self) -> None:
-        """After a global step taken with its group: the chain, if any, is broken."""
+        """After a global step taken with a group: the chain, if any, is broken."""
         self.chain = []

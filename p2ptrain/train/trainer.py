@@ -300,20 +300,15 @@ class Trainer:
         """Publish our parameters' sketch for this step; resynchronise if the last verdict says we left the swarm's
         parameters (``param_check``)."""
         if self.opt.behind_group_at(epoch):  # its sketch would not be of the others' step: not published
-            started = time.monotonic()
             self._resync(epoch, "its round's group was ahead; this peer missed their last steps")
-            ended = time.monotonic()
-            lag = self._behind.after_download(ended, self.opt.tracker.global_epoch, ended - started)
-            if lag is not None:
-                logger.warning("Falling behind: %s", lag.message())
-                self.status.update(force=True, falling_behind=asdict(lag))
             return
-        self._behind.kept_up()
-        if self.status.status.falling_behind:
-            logger.info("Caught up with the swarm: a global step with this peer's group")
-            self.status.update(force=True, falling_behind=None)
-        lr = self.opt.learning_rate()
         own = self.opt.own_update_at(epoch)
+        if not own:
+            self._behind.kept_up()
+            if self.status.status.falling_behind:
+                logger.info("Caught up with the swarm: a global step with this peer's group")
+                self.status.update(force=True, falling_behind=None)
+        lr = self.opt.learning_rate()
         group = None if own else self.opt.last_group
         with self.lock:
             verdict = self._param_check.after_step(epoch, self.opt.shared_params(), lr, own, group)
@@ -329,12 +324,19 @@ class Trainer:
             self._resync(verdict.epoch, verdict.reason())
 
     def _resync(self, epoch: int, reason: str) -> None:
+        """Download the swarm's state; say so if this peer keeps parting from the swarm (``keeping_up``)."""
         logger.warning("Parameters at global step %d differ from the swarm's (%s): downloading the swarm's state",
                        epoch, reason)  # fmt: skip
+        started = time.monotonic()
         with self.lock:
             self.opt.load_state_from_peers()
+        ended = time.monotonic()
         logger.info("Resynchronised with the swarm: now at global step %d", self.opt.local_epoch)
         self.status.update(force=True, epoch=self.opt.local_epoch, resynced_at=self.opt.local_epoch)
+        lag = self._behind.after_download(ended, self.opt.tracker.global_epoch, ended - started)
+        if lag is not None:
+            logger.warning("Falling behind: %s", lag.message())
+            self.status.update(force=True, falling_behind=asdict(lag))
 
     def _on_global_step(self, epoch: int, loss: float | None) -> int:
         """After reaching global step ``epoch``; returns the step this peer is at now: later, if the parameter check
