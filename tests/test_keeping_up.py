@@ -71,8 +71,8 @@ def test_the_trainer_reports_a_peer_that_falls_behind_after_every_download_and_c
 
 
 def test_a_peer_whose_round_after_each_download_finds_nobody_falls_behind(tmp_path, caplog):
-    """Rounds are keyed by step: back from a download, the peer's round finds its step's group gone, it steps on its
-    own gradients, and the parameter check sends it to download again. A global step with a group ends the chain."""
+    """Back from a download, the peer's round finds its step's group gone, it steps on its own gradients, and the
+    parameter check sends it to download again. A global step with a group ends the chain."""
     swarm = SimpleNamespace(global_epoch=10)
     rounds = {"fail": True}
 

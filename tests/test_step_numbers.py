@@ -1,10 +1,11 @@
-"""Gradient rounds are keyed by global step, and their members report their step in the all-gather
-(step_numbers.py): one that still finds its group ahead downloads the swarm's state."""
+"""Members of a gradient round report their global step in its all-gather (step_numbers.py): one that finds its
+group ahead downloads the swarm's state."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -34,36 +35,40 @@ def nodes(tmp_path):
         node.shutdown()
 
 
-def test_gradient_rounds_of_different_global_steps_never_meet(nodes, manifest, tmp_path):
-    """Two real peers' optimizers at the same global step meet in a gradient round, and each learns the other's
-    step; at steps 5 and 6 (as their progress records say), looking for a round at the same moment, each finds
-    nobody (its step's key is its own), where one key for every step had them average gradients of two steps."""
+def test_a_member_behind_its_group_knows_it(nodes, manifest, tmp_path):
+    """Two real peers' optimizers, at global steps 5 and 6 (as their progress records say), average their gradients
+    in one round: the first learns that its step to 6 applied a group's round of step 6, so it missed a step."""
     torch.manual_seed(0)
     models = [torch.nn.Linear(4, 2) for _ in nodes]
     opts = node_optimizers(tmp_path, nodes, models, manifest)
     try:
-        for opt in opts:
-            opt.resume_at(6)
-            opt.tracker.report_local_progress(6, 1)  # hivemind publishes a record once it has samples
+        for opt, epoch in zip(opts, (5, 6), strict=True):
+            opt.resume_at(epoch)
+            opt.tracker.report_local_progress(epoch, 1)  # hivemind publishes a record once it has samples
+        deadline = time.monotonic() + 30
+        while opts[0].tracker.global_epoch < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert opts[0].tracker.global_epoch == 6, "the first peer's tracker never read the second's progress record"
         for opt, model in zip(opts, models, strict=True):
             for param in model.parameters():
                 param.grad = torch.ones_like(param)
             opt.grad_averager.accumulate_grads_(batch_size=16)
-
-        def rounds() -> list:
-            controls = [opt.grad_averager.step(wait=False, timeout=10) for opt in opts]
-            outcomes = []
-            for control in controls:
-                try:
-                    outcomes.append(sorted(r.get("epoch") for r in control.result(30).values()))
-                except Exception as e:  # noqa: BLE001 - hivemind's "could not find a group", as each peer sees it
-                    outcomes.append(repr(e))
-            return outcomes
-
-        assert rounds() == [[6, 6], [6, 6]]
-        opts[0].resume_at(5)
-        apart = rounds()
-        assert all("could not find a group" in str(outcome) for outcome in apart), apart
+        controls = [opt.grad_averager.step(wait=False, timeout=30) for opt in opts]
+        results = [control.result(60) for control in controls]
+        assert [sorted(r.get("epoch") for r in result.values()) for result in results] == [[5, 6], [5, 6]]
+        used = [
+            threading.Thread(target=opt.use_averaged_gradients, args=(control,))
+            for opt, control in zip(opts, controls, strict=True)
+        ]
+        for thread in used:
+            thread.start()
+        for thread in used:
+            thread.join(30)
+        assert [opt.local_epoch for opt in opts] == [5, 6]  # the step each takes next: to 6 and to 7
+        # the first missed the step the second took to 6: after its own step to 6 it downloads the state (Trainer)
+        assert [opt.behind_group_at(6) for opt in opts] == [True, False]
+        assert [opt.behind_group_at(7) for opt in opts] == [False, False]
+        assert [opt.last_group is not None for opt in opts] == [True, True]
     finally:
         for opt in opts:
             stop_optimizer(opt, step_running=False)

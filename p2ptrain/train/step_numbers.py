@@ -1,24 +1,17 @@
 """How the members of a gradient round number the global step they take with it.
 
 hivemind matches gradient rounds by the averager's prefix, not by step: peers one step apart (one has just seen the
-swarm move on, the other not yet) averaged together, the late one applied gradients of the others' step to its
-older parameters, and robust aggregation refused its part as an outlier's. Each round is keyed by its global step
-instead (``STEP_KEY``, as the level rounds of a grouped swarm are: ``grouping.step_bits``): a peer that arrives
-after its step's group formed finds nobody, its round fails, and the parameter check sends it to download the
-swarm's state; a peer that arrives while the group is still forming joins it, as hivemind intends. Members still
-report their step in the round's all-gather (``EpochReports``): a member that finds its group ahead anyway (two
-steps' keys that collide) downloads the swarm's state instead of comparing its parameters
-(``Trainer``).
+swarm move on, the other not yet) average together, apply the same average, and number the result differently.
+The parameter check (``param_check``) compares sketches published under a step's number, so it then compares
+different steps and finds everybody apart. Each member reports its step in the round's all-gather
+(``EpochReports``); after a successful round a member that finds its group ahead (``group_epoch``) missed their
+last steps, and downloads the swarm's state instead of comparing its parameters (``Trainer``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-
-from p2ptrain.swarm.grouping import step_bits
-
-STEP_KEY = "0" * 16  # hashed with the step into a gradient round's group bits: 1 in 65,536 steps apart share a key
 
 
 class EpochReports:
@@ -29,11 +22,8 @@ class EpochReports:
     epoch_of: Callable[[], int] | None = None  # the optimizer's global step; set once it exists
 
     def schedule_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self.epoch_of is not None:
-            epoch = self.epoch_of()
-            self.set_group_bits(step_bits(STEP_KEY, epoch))  # before the round: the averager's process, in order
-            if kwargs.get("gather") is None:
-                kwargs["gather"] = {"epoch": epoch}
+        if self.epoch_of is not None and kwargs.get("gather") is None:
+            kwargs["gather"] = {"epoch": self.epoch_of()}
         return super().schedule_step(*args, **kwargs)
 
     def load_state_from_peers(self, *args: Any, **kwargs: Any) -> None:
