@@ -84,6 +84,13 @@ def test_camps_left_by_split_rounds_join_the_largest():
     pair = {p: y + noise() for p in "bc"}
     assert judge(x, small, LR, 9, False, ME, everyone={**small, **pair}).lead
     assert judge(y, {"c": pair["c"]}, LR, 9, False, "b", everyone={"m": x, **small, **pair}).left
+    # ... and when each side's read missed one member of the other camp, each finds its own the larger (2 against
+    # 1): the peers read at a recent check but not now count against ours, and only the camp with "a" leads
+    assert judge(y, pair, LR, 9, False, "b", everyone={**small, "c": pair["c"]}).lead  # without: both lead
+    missed = judge(y, pair, LR, 9, False, "b", everyone={**small, "c": pair["c"]}, unread=frozenset({"m"}))
+    assert missed.left and not missed.lead and "1 peer(s) read before but not now" in missed.reason()
+    kept = judge(x, small, LR, 9, False, ME, everyone={**small, "b": pair["b"]}, unread=frozenset({"c"}))
+    assert kept.lead and not kept.left
 
 
 def test_only_peers_met_in_rounds_count_in_camps(tmp_path):

@@ -28,16 +28,20 @@ parameters: it logs it and downloads the swarm's state. When everybody differs f
 state-averaging round that grouped only some of four peers), the camps below are of one peer each, and the state
 of the smallest peer id wins: that peer offers its state first, the others download it.
 
-Rounds that found each its own group leave **camps**: members that agree among themselves and differ from the
-other camps (seen behind NATs, when a volunteer's daemon misses a matchmaking and a step's round splits in two; the
-round check above passes in every camp). The swarm has no bound on its groups, so every camp is a failure's trace,
-and waiting for a state-averaging round to group them all may be waiting for good. So each peer also sorts every
-sketch it read for N into camps (peers linked by agreeing sketches): the largest camp holds the swarm's parameters,
-the one with the smallest peer id among equals; its members offer their state first, and a peer of another camp
-downloads it. Only peers met in one of our rounds of the last ``MET_STEPS`` steps count in camps: anybody can
-publish sketches under new peer ids, and a camp of such ids would otherwise send every honest peer to download a
-state that those same ids vouch for (``state_download``). (When groups are bounded in size, camps are the design,
-not a failure, and this rule is not for them.)
+Rounds that found each its own group leave **camps**: members that agree among themselves and differ from the other
+camps (seen behind NATs, when a volunteer's daemon misses a matchmaking and a step's round splits in two; the round
+check above passes in every camp). The swarm has no bound on its groups, so every camp is a failure's trace, and
+waiting for a state-averaging round to group them all may be waiting for good. So each peer also sorts every sketch
+it read for N into camps (peers linked by agreeing sketches): the largest camp holds the swarm's parameters, the one
+with the smallest peer id among equals; its members offer their state first, and a peer of another camp downloads
+it. Peers read the DHT at different moments, and a read may miss a sketch: two peers of equal camps that each missed
+one member of the other's each found their own camp the larger, and neither downloaded, step after step. So the
+peers met whose sketch we read at a recent check (``READ_STEPS``) but not at this one count against ours: our camp
+leads only if it would still lead with them all in the strongest other camp, and otherwise we download. Only peers
+met in one of our rounds of the last ``MET_STEPS`` steps count in camps: anybody can publish sketches under new peer
+ids, and a camp of such ids would otherwise send every honest peer to download a state that those same ids vouch for
+(``state_download``). (When groups are bounded in size, camps are the design, not a failure, and this rule is not
+for them.)
 
 The check never blocks a step: its DHT reads run in the background and are looked at once they have answered.
 """
@@ -66,6 +70,7 @@ DIFFER_SHARE = 0.01  # sketches with more differing coordinates than this disagr
 RECORD_TTL_S = 120.0
 MAX_SKETCHES = 64  # read per step
 MET_STEPS = 50  # peers met in a round this many steps back count in camps
+READ_STEPS = 4  # a peer whose sketch was read this many steps back but not now counts against our camp (two checks)
 SKETCH_BYTES = SKETCH_SIZE * 4
 STEP = struct.Struct("<Q")  # the global step, before the sketch
 
@@ -116,9 +121,15 @@ class Verdict:
     left: bool  # we left the swarm's parameters: resynchronise
     lead: bool = False  # ours is the state the others take (the largest camp's)
     camps: int = 1  # groups of agreeing peers among every sketch read (ours included)
+    unread: int = 0  # peers read at a recent check but not at this one, counted against our camp
 
     def reason(self) -> str:
         """Why we left the swarm's parameters, for the log."""
+        if self.camps > 1 and self.unread:
+            return (
+                f"the peers we met are in {self.camps} camps that differ, and ours is not the largest if the "
+                f"{self.unread} peer(s) read before but not now are in another"
+            )
         if self.camps > 1:
             return f"the peers we met are in {self.camps} camps that differ, and ours is not the largest"
         if self.others > 1:
@@ -134,9 +145,11 @@ def judge(
     our_own_update: bool,
     me: str,
     everyone: dict[str, np.ndarray] | None = None,
+    unread: frozenset[str] = frozenset(),
 ) -> Verdict:
     """Did we (peer id ``me``) leave the swarm's parameters at ``epoch``? ``theirs``: the sketches of our round's
-    members; ``everyone``: all the others' sketches read, for the camps (see the module docstring)."""
+    members; ``everyone``: all the others' sketches read, for the camps; ``unread``: peers read at a recent check
+    whose sketch was not read at this one (see the module docstring)."""
     verdict = _against_our_round(mine, theirs, lr, epoch, our_own_update)
     if verdict.left or not everyone:
         return verdict
@@ -144,9 +157,10 @@ def judge(
     if len(found) == 1:
         return verdict
     ours = next(camp for camp in found if me in camp)
-    if ours is found[0]:
+    rank = lambda camp: (-len(camp), min(camp))  # noqa: E731 - camps' order: the largest, then the smallest id
+    if all(rank(ours) < rank(camp | unread) for camp in found if camp is not ours):
         return replace(verdict, lead=True, camps=len(found))
-    return replace(verdict, left=True, camps=len(found))
+    return replace(verdict, left=True, camps=len(found), unread=len(unread) if ours is found[0] else 0)
 
 
 def _against_our_round(
@@ -209,6 +223,7 @@ class ParamCheck:
         self._mine: dict[int, tuple] = {}  # epoch → (sketch, lr, own update, group or None)
         self._pending: tuple[int, object, float] | None = None  # (epoch, future, started)
         self._met: dict[str, int] = {}  # peer id → the last step it was in our round
+        self._read: dict[str, int] = {}  # peer id → the last step whose sketch of it we read
         self.last: Verdict | None = None
 
     def after_step(
@@ -257,7 +272,12 @@ class ParamCheck:
         everyone = read_sketches(found, self.own, pending_epoch)
         theirs = everyone if group is None else {peer: value for peer, value in everyone.items() if peer in group}
         met = {peer: value for peer, value in everyone.items() if peer in self._met}
-        self.last = judge(mine, theirs, lr, pending_epoch, own_update, self.own, met)
+        recent = {peer for peer, at in self._read.items() if at >= pending_epoch - READ_STEPS and peer in self._met}
+        unread = frozenset(recent - set(everyone))
+        self._read = {
+            p: at for p, at in {**self._read, **dict.fromkeys(everyone, pending_epoch)}.items() if p in self._met
+        }
+        self.last = judge(mine, theirs, lr, pending_epoch, own_update, self.own, met, unread)
         for peer, other in everyone.items():
             apart = np.abs(mine.astype(np.float64) - other) / max(lr, 1e-12)
             logger.debug(
