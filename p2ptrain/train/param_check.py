@@ -34,12 +34,12 @@ check above passes in every camp). The swarm has no bound on its groups, so ever
 waiting for a state-averaging round to group them all may be waiting for good. So each peer also sorts every sketch
 it read for N into camps (peers linked by agreeing sketches): the largest camp holds the swarm's parameters, the one
 with the smallest peer id among equals; its members offer their state first, and a peer of another camp downloads
-it. Peers read the DHT at different moments, and a read may miss a sketch: two peers of equal camps that each missed
-one member of the other's each found their own camp the larger, and neither downloaded, step after step. So the
-peers met whose sketch we read at a recent check (``READ_STEPS``) but not at this one count against ours: our camp
-leads only if it would still lead with them all in the strongest other camp, and otherwise we download. Only peers
-met in one of our rounds of the last ``MET_STEPS`` steps count in camps: anybody can publish sketches under new peer
-ids, and a camp of such ids would otherwise send every honest peer to download a state that those same ids vouch for
+it. A read may miss a sketch (peers read the DHT at different moments): with equal camps, two peers that each missed
+one member of the other camp would each find their own camp the larger, and neither would download. So the peers met
+whose sketch we read at a recent check (``READ_STEPS``) but not at this one count against ours: our camp leads only
+if it would still lead with them all in the strongest other camp, and otherwise we download. Only peers met in one
+of our rounds of the last ``MET_STEPS`` steps count in camps: anybody can publish sketches under new peer ids, and a
+camp of such ids would otherwise send every honest peer to download a state that those same ids vouch for
 (``state_download``). (When groups are bounded in size, camps are the design, not a failure, and this rule is not
 for them.)
 
