@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 from p2ptrain.settings import PeerSettings
 from p2ptrain.status import StatusWriter
 from p2ptrain.train.keeping_up import FallingBehind, Lag
+from p2ptrain.train.param_check import Verdict
 from p2ptrain.train.trainer import Trainer
 
 
@@ -92,12 +94,12 @@ def test_a_peer_whose_round_after_each_download_finds_nobody_falls_behind(tmp_pa
         shared_params=lambda: [],
         offer_state_first=lambda epoch: None,
     )
-    left = SimpleNamespace(epoch=0, agreeing=0, others=1, left=True, lead=False, reason=lambda: "our own update")
+    left = Verdict(epoch=0, others=1, agreeing=0, left=True)  # the one peer of our round differs; our update was ours
     trainer = Trainer.__new__(Trainer)
     trainer.opt, trainer._behind, trainer.lock = opt, FallingBehind(), threading.Lock()
     trainer.status = StatusWriter(tmp_path / "status.json")
     trainer.settings = PeerSettings(data_dir=tmp_path)
-    check = lambda epoch, *args: replace_epoch(left, epoch) if rounds["fail"] else None  # noqa: E731
+    check = lambda epoch, *args: replace(left, epoch=epoch) if rounds["fail"] else None  # noqa: E731
     trainer._param_check = SimpleNamespace(after_step=check)
     with caplog.at_level(logging.INFO, logger="p2ptrain.train.trainer"):
         for _ in range(2):
@@ -112,7 +114,3 @@ def test_a_peer_whose_round_after_each_download_finds_nobody_falls_behind(tmp_pa
         trainer._compare_params(opt.local_epoch + 1)
     assert trainer.status.status.falling_behind["downloads"] == 3
     assert "Falling behind: this peer took no global step with the swarm" in caplog.text
-
-
-def replace_epoch(verdict: SimpleNamespace, epoch: int) -> SimpleNamespace:
-    return SimpleNamespace(**{**vars(verdict), "epoch": epoch})

@@ -175,3 +175,46 @@ def test_a_resync_moves_the_step_loop_on_so_it_stops_at_the_last_step(tmp_path):
     assert trainer._on_global_step(5, 4.2) == 8
     trainer._compare_params = lambda epoch: None
     assert trainer._on_global_step(8, 4.1) == 8
+
+
+def test_a_peer_read_at_a_recent_check_but_missed_now_counts_against_our_camp():
+    """ParamCheck's own bookkeeping, with a stand-in DHT that answers what the test says (a real one cannot be made to
+    miss one record on purpose): b's camp {b, c} ties {a, m}, and the camp with "a" wins. When b's read misses m,
+    read two steps before, m still counts against b's camp; missed for more than READ_STEPS steps, it no longer
+    does."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from p2ptrain.train.param_check import ParamCheck
+
+    class Dht:
+        peer_id = SimpleNamespace(to_base58=lambda: "b")
+        answer: dict = {}
+
+        def store(self, *args, **kwargs) -> None: ...
+
+        def get(self, key, latest, return_future) -> Future:
+            future = Future()
+            future.set_result(SimpleNamespace(value={p: SimpleNamespace(value=v) for p, v in self.answer.items()}))
+            return future
+
+    dht = Dht()
+    check = ParamCheck(dht, "run")
+    params = [torch.arange(300, dtype=torch.float32)]
+
+    def verdict_at(epoch: int, readers: str):
+        check.after_step(epoch, params, LR, own_update=False, group=["a", "c", "m"])
+        ours = check._mine[epoch][0]
+        other = ours + np.float32(LR)  # a step apart
+        dht.answer = {p: encode_sketch(epoch, ours if p == "c" else other) for p in readers}
+        check.after_step(epoch + 1, params, LR, own_update=False, group=["a", "c", "m"])
+        for _ in range(3):  # a read of another step may be in flight first (it finds no sketch of its step)
+            verdict = check.poll(epoch)
+            if verdict is not None and verdict.epoch == epoch:
+                return verdict
+        raise AssertionError(f"no verdict for step {epoch}")
+
+    assert verdict_at(4, "acm").left  # everyone read: {a, m} wins the tie
+    missed = verdict_at(6, "ac")  # m read at 4, not now: it still counts
+    assert missed.left and missed.unread == 1
+    assert verdict_at(12, "ac").lead  # m last read at 4, more than READ_STEPS back: {b, c} against {a}

@@ -157,8 +157,7 @@ def judge(
     if len(found) == 1:
         return verdict
     ours = next(camp for camp in found if me in camp)
-    rank = lambda camp: (-len(camp), min(camp))  # noqa: E731 - camps' order: the largest, then the smallest id
-    if all(rank(ours) < rank(camp | unread) for camp in found if camp is not ours):
+    if all(_rank(ours) < _rank(camp | unread) for camp in found if camp is not ours):
         return replace(verdict, lead=True, camps=len(found))
     return replace(verdict, left=True, camps=len(found), unread=len(unread) if ours is found[0] else 0)
 
@@ -194,7 +193,12 @@ def camps(sketches: dict[str, np.ndarray], lr: float) -> list[frozenset[str]]:
     members: dict[str, set[str]] = {}
     for peer in ids:
         members.setdefault(find(peer), set()).add(peer)
-    return sorted((frozenset(m) for m in members.values()), key=lambda camp: (-len(camp), min(camp)))
+    return sorted((frozenset(m) for m in members.values()), key=_rank)
+
+
+def _rank(camp: frozenset[str]) -> tuple[int, str]:
+    """Camps' order: the largest first, then the one with the smallest peer id."""
+    return -len(camp), min(camp)
 
 
 def read_sketches(found: object, own: str, epoch: int) -> dict[str, np.ndarray]:
@@ -274,9 +278,8 @@ class ParamCheck:
         met = {peer: value for peer, value in everyone.items() if peer in self._met}
         recent = {peer for peer, at in self._read.items() if at >= pending_epoch - READ_STEPS and peer in self._met}
         unread = frozenset(recent - set(everyone))
-        self._read = {
-            p: at for p, at in {**self._read, **dict.fromkeys(everyone, pending_epoch)}.items() if p in self._met
-        }
+        self._read.update(dict.fromkeys(everyone, pending_epoch))
+        self._read = {peer: at for peer, at in self._read.items() if peer in self._met}
         self.last = judge(mine, theirs, lr, pending_epoch, own_update, self.own, met, unread)
         for peer, other in everyone.items():
             apart = np.abs(mine.astype(np.float64) - other) / max(lr, 1e-12)
