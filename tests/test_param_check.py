@@ -164,6 +164,7 @@ def test_a_resync_moves_the_step_loop_on_so_it_stops_at_the_last_step(tmp_path):
         local_epoch=5,
         tracker=SimpleNamespace(global_progress=SimpleNamespace(num_peers=3)),
         own_update_at=lambda epoch: False,
+        behind_group_at=lambda epoch: False,
         round_log=RoundLog(),
     )
     trainer = Trainer.__new__(Trainer)  # the step bookkeeping only: no model, no swarm

@@ -4,11 +4,10 @@
   the peer rejoins with new ones).
 - ``FallingBehind``: no global step with its group between one state download and the next. A peer that parted
   from the swarm downloads its state; hivemind forms each gradient round's group over the matchmaking time before
-  the step is due, so a peer back from a download that took most of a step has missed its step's group: it meets
-  the swarm's next round and applies that average to parameters a step old (``step_numbers``), or its round fails
-  and it steps on its own gradients; either way it downloads again, and again. Nothing but longer steps (the
-  swarm's target batch size) or a faster link ends that, so the peer says so, with the durations, instead of
-  resynchronising silently forever.
+  the step is due, so a peer back from a download that took most of a step has missed its step's group (rounds are
+  keyed by step): it leaves its round once the swarm's progress records show the step taken (``step_numbers``), and
+  downloads again, and again. Nothing but longer steps (the swarm's target batch size) or a faster
+  link ends that, so the peer says so, with the durations, instead of resynchronising silently forever.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import hivemind
 import torch
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
@@ -35,7 +34,7 @@ from p2ptrain.train.round_log import RoundLog
 from p2ptrain.train.shares import take_measurements
 from p2ptrain.train.signed_parts import PartSigner
 from p2ptrain.train.state_download import CheckedStateDownload, WholeStepState
-from p2ptrain.train.step_numbers import EpochReports, group_epoch
+from p2ptrain.train.step_numbers import NO_GROUP_YET, EpochReports, group_epoch, leave_if_passed, swarm_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +202,7 @@ class PeerOptimizer(Protocol):
         """Did the step to ``epoch`` apply this peer's own gradients alone (its round failed)?"""
 
     def behind_group_at(self, epoch: int) -> bool:
-        """Did the step to ``epoch`` apply a round whose group was steps ahead (this peer missed their last steps)?"""
+        """Was the step to ``epoch`` taken behind the swarm (its round's group ahead, or the step taken without us)?"""
 
     def pause(self, timeout_s: float) -> None:
         """Before stepping aside: land the round in flight (at most ``timeout_s``) or cancel the rounds ahead."""
@@ -225,24 +224,24 @@ class PeerOptimizer(Protocol):
     def shutdown(self) -> None: ...
 
 
-NO_GROUP_YET = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # an averaging round's stages
-
-
 class SwarmOptimizer(compat.Optimizer):
-    """hivemind's Optimizer, reading the swarm's progress through ``progress.plausible``, with two changes for a peer
-    that falls behind:
+    """hivemind's Optimizer, reading the swarm's progress through ``progress.plausible``, with three changes for a
+    peer that falls behind:
 
     - it remembers in ``local_step_epoch`` the last epoch it updated from its own gradients alone (the averaging
       round failed): at the end of a run such a straggler takes the swarm's state instead (``Trainer.finish``);
     - before downloading the swarm's state it drops the gradient round it scheduled if that round has not formed a
       group yet. hivemind joins it with zero weight so as not to disturb a group already formed; but a peer that is
       behind is usually alone in that round (the others are a step ahead), and waited the whole averaging timeout
-      before its download began (15 s at each catch-up in the swarm test; the last peers had left by then).
+      before its download began (15 s at each catch-up in the swarm test; the last peers had left by then);
+    - a gradient round still looking for its group when the swarm has taken its step without it is cancelled, and
+      the step marked as behind the swarm (``behind_at``): the trainer downloads the swarm's state
+      (``step_numbers.leave_if_passed``).
     """
 
     progress_tracker_type = CheckedProgressTracker
     local_step_epoch = -1
-    behind_at = -1  # the last step that applied a round whose group was ahead (``step_numbers``)
+    behind_at = -1  # the last step taken behind the swarm: its round's group was ahead, or it was held without us
     on_links: Callable[[dict[str, float]], None] | None = None  # per-link rates of each round (shares.py)
     last_group: list[str] | None = None  # peer ids of the last gradient round's group (None: it failed)
     inner_step_s = 0.0  # hivemind updates inside step(), after the round, in one call: not told apart (< 2 % here)
@@ -290,7 +289,9 @@ class SwarmOptimizer(compat.Optimizer):
 
     def use_own_gradients(self) -> None:
         self.local_step_epoch = self.local_epoch
-        if self.tracker.global_progress.num_peers > 1:  # alone, there is nobody to average with: nothing to say
+        if self.behind_at == self.local_epoch + 1:
+            logger.info("Global step %d: the swarm took it without this peer", self.local_epoch)
+        elif self.tracker.global_progress.num_peers > 1:  # alone, there is nobody to average with: nothing to say
             logger.warning(
                 "Global step %d: the gradient round failed; this step uses this peer's own gradients", self.local_epoch
             )
@@ -298,8 +299,11 @@ class SwarmOptimizer(compat.Optimizer):
 
     def use_averaged_gradients(self, maybe_step_control: Any) -> None:
         self.last_group = None
-        super().use_averaged_gradients(maybe_step_control)
         control = maybe_step_control
+        read = partial(swarm_epoch, self.tracker)
+        if control is not None and leave_if_passed(control, self.local_epoch, read, self.averaging_timeout):
+            self.behind_at = self.local_epoch + 1  # before hivemind applies our own gradients: use_own_gradients
+        super().use_averaged_gradients(maybe_step_control)
         if control is None:  # alone: no round
             return
         if control.done() and not control.cancelled() and control.exception() is None:
@@ -310,6 +314,8 @@ class SwarmOptimizer(compat.Optimizer):
                 logger.info("Global step %d: the round's group was at %d", self.local_epoch, epoch)
                 self.behind_at = self.local_epoch + 1  # the step this one takes
             self._log_round(outcome)
+        elif self.behind_at == self.local_epoch + 1:
+            self.round_log.failed_with(self.local_epoch, "the swarm took this step without this peer")
         elif control.done():
             self.round_log.failed_with(self.local_epoch, "cancelled" if control.cancelled() else control.exception())
         else:

@@ -239,6 +239,19 @@ class ParamCheck:
         group: Sequence[str] | None = None,
     ) -> Verdict | None:
         """``group``: the peer ids of the round that led to ``epoch`` (None: compare with every peer's)."""
+        self.publish(epoch, params, lr, own_update, group)
+        return self.poll(epoch - 1)
+
+    def publish(
+        self,
+        epoch: int,
+        params: Sequence[torch.Tensor],
+        lr: float,
+        own_update: bool = False,
+        group: Sequence[str] | None = None,
+    ) -> None:
+        """Publish this peer's sketch for ``epoch`` and keep it for the check one step later (``after_step``; after a
+        download, the state taken: a peer that resynchronises every other step is checked too)."""
         mine = sketch(params, self.run_id, epoch)
         self._met.update(dict.fromkeys(group or (), epoch))
         self._met = {peer: at for peer, at in self._met.items() if at > epoch - MET_STEPS}
@@ -248,7 +261,6 @@ class ParamCheck:
             sketch_key(self.run_id, epoch), encode_sketch(epoch, mine), get_dht_time() + RECORD_TTL_S,
             subkey=self.own, return_future=True,
         )  # fmt: skip
-        return self.poll(epoch - 1)
 
     def poll(self, epoch: int) -> Verdict | None:
         """Read (in the background) and judge the sketches for ``epoch``; None while the read is in flight."""

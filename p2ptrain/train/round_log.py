@@ -22,6 +22,7 @@ REASONS = (
     ("incomplete", ("came back from nobody", "incomplete")),
     ("unreachable group", ("can be reached directly by all the others",)),
     ("not admitted", ("not admitted",)),
+    ("behind the swarm", ("without this peer",)),  # the swarm took the round's step without it (step_numbers)
     ("cancelled", ("cancelled", "canceled")),
 )
 

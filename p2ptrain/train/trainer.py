@@ -31,6 +31,7 @@ from p2ptrain.train.keeping_up import FallingBehind, StuckRounds
 from p2ptrain.train.models import autocast_for, evaluate, lm_loss
 from p2ptrain.train.optimizers import PeerOptimizer
 from p2ptrain.train.param_check import ParamCheck
+from p2ptrain.train.step_numbers import swarm_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,7 @@ class Trainer:
             logger.info(
                 "Swarm is at step %d, we are at %d: downloading state from peers", self.opt.tracker.global_epoch, before
             )
-            with self.lock:
-                self.opt.load_state_from_peers()
+            self._download()
             if self.opt.local_epoch > before:
                 logger.info("Caught up: now at global step %d", self.opt.local_epoch)
                 self.status.update(
@@ -300,7 +300,7 @@ class Trainer:
         """Publish our parameters' sketch for this step; resynchronise if the last verdict says we left the swarm's
         parameters (``param_check``)."""
         if self.opt.behind_group_at(epoch):  # its sketch would not be of the others' step: not published
-            self._resync(epoch, "its round's group was ahead; this peer missed their last steps")
+            self._resync(epoch, "the swarm took a step without this peer")
             return
         own = self.opt.own_update_at(epoch)
         if not own:
@@ -328,24 +328,41 @@ class Trainer:
         logger.warning("Parameters at global step %d differ from the swarm's (%s): downloading the swarm's state",
                        epoch, reason)  # fmt: skip
         started = time.monotonic()
-        with self.lock:
-            self.opt.load_state_from_peers()
+        downloads = self._download()
         ended = time.monotonic()
         logger.info("Resynchronised with the swarm: now at global step %d", self.opt.local_epoch)
         self.status.update(force=True, epoch=self.opt.local_epoch, resynced_at=self.opt.local_epoch)
-        lag = self._behind.after_download(ended, self.opt.tracker.global_epoch, ended - started)
+        with self.lock:  # the state taken is checked one step later, as after a step with a group
+            self._param_check.publish(self.opt.local_epoch, self.opt.shared_params(), self.opt.learning_rate())
+        lag = self._behind.after_download(ended, self.opt.tracker.global_epoch, (ended - started) / downloads)
         if lag is not None:
             logger.warning("Falling behind: %s", lag.message())
             self.status.update(force=True, falling_behind=asdict(lag))
 
+    def _download(self) -> int:
+        """Download the swarm's state; once more at once if the swarm took a step meanwhile (its progress records,
+        read now, are past the state's step): a step's round forms over the matchmaking time before the step, so a
+        peer a step behind would only find its step taken without it, and download then. Returns how many."""
+        with self.lock:
+            self.opt.load_state_from_peers()
+        swarm = swarm_epoch(self.opt.tracker)
+        if swarm is None or swarm <= self.opt.local_epoch:
+            return 1
+        logger.info("The swarm is at global step %d, past the state downloaded (%d): downloading again", swarm,
+                    self.opt.local_epoch)  # fmt: skip
+        with self.lock:
+            self.opt.load_state_from_peers()
+        return 2
+
     def _on_global_step(self, epoch: int, loss: float | None) -> int:
         """After reaching global step ``epoch``; returns the step this peer is at now: later, if the parameter check
         resynchronised it from the swarm (the loop then stops at the run's last step, not one past it)."""
+        late = self.opt.behind_group_at(epoch)  # its round was not stuck: the swarm took the step before it came
         if self._param_check is not None:
             self._compare_params(epoch)
             epoch = self.opt.local_epoch
         peers = max(1, self.opt.tracker.global_progress.num_peers)
-        own = self.opt.own_update_at(epoch)
+        own = self.opt.own_update_at(epoch) and not late
         if self._stuck.after(own, peers) and self._on_stuck is not None:
             self._on_stuck(
                 f"no gradient round of the last {self._stuck.limit} global steps found a group, with {peers} peers "
