@@ -66,7 +66,9 @@ def test_the_trainer_reports_a_peer_that_falls_behind_after_every_download_and_c
     trainer.opt, trainer._behind, trainer.lock = opt, FallingBehind(), threading.Lock()
     trainer.status = StatusWriter(tmp_path / "status.json")
     trainer.settings = PeerSettings(data_dir=tmp_path)
-    trainer._param_check = SimpleNamespace(after_step=lambda *args: None, publish=lambda *args: None)
+    trainer._param_check = SimpleNamespace(
+        after_step=lambda *args: None, publish=lambda *args: None, poll=lambda epoch: None
+    )
     with caplog.at_level(logging.INFO, logger="p2ptrain.train.trainer"):
         for _ in range(3):
             trainer._compare_params(opt.local_epoch + 1)
@@ -111,7 +113,7 @@ def test_a_peer_whose_round_after_each_download_finds_nobody_falls_behind(tmp_pa
     trainer.status = StatusWriter(tmp_path / "status.json")
     trainer.settings = PeerSettings(data_dir=tmp_path)
     check = lambda epoch, *args: replace(left, epoch=epoch) if rounds["fail"] else None  # noqa: E731
-    trainer._param_check = SimpleNamespace(after_step=check, publish=lambda *args: None)
+    trainer._param_check = SimpleNamespace(after_step=check, publish=lambda *args: None, poll=lambda epoch: None)
     with caplog.at_level(logging.INFO, logger="p2ptrain.train.trainer"):
         for _ in range(2):
             trainer._compare_params(opt.local_epoch + 1)

@@ -219,3 +219,51 @@ def test_a_peer_read_at_a_recent_check_but_missed_now_counts_against_our_camp():
     missed = verdict_at(6, "ac")  # m read at 4, not now: it still counts
     assert missed.left and missed.unread == 1
     assert verdict_at(12, "ac").lead  # m last read at 4, more than READ_STEPS back: {b, c} against {a}
+
+
+def test_the_state_a_resync_took_is_checked_against_the_others(tmp_path, monkeypatch):
+    """A peer that resynchronises every other step was never checked (a check needs two steps in a row): after a
+    download the trainer publishes the state taken and starts reading the others' sketches of its step, so the
+    next check judges it. Real DHT nodes; the download is a stand-in that takes the other peer's parameters."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from conftest import swarm_nodes
+
+    from p2ptrain.settings import PeerSettings
+    from p2ptrain.status import StatusWriter
+    from p2ptrain.train.keeping_up import FallingBehind
+    from p2ptrain.train.param_check import ParamCheck
+    from p2ptrain.train.trainer import Trainer
+
+    params = [torch.tensor(np.random.default_rng(5).normal(size=300).astype(np.float32))]
+    nodes = swarm_nodes(tmp_path, 2, "run")
+    try:
+        other, ours = (ParamCheck(node, "run") for node in nodes)
+        other.after_step(9, params, LR, own_update=False)
+        held = [params[0] + 1.0]  # ours before the download: a step behind, apart
+
+        def download():
+            held[0] = params[0].clone()
+            opt.local_epoch = 9
+
+        opt = SimpleNamespace(
+            local_epoch=8, tracker=SimpleNamespace(global_epoch=9), load_state_from_peers=download,
+            shared_params=lambda: held, learning_rate=lambda: LR,
+        )  # fmt: skip
+        monkeypatch.setattr("p2ptrain.train.trainer.swarm_epoch", lambda tracker: tracker.global_epoch)
+        trainer = Trainer.__new__(Trainer)  # the resync's bookkeeping only: no model, no training
+        trainer.opt, trainer.lock, trainer._behind, trainer._param_check = opt, threading.Lock(), FallingBehind(), ours
+        trainer.status = StatusWriter(tmp_path / "status.json")
+        trainer.settings = PeerSettings(data_dir=tmp_path)
+        trainer._resync(8, "a test")
+        deadline = time.monotonic() + 20
+        verdict = None
+        while verdict is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            verdict = ours.poll(10)  # what the next step's check does first: the read the resync started
+        assert verdict is not None and verdict.epoch == 9 and verdict.agreeing == verdict.others == 1, verdict
+    finally:
+        for node in nodes:
+            node.shutdown()

@@ -126,6 +126,7 @@ def test_a_peer_behind_its_group_downloads_the_state_without_publishing_its_sket
     trainer._param_check = SimpleNamespace(
         after_step=lambda *args: pytest.fail("published a sketch of the parameters behind"),
         publish=lambda epoch, *args: published.append(epoch),
+        poll=lambda epoch: None,
     )
     trainer._behind = FallingBehind()
     trainer._compare_params(7)

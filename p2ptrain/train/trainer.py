@@ -25,7 +25,7 @@ from p2ptrain.status import StatusWriter
 from p2ptrain.swarm import discovery
 from p2ptrain.swarm.losses import publish_losses
 from p2ptrain.swarm.manifest import SwarmManifest
-from p2ptrain.train import end_of_run
+from p2ptrain.train import end_of_run, param_check
 from p2ptrain.train.data import Corpus
 from p2ptrain.train.keeping_up import FallingBehind, StuckRounds
 from p2ptrain.train.models import autocast_for, evaluate, lm_loss
@@ -314,14 +314,17 @@ class Trainer:
             verdict = self._param_check.after_step(epoch, self.opt.shared_params(), lr, own, group)
         if verdict is None:
             return
-        entry = [verdict.epoch, verdict.agreeing, verdict.others, verdict.left]
-        self.status.update(param_history=[*self.status.status.param_history, entry][-100:])
+        self._record(verdict)
         if verdict.lead:
             whose = f"{verdict.camps} camps of peers differ" if verdict.camps > 1 else "every peer's differ"
             logger.info("Parameters at global step %d: %s; the others take ours", verdict.epoch, whose)
             self.opt.offer_state_first(epoch)
         if verdict.left:
             self._resync(verdict.epoch, verdict.reason())
+
+    def _record(self, verdict: param_check.Verdict) -> None:
+        entry = [verdict.epoch, verdict.agreeing, verdict.others, verdict.left]
+        self.status.update(param_history=[*self.status.status.param_history, entry][-100:])
 
     def _resync(self, epoch: int, reason: str) -> None:
         """Download the swarm's state; say so if this peer keeps parting from the swarm (``keeping_up``)."""
@@ -332,8 +335,11 @@ class Trainer:
         ended = time.monotonic()
         logger.info("Resynchronised with the swarm: now at global step %d", self.opt.local_epoch)
         self.status.update(force=True, epoch=self.opt.local_epoch, resynced_at=self.opt.local_epoch)
-        with self.lock:  # the state taken is checked one step later, as after a step with a group
+        with self.lock:  # the state taken is checked as a step's is: its sketch published, the others' read
             self._param_check.publish(self.opt.local_epoch, self.opt.shared_params(), self.opt.learning_rate())
+            verdict = self._param_check.poll(self.opt.local_epoch)
+        if verdict is not None:  # an earlier step's, read meanwhile: on record, but this download is its answer
+            self._record(verdict)
         lag = self._behind.after_download(ended, self.opt.tracker.global_epoch, (ended - started) / downloads)
         if lag is not None:
             logger.warning("Falling behind: %s", lag.message())
