@@ -171,19 +171,14 @@ class PacedEvent(threading.Event):
 
     def __init__(self, every_s: float):
         super().__init__()
-        self.every_s, self._woken_at, self._now = every_s, -math.inf, threading.Event()
-
-    def hurry(self) -> None:
-        """The report just made goes out without waiting out the interval."""
-        self._now.set()
+        self.every_s, self._woken_at = every_s, -math.inf
 
     def wait(self, timeout: float | None = None) -> bool:
         flagged = super().wait(timeout)
         if flagged:
             rest = self._woken_at + self.every_s - time.monotonic()
             if rest > 0:
-                self._now.wait(rest)
-            self._now.clear()
+                time.sleep(rest)
             self._woken_at = time.monotonic()
         return flagged
 
@@ -191,8 +186,7 @@ class PacedEvent(threading.Event):
 class CheckedProgressTracker(ProgressTracker):
     """hivemind's ``ProgressTracker`` that reads the swarm's progress through ``plausible``; with ``bound``, only
     records signed by the peers they name (``bound_to_signers``), and with ``admission`` (a private swarm's) only those
-    of admitted peers. It stores this peer's record at most every ``REPORT_EVERY_S`` (``PacedEvent``), but a new
-    step's or a completed batch's at once."""
+    of admitted peers. It stores this peer's record at most every ``REPORT_EVERY_S`` (``PacedEvent``)."""
 
     def __init__(
         self, *args: Any, bound: bool = False, admission: Admission | None = None, start: bool = False, **kwargs: Any
@@ -205,14 +199,6 @@ class CheckedProgressTracker(ProgressTracker):
         self.should_report_progress = PacedEvent(REPORT_EVERY_S)  # before its reporter waits on hivemind's
         if start:
             self.start()
-
-    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
-        """hivemind's; the record of a new step, or of samples that complete the batch, is stored at once: the
-        others act on those (they step, or start their round)."""
-        new_step = local_epoch != self.local_progress.epoch
-        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
-        if new_step or self.global_progress.samples_accumulated >= self.target_batch_size:
-            self.should_report_progress.hurry()
 
     def swarm_progress(self, metadata: Any) -> GlobalTrainingProgress:
         notes: dict[bytes, str] = {}
