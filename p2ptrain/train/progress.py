@@ -36,7 +36,6 @@ import functools
 import logging
 import math
 import re
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,7 +56,6 @@ logger = logging.getLogger(__name__)
 EPOCH_SLACK = 2  # peers one global step ahead of the others are normal: the first ones to step
 RATE_BOUND = 10.0
 WARN_EVERY_S = 60.0
-REPORT_EVERY_S = 0.5  # this peer's progress record is stored at most this often (hivemind: after every local step)
 PASSES_EVERY_S = 30.0  # a private swarm's passes are read again this often, or sooner for a record from a new peer
 PASSES_SOON_S = 5.0  # for one peer not admitted (a stranger's records do not make every read a DHT lookup)
 OWNER = re.compile(rb"\[owner:(ssh-rsa [A-Za-z0-9+/=]+)\]")  # hivemind's subkey of a record signed by its writer
@@ -162,43 +160,17 @@ def _writer(record: LocalTrainingProgress) -> str:
         return "a progress record with an unreadable peer id"
 
 
-class PacedEvent(threading.Event):
-    """hivemind's progress reporter stores this peer's record each time its tracker sets this event, which it does
-    after every local step: with small batches, tens of signed DHT stores a second per peer, most of a swarm's DHT
-    traffic (in a four-peer NAT run, up to 80 calls a second through one daemon). A waiter woken within ``every_s`` of
-    its last wake waits out the rest first, so the record goes out at most that often, with what was reported
-    meanwhile; the others' trackers extrapolate between records by the rate each states."""
-
-    def __init__(self, every_s: float):
-        super().__init__()
-        self.every_s, self._woken_at = every_s, -math.inf
-
-    def wait(self, timeout: float | None = None) -> bool:
-        flagged = super().wait(timeout)
-        if flagged:
-            rest = self._woken_at + self.every_s - time.monotonic()
-            if rest > 0:
-                time.sleep(rest)
-            self._woken_at = time.monotonic()
-        return flagged
-
-
 class CheckedProgressTracker(ProgressTracker):
     """hivemind's ``ProgressTracker`` that reads the swarm's progress through ``plausible``; with ``bound``, only
     records signed by the peers they name (``bound_to_signers``), and with ``admission`` (a private swarm's) only those
-    of admitted peers. It stores this peer's record at most every ``REPORT_EVERY_S`` (``PacedEvent``)."""
+    of admitted peers."""
 
-    def __init__(
-        self, *args: Any, bound: bool = False, admission: Admission | None = None, start: bool = False, **kwargs: Any
-    ):
+    def __init__(self, *args: Any, bound: bool = False, admission: Admission | None = None, **kwargs: Any):
         self.bound, self.admission = bound or admission is not None, admission
         self._passes_read_at, self._admitted = -math.inf, frozenset()
         self._asked: dict[str, float] = {}  # when the passes were last read for a peer not admitted
         self._warned_at: dict[bytes, float] = {}
-        super().__init__(*args, start=False, **kwargs)  # it reads the swarm's progress once already
-        self.should_report_progress = PacedEvent(REPORT_EVERY_S)  # before its reporter waits on hivemind's
-        if start:
-            self.start()
+        super().__init__(*args, **kwargs)  # it reads the swarm's progress once already
 
     def swarm_progress(self, metadata: Any) -> GlobalTrainingProgress:
         notes: dict[bytes, str] = {}
