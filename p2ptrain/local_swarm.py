@@ -121,12 +121,10 @@ class LocalSwarm:
 
     def wait_for(self, peer: LocalPeer, condition, timeout_s: float, what: str) -> dict[str, Any]:
         """Poll the peer's status until ``condition(status)``; raise with its log if it dies or times out."""
-        start = time.monotonic()
-        deadline = start + timeout_s
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = peer.status()
             if status and condition(status):
-                print(f"{peer.name}: {what} after {time.monotonic() - start:.0f} s", flush=True)  # where time goes (-s)
                 return status
             if not peer.alive() and not (status and condition(status)):
                 raise RuntimeError(f"{peer.name} exited ({peer.proc.returncode}) before {what}:\n{peer.log()[-3000:]}")

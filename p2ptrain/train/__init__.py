@@ -15,7 +15,7 @@
 - ``codecs``        fp16 / int8 / int4 / int2 / random-k, what the codec takes (error feedback), the ladder
 - ``policy``        the adaptive level every group member derives from the same reports
 - ``param_check``   after each global step, members compare sketches of their parameters; a stray resyncs
-- ``step_numbers``  the members of a gradient round number the step they take with it alike
+- ``step_numbers``  gradient rounds meet on their step's key; a round whose step the swarm took is left at once
 - ``keeping_up``    a peer that cannot keep up with the swarm: stuck rounds, downloads that outlast a step
 - ``end_of_run``    ``--max-steps``: every peer stops on the same global step with the same parameters
 - ``models``        the model registry (gpt2-tiny/-small/-medium), built from configs; loss, held-out loss
