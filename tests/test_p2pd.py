@@ -502,6 +502,9 @@ def test_calls_reach_a_peer_again_after_a_disconnect_or_a_restart(tmp_path):
             await b.add_protobuf_handler("double", double, test_pb2.TestRequest)
             await a._client.connect(b.peer_id, await b.get_visible_maddrs())
             assert (await b.call_protobuf_handler(a.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
+            # b is told a's listening address, as a hivemind peer is by the DHT, rather than relying on the identify
+            # that a's dial started having finished before the disconnect below
+            await b._client.connect(a.peer_id, await a.get_visible_maddrs())
             await b._client.disconnect(a.peer_id)
             assert (await b.call_protobuf_handler(a.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
 

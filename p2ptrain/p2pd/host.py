@@ -139,10 +139,16 @@ class Node:
         await self.remember(peer_id)
 
     async def connect(self, peer_id: ID, addrs: list[multiaddr.Multiaddr], timeout_s: float = DIAL_TIMEOUT_S) -> None:
+        """Connected to ``peer_id``; its direct addresses are kept even when a connection is already open (as
+        go-libp2p's ``Connect`` does): an inbound connection tells only the peer's ephemeral port, and the next dial
+        after it closes needs a listening one."""
         if not addrs:
             await self.ensure_connected(peer_id, timeout_s)
             return
-        if not self.is_connected(peer_id):
+        if self.is_connected(peer_id):
+            direct = [a for a in addrs if "/p2p-circuit" not in str(a)]
+            self.host.get_peerstore().add_addrs(peer_id, direct, ADDRESS_TTL_S)
+        else:
             with trio.fail_after(timeout_s):
                 await self._dial(peer_id, addrs)
         await self.remember(peer_id)
