@@ -1,22 +1,24 @@
 """Volunteers behind home NATs train together: real peers in a NAT lab of network namespaces (scripts/netlab.py).
 
-The internet: a seeder S and a second public peer R, and three public DHT bootstrap nodes X, Y, Z
-(``hivemind-dht``, as a researcher runs for a swarm). Volunteers A and B sit behind NAT routers of their own
-(MASQUERADE, unsolicited inbound dropped, no port forwarded). go-libp2p hole-punches only from an address that four
+The internet: a seeder S and three public DHT bootstrap nodes X, Y, Z (``hivemind-dht``, as a researcher runs
+for a swarm). Volunteers A and B sit behind NAT routers of their own (MASQUERADE, unsolicited inbound dropped, no
+port forwarded); volunteer R's router runs miniupnpd (a real UPnP IGD / NAT-PMP, as most home routers offer), so R
+maps its port and becomes the swarm's second reachable peer. go-libp2p hole-punches only from an address that four
 different peers have observed (``identify.ActivationThresh``), and tries when a relayed connection opens: on the
 internet a peer meets that many in seconds; here the bootstrap nodes and S are the four a volunteer meets first.
 
-1. all four train; A and B find they are behind NAT, take slots on the relays, and reach each other directly by
-   hole punching (bytes between their routers, counted by the routers); after each global step every member
-   holds the same parameters (``param_check``) or resynchronises;
-2. S is killed (-9): A, B and R go on;
+1. all four train; R maps its port on its router and is dialled there: it aggregates and relays; A and B find
+   they are behind NAT, take slots on the relays, and reach each other directly by hole punching (bytes between
+   their routers, counted by the routers); after each global step every member holds the same parameters
+   (``param_check``) or resynchronises;
+2. S is killed (-9): A, B and R go on, R through its mapped port;
 3. R and the bootstrap nodes stop too: no reachable peer is left; A and B say so, and train on together over their
    hole-punched connection; then B leaves, and A, alone with no relay, waits (progress kept) instead of training
    apart from the swarm;
 4. S comes back (same data directory, so the same identity and port): A rejoins and trains with it.
 
-``-m extended`` runs the story with both daemons in one swarm (S Go, R Python, A Python, B Go: each daemon relays,
-sits behind NAT and hole-punches to the other), all-Go and all-Python.
+CI runs the story with both daemons in one swarm (S Go, R Python, A Python, B Go: each daemon relays, maps a port,
+sits behind NAT and hole-punches to the other); ``-m extended`` also all-Go and all-Python.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ pytestmark = [
 ]
 PEER_FLAGS = ("--threads", "1", "--batch-size", "8", "--validate-every", "0", "--checkpoint-every", "2")
 PORT = 31337  # the default: every host has its own address
+EXTENDED = pytest.mark.extended  # 2.5-5 min each alone
 # Global steps of ~4 s of compute, not the demo's ~1 s: on 2 cores, four peers, their daemons and relays, a state
 # download through a relay takes 2-4 s, and a peer whose download outlasts a step never catches up (keeping_up.py;
 # with the demo's steps, 10 downloads in a row on one peer). A real swarm's steps are minutes long. And the manifest's
@@ -90,19 +93,19 @@ STORY_DAEMONS = {
 }
 
 
-@pytest.mark.extended  # 2.5-5 min alone; in CI it held the suite over 14 min (README)
-@pytest.mark.parametrize("daemons", ["mixed", "go", "py"])
+@pytest.mark.skipif(bool(missing_tools(upnp=True)), reason=f"needs {', '.join(missing_tools(upnp=True))} for UPnP")
+@pytest.mark.parametrize("daemons", ["mixed", pytest.param("go", marks=EXTENDED), pytest.param("py", marks=EXTENDED)])
 def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path, daemons):
-    """``mixed``: the seeder runs the Go daemon, the second public peer the Python one, and so do the volunteers
-    (A Python, B Go), so that each daemon is a relay (S first, R once S is gone), a volunteer behind NAT, and
-    hole-punches to the other; ``go``: all Go."""
+    """``mixed``: the seeder runs the Go daemon, the UPnP volunteer the Python one, and so do the volunteers
+    behind NAT (A Python, B Go), so that each daemon is a relay (S first, R once S is gone), a volunteer behind NAT,
+    and hole-punches to the other; ``go``: all Go."""
     p2p = {name: ("--p2p", kind) for name, kind in STORY_DAEMONS[daemons].items()}
     before = netns()
     lab = NatLab()
     try:
-        x, y, z, s, r = (lab.public(name) for name in "xyzsr")
-        home_a, home_b = lab.home("a"), lab.home("b")
-        a, b = home_a.host("a"), home_b.host("b")
+        x, y, z, s = (lab.public(name) for name in "xyzs")
+        home_a, home_b, home_r = lab.home("a"), lab.home("b"), lab.home("r", upnp=True)
+        a, b, r = home_a.host("a"), home_b.host("b"), home_r.host("r")
         bootstrap_x = DhtNode(x, tmp_path, [])
         time.sleep(2.0)  # its daemon is up before y bootstraps from it
         nodes = [bootstrap_x, *(DhtNode(h, tmp_path, [bootstrap_x.maddr]) for h in (y, z))]
@@ -116,13 +119,21 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             )
             everyone = [seeder, second, va, vb]
 
-            # 1. all four train; A and B behind NAT reach each other directly
+            # 1. all four train; R is reachable at its mapped port; A and B behind NAT reach each other directly
             wait_until(lambda: all(epoch(p) >= 3 for p in everyone), 300, "training on all four", everyone)
             for volunteer, home in ((va, home_a), (vb, home_b)):
                 status = volunteer.status()
                 assert status["reachability"].startswith(f"behind NAT ({home.router.ip})"), status
                 assert re.match(r"reachable through \d relay", status["network_role"]), status
-            assert second.status()["reachability"] == f"reachable directly at {r.ip}:{PORT}"
+            # R: its port mapped by the IGD (the external port is the router's choice: go-nat asks for a random one)
+            mapped = rf"reachable directly at {re.escape(home_r.router.ip)}:\d+ \(port mapped on the router\)"
+            wait_until(lambda: re.fullmatch(mapped, second.status().get("reachability", "")), 60, "R's mapped port",
+                       everyone)  # fmt: skip
+            assert second.status()["network_role"] == "aggregates and relays for peers behind NAT"
+            assert "Rejoining the swarm" not in second.log()  # its first role was the mapped one
+            rules = subprocess.run([*home_r.router.prefix, "nft", "list", "table", "inet", "miniupnpd"],
+                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+            assert f"dnat ip to {r.ip}:{PORT}" in rules, rules
             punched = lambda p: p.status().get("connections", {}).get("hole-punched", 0) >= 1  # noqa: E731
             wait_until(lambda: punched(va) and punched(vb), 240, "a hole-punched connection A-B", everyone)
             assert "(hole-punched through both NATs)" in va.log()
@@ -139,15 +150,17 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
 
             wait_until(all_agree, 120, "every member agreeing with the others' parameters", everyone)
 
-            # 2. the seeder dies; the others go on through R, and average with it (the routers count their traffic)
+            # 2. the seeder dies; the others go on with R, and average with it at its mapped port (the routers count
+            # their traffic to R's router)
             swarm.stop(seeder, signal.SIGKILL)
             rest = [second, va, vb]
-            to_r = {home.name: lab.counters(home).get(r.ip, 0) for home in (home_a, home_b)}
+            r_at = home_r.router.ip
+            to_r = {home.name: lab.counters(home).get(r_at, 0) for home in (home_a, home_b)}
             wait_until(advanced(rest, 2), 240, "two global steps without S", rest)
             for home in (home_a, home_b):
-                assert lab.counters(home).get(r.ip, 0) - to_r[home.name] > 200_000, lab.counters(home)
+                assert lab.counters(home).get(r_at, 0) - to_r[home.name] > 200_000, lab.counters(home)
             counts = {home.name: nonzero(lab.counters(home)) for home in (home_a, home_b)}
-            print(f"router counters after phase 2, bytes by address: {counts}; R is {r.ip}")
+            print(f"router counters after phase 2, bytes by address: {counts}; R is at {r_at}")
 
             # 3. no reachable peer is left: A and B say so, and train on together over their direct connection
             swarm.stop(second)
@@ -179,35 +192,6 @@ def test_volunteers_behind_nats_train_together_and_survive_their_relays(tmp_path
             wait_until(together, 300, "training again", [back, va])
             assert not va.status().get("network_isolated")
             assert "Resumed after" not in va.log()  # it left paused: no global step alone on the way out
-    finally:
-        lab.remove()
-    assert netns() == before
-
-
-@pytest.mark.skipif(bool(missing_tools(upnp=True)), reason=f"needs {', '.join(missing_tools(upnp=True))} for UPnP")
-def test_a_volunteer_whose_router_offers_upnp_maps_its_port_and_is_reachable_directly(tmp_path):
-    """A home router running miniupnpd (a real UPnP IGD / NAT-PMP): the volunteer's daemon maps its port (the Go
-    daemon's -natPortMap, on by default), peers dial it back through the mapping, and it takes the role of a
-    public peer: it aggregates and relays."""
-    before = netns()
-    lab = NatLab()
-    try:
-        s = lab.public("s")
-        home = lab.home("u", upnp=True)
-        u = home.host("u")
-        with LocalSwarm(tmp_path, swarm_flags=DEMO_SWARM_FLAGS, peer_flags=PEER_FLAGS) as swarm:
-            seeder = swarm.seed("S", "--wait-for-peers", "2", prefix=s.prefix)
-            volunteer = swarm.join("U", "--invite", swarm.invite(seeder), prefix=u.prefix)
-            # the external port is the router's choice (go-nat asks the IGD for a random one)
-            mapped = re.compile(rf"reachable directly at {re.escape(home.router.ip)}:\d+ \(port mapped on the router\)")
-            wait_until(lambda: mapped.fullmatch(volunteer.status().get("reachability", "")), 120, "a mapped port",
-                       [volunteer])  # fmt: skip
-            rules = subprocess.run([*home.router.prefix, "nft", "list", "table", "inet", "miniupnpd"],
-                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
-            assert f"dnat ip to {u.ip}:{PORT}" in rules, rules
-            wait_until(lambda: epoch(volunteer) >= 3, 180, "training", [seeder, volunteer])
-            assert volunteer.status()["network_role"] == "aggregates and relays for peers behind NAT"
-            assert "Rejoining the swarm" not in volunteer.log()  # its first role was the mapped one
     finally:
         lab.remove()
     assert netns() == before
