@@ -241,7 +241,11 @@ def test_the_state_a_resync_took_is_checked_against_the_others(tmp_path, monkeyp
     nodes = swarm_nodes(tmp_path, 2, "run")
     try:
         other, ours = (ParamCheck(node, "run") for node in nodes)
-        other.after_step(9, params, LR, own_update=False)
+        other.after_step(9, params, LR, own_update=False)  # its store runs in the background: wait until ours sees it
+        seen_by = time.monotonic() + 20
+        while not (found := nodes[1].get(sketch_key("run", 9), latest=True)) and time.monotonic() < seen_by:
+            time.sleep(0.1)
+        assert found, "the other peer's sketch never reached the DHT"
         held = [params[0] + 1.0]  # ours before the download: a step behind, apart
 
         def download():
