@@ -196,7 +196,8 @@ def check_swarm_page(tmp_path: Path, peers: list, viewer) -> None:
     import psutil
     from browser import opened, screenshot
 
-    ids = {p.status()["peer_id"] for p in peers}
+    by_id = {p.status()["peer_id"]: p for p in peers}
+    ids = set(by_id)
     said = tmp_path / "dashboard.log"  # a file: a pipe nobody reads fills up with the daemon's output
     with said.open("w") as out:
         command = ["dashboard", "--swarm", "--port", "0", "--data-dir", str(viewer.data_dir)]
@@ -220,7 +221,11 @@ def check_swarm_page(tmp_path: Path, peers: list, viewer) -> None:
         for peer in ids:
             assert rows[peer]["global_step"] >= 2 and rows[peer]["samples_per_s"] > 0, rows[peer]
             assert rows[peer]["tokens"] is not None and rows[peer]["member"], rows[peer]
-            assert 0 < rows[peer]["held_out_loss"] < 10 and rows[peer]["loss_step"] >= 0, rows[peer]
+            # the loss the peer measured and published, whatever training made of it: the demo's learning rate (5×
+            # the default) spikes the loss for a step or two now and then, a lone peer's too (10.5 seen here)
+            measured = [loss for _, loss in by_id[peer].status()["val_history"]]
+            assert any(abs(rows[peer]["held_out_loss"] - loss) < 1e-6 for loss in measured), (rows[peer], measured)
+            assert rows[peer]["loss_step"] >= 0, rows[peer]
         assert data["totals"]["training"] == len(peers) and data["run_id"] == peers[0].status()["run_id"]
         status, kind, page = get(url)
         assert status == 200 and kind.startswith("text/html") and b"/static/swarm.js" in page
