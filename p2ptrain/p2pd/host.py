@@ -42,6 +42,7 @@ ADDRESS_TTL_S = 120  # as py-libp2p's host.connect
 # refuse the peer's real addresses for a while (its negative dial cache)
 UNDIALABLE = ("0.0.0.0/32", "::/128")
 ANNOUNCE_TIMEOUT_S = 10.0
+NEXT_ADDRESS_S = 0.25  # a peer's next direct address is dialled this long after the previous one (go-libp2p's ranker)
 MAX_KEY_FILE_BYTES = 64 * 1024
 
 
@@ -187,8 +188,8 @@ class Node:
             self.host.get_peerstore().add_addrs(peer_id, direct, ADDRESS_TTL_S)
             try:
                 with trio.fail_after(DIRECT_FIRST_S if circuits and lan_only else math.inf):
-                    connections = await self.host.get_network().dial_peer(peer_id)  # skips closed ones
-                    await connections[0].event_started.wait()
+                    connection = await self._dial_direct(peer_id, direct)
+                    await connection.event_started.wait()
                 return
             except Exception:
                 if not (circuits and self.relays is not None):
@@ -196,6 +197,33 @@ class Node:
         if not circuits or self.relays is None:
             raise ConnectionError(f"peer {peer_id} has no address this daemon can dial")
         await self.relays.dial(peer_id, circuits)
+
+    async def _dial_direct(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]):  # noqa: ANN202 - INetConn
+        """The first connection that one of ``addrs`` gives, each dialled ``NEXT_ADDRESS_S`` after the one before,
+        as go-libp2p's dialer does. py-libp2p's ``dial_peer`` dials one address per transport, the first its
+        peerstore lists: for a peer behind a router that maps its port, that was its LAN address (identify lists the
+        mapped one last), which no one outside that LAN can reach, so the dial timed out (seen: a Python peer behind
+        NAT never reached a Python peer with a mapped port)."""
+        network, won, errors = self.host.get_network(), [], []
+        addrs = [a for a in addrs if await network.connection_gate.is_allowed(a)]  # as dial_peer: UNDIALABLE
+        if not addrs:
+            raise ConnectionError(f"All addresses for peer {peer_id} blocked by connection gate")
+        addrs = [a for a in addrs if not is_loopback(a)] or addrs  # as dial_peer: not ours, if it has others
+
+        async def attempt(addr: multiaddr.Multiaddr, delay_s: float, done: trio.CancelScope) -> None:
+            await trio.sleep(delay_s)
+            try:
+                won.append(await network.dial_addr(addr, peer_id))
+                done.cancel()
+            except Exception as e:  # noqa: BLE001 - the next address may answer
+                errors.append(f"{addr}: {e}")
+
+        async with trio.open_nursery() as nursery:
+            for i, addr in enumerate(addrs):
+                nursery.start_soon(attempt, addr, i * NEXT_ADDRESS_S, nursery.cancel_scope)
+        if not won:
+            raise ConnectionError(f"no address of peer {peer_id} answered: {'; '.join(errors)}")
+        return won[0]
 
     async def remember(self, peer_id: ID) -> None:
         """Put a peer we talk to in the Kademlia routing table, so that others can find it through us."""
