@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -533,6 +534,28 @@ def test_an_unspecified_address_is_never_dialled():
             with pytest.raises(ControlFailure, match="blocked by connection gate"):
                 await a._client.connect(b.peer_id, [unspecified])
             await a._client.connect(b.peer_id, [unspecified, Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")])
+            assert (await a.call_protobuf_handler(b.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
+
+    run(main())
+
+
+def test_a_peer_is_reached_at_its_second_address_when_the_first_does_not_answer():
+    """A peer behind a router that maps its port lists its LAN address first and the mapped one after it: py-libp2p
+    0.8.1 dials only the first address of each transport, so callers outside that LAN never reached it. The daemon
+    dials every direct address (``host._dial_direct``); here the first is a closed port on this machine."""
+    ask = test_pb2.TestRequest(number=4)
+    with socket.socket() as closed:  # a port nobody listens on once this socket is gone
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            a = await start("py", stack)
+            b = await start("py", stack)
+            await b.add_protobuf_handler("double", double, test_pb2.TestRequest)
+            port = (await b.get_visible_maddrs())[0]["tcp"]
+            first, second = Multiaddr(f"/ip4/127.0.0.1/tcp/{dead}"), Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
+            await a._client.connect(b.peer_id, [first, second])
             assert (await a.call_protobuf_handler(b.peer_id, "double", ask, test_pb2.TestResponse)).number == 8
 
     run(main())

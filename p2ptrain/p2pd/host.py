@@ -31,6 +31,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from p2ptrain.p2pd.flags import Options
+from p2ptrain.p2pd.relay import is_circuit
 
 logger = logging.getLogger("p2pd.host")
 
@@ -147,8 +148,7 @@ class Node:
             await self.ensure_connected(peer_id, timeout_s)
             return
         if self.is_connected(peer_id):
-            direct = [a for a in addrs if "/p2p-circuit" not in str(a)]
-            self.host.get_peerstore().add_addrs(peer_id, direct, ADDRESS_TTL_S)
+            self.host.get_peerstore().add_addrs(peer_id, [a for a in addrs if not is_circuit(a)], ADDRESS_TTL_S)
         else:
             with trio.fail_after(timeout_s):
                 await self._dial(peer_id, addrs)
@@ -179,8 +179,8 @@ class Node:
         a LAN address behind another router never answers, and waiting out the TCP timeout would use up the
         caller's. A peer with a public address is never dialled through the trusted relays (averaging data does
         not go through relays)."""
-        circuits = [a for a in addrs if "/p2p-circuit" in str(a)]
-        direct = [a for a in addrs if "/p2p-circuit" not in str(a)]
+        circuits = [a for a in addrs if is_circuit(a)]
+        direct = [a for a in addrs if not is_circuit(a)]
         lan_only = not any(is_public(a) for a in direct)
         if self.relays is not None and not circuits and lan_only:
             circuits = [c for c in self.relays.circuits_through_trusted() if f"/p2p/{peer_id}/" not in str(c)]
