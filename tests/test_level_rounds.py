@@ -28,7 +28,8 @@ def nodes(tmp_path):
 
 
 def grouped(manifest, **averaging):
-    spec = dataclasses.replace(manifest.averaging, mode="local", aggregation="mean", group_size=2, **averaging)
+    averaging = {"mode": "local", "aggregation": "mean", "group_size": 2, **averaging}
+    spec = dataclasses.replace(manifest.averaging, **averaging)
     return dataclasses.replace(manifest, averaging=spec)
 
 
@@ -116,6 +117,39 @@ def test_members_meet_only_in_rounds_of_the_same_global_step(nodes, manifest, tm
         assert "no level of the grid's 2 averaged" in outcomes[3], outcomes
         levels = [[others for _, others, _ in control.result().levels] for control in rounds[:3]]
         assert levels[0] == [[ids[1]], [ids[2]]] and levels[1] == [[ids[0]]] and levels[2] == [[ids[0]]], levels
+    finally:
+        for opt in opts:
+            stop_optimizer(opt, step_running=False)
+
+
+def test_a_known_group_meets_without_the_dht_and_past_a_member_that_is_gone(nodes, manifest, tmp_path):
+    """One cluster of four whose lowest peer id (the leader every member asks first) is gone: the three others
+    still average together in one group, and nobody declared the group's key in the DHT (its members know each
+    other, ``compat.matchmaking``); through the DHT, as hivemind meets, they would have."""
+    from p2ptrain.swarm.grouping import step_bits
+    from p2ptrain.train.level_rounds import LevelRounds
+
+    manifest = grouped(manifest, compression="none", group_size=4)
+    models = [torch.nn.Linear(4, 2) for _ in nodes]
+    every = node_optimizers(tmp_path, nodes, models, manifest)  # each signs its parts with its own node's identity
+    order = sorted(range(len(nodes)), key=lambda i: nodes[i].peer_id.to_bytes())
+    ids = [nodes[i].peer_id.to_base58() for i in order]
+    stop_optimizer(every[order[0]], step_running=False)
+    nodes[order[0]].shutdown()  # the lowest peer id is gone
+    live, opts = [nodes[i] for i in order[1:]], [every[i] for i in order[1:]]
+    try:
+        declared = {}
+        for epoch, through_dht in ((3, False), (4, True)):
+            rounds = [
+                LevelRounds(opt.averager, pass_groups(me, [ids], 4), gather={}, weight=1.0, timeout=20.0,
+                            max_weight=1e6, epoch=epoch, through_dht=through_dht)
+                for me, opt in zip(ids[1:], opts, strict=True)
+            ]  # fmt: skip
+            met = [sorted(peer.to_base58() for peer in control.result(timeout=60)) for control in rounds]
+            assert met == [sorted(ids[1:])] * 3, (through_dht, met)
+            key = f"{opts[0].averager.prefix}.0b{step_bits(pass_groups(ids[1], [ids], 4)[0].key_bits, epoch)}"
+            declared[through_dht] = live[0].get(key, latest=True)
+        assert declared[False] is None and declared[True] is not None, declared
     finally:
         for opt in opts:
             stop_optimizer(opt, step_running=False)

@@ -2,10 +2,10 @@
 
 hivemind has no public hook for what p2ptrain changes in it: the codec a received tensor is decoded with, the
 libp2p daemon it launches, who aggregates which part of a round and what members receive, how the swarm's progress
-records are read, and what its Optimizer does when a gradient round succeeds or fails. Each of those is reached
-here, through a function or a base class with a public name; the rest of p2ptrain uses only those names
-(``tests/test_layout.py`` checks), so a hivemind upgrade is reviewed in this one file, and ``check_version`` refuses
-to start with any other version.
+records are read, what its Optimizer does when a gradient round succeeds or fails, and how a group whose members
+are known meets (``compat/matchmaking.py``). Each of those is reached here, through a function or a base class with
+a public name; the rest of p2ptrain uses only those names (``tests/test_layout.py`` checks), so a hivemind upgrade
+is reviewed in these two files, and ``check_version`` refuses to start with any other version.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from hivemind.utils.asyncio import aenumerate, as_aiter, azip
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.mpfuture import MPFuture, SharedBytes
 
+from p2ptrain.compat.matchmaking import KnownGroups
 from p2ptrain.errors import ConfigError
 
 SUPPORTED = "1.1.12"  # pyproject.toml pins it; the names below are read from its source
@@ -127,7 +128,7 @@ async def hold_dht_tasks(_dht: hivemind.DHT, _node: Any) -> None:
 # -- averagers --------------------------------------------------------------------------------------------------------
 
 
-class AveragerHooks:
+class AveragerHooks(KnownGroups):
     """Mixin for ``hivemind.averaging.DecentralizedAverager`` subclasses: public names for the two private methods
     p2ptrain changes. Mixins that override them (``aggregate_with_group``, ``run_allreduce_inplace``) derive from
     this class and call ``super()``; Python's method order puts this class after all of them and before hivemind's,
@@ -160,22 +161,6 @@ class AveragerHooks:
         """All-reduce ``tensors`` in place with the group (hivemind: ``_run_allreduce_inplace_``; ``*args``: the
         group id, which PowerSGD's averager passes for each of its two rounds)."""
         return await super()._run_allreduce_inplace_(tensors, group_info, *args, **kwargs)
-
-    def set_target_group_size(self, size: int) -> None:
-        """How many members the next group waits for before it starts (hivemind takes ``target_group_size`` once, at
-        construction; a grouped swarm knows each level's group). In the averager's process, like hivemind's own
-        ``set_group_bits``."""
-        future = MPFuture()
-        self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
-        future.result()
-
-    async def _set_target_group_size(self, size: int, future: MPFuture) -> None:
-        try:
-            self._matchmaking.target_group_size = size
-            self._matchmaking.potential_leaders.target_group_size = size
-            future.set_result(None)
-        except Exception as e:  # noqa: BLE001 - reported to the caller
-            future.set_exception(e)
 
     async def _shutdown(self, timeout: float | None) -> None:
         """hivemind's, for a round in flight too: hivemind 1.1 calls ``finalize`` on the future of each running group

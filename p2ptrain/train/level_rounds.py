@@ -36,7 +36,9 @@ class LevelRounds:
     """One outer round over ``groups`` (this peer's groups at every level, level 0 first), run in a thread. It quacks
     like hivemind's ``StepControl`` as far as ``LocalUpdateOptimizer`` uses one (``done``, ``result``, ``cancel``);
     its result is the last successful level's ``RoundOutcome`` with the whole round's time and bytes, and
-    ``group_size`` the peers whose values the result holds. It fails only when no level succeeded."""
+    ``group_size`` the peers whose values the result holds. It fails only when no level succeeded. Every member of a
+    level's group knows the others, so they meet without the DHT (``compat.matchmaking``): the lowest peer id
+    leads."""
 
     def __init__(
         self,
@@ -48,9 +50,11 @@ class LevelRounds:
         timeout: float,
         max_weight: float,
         epoch: int,
+        through_dht: bool = False,
     ):
         self.averager, self.groups, self.gather, self.timeout = averager, groups, gather, timeout
         self.weight, self.max_weight, self.epoch = weight, max_weight, epoch
+        self.through_dht = through_dht  # each level's group meets as hivemind's do (a benchmark's baseline)
         self.me = averager.peer_id.to_base58()
         self._ended: Future = Future()
         self._cancelled = threading.Event()
@@ -91,8 +95,7 @@ class LevelRounds:
             if len(group.members) < 2:
                 continue  # alone at this level (a cluster of one, or a grid not full): nothing to average
             left = max(0.5, (deadline - time.monotonic()) / (len(self.groups) - i))
-            self.averager.set_group_bits(step_bits(group.key_bits, self.epoch))
-            self.averager.set_target_group_size(len(group.members))
+            self.averager.set_group(step_bits(group.key_bits, self.epoch), group.members, through_dht=self.through_dht)
             mine = weight * group.share
             self._control = self.averager.step(  # no retries: the others of this group move on to the next level
                 gather={**self.gather, "weight": mine, "covers": covers},
