@@ -234,10 +234,10 @@ def _number(value: object, limit: float) -> bool:
     return math.isfinite(value) and abs(value) <= limit
 
 
-def read_near(dht: hivemind.DHT, run_id: str) -> dict[str, Near]:
-    """Every member's near record that checks out (peer id → ``Near``), from every shard; malformed ones, and ones
-    in another peer's shard, are skipped."""
-    futures = [dht.get(key, latest=True, return_future=True) for key in near_keys(run_id)]
+def read_near(dht: hivemind.DHT, run_id: str, futures: list | None = None) -> dict[str, Near]:
+    """Every member's near record that checks out (peer id → ``Near``), from every shard (``futures``: the shards'
+    lookups, already asked for); malformed ones, and ones in another peer's shard, are skipped."""
+    futures = futures or [dht.get(key, latest=True, return_future=True) for key in near_keys(run_id)]
     records: dict[str, Near] = {}
     for shard, future in enumerate(futures):
         found = bounded(future)
@@ -338,9 +338,10 @@ class Prober:
     def read(self) -> tuple[dict[str, Near], list[str]]:
         """Read the members and everybody's near records now (a grouped swarm's peers do at each round's start, so
         that their views of the swarm differ as little as possible); the last read if this one fails."""
-        try:
+        try:  # the shards' lookups and the members' at once: a round waits for the slowest, not for their sum
+            shards = [self.dht.get(key, latest=True, return_future=True) for key in near_keys(self.run_id)]
             members = [p for p in member_ids(self.dht, self.run_id) if p != self.me and len(p) <= 64]
-            self.records, self.members = read_near(self.dht, self.run_id), members
+            self.records, self.members = read_near(self.dht, self.run_id, shards), members
             self._read_at = time.monotonic()
         except (RuntimeError, OSError, TimeoutError) as e:  # the DHT is shutting down or unreachable
             logger.debug("Reading the members failed: %s", e)
