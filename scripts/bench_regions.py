@@ -8,7 +8,9 @@ one run:
 
 - ``swarm``: hivemind's default, every peer on one matchmaking key (today's p2ptrain);
 - ``locality``: what ``seed --group-size N`` runs: in each round, level 0 in a group of at most ``--group-size``
-  nearby peers (``swarm/grouping.py``), then level 1 with one peer per region (``train/level_rounds.py``).
+  nearby peers (``swarm/grouping.py``), then level 1 with one peer per region (``train/level_rounds.py``); the
+  members of each group know each other and meet without the DHT (``compat/matchmaking.py``);
+- ``locality-dht``: the same groups, meeting through the DHT as hivemind's matchmaking does (the baseline).
 
 Per configuration: round success (with levels: every level averaged), the round's time (start to averaged values),
 the all-reduce's time by level (inside a region / across), bytes sent per peer per round, bytes that crossed between
@@ -62,7 +64,7 @@ def run(grouping: str, args: argparse.Namespace, work: Path) -> dict:
                        hosts[i].ip, "--t0", str(t0), "--period", str(args.period), "--rounds", str(args.rounds),
                        "--first-round", "0", "--results", str(results), "--matchmaking", str(args.matchmaking),
                        "--grouping", grouping, "--probe-every", "2"]  # fmt: skip
-            if grouping == "locality":
+            if grouping.startswith("locality"):
                 command += ["--group-size", str(args.group_size)]
             command += ["--announce", str(bootstrap)] if i == 0 else ["--bootstrap", str(bootstrap)]
             log = open(work / f"peer-{grouping}-{i}.log", "ab")  # noqa: SIM115 - closed with the process
@@ -105,6 +107,7 @@ def run(grouping: str, args: argparse.Namespace, work: Path) -> dict:
         "allreduce_s_median_by_level": {k: statistics.median(v) for k, v in sorted(by_level.items())},
         "round_s_median": statistics.median(done) if (done := [r["end_s"] for r in rows if r["ok"]]) else None,
         "level0_groups_inside_a_region": sum(local) / len(local) if local else None,
+        "read_s_median": statistics.median(read) if (read := [r["read_s"] for r in rows if r.get("read_s")]) else None,
         "bytes_sent_per_peer_per_round": statistics.fmean(sent) / args.rounds,
         "bytes_between_regions_per_round": cross / args.rounds,
         "spread_by_round": spread,
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--between-ms", type=float, default=150.0)
     parser.add_argument("--inside-ms", type=float, default=5.0)
     parser.add_argument("--mbit", type=float, default=50.0, help="every peer's link, each way (0: unshaped)")
+    parser.add_argument("--groupings", default="swarm,locality-dht,locality", help="the configurations, in order")
     parser.add_argument("--out", type=Path, default=Path("bench/regions.json"))
     args = parser.parse_args(argv)
     if missing_tools():
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Peer logs and rounds: {work}", flush=True)
     report = {"command": " ".join(["scripts/bench_regions.py", *(argv if argv is not None else sys.argv[1:])]),
               "args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}  # fmt: skip
-    for grouping in ("swarm", "locality"):
+    for grouping in args.groupings.split(","):
         report["runs"].append({k: v for k, v in run(grouping, args, work).items() if k != "rows"})
         print(json.dumps(report["runs"][-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ bounds it). ``--grouping locality``: what ``seed --group-size N`` runs (local mo
 uncompressed here so that the values are exact): each peer probes the others (``proximity.Prober``), derives the
 clusters and its groups at every level from the members and records it reads at the round's start (``Prober.read``,
 ``Regrouping.passes``, as ``seed``/``join`` do), and runs the levels back to back in the round
-(``level_rounds.LevelRounds``). After ``--churn-after`` rounds, 10 % of the peers (at least one) are killed
+(``level_rounds.LevelRounds``), each group's members meeting without the DHT (``compat/matchmaking.py``);
+``--grouping locality-dht``: the same, the groups meeting through the DHT as hivemind's do. After
+``--churn-after`` rounds, 10 % of the peers (at least one) are killed
 (SIGKILL) and replaced by fresh ones.
 
 Per N it reports: peers that formed a group and the time it took (from the round's start to the all-reduce; with
@@ -89,12 +91,12 @@ def worker(args: argparse.Namespace) -> None:
     # member was killed mid-round waits for good, and every later round of that peer waits behind it
     common = dict(dht=dht, prefix="scale", min_matchmaking_time=args.matchmaking, request_timeout=1.0,
                   target_group_size=args.group_size, allreduce_timeout=args.period - 4, start=True)  # fmt: skip
-    if args.grouping == "locality":
+    if args.grouping.startswith("locality"):
         averager = PseudoGradientAverager([vector], level=Level("none"), budget=0.0, dense=True, **common)
     else:
         averager = Rounds([vector], **common)
     prober = None
-    if args.grouping == "locality":
+    if args.grouping.startswith("locality"):
         prober = Prober(dht, RUN, every_s=args.probe_every, read_every_s=args.period)
         dht.store(members_key(RUN), b"member", get_dht_time() + 3600, subkey=me)
         prober.start()
@@ -105,9 +107,10 @@ def worker(args: argparse.Namespace) -> None:
         start = args.t0 + r * args.period
         time.sleep(max(0.0, start - time.time()))
         levels, expected = None, None
-        seen = None
+        seen, read_s = None, None
         if prober is not None:  # the peer's groups this round, from the members and records read now (as peers do)
             records, members = prober.read()
+            read_s = time.time() - start
             groups = regrouping.passes(records, members)
             seen = [len(members) + 1, len(records)]
             expected = [list(g.members) for g in groups]  # each level's group, as this peer derived it
@@ -117,7 +120,7 @@ def worker(args: argparse.Namespace) -> None:
                                       "lookup_s": 0.0, "value": _value(vector)}) + "\n")  # fmt: skip
                 continue
             control = LevelRounds(averager, groups, gather={}, weight=1.0, timeout=args.period - 4, max_weight=1e6,
-                                  epoch=r)  # fmt: skip
+                                  epoch=r, through_dht=args.grouping == "locality-dht")  # fmt: skip
             levels = len(groups)
         else:
             control = averager.step(wait=False, timeout=args.period - 4, allow_retries=False)
@@ -142,7 +145,8 @@ def worker(args: argparse.Namespace) -> None:
         rpcs, lookup_s = dht.run_coroutine(probe)
         row = {"round": r, "peer": args.index, "me": me, "ok": ok, "group": size, "members": members,
                "levels": levels, "done": done, "expected": expected, "grouped_s": grouped_at, "end_s": end_s,
-               "find_rpcs": rpcs, "lookup_s": lookup_s, "value": _value(vector), "seen": seen}  # fmt: skip
+               "find_rpcs": rpcs, "lookup_s": lookup_s, "value": _value(vector), "seen": seen,
+               "read_s": read_s}  # fmt: skip
         out.write(json.dumps(row) + "\n")
     out.close()
 
@@ -243,6 +247,7 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
         "find_rpcs_per_lookup_median": statistics.median(rpcs) if rpcs else None,
         "find_rpcs_per_lookup_max": max(rpcs) if rpcs else None,
         "lookup_s_median": statistics.median(r["lookup_s"] for r in rows) if rows else None,
+        "read_s_median": statistics.median(read) if (read := [r["read_s"] for r in rows if r.get("read_s")]) else None,
         "bytes_sent_per_peer_per_round": statistics.mean(sent) / args.rounds if sent else None,
         "alone_peer_rounds": sum(bool(r.get("alone")) for r in rows),  # locality: no other peer in its group
         "agreeing_views": agreeing_views(rows),
@@ -295,9 +300,9 @@ def table(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         "| peers | levels | success | group formation median / p90 (s) | round median / p90 (s) | group sizes "
-        "| find RPCs per lookup (median / max) | lookup (s) | bytes sent per peer per round "
-        "| spread of values after the last round | same groups as their partners |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| find RPCs per lookup (median / max) | lookup (s) | records read at the round's start (s) "
+        "| bytes sent per peer per round | spread of values after the last round | same groups as their partners |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sizes"]:
         formation = (f"{s['group_formation_s_median']:.1f} / {s['group_formation_s_p90']:.1f}"
@@ -308,9 +313,14 @@ def table(report: dict) -> str:
             f"| {s['peers']} | {s.get('levels') or [1]} | {100 * s['success_rate']:.0f} % | {formation} | {rounds} | "
             f"{s['group_sizes']} | "
             f"{s['find_rpcs_per_lookup_median']} / {s['find_rpcs_per_lookup_max']} | {s['lookup_s_median']:.2f} | "
-            f"{s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB | {_spread(s)} | {_share(s.get('agreeing_views'))} |"
+            f"{_seconds(s.get('read_s_median'))} | {s['bytes_sent_per_peer_per_round'] / 1e6:.2f} MB | "
+            f"{_spread(s)} | {_share(s.get('agreeing_views'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def _share(value: float | None) -> str:
@@ -354,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-after", type=int, default=2, help="kill and replace 10%% of peers after this round")
     parser.add_argument("--matchmaking", type=float, default=5.0, help="min matchmaking time (the manifest default)")
     parser.add_argument("--group-size", type=int, default=None, help="target group size (default: unbounded)")
-    parser.add_argument("--grouping", choices=("swarm", "locality"), default="swarm",
+    parser.add_argument("--grouping", choices=("swarm", "locality", "locality-dht"), default="swarm",
                         help="swarm: hivemind's one key for all; locality: p2ptrain's groups of nearby peers "
-                             "(swarm/grouping.py; needs --group-size)")  # fmt: skip
+                             "(swarm/grouping.py; needs --group-size); locality-dht: the same groups, meeting "
+                             "through the DHT as hivemind's do (the baseline of compat/matchmaking.py)")  # fmt: skip
     parser.add_argument("--probe-every", type=float, default=5.0, help="locality: seconds between probe cycles")
     parser.add_argument("--out", type=Path, default=Path("bench/scale.json"))
     # the worker's own flags
@@ -366,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("--results", str), ("--bootstrap", str), ("--announce", str)):  # fmt: skip
         parser.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.grouping == "locality" and not args.group_size:
+    if args.grouping.startswith("locality") and not args.group_size:
         parser.error("--grouping locality needs --group-size")
     if args.worker:
         worker(args)
