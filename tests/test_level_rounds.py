@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from p2ptrain.swarm.grouping import pass_groups
 from p2ptrain.train.stopping import stop_optimizer
 
 EPOCHS = 6
+READ_S = 2.0  # a grouped round's read of the swarm's records, made slow
 SAMPLES = 32  # each peer's since the last global step: its weight (capped at its group's median: robust.py)
 
 
@@ -54,8 +56,9 @@ def test_four_peers_in_two_clusters_take_the_swarms_mean_in_two_levels(nodes, ma
                     param.add_(torch.randn_like(param) * 0.1 * (i + 1))
             deltas.append([s - p.detach() for s, p in zip(start, model.parameters(), strict=True)])
             opt.samples = SAMPLES
-            opt.passes = lambda me=ids[i]: pass_groups(me, clusters, 2)
-        one_round(opts)
+            opt.passes = lambda me=ids[i]: (time.sleep(READ_S), pass_groups(me, clusters, 2))[1]  # a slow DHT read
+        begun = one_round(opts)
+        assert max(begun) < READ_S / 2, begun  # the read is the round's, in its thread: training goes on meanwhile
         partners = [[others for _, others, _ in opt.round_log.last[-1]["levels"]] for opt in opts]
         assert partners[0] == [[ids[1]], [ids[2]]] and partners[3] == [[ids[2]], [ids[1]]], partners
         avg = manifest.averaging
@@ -71,9 +74,13 @@ def test_four_peers_in_two_clusters_take_the_swarms_mean_in_two_levels(nodes, ma
 
 def one_round(opts: list) -> None:
     """Every optimizer begins its round at once (what ``step()`` does at the global step, without the training around
-    it) and lands it; all four must have averaged a round covering the four."""
+    it) and lands it; all four must have averaged a round covering the four. Returns how long each ``_begin_round``
+    held its caller (the training thread)."""
+    begun = []
     for opt in opts:
+        started = time.monotonic()
         opt._begin_round()  # noqa: SLF001
+        begun.append(time.monotonic() - started)
     landed = [threading.Thread(target=opt.wait_for_round, args=(60,)) for opt in opts]
     for thread in landed:
         thread.start()
@@ -82,6 +89,7 @@ def one_round(opts: list) -> None:
     outcomes = [opt.round_log.last[-1] for opt in opts]
     assert all(o["ok"] and o["peers"] == 4 for o in outcomes), outcomes
     assert all([level for level, _, _ in o["levels"]] == [0, 1] for o in outcomes), outcomes  # for `status`
+    return begun
 
 
 def test_members_meet_only_in_rounds_of_the_same_global_step(nodes, manifest, tmp_path):

@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -33,8 +34,10 @@ SETTLE_S = 5.0  # beyond a level's share of the timeout: how long to wait for it
 
 
 class LevelRounds:
-    """One outer round over ``groups`` (this peer's groups at every level, level 0 first), run in a thread. It quacks
-    like hivemind's ``StepControl`` as far as ``LocalUpdateOptimizer`` uses one (``done``, ``result``, ``cancel``);
+    """One outer round over ``groups`` (this peer's groups at every level, level 0 first; or a function that derives
+    them, called in the round's thread within its timeout, so that reading the swarm's records does not hold up the
+    training), run in a thread. It quacks like hivemind's ``StepControl`` as far as ``LocalUpdateOptimizer`` uses
+    one (``done``, ``result``, ``cancel``);
     its result is the last successful level's ``RoundOutcome`` with the whole round's time and bytes, and
     ``group_size`` the peers whose values the result holds. It fails only when no level succeeded. Every member of a
     level's group knows the others, so they meet without the DHT (``compat.matchmaking``): the lowest peer id
@@ -43,7 +46,7 @@ class LevelRounds:
     def __init__(
         self,
         averager: Any,
-        groups: list[Group],
+        groups: list[Group] | Callable[[], list[Group]],
         *,
         gather: dict[str, Any],
         weight: float,
@@ -88,6 +91,8 @@ class LevelRounds:
 
     def _levels(self) -> RoundOutcome:
         deadline = time.monotonic() + self.timeout
+        if callable(self.groups):  # derived from the records read now, in this thread: the training goes on
+            self.groups = self.groups()
         weight, covers, last, seconds, sent, done = self.weight, 1, None, 0.0, 0.0, []
         for i, group in enumerate(self.groups):
             if self._cancelled.is_set():

@@ -271,7 +271,7 @@ class LocalUpdateOptimizer:
         else:
             limit = 2.0 * self.tracker.target_batch_size  # the samples a whole step of the swarm stands for, and more
             control = LevelRounds(
-                self.averager, self.passes(), gather=gather, weight=weight, timeout=self.averaging_timeout,
+                self.averager, self.passes, gather=gather, weight=weight, timeout=self.averaging_timeout,
                 max_weight=limit, epoch=self.local_epoch,
             )  # fmt: skip
         with self._state_lock:
