@@ -11,8 +11,11 @@ are equal meet in one hivemind group (of at most the target size the leader set:
 What is modelled: time and bytes, with constants measured on real peers (``scripts/bench_scale.py``,
 ``bench/scale*.json``):
 
-- a level's group forms ``join_s`` after its last member is ready when it fills its target, else after hivemind's
-  ``min_matchmaking_s``; plus one DHT lookup (``lookup_rpcs(N)`` RPCs, ``hops(N)`` round trips);
+- a level's group forms ``known_join_s`` after its last member is ready when it fills its target, else after
+  hivemind's ``min_matchmaking_s`` (the leader's expiration), plus a join request's round trip to its leader
+  (``--grouping locality``: its members know each other, ``compat/matchmaking.py``); through the DHT
+  (``locality-dht``, ``swarm``): ``join_s`` or ``min_matchmaking_s``, plus one DHT lookup (``lookup_rpcs(N)``
+  RPCs, log2 N round trips);
 - its all-reduce moves ``2 (g - 1) / g`` of the vector per member over the slowest member's link, in
   ``2 + g / 8`` round trips of the farthest pair, plus ``part_cpu_s`` of CPU per part per member — on the lab
   machine all N peers share ``cores`` cores (``--lab``), in the world each peer has its own;
@@ -20,7 +23,8 @@ What is modelled: time and bytes, with constants measured on real peers (``scrip
   timeout for the whole round, as ``LevelRounds`` has); it is not retried, and the next level gets the values
   the members hold;
 - bytes sent per peer per round: ``framing`` × the all-reduces' shares + the DHT's upkeep (``upkeep_bps``) + one
-  lookup per level + the near and member records read at the round's start (``record_bytes`` per member);
+  lookup per level through the DHT + the near and member records read at the round's start (``record_bytes`` per
+  member);
 - churn: ``--churn`` of the peers are killed at random rounds and replaced by new ones that download a live
   peer's state; a dead peer stays in the others' views until its records expire (``ttl_rounds``), a new one
   enters them one round late. ``--views`` distinct views model peers that read the DHT at different moments (a
@@ -59,6 +63,7 @@ class Model:
 
     min_matchmaking_s: float = 5.0  # hivemind's, the manifest's default; unbounded groups formed at 5.1-5.5 s
     join_s: float = 2.2  # a group that fills its target: 2.1-2.6 s after the round's start (16 peers, size 8)
+    known_join_s: float = 0.5  # the same for a group whose members know each other (no DHT): see bench/
     rpc_s: float = 0.004  # one DHT RPC's processing, on top of its round trip
     lookup_a: float = -8.0  # DHT find RPCs per lookup ~ a + b log2 N (fitted: 3, 7, 25, 20 at N = 4..32)
     lookup_b: float = 6.5
@@ -67,6 +72,9 @@ class Model:
     upkeep_bps: float = 27_000.0  # the DHT's own traffic per peer (measured: ~0.55 MB per 20 s beyond the payload)
     rpc_bytes: float = 600.0
     record_bytes: float = 300.0  # a member's near + membership records, as read at a regrouping
+    read_keys: int = 17  # the round's first read: the members' key and 16 near shards, looked up at once
+    read_rpc_cpu_s: float = 0.002  # the lab: CPU per lookup RPC (the reads took 0.6 / 5.4 / 14 s at 8 / 16 / 32)
+    read_rtts: float = 9.0  # the world: the read in round trips of the 90th-percentile pair (1.4 s at 150 ms, 8 peers)
     timeout_s: float = 30.0  # the manifest's averaging timeout (calibration: bench_scale's, the period minus 4 s)
 
 
@@ -148,7 +156,8 @@ def lookup_rpcs(n: int, model: Model) -> float:
 def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> dict:
     swarm = Swarm(n, world, seed=n)
     rng = random.Random(n + 1)
-    grouping_size = args.group_size if args.grouping == "locality" else None
+    grouping_size = args.group_size if args.grouping.startswith("locality") else None
+    known = args.grouping == "locality"  # its groups meet without the DHT (compat/matchmaking.py)
     target = args.group_size or None  # hivemind's target group size (0, None: unbounded)
     ttl_rounds = max(1, round(300 / args.period))
     timeout = args.timeout or model.timeout_s
@@ -182,7 +191,8 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
         for _ in kills[r]:
             victim = rng.choice([p for p in alive if p.name not in dying])
             dying.add(victim.name)
-        elapsed = {p.name: 0.0 for p in alive}  # each peer's time into the round
+        read_s = _read_s(swarm, alive, lookup_rpcs(len(alive), model), model) if grouping_size else 0.0
+        elapsed = {p.name: read_s for p in alive}  # each peer's time into the round: it begins with the read
         failed = {p.name: False for p in alive}
         formations, payloads = [], {p.name: 0.0 for p in alive}
         lookup = lookup_rpcs(len(alive), model)
@@ -217,9 +227,12 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
                     link = min(link, (len(g) - 1) * 1460 * 1.22 / (max(far, 1e-4) * math.sqrt(world.loss)))
                 payload = 2 * (len(g) - 1) / len(g) * args.vector_bytes
                 filled = g[0][1] is not None and len(g) >= g[0][1]
-                formation = (model.join_s if filled else model.min_matchmaking_s) + math.log2(len(alive)) * (
-                    far + model.rpc_s
-                )
+                if known:  # a join request to the lowest member and its answer; a member missing: its expiration
+                    formation = (model.known_join_s if filled else model.min_matchmaking_s) + 2 * far
+                else:  # hivemind's: a declaration and lookups in the DHT
+                    formation = (model.join_s if filled else model.min_matchmaking_s) + math.log2(len(alive)) * (
+                        far + model.rpc_s
+                    )
                 cpu = 2 * (len(g) - 1) * model.part_cpu_s  # this member's parts, on a core of its own
                 if world.cores:  # the lab: every group's all-reduce at once on the shared cores; its CPU time T
                     cpu = max(cpu, math.sqrt(cpu * busy / world.cores))  # stretches until T * cores = busy * T / own
@@ -239,11 +252,15 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
                     for p in peers:
                         values[p.name], weights[p.name] = mean, total
         reads = len(swarm.peers) if grouping_size else 0
+        if grouping_size:
+            lookups_sent = (0 if known else lookup * level_count) + model.read_keys * lookup
+        else:
+            lookups_sent = lookup
         for p in alive:  # the outer step: the round's result, or the peer's own update if no level averaged
             result = values[p.name]
             p.value = result if syncing else p.value + result
             rows.append({"ok": not failed[p.name] and payloads[p.name] > 0, "time_s": elapsed[p.name],
-                         "bytes": _bytes(payloads[p.name], lookup * level_count, reads, args, model)})  # fmt: skip
+                         "bytes": _bytes(payloads[p.name], lookups_sent, reads, args, model)})  # fmt: skip
         formed += formations
         apart.append(statistics.pstdev([values[p.name] for p in alive]) if not syncing and len(alive) > 1 else 0.0)
         for name in dying:
@@ -268,6 +285,19 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
     }
 
 
+def _read_s(swarm: Swarm, alive: list[Peer], rpcs: float, model: Model) -> float:
+    """The round's first read (the members and the near records): in the lab, every peer's lookups at once on the
+    shared cores; in the world, ``read_rtts`` round trips of the 90th-percentile pair (measured at 8 peers; how it
+    grows with the lookups' hops is not measured, so at scale this is a floor)."""
+    if swarm.world.cores:
+        return len(alive) * model.read_keys * rpcs * model.read_rpc_cpu_s / swarm.world.cores
+    rng = random.Random(len(alive))
+    pairs = (
+        sorted(swarm.rtt(*rng.sample(alive, 2)) for _ in range(min(400, len(alive) ** 2))) if len(alive) > 1 else [0]
+    )
+    return model.read_rtts * pairs[int(0.9 * (len(pairs) - 1))] / 1000
+
+
 def _bytes(payload: float, lookup: float, reads: int, args: argparse.Namespace, model: Model) -> float:
     return (model.framing * payload + model.upkeep_bps * args.period + lookup * model.rpc_bytes
             + reads * model.record_bytes)  # fmt: skip
@@ -279,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--period", type=float, default=20.0)
     parser.add_argument("--group-size", type=int, default=8, help="0: unbounded (with --grouping swarm)")
-    parser.add_argument("--grouping", choices=("swarm", "locality"), default="locality")
+    parser.add_argument(
+        "--grouping",
+        choices=("swarm", "locality", "locality-dht"),
+        default="locality",
+        help="locality: levels of nearby peers whose groups meet without the DHT (seed/join); "
+        "locality-dht: the same groups meeting through the DHT; swarm: hivemind's one key",
+    )
     parser.add_argument("--churn", type=float, default=0.1, help="fraction of peers killed and replaced in the run")
     parser.add_argument("--churn-after", type=int, default=2)
     parser.add_argument("--views", type=int, default=3, help="distinct views of the swarm's records per cycle")
@@ -322,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(report: dict, path: Path) -> Path:
     """Convergence (consensus distance by round) and the cost of a round against the swarm's size, for p2ptrain's
-    groups of nearby peers and, where simulated, hivemind's groups of whoever answers first."""
+    groups of nearby peers and, where simulated, hivemind's groups of whoever answers first and the nearby groups
+    meeting through the DHT."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,9 +368,10 @@ def plot(report: dict, path: Path) -> Path:
     runs = {
         "nearby peers (p2ptrain)": report.get("simulated", {}),
         "whoever answers (hivemind)": report.get("simulated_swarm", {}),
+        "nearby peers, meeting through the DHT": report.get("simulated_locality-dht", {}),
     }
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for (label, results), style in zip(runs.items(), ("-", "--"), strict=True):
+    for (label, results), style in zip(runs.items(), ("-", "--", ":"), strict=True):
         for n, result in sorted(results.items(), key=lambda item: int(item[0])):
             distances = [max(d, 1e-9) for d in result["consensus_by_round"]]
             axes[0].plot(range(1, len(distances) + 1), distances, style, label=f"{n} peers, {label}")

@@ -59,3 +59,14 @@ def test_a_run_merges_into_the_report_and_draws_its_figure(tmp_path):
     assert sim.main(["--out", str(out), "--plot-only"]) == 0 and figure.exists()
     with pytest.raises(SystemExit):  # nothing simulated to draw
         sim.main(["--out", str(tmp_path / "empty.json"), "--plot-only"])
+
+
+def test_groups_whose_members_know_each_other_meet_sooner_than_through_the_dht():
+    """The same levels across the earth: a group that meets without the DHT skips a lookup across the swarm at every
+    level, so its rounds end sooner and send fewer bytes."""
+    known = sim.simulate(128, options(rounds=4), sim.EARTH, sim.Model())
+    dht = sim.simulate(128, options(rounds=4, grouping="locality-dht"), sim.EARTH, sim.Model())
+    assert known["levels"] == dht["levels"] == 4
+    assert known["group_formation_s_median"] < dht["group_formation_s_median"] - 1.0
+    assert known["round_s_median"] < dht["round_s_median"]
+    assert known["bytes_sent_per_peer_per_round"] < dht["bytes_sent_per_peer_per_round"]
