@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_scale  # noqa: E402
 from netlab import NatLab, missing_tools, sh  # noqa: E402
 
 BENCH = Path(__file__).with_name("bench_scale.py")
@@ -107,7 +108,7 @@ def run(grouping: str, args: argparse.Namespace, work: Path) -> dict:
         "allreduce_s_median_by_level": {k: statistics.median(v) for k, v in sorted(by_level.items())},
         "round_s_median": statistics.median(done) if (done := [r["end_s"] for r in rows if r["ok"]]) else None,
         "level0_groups_inside_a_region": sum(local) / len(local) if local else None,
-        "read_s_median": statistics.median(read) if (read := [r["read_s"] for r in rows if r.get("read_s")]) else None,
+        "read_s_median": bench_scale.read_median(rows),
         "bytes_sent_per_peer_per_round": statistics.fmean(sent) / args.rounds,
         "bytes_between_regions_per_round": cross / args.rounds,
         "spread_by_round": spread,

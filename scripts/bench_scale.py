@@ -247,7 +247,7 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
         "find_rpcs_per_lookup_median": statistics.median(rpcs) if rpcs else None,
         "find_rpcs_per_lookup_max": max(rpcs) if rpcs else None,
         "lookup_s_median": statistics.median(r["lookup_s"] for r in rows) if rows else None,
-        "read_s_median": statistics.median(read) if (read := [r["read_s"] for r in rows if r.get("read_s")]) else None,
+        "read_s_median": read_median(rows),
         "bytes_sent_per_peer_per_round": statistics.mean(sent) / args.rounds if sent else None,
         "alone_peer_rounds": sum(bool(r.get("alone")) for r in rows),  # locality: no other peer in its group
         "agreeing_views": agreeing_views(rows),
@@ -255,6 +255,12 @@ def summarize(n: int, rows: list[dict], sent: list[int], args: argparse.Namespac
         "consensus_by_round": consensus(rows, args.rounds),
         "vector_bytes": VECTOR * 4,
     }
+
+
+def read_median(rows: list[dict]) -> float | None:
+    """Locality: the median time of the round's first read (the members and their near records), None without."""
+    read = [r["read_s"] for r in rows if r.get("read_s") is not None]
+    return statistics.median(read) if read else None
 
 
 def agreeing_views(rows: list[dict]) -> float | None:

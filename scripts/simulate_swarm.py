@@ -191,11 +191,11 @@ def simulate(n: int, args: argparse.Namespace, world: World, model: Model) -> di
         for _ in kills[r]:
             victim = rng.choice([p for p in alive if p.name not in dying])
             dying.add(victim.name)
-        read_s = _read_s(swarm, alive, lookup_rpcs(len(alive), model), model) if grouping_size else 0.0
+        lookup = lookup_rpcs(len(alive), model)
+        read_s = _read_s(swarm, alive, lookup, model) if grouping_size else 0.0
         elapsed = {p.name: read_s for p in alive}  # each peer's time into the round: it begins with the read
         failed = {p.name: False for p in alive}
         formations, payloads = [], {p.name: 0.0 for p in alive}
-        lookup = lookup_rpcs(len(alive), model)
         for level in range(level_count):
             keys: dict[str, list[tuple[Peer, int | None, float]]] = {}  # key -> (member, expected size, its share)
             for i, peer in enumerate(alive):

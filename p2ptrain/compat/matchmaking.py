@@ -27,7 +27,7 @@ class KnownGroupKeys(GroupKeyManager):
     order, the first one first, so every member asks the lowest one and falls back to the next where it does not
     answer (hivemind redirects a leader's followers when it joins another)."""
 
-    members: tuple[PeerID, ...] | None = None
+    members: tuple[PeerID, ...] | None = None  # in peer-id order (their bytes)
     _polled: tuple[str, float] = ("", -float("inf"))
 
     async def declare_averager(
@@ -45,7 +45,7 @@ class KnownGroupKeys(GroupKeyManager):
             await asyncio.sleep(max(0.0, last + KNOWN_POLL_S - time.monotonic()))
         self._polled = (group_key, time.monotonic())
         mine = self.peer_id.to_bytes()
-        before = sorted((m for m in self.members if m.to_bytes() < mine), key=PeerID.to_bytes)
+        before = [m for m in self.members if m.to_bytes() < mine]
         now = get_dht_time()  # an expiration ahead, rising in peer-id order: hivemind asks the earliest first
         return [(peer, now + 1.0 + i * 1e-3) for i, peer in enumerate(before)]
 
@@ -73,7 +73,7 @@ class KnownGroups:
                     keys.dht, keys.prefix, keys.group_bits, keys.target_group_size
                 )
             keys.group_bits = bits
-            keys.members = None if known is None else tuple(PeerID.from_base58(m) for m in known)
+            keys.members = None if known is None else tuple(sorted(map(PeerID.from_base58, known), key=PeerID.to_bytes))
             matchmaking.target_group_size = matchmaking.potential_leaders.target_group_size = size
             future.set_result(None)
         except Exception as e:  # noqa: BLE001 - reported to the caller

@@ -234,10 +234,15 @@ def _number(value: object, limit: float) -> bool:
     return math.isfinite(value) and abs(value) <= limit
 
 
+def ask_near(dht: hivemind.DHT, run_id: str) -> list:
+    """The lookups of every shard of the near records, started (``read_near`` reads their answers)."""
+    return [dht.get(key, latest=True, return_future=True) for key in near_keys(run_id)]
+
+
 def read_near(dht: hivemind.DHT, run_id: str, futures: list | None = None) -> dict[str, Near]:
     """Every member's near record that checks out (peer id → ``Near``), from every shard (``futures``: the shards'
-    lookups, already asked for); malformed ones, and ones in another peer's shard, are skipped."""
-    futures = futures or [dht.get(key, latest=True, return_future=True) for key in near_keys(run_id)]
+    lookups, already started by ``ask_near``); malformed ones, and ones in another peer's shard, are skipped."""
+    futures = futures or ask_near(dht, run_id)
     records: dict[str, Near] = {}
     for shard, future in enumerate(futures):
         found = bounded(future)
@@ -339,7 +344,7 @@ class Prober:
         """Read the members and everybody's near records now (a grouped swarm's peers do at each round's start, so
         that their views of the swarm differ as little as possible); the last read if this one fails."""
         try:  # the shards' lookups and the members' at once: a round waits for the slowest, not for their sum
-            shards = [self.dht.get(key, latest=True, return_future=True) for key in near_keys(self.run_id)]
+            shards = ask_near(self.dht, self.run_id)
             members = [p for p in member_ids(self.dht, self.run_id) if p != self.me and len(p) <= 64]
             self.records, self.members = read_near(self.dht, self.run_id, shards), members
             self._read_at = time.monotonic()

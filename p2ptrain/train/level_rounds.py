@@ -55,7 +55,7 @@ class LevelRounds:
         epoch: int,
         through_dht: bool = False,
     ):
-        self.averager, self.groups, self.gather, self.timeout = averager, groups, gather, timeout
+        self.averager, self._groups, self.gather, self.timeout = averager, groups, gather, timeout
         self.weight, self.max_weight, self.epoch = weight, max_weight, epoch
         self.through_dht = through_dht  # each level's group meets as hivemind's do (a benchmark's baseline)
         self.me = averager.peer_id.to_base58()
@@ -91,15 +91,15 @@ class LevelRounds:
 
     def _levels(self) -> RoundOutcome:
         deadline = time.monotonic() + self.timeout
-        if callable(self.groups):  # derived from the records read now, in this thread: the training goes on
-            self.groups = self.groups()
+        # derived from the records read now, in this thread: the training goes on meanwhile
+        groups = self._groups() if callable(self._groups) else self._groups
         weight, covers, last, seconds, sent, done = self.weight, 1, None, 0.0, 0.0, []
-        for i, group in enumerate(self.groups):
+        for i, group in enumerate(groups):
             if self._cancelled.is_set():
                 raise RuntimeError("cancelled")
             if len(group.members) < 2:
                 continue  # alone at this level (a cluster of one, or a grid not full): nothing to average
-            left = max(0.5, (deadline - time.monotonic()) / (len(self.groups) - i))
+            left = max(0.5, (deadline - time.monotonic()) / (len(groups) - i))
             self.averager.set_group(step_bits(group.key_bits, self.epoch), group.members, through_dht=self.through_dht)
             mine = weight * group.share
             self._control = self.averager.step(  # no retries: the others of this group move on to the next level
@@ -121,14 +121,14 @@ class LevelRounds:
             members = sorted(peer.to_base58() for peer in outcome)
             logger.info(
                 "Global step %d: level %d of %d averaged in a group of %d (%s), %.2f s",
-                self.epoch, group.level, len(self.groups), outcome.group_size, " ".join(members), outcome.round_s,
+                self.epoch, group.level, len(groups), outcome.group_size, " ".join(members), outcome.round_s,
             )  # fmt: skip
             done.append((group.level, [p for p in members if p != self.me], round(outcome.round_s, 3)))
             weight = min(self.max_weight, sum(_reported(outcome, "weight", mine, self.max_weight)))
             covers = int(min(1e6, sum(_reported(outcome, "covers", covers, 1e6))))
             seconds, sent, last = seconds + outcome.round_s, sent + outcome.bytes_sent, outcome
         if last is None:
-            raise RuntimeError(f"no level of the grid's {len(self.groups)} averaged")
+            raise RuntimeError(f"no level of the grid's {len(groups)} averaged")
         last.round_s, last.bytes_sent, last.group_size, last.levels = seconds, sent, covers, tuple(done)
         return last
 
